@@ -1,0 +1,353 @@
+"""Typed configuration for the hybrid model: one frozen dataclass per concern.
+
+The pattern string is parsed exactly once (``HybridConfig.layer_symbols``). Every check raises
+``ValueError`` naming the field and the offending numbers. ``from_json`` rejects unknown fields.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+
+LAYER_SYMBOLS = {
+    "M": "mamba",
+    "G": "gdn",
+    "*": "attention",
+    "D": "dsa",
+    "+": "mla",
+    "-": "mlp",
+    "E": "moe",
+}
+PIPE = "|"
+MTP_SEPARATOR = "/"
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def parse_pattern(pattern: str) -> tuple[str, ...]:
+    """Megatron's ``hybrid_layer_pattern`` -> one symbol per layer. ``|`` is a pipeline-stage
+    boundary and carries no layer; an MTP part after ``/`` is not supported yet."""
+    if MTP_SEPARATOR in pattern:
+        raise ValueError(
+            f"hybrid_layer_pattern={pattern!r}: multi-token-prediction layers (the part after "
+            f"'/') are not supported yet; convert the main decoder pattern only"
+        )
+    bad = sorted({c for c in pattern if c not in LAYER_SYMBOLS and c != PIPE})
+    if bad:
+        raise ValueError(
+            f"hybrid_layer_pattern={pattern!r}: unknown symbol(s) {bad}; valid symbols are "
+            f"{sorted(LAYER_SYMBOLS)} and '|'"
+        )
+    symbols = tuple(c for c in pattern if c != PIPE)
+    if not symbols:
+        raise ValueError(f"hybrid_layer_pattern={pattern!r}: no layers")
+    return symbols
+
+
+def _check_positive(owner: str, **values: int | float | None) -> None:
+    for name, v in values.items():
+        if v is not None and v <= 0:
+            raise ValueError(f"{owner}.{name} must be > 0, got {v}")
+
+
+def _check_choice(owner: str, name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{owner}.{name} must be one of {list(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """GQA self-attention (`*`). Head counts follow Megatron: query groups = KV heads."""
+
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None  # None -> num_attention_heads (MHA)
+    kv_channels: int | None = None  # head dim; None -> hidden_size // heads
+    position_embedding_type: Literal["rope", "none"] = "rope"
+    rotary_base: float = 10000.0
+    qk_layernorm: bool = False
+
+    def validate(self, hidden_size: int) -> None:
+        _check_positive("attention", num_attention_heads=self.num_attention_heads,
+                        num_query_groups=self.num_query_groups, kv_channels=self.kv_channels,
+                        rotary_base=self.rotary_base)
+        _check_choice("attention", "position_embedding_type", self.position_embedding_type,
+                      ("rope", "none"))
+        if self.num_attention_heads % self.groups != 0:
+            raise ValueError(
+                f"attention.num_attention_heads={self.num_attention_heads} is not a multiple of "
+                f"attention.num_query_groups={self.groups}"
+            )
+        if self.kv_channels is None and hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size={hidden_size} is not divisible by attention.num_attention_heads="
+                f"{self.num_attention_heads}; set attention.kv_channels"
+            )
+        if self.position_embedding_type == "rope" and self.head_dim(hidden_size) % 2:
+            raise ValueError(f"attention head dim {self.head_dim(hidden_size)} must be even for rope")
+
+    @property
+    def groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    def head_dim(self, hidden_size: int) -> int:
+        return self.kv_channels or hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class MLPConfig:
+    """Dense MLP (`-`); the activation is shared with MoE experts."""
+
+    ffn_hidden_size: int = 256
+    activation: Literal["squared_relu", "swiglu"] = "squared_relu"
+
+    def validate(self) -> None:
+        _check_positive("mlp", ffn_hidden_size=self.ffn_hidden_size)
+        _check_choice("mlp", "activation", self.activation, ("squared_relu", "swiglu"))
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """Token-choice top-k MoE (`E`) without capacity drop."""
+
+    num_experts: int = 4
+    router_topk: int = 2
+    moe_ffn_hidden_size: int = 128
+    shared_expert_ffn_hidden_size: int | None = None  # None -> no shared expert
+    score_function: Literal["softmax", "sigmoid"] = "softmax"
+    router_expert_bias: bool = False  # aux-loss-free balancing bias (`mlp.router.expert_bias`)
+
+    def validate(self) -> None:
+        _check_positive("moe", num_experts=self.num_experts, router_topk=self.router_topk,
+                        moe_ffn_hidden_size=self.moe_ffn_hidden_size,
+                        shared_expert_ffn_hidden_size=self.shared_expert_ffn_hidden_size)
+        _check_choice("moe", "score_function", self.score_function, ("softmax", "sigmoid"))
+        if self.router_topk > self.num_experts:
+            raise ValueError(
+                f"moe.router_topk={self.router_topk} exceeds moe.num_experts={self.num_experts}"
+            )
+
+
+@dataclass(frozen=True)
+class MambaConfig:
+    """Mamba2 mixer (`M`): d_inner = expand * hidden, heads = d_inner / head_dim."""
+
+    d_state: int = 16
+    head_dim: int = 16
+    num_groups: int = 1
+    expand: int = 2
+    d_conv: int = 4
+    chunk_size: int = 64
+
+    def validate(self, hidden_size: int) -> None:
+        _check_positive("mamba", d_state=self.d_state, head_dim=self.head_dim,
+                        num_groups=self.num_groups, expand=self.expand, d_conv=self.d_conv,
+                        chunk_size=self.chunk_size)
+        d_inner = self.expand * hidden_size
+        if d_inner % self.head_dim:
+            raise ValueError(
+                f"mamba: d_inner = expand*hidden_size = {d_inner} is not divisible by "
+                f"mamba.head_dim={self.head_dim}"
+            )
+        if self.num_heads(hidden_size) % self.num_groups:
+            raise ValueError(
+                f"mamba: heads={self.num_heads(hidden_size)} not divisible by "
+                f"mamba.num_groups={self.num_groups}"
+            )
+
+    def d_inner(self, hidden_size: int) -> int:
+        return self.expand * hidden_size
+
+    def num_heads(self, hidden_size: int) -> int:
+        return self.d_inner(hidden_size) // self.head_dim
+
+
+@dataclass(frozen=True)
+class GDNConfig:
+    """Gated DeltaNet (`G`), Megatron's `linear_*` arguments."""
+
+    num_key_heads: int = 2
+    num_value_heads: int = 4
+    key_head_dim: int = 16
+    value_head_dim: int = 16
+    conv_kernel: int = 4
+    chunk_size: int = 64
+
+    def validate(self) -> None:
+        _check_positive("gdn", num_key_heads=self.num_key_heads,
+                        num_value_heads=self.num_value_heads, key_head_dim=self.key_head_dim,
+                        value_head_dim=self.value_head_dim, conv_kernel=self.conv_kernel,
+                        chunk_size=self.chunk_size)
+        if self.num_value_heads % self.num_key_heads:
+            raise ValueError(
+                f"gdn.num_value_heads={self.num_value_heads} is not a multiple of "
+                f"gdn.num_key_heads={self.num_key_heads}"
+            )
+
+
+@dataclass(frozen=True)
+class MLAConfig:
+    """Multi-latent attention (`+`) and DeepSeek sparse attention (`D` = MLA + indexer).
+    Uses ``attention.num_attention_heads`` for the head count."""
+
+    q_lora_rank: int | None = 32  # None -> no query down-projection
+    kv_lora_rank: int = 32
+    qk_head_dim: int = 16
+    qk_pos_emb_head_dim: int = 8
+    v_head_dim: int = 16
+    rotary_base: float = 10000.0
+    index_n_heads: int = 2
+    index_head_dim: int = 16
+    index_topk: int = 8
+
+    def validate(self) -> None:
+        _check_positive("mla", q_lora_rank=self.q_lora_rank, kv_lora_rank=self.kv_lora_rank,
+                        qk_head_dim=self.qk_head_dim, qk_pos_emb_head_dim=self.qk_pos_emb_head_dim,
+                        v_head_dim=self.v_head_dim, index_n_heads=self.index_n_heads,
+                        index_head_dim=self.index_head_dim, index_topk=self.index_topk)
+        if self.qk_pos_emb_head_dim % 2:
+            raise ValueError(f"mla.qk_pos_emb_head_dim={self.qk_pos_emb_head_dim} must be even")
+
+
+@dataclass(frozen=True)
+class MHCConfig:
+    """Manifold-constrained hyper-connections (DESIGN.md §1). Field names follow Megatron
+    dsv4/dev; ``from_megatron_args`` also reads the main-branch spellings."""
+
+    enable_hyper_connections: bool = False
+    num_residual_streams: int = 4
+    mhc_sinkhorn_iterations: int = 20
+    mhc_init_gating_factor: float = 0.01
+    mhc_convention: Literal["deepseek", "megatron_dsv4"] = "deepseek"
+    mhc_output_contract: Literal["mean", "learned"] = "mean"
+    mhc_recompute_layer_num: int | None = None
+    mhc_eps: float = 1e-6
+
+    def validate(self) -> None:
+        if self.num_residual_streams < 2:
+            raise ValueError(
+                f"mhc.num_residual_streams must be >= 2, got {self.num_residual_streams}"
+            )
+        _check_positive("mhc", mhc_sinkhorn_iterations=self.mhc_sinkhorn_iterations,
+                        mhc_recompute_layer_num=self.mhc_recompute_layer_num, mhc_eps=self.mhc_eps)
+        if self.mhc_init_gating_factor < 0:
+            raise ValueError(
+                f"mhc.mhc_init_gating_factor must be >= 0, got {self.mhc_init_gating_factor}"
+            )
+        _check_choice("mhc", "mhc_convention", self.mhc_convention, ("deepseek", "megatron_dsv4"))
+        _check_choice("mhc", "mhc_output_contract", self.mhc_output_contract, ("mean", "learned"))
+
+
+_SUBCONFIGS: dict[str, type] = {
+    "attention": AttentionConfig,
+    "mlp": MLPConfig,
+    "moe": MoEConfig,
+    "mamba": MambaConfig,
+    "gdn": GDNConfig,
+    "mla": MLAConfig,
+    "mhc": MHCConfig,
+}
+
+
+@dataclass(frozen=True)
+class HybridConfig:
+    """The whole model. ``layer_symbols`` is the parsed pattern (one symbol per layer)."""
+
+    hybrid_layer_pattern: str = "M-M*-M-"
+    hidden_size: int = 64
+    vocab_size: int = 256
+    norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    params_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    fp32_residual_connection: bool = False
+    init_std: float = 0.02
+    attention: AttentionConfig = field(default_factory=AttentionConfig)
+    mlp: MLPConfig = field(default_factory=MLPConfig)
+    moe: MoEConfig = field(default_factory=MoEConfig)
+    mamba: MambaConfig = field(default_factory=MambaConfig)
+    gdn: GDNConfig = field(default_factory=GDNConfig)
+    mla: MLAConfig = field(default_factory=MLAConfig)
+    mhc: MHCConfig = field(default_factory=MHCConfig)
+
+    def __post_init__(self) -> None:
+        _check_positive("config", hidden_size=self.hidden_size, vocab_size=self.vocab_size,
+                        norm_eps=self.norm_eps, init_std=self.init_std)
+        _check_choice("config", "params_dtype", self.params_dtype, DTYPES)
+        used = set(self.layer_symbols)
+        if used & {"*"}:
+            self.attention.validate(self.hidden_size)
+        if used & {"-", "E"}:
+            self.mlp.validate()
+        if "E" in used:
+            self.moe.validate()
+        if "M" in used:
+            self.mamba.validate(self.hidden_size)
+        if "G" in used:
+            self.gdn.validate()
+        if used & {"+", "D"}:
+            self.mla.validate()
+            _check_positive("attention", num_attention_heads=self.attention.num_attention_heads)
+        self.mhc.validate()
+
+    @cached_property
+    def layer_symbols(self) -> tuple[str, ...]:
+        return parse_pattern(self.hybrid_layer_pattern)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layer_symbols)
+
+    @property
+    def mhc_on(self) -> bool:
+        return self.mhc.enable_hyper_connections
+
+    def replace(self, **changes: Any) -> HybridConfig:
+        return dataclasses.replace(self, **changes)
+
+    def with_mhc(self, **changes: Any) -> HybridConfig:
+        return dataclasses.replace(self, mhc=dataclasses.replace(self.mhc, **changes))
+
+    # ---- serialisation -------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> HybridConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"HybridConfig: unknown field(s) {unknown}")
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            sub = _SUBCONFIGS.get(name)
+            if sub is not None:
+                if not isinstance(value, dict):
+                    raise ValueError(f"HybridConfig.{name} must be an object, got {type(value)}")
+                sub_known = {f.name for f in dataclasses.fields(sub)}
+                sub_unknown = sorted(set(value) - sub_known)
+                if sub_unknown:
+                    raise ValueError(f"HybridConfig.{name}: unknown field(s) {sub_unknown}")
+                kwargs[name] = sub(**value)
+            else:
+                kwargs[name] = value
+        return cls(**kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> HybridConfig:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("HybridConfig JSON must be an object")
+        return cls.from_dict(data)
+
+    @classmethod
+    def from_megatron_args(cls, args: Any) -> HybridConfig:
+        """Build from Megatron's ``args`` (an ``argparse.Namespace`` or anything with attributes).
+        See ``mhc_model.megatron_args`` for the name table."""
+        from mhc_model.megatron_args import config_from_megatron_args
+
+        return config_from_megatron_args(args)

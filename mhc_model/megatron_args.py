@@ -1,0 +1,141 @@
+"""Megatron ``args`` <-> ``HybridConfig``: the name table, as data.
+
+Megatron spells the mHC flags two ways: dsv4/dev (``enable_hyper_connections``,
+``num_residual_streams``) and main (``enable_mhc_connections``, ``mhc_num_residual_streams``).
+Both are read; ``MHC_FLAG_SPELLINGS`` is also what the converter flips in a checkpoint's args.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mhc_model.config import (
+    AttentionConfig,
+    GDNConfig,
+    HybridConfig,
+    MambaConfig,
+    MHCConfig,
+    MLAConfig,
+    MLPConfig,
+    MoEConfig,
+)
+
+# our MHCConfig field -> every Megatron spelling (dsv4/dev first, then main)
+MHC_FLAG_SPELLINGS: dict[str, tuple[str, ...]] = {
+    "enable_hyper_connections": ("enable_hyper_connections", "enable_mhc_connections"),
+    "num_residual_streams": ("num_residual_streams", "mhc_num_residual_streams"),
+    "mhc_sinkhorn_iterations": ("mhc_sinkhorn_iterations",),
+    "mhc_init_gating_factor": ("mhc_init_gating_factor",),
+    "mhc_recompute_layer_num": ("mhc_recompute_layer_num",),
+}
+
+# (sub-config, our field) <- Megatron arg name. Missing args keep our defaults.
+_ARG_TABLE: dict[str, tuple[str | None, str]] = {
+    "hybrid_layer_pattern": (None, "hybrid_layer_pattern"),
+    "hidden_size": (None, "hidden_size"),
+    "layernorm_epsilon": (None, "norm_eps"),
+    "fp32_residual_connection": (None, "fp32_residual_connection"),
+    "init_method_std": (None, "init_std"),
+    "num_attention_heads": ("attention", "num_attention_heads"),
+    "kv_channels": ("attention", "kv_channels"),
+    "rotary_base": ("attention", "rotary_base"),
+    "qk_layernorm": ("attention", "qk_layernorm"),
+    "ffn_hidden_size": ("mlp", "ffn_hidden_size"),
+    "num_experts": ("moe", "num_experts"),
+    "moe_router_topk": ("moe", "router_topk"),
+    "moe_ffn_hidden_size": ("moe", "moe_ffn_hidden_size"),
+    "moe_shared_expert_intermediate_size": ("moe", "shared_expert_ffn_hidden_size"),
+    "moe_router_score_function": ("moe", "score_function"),
+    "moe_router_enable_expert_bias": ("moe", "router_expert_bias"),
+    "mamba_state_dim": ("mamba", "d_state"),
+    "mamba_head_dim": ("mamba", "head_dim"),
+    "mamba_num_groups": ("mamba", "num_groups"),
+    "mamba_expand": ("mamba", "expand"),
+    "linear_num_key_heads": ("gdn", "num_key_heads"),
+    "linear_num_value_heads": ("gdn", "num_value_heads"),
+    "linear_key_head_dim": ("gdn", "key_head_dim"),
+    "linear_value_head_dim": ("gdn", "value_head_dim"),
+    "linear_conv_kernel_dim": ("gdn", "conv_kernel"),
+    "q_lora_rank": ("mla", "q_lora_rank"),
+    "kv_lora_rank": ("mla", "kv_lora_rank"),
+    "qk_head_dim": ("mla", "qk_head_dim"),
+    "qk_pos_emb_head_dim": ("mla", "qk_pos_emb_head_dim"),
+    "v_head_dim": ("mla", "v_head_dim"),
+    "dsa_indexer_n_heads": ("mla", "index_n_heads"),
+    "dsa_indexer_head_dim": ("mla", "index_head_dim"),
+    "dsa_indexer_topk": ("mla", "index_topk"),
+}
+
+_SUB = {
+    "attention": AttentionConfig,
+    "mlp": MLPConfig,
+    "moe": MoEConfig,
+    "mamba": MambaConfig,
+    "gdn": GDNConfig,
+    "mla": MLAConfig,
+    "mhc": MHCConfig,
+}
+
+
+def _dtype_name(value: Any) -> str:
+    text = str(value).replace("torch.", "")
+    aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16",
+               "float": "float32"}
+    return aliases.get(text, text)
+
+
+def read_mhc_flag(args: Any, field: str) -> Any:
+    """The value of an mHC flag under whichever spelling ``args`` carries (None if absent).
+    Two spellings with different values are a contradiction, not a choice."""
+    found = {name: getattr(args, name) for name in MHC_FLAG_SPELLINGS[field] if hasattr(args, name)}
+    values = {repr(v) for v in found.values()}
+    if len(values) > 1:
+        raise ValueError(f"args carry contradictory mHC flags {found}")
+    return next(iter(found.values()), None)
+
+
+def config_from_megatron_args(args: Any) -> HybridConfig:
+    sub_kwargs: dict[str, dict[str, Any]] = {name: {} for name in _SUB}
+    top: dict[str, Any] = {}
+    for arg, (sub, ours) in _ARG_TABLE.items():
+        value = getattr(args, arg, None)
+        if value is None:
+            continue
+        (sub_kwargs[sub] if sub else top)[ours] = value
+    vocab = getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None)
+    if vocab is None:
+        raise ValueError("megatron args: neither padded_vocab_size nor vocab_size is set")
+    top["vocab_size"] = int(vocab)
+    norm = getattr(args, "normalization", "RMSNorm")
+    if norm != "RMSNorm":
+        raise ValueError(f"megatron args: normalization={norm!r} is not supported (RMSNorm only)")
+    if getattr(args, "group_query_attention", False) and getattr(args, "num_query_groups", None):
+        sub_kwargs["attention"]["num_query_groups"] = args.num_query_groups
+    pos = getattr(args, "position_embedding_type", "rope")
+    if pos not in ("rope", "none"):
+        raise ValueError(f"megatron args: position_embedding_type={pos!r} is not supported")
+    sub_kwargs["attention"]["position_embedding_type"] = pos
+    if getattr(args, "swiglu", False):
+        sub_kwargs["mlp"]["activation"] = "swiglu"
+    elif getattr(args, "squared_relu", False):
+        sub_kwargs["mlp"]["activation"] = "squared_relu"
+    else:
+        raise ValueError("megatron args: only squared_relu or swiglu MLPs are supported")
+    heads = getattr(args, "mamba_num_heads", None)
+    if heads is not None and getattr(args, "mamba_expand", None) is None:
+        # Megatron derives d_inner = heads * head_dim; express it as our expand factor.
+        d_inner = heads * sub_kwargs["mamba"].get("head_dim", MambaConfig.head_dim)
+        sub_kwargs["mamba"]["expand"] = d_inner // top["hidden_size"]
+    top["tie_word_embeddings"] = not getattr(args, "untie_embeddings_and_output_weights", False)
+    if getattr(args, "params_dtype", None) is not None:
+        top["params_dtype"] = _dtype_name(args.params_dtype)
+    elif getattr(args, "bf16", False):
+        top["params_dtype"] = "bfloat16"
+    for ours in MHC_FLAG_SPELLINGS:
+        value = read_mhc_flag(args, ours)
+        if value is not None:
+            sub_kwargs["mhc"][ours] = value
+    # Megatron dsv4/main apply H_res untransposed; dev (>= #4624) uses DeepSeek's transpose.
+    sub_kwargs["mhc"].setdefault("mhc_convention", getattr(args, "mhc_convention", "deepseek"))
+    subs = {name: cls(**sub_kwargs[name]) for name, cls in _SUB.items()}
+    return HybridConfig(**top, **subs)

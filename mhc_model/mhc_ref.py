@@ -1,0 +1,120 @@
+"""Reference mHC math (DESIGN.md §1): plain PyTorch, fp32 mapping math, both conventions.
+
+This is the oracle the fused kernels in ``mhc_model.kernels`` are tested against. Tensors are
+named by shape: T tokens (flattened s*b), N streams, C hidden.
+
+Paper equations (arXiv 2512.24880 v2): coefficients Eq. 14-18 (RMS over the flattened n*C
+vector, projection, alpha/bias, sigmoid / 2*sigmoid gates), Sinkhorn-Knopp Eq. 12/19,
+aggregate F_pre = H_pre x, mix F_post,res = H_res x + H_post^T F(.).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+Convention = Literal["deepseek", "megatron_dsv4"]
+
+
+def sinkhorn(logits_TNN: Tensor, iters: int, convention: Convention, eps: float = 1e-6) -> Tensor:
+    """Project logits onto (approximately) doubly stochastic matrices, in fp32.
+
+    deepseek (TileKernels / DeepSeek-V4 / Megatron dev): row softmax + eps, a column
+    normalisation, then (iters-1) x {row, column}.  megatron_dsv4: exp(L - rowmax), then
+    iters x {row, column}.  Both end on a column normalisation.
+    """
+    L = logits_TNN.float()
+    if convention == "deepseek":
+        M = torch.softmax(L, dim=-1) + eps
+        M = M / (M.sum(dim=-2, keepdim=True) + eps)
+        for _ in range(iters - 1):
+            M = M / (M.sum(dim=-1, keepdim=True) + eps)
+            M = M / (M.sum(dim=-2, keepdim=True) + eps)
+        return M
+    if convention == "megatron_dsv4":
+        M = torch.exp(L - L.amax(dim=-1, keepdim=True))
+        for _ in range(iters):
+            M = M / (M.sum(dim=-1, keepdim=True) + eps)
+            M = M / (M.sum(dim=-2, keepdim=True) + eps)
+        return M
+    raise ValueError(f"unknown mhc_convention {convention!r}")
+
+
+def rms_factor(xf_TK: Tensor, convention: Convention, eps: float = 1e-6) -> Tensor:
+    """r such that r * (x @ W^T) equals RMSNorm(x) @ W^T without gamma (paper Eq. 15-16).
+    deepseek: rsqrt(mean(x^2) + eps); megatron_dsv4: 1 / (||x|| / sqrt(K) + eps)."""
+    if convention == "deepseek":
+        return torch.rsqrt(xf_TK.square().mean(dim=-1, keepdim=True) + eps)
+    if convention == "megatron_dsv4":
+        rms = xf_TK.norm(dim=-1, keepdim=True) / (xf_TK.shape[-1] ** 0.5)
+        return 1.0 / (rms + eps)
+    raise ValueError(f"unknown mhc_convention {convention!r}")
+
+
+def coefficients(
+    x_TNC: Tensor,
+    weight_KD: Tensor,
+    bias_K: Tensor,
+    alpha_pre: Tensor,
+    alpha_post: Tensor,
+    alpha_res: Tensor,
+    *,
+    iters: int,
+    convention: Convention,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """(H_pre [T,N], H_post [T,N], H_res [T,N,N]) in fp32. K = N^2 + 2N, D = N*C.
+    Row order of weight/bias: [pre(N) | post(N) | res(N^2) row-major]."""
+    T, N, C = x_TNC.shape
+    xf_TD = x_TNC.reshape(T, N * C).float()
+    proj_TK = xf_TD @ weight_KD.float().t()
+    r_T1 = rms_factor(xf_TD, convention, eps)
+    a = alpha_pre.float().reshape(1), alpha_post.float().reshape(1), alpha_res.float().reshape(1)
+    scale_K = torch.cat([a[0].expand(N), a[1].expand(N), a[2].expand(N * N)])
+    h_TK = r_T1 * proj_TK * scale_K + bias_K.float()
+    H_pre = torch.sigmoid(h_TK[:, :N])
+    if convention == "deepseek":
+        H_pre = H_pre + eps
+    H_post = 2.0 * torch.sigmoid(h_TK[:, N : 2 * N])
+    H_res = sinkhorn(h_TK[:, 2 * N :].reshape(T, N, N), iters, convention, eps)
+    return H_pre, H_post, H_res
+
+
+def aggregate(x_TNC: Tensor, H_pre_TN: Tensor) -> Tensor:
+    """u = sum_j H_pre[j] x_j, fp32 accumulation, output in the stream dtype."""
+    return torch.einsum("tn,tnc->tc", H_pre_TN.float(), x_TNC.float()).to(x_TNC.dtype)
+
+
+def mix_post(
+    x_TNC: Tensor, H_res_TNN: Tensor, H_post_TN: Tensor, y_TC: Tensor, convention: Convention
+) -> Tensor:
+    """x'[i] = mix(H_res, x)[i] + H_post[i] * y.
+    deepseek: mix[i] = sum_j H[j,i] x[j] (H^T);  megatron_dsv4: mix[i] = sum_j H[i,j] x[j]."""
+    eq = "tji,tjc->tic" if convention == "deepseek" else "tij,tjc->tic"
+    mixed = torch.einsum(eq, H_res_TNN.float(), x_TNC.float())
+    out = mixed + H_post_TN.float().unsqueeze(-1) * y_TC.float().unsqueeze(1)
+    return out.to(x_TNC.dtype)
+
+
+def expand(h_TC: Tensor, n: int) -> Tensor:
+    """Stream start: n copies of the embedding output (no 1/n)."""
+    return h_TC.unsqueeze(1).expand(-1, n, -1).contiguous()
+
+
+def contract_mean(x_TNC: Tensor) -> Tensor:
+    return x_TNC.float().mean(dim=1).to(x_TNC.dtype)
+
+
+def contract_learned(
+    x_TNC: Tensor, fn_ND: Tensor, base_N: Tensor, scale_1: Tensor, eps: float = 1e-6
+) -> Tensor:
+    """DeepSeek-V4 "hc_head": pre = sigmoid((x fn^T) * rsqrt(mean x^2 + eps) * scale + base) + eps;
+    y = sum_j pre_j x_j."""
+    T, N, C = x_TNC.shape
+    xf_TD = x_TNC.reshape(T, N * C).float()
+    r_T1 = torch.rsqrt(xf_TD.square().mean(dim=-1, keepdim=True) + eps)
+    pre_TN = torch.sigmoid((xf_TD @ fn_ND.float().t()) * r_T1 * scale_1.float() + base_N.float())
+    pre_TN = pre_TN + eps
+    return torch.einsum("tn,tnc->tc", pre_TN, x_TNC.float()).to(x_TNC.dtype)
