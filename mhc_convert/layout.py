@@ -1,0 +1,119 @@
+"""The mHC-off <-> mHC-on layouts, as data (DESIGN.md §3, §5).
+
+Everything the planner knows about key names lives here: the wrapper segments, the new
+per-layer and head parameters, the optimizer-state namespace, Megatron's factory-split and
+``/shard_*`` suffixes, the byte-object keys Megatron stores beside the model, the output
+projections a non-trivial H_post folds into, and the args flags that record the layout.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mhc_model.config import HybridConfig
+from mhc_model.hyper_connection import hc_param_shapes, head_param_shapes
+from mhc_model.megatron_args import MHC_FLAG_SPELLINGS
+
+LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+INNER = "inner_layer"
+HC = "hyper_connection"
+HEAD_PREFIX = "decoder."
+
+# optimizer.state.<name>.<model key> (Megatron fully_reshardable model space; native too)
+OPT_RE = re.compile(r"^optimizer\.state\.([A-Za-z0-9_]+)\.(.+)$")
+# what a freshly added parameter gets in each optimizer state: its value, or zeros
+NEW_PARAM_OPT_STATE = {"fp32_param": "value", "param": "value", "exp_avg": "zeros",
+                       "exp_avg_sq": "zeros"}
+
+# Megatron ShardedObject suffix on byte objects, e.g. "_extra_state/shard_0_1"
+SHARD_RE = re.compile(r"^(.*?)(/shard_[0-9._]+)$")
+EXTRA_STATE = "_extra_state"
+
+# Byte objects Megatron keeps beside the model: carried unchanged, except common_state whose
+# args the engine rewrites.
+MEGATRON_OPAQUE_RE = re.compile(r"^(rng_state|common_state)(/shard_[0-9._]+)?$")
+
+NON_LAYER_KEYS = ("embedding.word_embeddings.weight", "decoder.final_norm.weight",
+                  "output_layer.weight")
+
+# Layer-relative output projections per symbol: H_post (a constant at the disable point) folds
+# into these when it is not 1. Regexes, because MoE experts are numbered.
+OUTPUT_PROJECTIONS: dict[str, tuple[str, ...]] = {
+    "M": (r"mixer\.out_proj\.weight",),
+    "G": (r"self_attention\.out_proj\.weight",),
+    "*": (r"self_attention\.linear_proj\.weight",),
+    "D": (r"self_attention\.linear_proj\.weight",),
+    "+": (r"self_attention\.linear_proj\.weight",),
+    "-": (r"mlp\.linear_fc2\.weight",),
+    "E": (r"mlp\.experts\..*linear_fc2\.weight\d*", r"mlp\.shared_experts\.linear_fc2\.weight"),
+}
+
+
+def split_table(cfg: HybridConfig, symbol: str) -> dict[str, tuple[tuple[str, int], ...]]:
+    """Megatron's factory splits for one layer symbol: base suffix -> ((part, rows), ...).
+    Mamba: in_proj rows [z|x|B|C|dt], conv1d channels [x|B|C]; GDN: in_proj
+    [query|key|value|z|beta|alpha], conv1d [query|key|value]."""
+    if symbol == "M":
+        m, C = cfg.mamba, cfg.hidden_size
+        di, gn, h = m.d_inner(C), m.num_groups * m.d_state, m.num_heads(C)
+        conv = (("x", di), ("B", gn), ("C", gn))
+        return {
+            "mixer.in_proj.weight": (("z", di), ("x", di), ("B", gn), ("C", gn), ("dt", h)),
+            "mixer.conv1d.weight": conv,
+            "mixer.conv1d.bias": conv,
+        }
+    if symbol == "G":
+        g = cfg.gdn
+        qk, v = g.num_key_heads * g.key_head_dim, g.num_value_heads * g.value_head_dim
+        conv = (("query", qk), ("key", qk), ("value", v))
+        return {
+            "self_attention.in_proj.weight": (("query", qk), ("key", qk), ("value", v), ("z", v),
+                                              ("beta", g.num_value_heads),
+                                              ("alpha", g.num_value_heads)),
+            "self_attention.conv1d.weight": conv,
+            "self_attention.conv1d.bias": conv,
+        }
+    return {}
+
+
+def hc_keys(layer: int, cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
+    return {f"decoder.layers.{layer}.{HC}.{name}": shape
+            for name, shape in hc_param_shapes(cfg).items()}
+
+
+def head_keys(cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
+    if not cfg.mhc_on or cfg.mhc.mhc_output_contract != "learned":
+        return {}
+    return {HEAD_PREFIX + name: shape for name, shape in head_param_shapes(cfg).items()}
+
+
+def wrap(key: str) -> str:
+    """decoder.layers.N.X -> decoder.layers.N.inner_layer.X (other keys unchanged)."""
+    m = LAYER_RE.match(key)
+    return f"decoder.layers.{m.group(1)}.{INNER}.{m.group(2)}" if m else key
+
+
+def unwrap(key: str) -> str:
+    m = LAYER_RE.match(key)
+    if m and m.group(2).startswith(INNER + "."):
+        return f"decoder.layers.{m.group(1)}.{m.group(2)[len(INNER) + 1:]}"
+    return key
+
+
+def args_flag_updates(cfg: HybridConfig) -> dict[str, object]:
+    """Values of our mHC fields to record in Megatron args (every spelling present is set)."""
+    m = cfg.mhc
+    return {
+        "enable_hyper_connections": m.enable_hyper_connections,
+        "num_residual_streams": m.num_residual_streams,
+        "mhc_sinkhorn_iterations": m.mhc_sinkhorn_iterations,
+        "mhc_init_gating_factor": m.mhc_init_gating_factor,
+        "mhc_recompute_layer_num": m.mhc_recompute_layer_num,
+    }
+
+
+__all__ = [
+    "EXTRA_STATE", "HC", "INNER", "LAYER_RE", "MEGATRON_OPAQUE_RE", "MHC_FLAG_SPELLINGS",
+    "NEW_PARAM_OPT_STATE", "NON_LAYER_KEYS", "OPT_RE", "OUTPUT_PROJECTIONS", "SHARD_RE",
+    "args_flag_updates", "hc_keys", "head_keys", "split_table", "unwrap", "wrap",
+]

@@ -1,0 +1,70 @@
+"""The lazy tensor view every format reader produces and every writer consumes.
+
+A reader parses only metadata (headers, ``.metadata``, pickled dict structure) and returns a
+``CheckpointView``: one ``Entry`` per stored key, each knowing where its bytes live. Nothing is
+decoded until ``load`` / ``read_bytes`` is called, so planning a 100 GB conversion touches
+kilobytes. Writers receive ``OutItem``s: an output key plus either a source ``Entry`` (copied
+byte-for-byte) or a new in-memory value. Readers and writers know nothing about mHC.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+EntryKind = Literal["tensor", "bytes", "object"]
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One stored item. ``dtype`` is a torch dtype name ("bfloat16") for tensors, None otherwise.
+    ``locator`` is private to the format (file, offset, length, chunk list, ...)."""
+
+    key: str
+    kind: EntryKind
+    dtype: str | None
+    shape: tuple[int, ...]
+    nbytes: int
+    locator: Any = field(compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class OutItem:
+    """One item of the output. Exactly one of ``source`` / ``value`` is set.
+    ``source``: copy that entry's stored bytes unchanged under the new key.
+    ``value``: a new ``torch.Tensor`` (tensor kinds) or ``bytes`` (byte blobs)."""
+
+    key: str
+    source: Entry | None = None
+    value: torch.Tensor | bytes | None = None
+
+    def __post_init__(self) -> None:
+        if (self.source is None) == (self.value is None):
+            raise ValueError(f"OutItem {self.key!r}: exactly one of source/value must be set")
+
+
+ProgressFn = Callable[[int], None]  # called with a number of bytes just processed
+
+
+@dataclass
+class CheckpointView:
+    """What a reader returns. ``meta`` holds format facts the engine needs (``config_json`` for
+    native, ``common_state``/``iteration``/``tracker`` for Megatron, ...), already parsed with
+    safe loaders. ``loader`` decodes one entry on demand."""
+
+    format: Literal["native", "torch_dist", "torch_legacy"]
+    path: Path
+    entries: Mapping[str, Entry]
+    meta: dict[str, Any]
+    loader: Callable[[Entry], torch.Tensor | bytes | Any] = field(repr=False)
+
+    def load(self, key: str) -> torch.Tensor | bytes | Any:
+        return self.loader(self.entries[key])
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(e.nbytes for e in self.entries.values())

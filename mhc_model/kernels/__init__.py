@@ -1,0 +1,65 @@
+"""mHC per-layer math with a fused Triton path and the reference fallback.
+
+``coefficients``, ``aggregate`` and ``mix_post`` have exactly the signatures of
+``mhc_model.mhc_ref``.  The Triton kernels run when triton imports, every tensor argument
+is on CUDA and the environment variable ``MHC_KERNELS`` is not ``"reference"`` (read at
+call time); otherwise the reference implementation runs.  Importing this package never
+needs triton or CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+
+from torch import Tensor
+
+from mhc_model import mhc_ref
+from mhc_model.mhc_ref import Convention
+
+try:  # triton is optional (CPU-only machines, CI)
+    from mhc_model.kernels import triton_mhc as _triton
+except ImportError:  # pragma: no cover - depends on the machine
+    _triton = None
+
+__all__ = ["coefficients", "aggregate", "mix_post", "triton_available", "use_triton"]
+
+
+def triton_available() -> bool:
+    return _triton is not None
+
+
+def use_triton(*tensors: Tensor) -> bool:
+    """True when the fused path applies to these tensors."""
+    if _triton is None or os.environ.get("MHC_KERNELS", "") == "reference":
+        return False
+    # Empty batches go to the reference (a zero-size grid is not launchable).
+    return all(t.is_cuda and t.numel() > 0 for t in tensors)
+
+
+def coefficients(
+    x_TNC: Tensor,
+    weight_KD: Tensor,
+    bias_K: Tensor,
+    alpha_pre: Tensor,
+    alpha_post: Tensor,
+    alpha_res: Tensor,
+    *,
+    iters: int,
+    convention: Convention,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor]:
+    args = (x_TNC, weight_KD, bias_K, alpha_pre, alpha_post, alpha_res)
+    impl = _triton if use_triton(*args) else mhc_ref
+    return impl.coefficients(*args, iters=iters, convention=convention, eps=eps)
+
+
+def aggregate(x_TNC: Tensor, H_pre_TN: Tensor) -> Tensor:
+    impl = _triton if use_triton(x_TNC, H_pre_TN) else mhc_ref
+    return impl.aggregate(x_TNC, H_pre_TN)
+
+
+def mix_post(
+    x_TNC: Tensor, H_res_TNN: Tensor, H_post_TN: Tensor, y_TC: Tensor, convention: Convention
+) -> Tensor:
+    impl = _triton if use_triton(x_TNC, H_res_TNN, H_post_TN, y_TC) else mhc_ref
+    return impl.mix_post(x_TNC, H_res_TNN, H_post_TN, y_TC, convention)

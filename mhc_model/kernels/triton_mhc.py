@@ -1,0 +1,33 @@
+"""Fused Triton mHC kernels: public entry points with the reference signatures.
+
+Kernels and autograd Functions live in ``triton_coef`` (Eq. 14-19: projection, RMS,
+gates, Sinkhorn), ``triton_sinkhorn`` (register-tile Sinkhorn fwd/bwd) and ``triton_stream``
+(aggregate F_pre and mix+post F_post,res).  Import requires triton; use the dispatching
+``mhc_model.kernels`` package instead of importing this module directly.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from mhc_model.kernels.triton_coef import Coefficients
+from mhc_model.kernels.triton_stream import Aggregate, MixPost
+
+
+def coefficients(x_TNC: Tensor, weight_KD: Tensor, bias_K: Tensor, alpha_pre: Tensor,
+                 alpha_post: Tensor, alpha_res: Tensor, *, iters: int, convention: str,
+                 eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """(H_pre [T,N], H_post [T,N], H_res [T,N,N]) fp32, as ``mhc_ref.coefficients``."""
+    return Coefficients.apply(x_TNC, weight_KD, bias_K, alpha_pre, alpha_post, alpha_res,
+                              int(iters), convention, float(eps))
+
+
+def aggregate(x_TNC: Tensor, H_pre_TN: Tensor) -> Tensor:
+    """u [T,C] = sum_j H_pre[j] x_j in the stream dtype, as ``mhc_ref.aggregate``."""
+    return Aggregate.apply(x_TNC, H_pre_TN)
+
+
+def mix_post(x_TNC: Tensor, H_res_TNN: Tensor, H_post_TN: Tensor, y_TC: Tensor,
+             convention: str) -> Tensor:
+    """x' [T,N,C] = mix(H_res, x) + H_post * y, as ``mhc_ref.mix_post``."""
+    return MixPost.apply(x_TNC, H_res_TNN, H_post_TN, y_TC, convention)

@@ -1,0 +1,110 @@
+"""Sinkhorn-Knopp (paper Eq. 19) on [BT, NP, NP] register tiles, forward and backward.
+
+NP is N rounded up to a power of two; ``valid`` [1, NP, NP] masks the real N x N block.
+Padded entries are kept at exactly 0 and every denominator carries +eps, so padding never
+produces NaN and never leaks into the real block.
+
+Conventions (DESIGN.md section 1):
+  deepseek       M = softmax_row(L) + eps; col; (iters - 1) x {row, col}   -> 2*iters - 1 steps
+  megatron_dsv4  M = exp(L - rowmax);       iters x {row, col}             -> 2*iters steps
+Step s is a row normalisation when s is odd (deepseek) / even (megatron_dsv4).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _init(L, valid):
+    # exp(L - rowmax) on the valid block; rows that are entirely padding give 0.
+    Lm = tl.where(valid, L, float("-inf"))
+    mx = tl.max(Lm, axis=2, keep_dims=True)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    E = tl.where(valid, tl.exp(Lm - mx), 0.0)
+    return Lm, mx, E
+
+
+@triton.jit
+def _softmax(E):
+    s = tl.sum(E, axis=2, keep_dims=True)
+    return E / tl.where(s == 0.0, 1.0, s)
+
+
+@triton.jit
+def _is_row(s, DEEPSEEK: tl.constexpr):
+    if DEEPSEEK:  # noqa: SIM108 (constexpr branch)
+        row = (s % 2) == 1
+    else:
+        row = (s % 2) == 0
+    return row
+
+
+@triton.jit
+def sinkhorn_fwd(L, valid, eps, ITERS: tl.constexpr, DEEPSEEK: tl.constexpr):
+    Lm, mx, E = _init(L, valid)
+    if DEEPSEEK:
+        M = tl.where(valid, _softmax(E) + eps, 0.0)
+        M = M / (tl.sum(M, axis=1, keep_dims=True) + eps)
+        for _ in range(ITERS - 1):
+            M = M / (tl.sum(M, axis=2, keep_dims=True) + eps)
+            M = M / (tl.sum(M, axis=1, keep_dims=True) + eps)
+    else:
+        M = E
+        for _ in range(ITERS):
+            M = M / (tl.sum(M, axis=2, keep_dims=True) + eps)
+            M = M / (tl.sum(M, axis=1, keep_dims=True) + eps)
+    return M
+
+
+@triton.jit
+def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, DEEPSEEK: tl.constexpr,
+                 BT: tl.constexpr, NP: tl.constexpr):
+    """Gradient of the unrolled iteration w.r.t. the logits L.
+
+    The input of each normalisation step is recomputed and stored to this program's slice
+    of ``hist`` (L2 resident, 2*ITERS*BT*NP*NP fp32), then replayed in reverse.  For
+    M' = M / (sum_axis M + eps):  dM = (dM' - sum_axis(dM' * M')) / (sum_axis M + eps).
+    """
+    off = (tl.arange(0, BT)[:, None, None] * (NP * NP) + tl.arange(0, NP)[None, :, None] * NP
+           + tl.arange(0, NP)[None, None, :])
+    Lm, mx, E = _init(L, valid)
+    if DEEPSEEK:
+        P = _softmax(E)
+        M = tl.where(valid, P + eps, 0.0)
+        NS = 2 * ITERS - 1
+    else:
+        P = E
+        M = E
+        NS = 2 * ITERS
+    for s in range(NS):
+        tl.store(hist + s * (BT * NP * NP) + off, M)
+        den = tl.where(_is_row(s, DEEPSEEK), tl.sum(M, axis=2, keep_dims=True),
+                       tl.sum(M, axis=1, keep_dims=True)) + eps
+        M = M / den
+    # Make this program's scratch writes visible to all of its threads.
+    tl.debug_barrier()
+    G = tl.where(valid, dM, 0.0)
+    for k in range(NS):
+        s = NS - 1 - k
+        Min = tl.load(hist + s * (BT * NP * NP) + off)
+        row = _is_row(s, DEEPSEEK)
+        den = tl.where(row, tl.sum(Min, axis=2, keep_dims=True),
+                       tl.sum(Min, axis=1, keep_dims=True)) + eps
+        GMo = G * (Min / den)
+        dot = tl.where(row, tl.sum(GMo, axis=2, keep_dims=True),
+                       tl.sum(GMo, axis=1, keep_dims=True))
+        G = tl.where(valid, (G - dot) / den, 0.0)
+    if DEEPSEEK:
+        # M0 = softmax(L) + eps: softmax backward, row-wise.
+        dL = P * (G - tl.sum(G * P, axis=2, keep_dims=True))
+    else:
+        # M0 = exp(L - rowmax): the rowmax path gets -sum(G E), split evenly over ties
+        # (torch.amax's backward rule).
+        GE = G * P
+        is_max = (Lm == mx) & valid
+        cnt = tl.sum(is_max.to(tl.float32), axis=2, keep_dims=True)
+        dL = GE - tl.where(is_max, tl.sum(GE, axis=2, keep_dims=True) / tl.maximum(cnt, 1.0),
+                           0.0)
+    return tl.where(valid, dL, 0.0)

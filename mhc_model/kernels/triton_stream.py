@@ -1,0 +1,203 @@
+"""Triton kernels for the stream-side mHC ops, forward and backward (memory bound).
+
+aggregate   u = sum_j H_pre[j] x_j                        (F_pre, paper Eq. 3 / 14)
+mix_post    x'[i] = sum_j Hm[i,j] x_j + H_post[i] y       (F_post,res, Eq. 3)
+            Hm = H_res^T (deepseek) or H_res (megatron_dsv4)
+
+All arithmetic is fp32 in registers; streams are read and written once in their own dtype.
+Backward kernels run one program per token and loop over C so the reductions over C that
+give dH_pre / dH_post / dH_res stay in registers (deterministic, no atomics).  Tiles are
+3-D [NP(i), NP(j), BC] so the N x N contractions are intra-thread broadcasts.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from mhc_model.kernels.triton_coef import _pow2
+
+
+@triton.jit
+def _agg_fwd_kernel(x_ptr, h_ptr, u_ptr, C, N: tl.constexpr, NP: tl.constexpr,
+                    BC: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    n = tl.arange(0, NP)
+    mn = n < N
+    mc = c < C
+    h = tl.load(h_ptr + t * N + n, mask=mn, other=0.0)
+    X = tl.load(x_ptr + t * N * C + n[:, None] * C + c[None, :],
+                mask=mn[:, None] & mc[None, :], other=0.0).to(tl.float32)
+    u = tl.sum(h[:, None] * X, axis=0)
+    tl.store(u_ptr + t * C + c, u.to(u_ptr.dtype.element_ty), mask=mc)
+
+
+@triton.jit
+def _agg_bwd_kernel(x_ptr, h_ptr, du_ptr, dx_ptr, dh_ptr, C, N: tl.constexpr,
+                    NP: tl.constexpr, BC: tl.constexpr, NEED_DX: tl.constexpr,
+                    NEED_DH: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    n = tl.arange(0, NP)
+    mn = n < N
+    h = tl.load(h_ptr + t * N + n, mask=mn, other=0.0)
+    acc = tl.zeros((NP, BC), tl.float32)
+    for c0 in range(0, C, BC):
+        c = c0 + tl.arange(0, BC)
+        mc = c < C
+        m2 = mn[:, None] & mc[None, :]
+        off = t * N * C + n[:, None] * C + c[None, :]
+        du = tl.load(du_ptr + t * C + c, mask=mc, other=0.0).to(tl.float32)
+        if NEED_DX:
+            tl.store(dx_ptr + off, (h[:, None] * du[None, :]).to(dx_ptr.dtype.element_ty), mask=m2)
+        if NEED_DH:
+            X = tl.load(x_ptr + off, mask=m2, other=0.0).to(tl.float32)
+            acc += X * du[None, :]
+    if NEED_DH:
+        tl.store(dh_ptr + t * N + n, tl.sum(acc, axis=1), mask=mn)
+
+
+@triton.jit
+def _mix_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, C, N: tl.constexpr,
+                    NP: tl.constexpr, BC: tl.constexpr, DEEPSEEK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, NP)[:, None, None]
+    j = tl.arange(0, NP)[None, :, None]
+    c = (tl.program_id(1) * BC + tl.arange(0, BC))[None, None, :]
+    mi = i < N
+    mj = j < N
+    mc = c < C
+    if DEEPSEEK:  # noqa: SIM108 (constexpr branch); Hm[i, j] = H[j, i]
+        hoff = j * N + i
+    else:
+        hoff = i * N + j
+    Hm = tl.load(hres_ptr + t * N * N + hoff, mask=mi & mj, other=0.0)  # [NP, NP, 1]
+    hp = tl.load(hpost_ptr + t * N + i, mask=mi, other=0.0)  # [NP, 1, 1]
+    X = tl.load(x_ptr + t * N * C + j * C + c, mask=mj & mc, other=0.0).to(tl.float32)
+    y = tl.load(y_ptr + t * C + c, mask=mc, other=0.0).to(tl.float32)  # [1, 1, BC]
+    out = tl.sum(Hm * X, axis=1, keep_dims=True) + hp * y  # [NP, 1, BC]
+    tl.store(out_ptr + t * N * C + i * C + c, out.to(out_ptr.dtype.element_ty), mask=mi & mc)
+
+
+@triton.jit
+def _mix_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr,
+                    dy_ptr, C, N: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
+                    DEEPSEEK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    i = tl.arange(0, NP)[:, None, None]
+    j = tl.arange(0, NP)[None, :, None]
+    mi = i < N
+    mj = j < N
+    if DEEPSEEK:  # noqa: SIM108 (constexpr branch)
+        hoff = j * N + i
+    else:
+        hoff = i * N + j
+    Hm = tl.load(hres_ptr + t * N * N + hoff, mask=mi & mj, other=0.0)
+    hp = tl.load(hpost_ptr + t * N + i, mask=mi, other=0.0)
+    acc_res = tl.zeros((NP, NP, BC), tl.float32)
+    acc_post = tl.zeros((NP, 1, BC), tl.float32)
+    for c0 in range(0, C, BC):
+        c = (c0 + tl.arange(0, BC))[None, None, :]
+        mc = c < C
+        G = tl.load(g_ptr + t * N * C + i * C + c, mask=mi & mc, other=0.0).to(tl.float32)
+        X = tl.load(x_ptr + t * N * C + j * C + c, mask=mj & mc, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + t * C + c, mask=mc, other=0.0).to(tl.float32)
+        # dy = sum_i H_post[i] g_i ; dx_j = sum_i Hm[i, j] g_i
+        dy = tl.sum(hp * G, axis=0, keep_dims=True)
+        tl.store(dy_ptr + t * C + c, dy.to(dy_ptr.dtype.element_ty), mask=mc)
+        dx = tl.sum(Hm * G, axis=0, keep_dims=True)
+        tl.store(dx_ptr + t * N * C + j * C + c, dx.to(dx_ptr.dtype.element_ty), mask=mj & mc)
+        acc_res += G * X
+        acc_post += G * y
+    # dHm[i, j] = sum_c g_i x_j, written back through the same (transposing) offsets.
+    tl.store(dhres_ptr + t * N * N + hoff, tl.sum(acc_res, axis=2, keep_dims=True),
+             mask=mi & mj)
+    tl.store(dhpost_ptr + t * N + i, tl.sum(acc_post, axis=2, keep_dims=True), mask=mi)
+
+
+# Tunables: (register budget per program in fp32 elements, warps).  The C tile is
+# budget / NP (aggregate) or budget / NP^2 (mix, whose tiles are [NP, NP, BC]).
+CONFIG = {
+    "agg_fwd": (8192, 4),
+    "agg_bwd": (4096, 4),
+    "mix_fwd": (16384, 4),
+    "mix_bwd": (4096, 4),
+}
+
+
+def _bc(C: int, NP: int, name: str, square: bool) -> tuple[int, int]:
+    budget, warps = CONFIG[name]
+    per = NP * NP if square else NP
+    return max(16, min(_pow2(C), budget // per)), warps
+
+
+class Aggregate(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TNC, H_pre_TN):
+        x = x_TNC.contiguous()
+        h = H_pre_TN.float().contiguous()
+        T, N, C = x.shape
+        NP = _pow2(N)
+        u_TC = torch.empty((T, C), dtype=x.dtype, device=x.device)
+        BC, warps = _bc(C, NP, "agg_fwd", False)
+        if T > 0:
+            _agg_fwd_kernel[(T, triton.cdiv(C, BC))](x, h, u_TC, C, N=N, NP=NP, BC=BC,
+                                                     num_warps=warps)
+        ctx.save_for_backward(x, h)
+        ctx.h_dtype = H_pre_TN.dtype
+        return u_TC
+
+    @staticmethod
+    def backward(ctx, du_TC):
+        x, h = ctx.saved_tensors
+        need_dx, need_dh = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        T, N, C = x.shape
+        NP = _pow2(N)
+        du = du_TC.contiguous()
+        dx = torch.empty_like(x) if need_dx else x
+        dh = torch.empty((T, N), dtype=torch.float32, device=x.device) if need_dh else h
+        BC, warps = _bc(C, NP, "agg_bwd", False)
+        if T > 0 and (need_dx or need_dh):
+            _agg_bwd_kernel[(T,)](x, h, du, dx, dh, C, N=N, NP=NP, BC=BC, NEED_DX=need_dx,
+                                  NEED_DH=need_dh, num_warps=warps)
+        return (dx if need_dx else None), (dh.to(ctx.h_dtype) if need_dh else None)
+
+
+class MixPost(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_TNC, H_res_TNN, H_post_TN, y_TC, convention):
+        if convention not in ("deepseek", "megatron_dsv4"):
+            raise ValueError(f"unknown mhc_convention {convention!r}")
+        x = x_TNC.contiguous()
+        hr = H_res_TNN.float().contiguous()
+        hp = H_post_TN.float().contiguous()
+        y = y_TC.contiguous()
+        T, N, C = x.shape
+        NP = _pow2(N)
+        out = torch.empty_like(x)
+        BC, warps = _bc(C, NP, "mix_fwd", True)
+        deepseek = convention == "deepseek"
+        if T > 0:
+            _mix_fwd_kernel[(T, triton.cdiv(C, BC))](x, hr, hp, y, out, C, N=N, NP=NP, BC=BC,
+                                                     DEEPSEEK=deepseek, num_warps=warps)
+        ctx.save_for_backward(x, hr, hp, y)
+        ctx.meta = (deepseek, H_res_TNN.dtype, H_post_TN.dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx, g_TNC):
+        x, hr, hp, y = ctx.saved_tensors
+        deepseek, hr_dtype, hp_dtype = ctx.meta
+        T, N, C = x.shape
+        NP = _pow2(N)
+        g = g_TNC.contiguous()
+        dx = torch.empty_like(x)
+        dy = torch.empty_like(y)
+        dhr = torch.empty((T, N, N), dtype=torch.float32, device=x.device)
+        dhp = torch.empty((T, N), dtype=torch.float32, device=x.device)
+        BC, warps = _bc(C, NP, "mix_bwd", True)
+        if T > 0:
+            _mix_bwd_kernel[(T,)](x, hr, hp, y, g, dx, dhr, dhp, dy, C, N=N, NP=NP, BC=BC,
+                                  DEEPSEEK=deepseek, num_warps=warps)
+        return dx, dhr.to(hr_dtype), dhp.to(hp_dtype), dy, None

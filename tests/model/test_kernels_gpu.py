@@ -1,0 +1,158 @@
+"""Fused Triton mHC kernels vs the reference (mhc_model.mhc_ref), forward and gradients.
+
+Errors are measured relative to the largest reference magnitude, max|a - b| / max|b|.
+Tolerances, by what the compared quantity is:
+  * rounded to bf16 (outputs / stream grads of bf16 runs): 1e-2. One bf16 ulp is at most
+    2^-7 = 7.8e-3 of the max; fp32 results that differ by float noise can round one ulp apart.
+  * fp32 quantity computed from bf16 streams (H_*, dW, dbias, dalpha, dH_*): 1e-4. The
+    kernels split fp32 weights / dproj into two bf16 terms (~2^-16 relative each).
+  * fp32 runs: 5e-5 (different summation order over N*C and T; exact fp32 dot products).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mhc_model import kernels as K
+from mhc_model import mhc_ref as R
+
+pytestmark = pytest.mark.gpu
+
+CONVS = ["deepseek", "megatron_dsv4"]
+DTYPES = [torch.bfloat16, torch.float32]
+NS = [2, 4, 6]
+CS = [1000, 256]
+T = 77
+
+
+@pytest.fixture(autouse=True)
+def _exact_fp32_reference():
+    # the oracle must be true fp32 (no TF32 in torch's matmul)
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def _tol(t: torch.Tensor, stream_dtype: torch.dtype) -> float:
+    if t.dtype == torch.bfloat16:
+        return 1e-2
+    return 1e-4 if stream_dtype == torch.bfloat16 else 5e-5
+
+
+def _check(name, got, ref, stream_dtype):
+    assert got.shape == ref.shape and got.dtype == ref.dtype, (name, got.shape, ref.shape)
+    assert torch.isfinite(got).all(), name
+    err = ((got.float() - ref.float()).abs().max() / ref.float().abs().max().clamp_min(1e-30))
+    tol = _tol(ref, stream_dtype)
+    print(f"{name}: rel err {err.item():.2e} (tol {tol:.0e})")  # margins, visible with -s
+    assert err.item() <= tol, f"{name}: rel err {err.item():.3e} > {tol:.0e}"
+
+
+def _run(fn, inputs, seed=123):
+    outs = fn(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    gouts = [torch.randn(o.shape, generator=gen, device="cuda").to(o.dtype) for o in outs]
+    grads = torch.autograd.grad(outs, inputs, gouts)
+    return outs, grads
+
+
+def _coef_inputs(N, C, dtype, gen):
+    D, Kd = N * C, N * N + 2 * N
+    x = torch.randn(T, N, C, generator=gen, device="cuda").to(dtype).requires_grad_()
+    W = (torch.randn(Kd, D, generator=gen, device="cuda") / D**0.5).requires_grad_()
+    b = torch.randn(Kd, generator=gen, device="cuda").requires_grad_()
+    alphas = [torch.tensor([v], device="cuda").requires_grad_() for v in (0.8, 1.1, 1.3)]
+    return [x, W, b, *alphas]
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("C", CS)
+@pytest.mark.parametrize("N", NS)
+def test_coefficients(N, C, dtype, conv):
+    gen = torch.Generator(device="cuda").manual_seed(N * 1000 + C)
+    inputs = _coef_inputs(N, C, dtype, gen)
+
+    def f(impl):
+        return lambda *a: impl.coefficients(*a, iters=20, convention=conv)
+
+    assert K.use_triton(*inputs)
+    got, ggot = _run(f(K), inputs)
+    ref, gref = _run(f(R), inputs)
+    for name, a, b in zip(["H_pre", "H_post", "H_res"], got, ref):
+        _check(name, a, b, dtype)
+    names = ["dx", "dW", "dbias", "dalpha_pre", "dalpha_post", "dalpha_res"]
+    for name, a, b in zip(names, ggot, gref):
+        _check(name, a, b, dtype)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("iters", [1, 3])
+def test_coefficients_few_iters(conv, iters):
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    inputs = _coef_inputs(4, 1000, torch.float32, gen)
+    got, ggot = _run(lambda *a: K.coefficients(*a, iters=iters, convention=conv), inputs)
+    ref, gref = _run(lambda *a: R.coefficients(*a, iters=iters, convention=conv), inputs)
+    for i, (a, b) in enumerate(zip(got + ggot, ref + gref)):
+        _check(f"out{i}", a, b, torch.float32)
+
+
+def test_coefficients_many_tokens_split_paths():
+    # T spanning many token blocks exercises both split-reduction layouts (over D and T).
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    N, C, Tl = 4, 1000, 3001
+    x = torch.randn(Tl, N, C, generator=gen, device="cuda").bfloat16().requires_grad_()
+    W = (torch.randn(24, N * C, generator=gen, device="cuda") / (N * C) ** 0.5).requires_grad_()
+    b = torch.randn(24, generator=gen, device="cuda").requires_grad_()
+    al = [torch.tensor([1.0], device="cuda").requires_grad_() for _ in range(3)]
+    inputs = [x, W, b, *al]
+    got, ggot = _run(lambda *a: K.coefficients(*a, iters=20, convention="deepseek"), inputs)
+    ref, gref = _run(lambda *a: R.coefficients(*a, iters=20, convention="deepseek"), inputs)
+    for i, (a, b_) in enumerate(zip(got + ggot, ref + gref)):
+        _check(f"out{i}", a, b_, torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("C", CS)
+@pytest.mark.parametrize("N", NS)
+def test_aggregate(N, C, dtype):
+    gen = torch.Generator(device="cuda").manual_seed(N + C)
+    x = torch.randn(T, N, C, generator=gen, device="cuda").to(dtype).requires_grad_()
+    h = torch.rand(T, N, generator=gen, device="cuda").requires_grad_()
+    got, ggot = _run(K.aggregate, [x, h])
+    ref, gref = _run(R.aggregate, [x, h])
+    _check("u", got[0], ref[0], dtype)
+    _check("dx", ggot[0], gref[0], dtype)
+    _check("dH_pre", ggot[1], gref[1], dtype)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("C", CS)
+@pytest.mark.parametrize("N", NS)
+def test_mix_post(N, C, dtype, conv):
+    gen = torch.Generator(device="cuda").manual_seed(3 * N + C)
+    x = torch.randn(T, N, C, generator=gen, device="cuda").to(dtype).requires_grad_()
+    hr = torch.rand(T, N, N, generator=gen, device="cuda").requires_grad_()
+    hp = (2 * torch.rand(T, N, generator=gen, device="cuda")).requires_grad_()
+    y = torch.randn(T, C, generator=gen, device="cuda").to(dtype).requires_grad_()
+    inputs = [x, hr, hp, y]
+    got, ggot = _run(lambda *a: K.mix_post(*a, conv), inputs)
+    ref, gref = _run(lambda *a: R.mix_post(*a, conv), inputs)
+    _check("out", got[0], ref[0], dtype)
+    for name, a, b in zip(["dx", "dH_res", "dH_post", "dy"], ggot, gref):
+        _check(name, a, b, dtype)
+
+
+def test_dispatch_env_reference(monkeypatch):
+    gen = torch.Generator(device="cuda").manual_seed(5)
+    x = torch.randn(8, 4, 64, generator=gen, device="cuda")
+    h = torch.rand(8, 4, generator=gen, device="cuda")
+    assert K.use_triton(x, h)
+    monkeypatch.setenv("MHC_KERNELS", "reference")
+    assert not K.use_triton(x, h)
+    assert torch.equal(K.aggregate(x, h), R.aggregate(x, h))
+    assert not K.use_triton(x.cpu(), h.cpu())
