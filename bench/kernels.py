@@ -105,8 +105,7 @@ def _epilogue_time(x, W, b, al) -> float:
     """Coefficient epilogue alone: RMS, alpha/bias, gates and 20 Sinkhorn iterations."""
     K = N * N + 2 * N
     KP = max(16, triton_coef._pow2(K))
-    w_hi, w_lo = triton_coef.split_weight(W.detach(), KP, True)
-    part, ss = triton_coef.proj_forward(x.detach().reshape(T, N * C), w_hi, w_lo, KP, True)
+    part, ss = triton_coef.proj_forward(x.detach().reshape(T, N * C), W.detach(), K, KP, True)
     a3 = torch.cat([a.detach() for a in al])
     def epi():
         return triton_coef.coef_epilogue(part, ss, b.detach(), a3, N, N * C, ITERS, True, 1e-6)
@@ -115,13 +114,9 @@ def _epilogue_time(x, W, b, al) -> float:
 
 
 SWEEP = {
-    ("coef", "proj_fwd"): [(128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3),
-                           (64, 256, 8, 3), (128, 64, 8, 4), (128, 128, 4, 3)],
-    ("coef", "waves"): [1, 2],
-    ("coef", "proj_bwd"): [(32, 128, 4, 3), (64, 64, 4, 3), (32, 256, 8, 3), (32, 64, 4, 4),
-                           (16, 128, 4, 3)],
-    ("coef", "coef_bt"): [8, 16, 32],
-    ("stream", "mix_bwd"): [(4096, 4), (2048, 4), (4096, 8), (2048, 2)],
+    ("coef", "proj_fwd"): [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 8, 4)],
+    ("coef", "proj_bwd"): [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (64, 64, 8, 4),
+                           (64, 32, 4, 3)],
 }
 
 

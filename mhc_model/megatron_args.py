@@ -137,5 +137,7 @@ def config_from_megatron_args(args: Any) -> HybridConfig:
             sub_kwargs["mhc"][ours] = value
     # Megatron dsv4/main apply H_res untransposed; dev (>= #4624) uses DeepSeek's transpose.
     sub_kwargs["mhc"].setdefault("mhc_convention", getattr(args, "mhc_convention", "deepseek"))
+    if getattr(args, "mhc_output_contract", None) is not None:
+        sub_kwargs["mhc"]["mhc_output_contract"] = args.mhc_output_contract
     subs = {name: cls(**sub_kwargs[name]) for name, cls in _SUB.items()}
     return HybridConfig(**top, **subs)

@@ -71,7 +71,10 @@ class HybridLayer(nn.Module):
     def __init__(self, cfg: HybridConfig, layer_index: int, inner: nn.Module):
         super().__init__()
         self.inner_layer = inner
-        self.hyper_connection = HyperConnection(cfg, layer_index, torch_dtype(cfg))
+        # mHC parameters stay fp32 whatever the params dtype (DeepSeek-V4 keeps hc_* in fp32):
+        # the mapping math is fp32, and logit(1/n) is not representable in bf16, so a bf16
+        # bias_pre would move sum(H_pre) off 1 by ~2e-3 and break the exact enable point.
+        self.hyper_connection = HyperConnection(cfg, layer_index, torch.float32)
         self.convention = cfg.mhc.mhc_convention
         self.branch_dtype = torch_dtype(cfg)
 
@@ -108,7 +111,7 @@ class HybridStack(nn.Module):
                 init = exact_head_tensors(cfg)
                 for name, shape in shapes.items():
                     # Megatron keeps these as bare Parameters on the stack: decoder.hc_head_*
-                    self.register_parameter(name, nn.Parameter(init[name].to(dtype).reshape(shape)))
+                    self.register_parameter(name, nn.Parameter(init[name].float().reshape(shape)))
         else:
             self.layers = nn.ModuleList(inner)
         self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)

@@ -257,7 +257,8 @@ def read_torch_dist(path: str | Path) -> CheckpointView:
         raise InvalidInputError("common state is not a dict", path=iter_dir, key=common_key)
     if iteration is None and isinstance(common.get("iteration"), int):
         iteration = common["iteration"]
-    declared = (common.get("content_metadata") or {}).get("distrib_optim_sharding_type")
+    content = common.get("content_metadata")  # absent before megatron-core 0.13
+    declared = content.get("distrib_optim_sharding_type") if isinstance(content, dict) else None
     opt_keys = [k for k in entries if k.startswith("optimizer.")]
     if any(_BUCKET_RE.search(k) for k in opt_keys):
         sharding = "dp_reshardable"  # bucket-keyed: whatever content_metadata claims

@@ -164,7 +164,7 @@ def safe_load_rank(path: str | Path, *, mmap: bool = False) -> dict:
         # added: add only what is absent, so we never unregister another module's globals.
         with _ALLOWLIST_LOCK:
             present = set(torch.serialization.get_safe_globals())
-            with torch.serialization.safe_globals([g for g in safe_globals() or present
+            with torch.serialization.safe_globals([g for g in safe_globals()
                                                    if g not in present]):
                 # weights_only explicit: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD cannot flip it
                 obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -327,7 +327,10 @@ def list_rank_files(iter_dir: str | Path, *, two_part: Literal["pp", "ep"] = "pp
         if rank_dirname(tp, pp, ep) != child.name:  # e.g. mp_rank_001: not Megatron's spelling
             unexpected.append(child.name)
             continue
-        found = {p.name: p for p in child.iterdir()}
+        try:
+            found = {p.name: p for p in child.iterdir()}
+        except OSError as e:
+            raise IOFailure(f"cannot list: {e.strerror or e}", path=child) from None
         for fname, p in found.items():
             if fname not in (RANK_FILE, DISTRIB_OPTIM) or p.is_symlink() or not p.is_file():
                 unexpected.append(f"{child.name}/{fname}")

@@ -16,8 +16,9 @@ backward
      per-program partials of d bias / d alpha.
   4. ``_proj_bwd_kernel``   dx = dproj @ W + coef * x and dW = dproj^T @ x in one pass over x.
 
-bf16 streams: x is exact in bf16, the fp32 weight is split into W_hi + W_lo (both bf16), so
-two bf16 MMAs give ~fp32 accuracy at tensor-core speed.  fp32 streams use exact fp32 dots.
+bf16 streams: x is exact in bf16, the fp32 weight is split in registers into W_hi + W_lo
+(both bf16), so two bf16 MMAs give ~fp32 accuracy at tensor-core speed.  fp32 streams use
+exact fp32 dots.
 """
 
 from __future__ import annotations
@@ -31,15 +32,15 @@ from mhc_model.kernels.triton_sinkhorn import sinkhorn_bwd, sinkhorn_fwd
 # Tunables (the bench may override them).  proj_fwd: (BT, BD, warps, stages), split target.
 CONFIG = {
     "proj_fwd": (128, 128, 8, 3),
-    "proj_bwd": (32, 128, 4, 3),
+    "proj_bwd": (64, 64, 4, 3),
     "coef_bt": 16,
-    "waves": 2,
+    "waves": 1,
 }
 
 
 @triton.jit
-def _proj_fwd_kernel(x_ptr, w_hi_ptr, w_lo_ptr, part_ptr, ss_ptr, T, D, d_per_split,
-                     KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+def _proj_fwd_kernel(x_ptr, w_ptr, part_ptr, ss_ptr, T, D, d_per_split,
+                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                      SPLIT_BF16: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -54,20 +55,22 @@ def _proj_fwd_kernel(x_ptr, w_hi_ptr, w_lo_ptr, part_ptr, ss_ptr, T, D, d_per_sp
         offs_d = d_start + d0 + tl.arange(0, BD)
         mask_d = offs_d < D
         x = tl.load(x_rows + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-        w_off = offs_k[None, :] * D + offs_d[:, None]  # [BD, KP] tile of W^T
-        w_hi = tl.load(w_hi_ptr + w_off, mask=mask_d[:, None], other=0.0)
+        # [BD, KP] tile of W^T (fp32, rows >= K read as 0), L2 resident.
+        w = tl.load(w_ptr + offs_k[None, :] * D + offs_d[:, None],
+                    mask=mask_d[:, None] & (offs_k[None, :] < K), other=0.0)
         xf = x.to(tl.float32)
         ss += tl.sum(xf * xf, axis=1)
         if SPLIT_BF16:
             # The tensor cores accumulate with truncation; keep their chain to one BD tile
             # and add tiles in fp32 on the CUDA cores (round-to-nearest), or the error grows
             # with D/BD (measured ~1e-4 relative at D = 6000 when chained through `acc`).
-            w_lo = tl.load(w_lo_ptr + w_off, mask=mask_d[:, None], other=0.0)
+            w_hi = w.to(tl.bfloat16)
+            w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
             tile = tl.dot(x, w_hi)
             tile = tl.dot(x, w_lo, tile)
             acc += tile
         else:
-            acc = tl.dot(xf, w_hi, acc, input_precision="ieee")
+            acc = tl.dot(xf, w, acc, input_precision="ieee")
     out = part_ptr + pid_s * T * KP + offs_t[:, None] * KP + offs_k[None, :]
     tl.store(out, acc, mask=mask_t[:, None])
     tl.store(ss_ptr + pid_s * T + offs_t, ss, mask=mask_t)
@@ -209,9 +212,9 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, ss_ptr, bias_ptr, 
 
 
 @triton.jit
-def _proj_bwd_kernel(x_ptr, w_hi_ptr, w_lo_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
+def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
                      T, D, t_per_split,
-                     KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                      SPLIT_BF16: tl.constexpr):
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -219,9 +222,11 @@ def _proj_bwd_kernel(x_ptr, w_hi_ptr, w_lo_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_
     mask_d = offs_d < D
     offs_k = tl.arange(0, KP)
     w_off = offs_k[:, None] * D + offs_d[None, :]
-    w_hi = tl.load(w_hi_ptr + w_off, mask=mask_d[None, :], other=0.0)
+    w = tl.load(w_ptr + w_off, mask=mask_d[None, :] & (offs_k[:, None] < K), other=0.0)
     if SPLIT_BF16:
-        w_lo = tl.load(w_lo_ptr + w_off, mask=mask_d[None, :], other=0.0)
+        # W = W_hi + W_lo in bf16 (see the module docstring)
+        w_hi = w.to(tl.bfloat16)
+        w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
     acc = tl.zeros((KP, BD), tl.float32)
     t_start = pid_s * t_per_split  # a multiple of BT: splits never overlap
     for t0 in range(0, t_per_split, BT):
@@ -245,11 +250,12 @@ def _proj_bwd_kernel(x_ptr, w_hi_ptr, w_lo_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_
             tile = tl.dot(tl.trans(dp_lo), x, tile)
             acc += tile
         else:
-            dx = tl.dot(dp, w_hi, input_precision="ieee")
+            dx = tl.dot(dp, w, input_precision="ieee")
             acc = tl.dot(tl.trans(dp), xf, acc, input_precision="ieee")
         dx += cf[:, None] * xf
         tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask_x)
-    tl.store(dw_part_ptr + pid_s * KP * D + w_off, acc, mask=mask_d[None, :])
+    tl.store(dw_part_ptr + pid_s * K * D + w_off, acc,
+             mask=mask_d[None, :] & (offs_k[:, None] < K))
 
 
 def _sm_count(device: torch.device) -> int:
@@ -262,20 +268,9 @@ def _pow2(v: int) -> int:
     return 1 << max(0, (v - 1).bit_length())
 
 
-def split_weight(weight_KD: torch.Tensor, KP: int, bf16: bool):
-    """W padded to KP rows; for bf16 streams split into (W_hi, W_lo) bf16 with W ~ W_hi + W_lo."""
-    K, D = weight_KD.shape
-    w_KD = torch.zeros((KP, D), dtype=torch.float32, device=weight_KD.device)
-    w_KD[:K] = weight_KD.float()
-    if not bf16:
-        return w_KD, w_KD
-    w_hi = w_KD.to(torch.bfloat16)
-    w_lo = (w_KD - w_hi.float()).to(torch.bfloat16)
-    return w_hi, w_lo
-
-
-def proj_forward(x_TD, w_hi, w_lo, KP, bf16):
-    """Launch (1): returns the D-split partials [S, T, KP] and sums of squares [S, T]."""
+def proj_forward(x_TD, w_KD, K, KP, bf16):
+    """Launch (1): returns the D-split partials [S, T, KP] and sums of squares [S, T].
+    ``w_KD`` is the fp32 weight; bf16 streams split it into hi + lo bf16 inside the kernel."""
     T, D = x_TD.shape
     BT, BD, warps, stages = CONFIG["proj_fwd"]
     n_t = triton.cdiv(T, BT)
@@ -285,8 +280,8 @@ def proj_forward(x_TD, w_hi, w_lo, KP, bf16):
     S = triton.cdiv(D, d_per_split)
     part = torch.empty((S, T, KP), dtype=torch.float32, device=x_TD.device)
     ss = torch.empty((S, T), dtype=torch.float32, device=x_TD.device)
-    _proj_fwd_kernel[(n_t, S)](x_TD, w_hi, w_lo, part, ss, T, D, d_per_split,
-                               KP=KP, BT=BT, BD=BD, SPLIT_BF16=bf16,
+    _proj_fwd_kernel[(n_t, S)](x_TD, w_KD, part, ss, T, D, d_per_split,
+                               K=K, KP=KP, BT=BT, BD=BD, SPLIT_BF16=bf16,
                                num_warps=warps, num_stages=stages)
     return part, ss
 
@@ -320,14 +315,14 @@ class Coefficients(torch.autograd.Function):
         KP = max(16, _pow2(K))
         bf16 = x_TNC.dtype == torch.bfloat16
         x_TD = x_TNC.reshape(T, D).contiguous()
-        w_hi, w_lo = split_weight(weight_KD, KP, bf16)
+        w_KD = weight_KD.float().contiguous()
         bias = bias_K.float().contiguous()
         alpha_3 = torch.cat([a.float().reshape(1) for a in (alpha_pre, alpha_post, alpha_res)])
         deepseek = convention == "deepseek"
-        part, ss_part = proj_forward(x_TD, w_hi, w_lo, KP, bf16)
+        part, ss_part = proj_forward(x_TD, w_KD, K, KP, bf16)
         H_pre, H_post, H_res, proj, ss = coef_epilogue(part, ss_part, bias, alpha_3, N, D,
                                                        iters, deepseek, eps)
-        ctx.save_for_backward(x_TD, w_hi, w_lo, bias, alpha_3, proj, ss)
+        ctx.save_for_backward(x_TD, w_KD, bias, alpha_3, proj, ss)
         ctx.meta = (T, N, C, K, KP, bf16, iters, deepseek, eps)
         ctx.dtypes = (weight_KD.dtype, bias_K.dtype,
                       [(a.dtype, a.shape) for a in (alpha_pre, alpha_post, alpha_res)])
@@ -335,7 +330,7 @@ class Coefficients(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dH_pre, dH_post, dH_res):
-        x_TD, w_hi, w_lo, bias, alpha_3, proj, ss = ctx.saved_tensors
+        x_TD, w_KD, bias, alpha_3, proj, ss = ctx.saved_tensors
         T, N, C, K, KP, bf16, iters, deepseek, eps = ctx.meta
         D = N * C
         dev = x_TD.device
@@ -365,12 +360,12 @@ class Coefficients(torch.autograd.Function):
         t_per_split = triton.cdiv(n_t, S) * BTb
         S = triton.cdiv(T, t_per_split)
         dx_TD = torch.empty_like(x_TD)
-        dw_part = torch.empty((S, KP, D), dtype=torch.float32, device=dev)
-        _proj_bwd_kernel[(n_d, S)](x_TD, w_hi, w_lo, dproj, coef, dx_TD, dw_part,
-                                   T, D, t_per_split, KP=KP, BT=BTb, BD=BD, SPLIT_BF16=bf16,
-                                   num_warps=warps, num_stages=stages)
+        dw_part = torch.empty((S, K, D), dtype=torch.float32, device=dev)
+        _proj_bwd_kernel[(n_d, S)](x_TD, w_KD, dproj, coef, dx_TD, dw_part,
+                                   T, D, t_per_split, K=K, KP=KP, BT=BTb, BD=BD,
+                                   SPLIT_BF16=bf16, num_warps=warps, num_stages=stages)
         w_dtype, b_dtype, a_meta = ctx.dtypes
-        dW = dw_part.sum(0)[:K].to(w_dtype)
+        dW = (dw_part[0] if S == 1 else dw_part.sum(0)).to(w_dtype)
         dbias = dbias_part.sum(0)[:K].to(b_dtype)
         dalpha = dalpha_part.sum(0)
         da = [dalpha[i].reshape(shape).to(dt) for i, (dt, shape) in enumerate(a_meta)]

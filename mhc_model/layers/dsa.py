@@ -100,11 +100,11 @@ class DSAIndexer(nn.Module):
         scores_BST = self.scores(x_SBC, qr_SBR)
         k = min(self.topk, scores_BST.shape[-1])
         top_val_BSK, top_idx_BSK = scores_BST.topk(k, dim=-1)
-        allowed_BST = torch.zeros_like(scores_BST, dtype=torch.bool)
         # A top-k slot whose score is -inf is a future key picked only because fewer than k
-        # causal keys exist: Megatron marks it -1 (dropped).
-        allowed_BST.scatter_(-1, top_idx_BSK, torch.isfinite(top_val_BSK))
-        return allowed_BST
+        # causal keys exist: Megatron marks it -1 (dropped). Out-of-place scatter so selective
+        # activation checkpointing never sees a cached tensor mutated.
+        empty_BST = torch.zeros_like(scores_BST, dtype=torch.bool)
+        return empty_BST.scatter(-1, top_idx_BSK, torch.isfinite(top_val_BSK))
 
 
 class DSAttention(nn.Module):

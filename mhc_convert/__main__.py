@@ -1,0 +1,3 @@
+from mhc_convert.cli import main
+
+main()

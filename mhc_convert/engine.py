@@ -1,0 +1,209 @@
+"""enable / disable / inspect: plan over the lazy view, compute the few new tensors, write
+through the format adapter inside the atomic-commit protocol. No tensor data is decoded except
+the new parameters and, for disable, the hyper-connection parameters being checked."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mhc_convert import commit
+from mhc_convert.adapters import adapter_for, detect_format, with_target_mhc
+from mhc_convert.errors import InvalidInputError, VerificationError
+from mhc_convert.exactness import check_disable
+from mhc_convert.plan import Add, Plan, make_plan
+from mhc_convert.view import CheckpointView, OutItem
+from mhc_model import __version__
+from mhc_model.config import HybridConfig
+from mhc_model.hyper_connection import exact_hc_tensors, exact_head_tensors
+
+ProgressFactory = Callable[[int], Callable[[int], None]]  # total bytes -> per-chunk callback
+
+
+@dataclass
+class Report:
+    command: str
+    source: str
+    output: str | None
+    format: str
+    dry_run: bool
+    plan: dict[str, int]
+    tensors_written: int = 0
+    bytes_total: int = 0
+    seconds: float = 0.0
+    config: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    parity: dict[str, float] | None = None
+    plan_detail: list[dict[str, str]] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _open(src: Path) -> tuple[str, Any, CheckpointView, HybridConfig]:
+    fmt = detect_format(src)
+    adapter = adapter_for(fmt)
+    view = adapter.read(src)
+    return fmt, adapter, view, adapter.config(view)
+
+
+def _new_value(add: Add, target: HybridConfig, init: str) -> torch.Tensor:
+    kind, layer, name = add.what
+    if kind == "hc":
+        value = exact_hc_tensors(target, layer, init=init)[name]
+    else:
+        value = exact_head_tensors(target)[name]
+    if add.opt_state is None:
+        return value.float().contiguous()  # mHC parameters are fp32 (see HybridLayer)
+    if add.opt_state in ("fp32_param", "param"):
+        return value.float().contiguous()
+    return torch.zeros(add.shape, dtype=torch.float32)  # fresh Adam moments
+
+
+def _plan_detail(plan: Plan) -> list[dict[str, str]]:
+    rows = [{"op": "rename", "src": r.src, "dst": r.dst} for r in plan.renames if r.src != r.dst]
+    rows += [{"op": "add", "dst": a.dst} for a in plan.adds]
+    rows += [{"op": "drop", "src": d.src} for d in plan.drops]
+    return rows
+
+
+def _write(src: Path, dst: Path, view, adapter, plan: Plan, items: list[OutItem],
+           target: HybridConfig, *, direction: str, overwrite: bool, link: str,
+           progress: ProgressFactory | None) -> int:
+    needed = sum(it.source.nbytes if it.source else _size(it.value) for it in items)
+    commit.check_free_space(dst.parent, 0 if link == "hardlink" else needed)
+    ao = commit.AtomicOutput(dst, fingerprint=commit.source_fingerprint(src), direction=direction,
+                             tool_version=__version__, overwrite=overwrite, src=src)
+    cb = progress(needed) if progress else None
+    with ao as tmp:
+        marker = adapter.write(tmp, view, items, target, link=link, progress=cb)
+        ao.commit(marker)
+    return needed
+
+
+def _size(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    return len(value)
+
+
+def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: str = "deepseek",
+           contract: str = "mean", init: str = "exact", dry_run: bool = False,
+           overwrite: bool = False, passthrough: str | None = None, link: str = "copy",
+           progress: ProgressFactory | None = None) -> Report:
+    """Convert an mHC-off checkpoint into the mHC-on wrapper layout, function-preserving
+    (``init="exact"``) or with Megatron's approximate init (``init="megatron"``)."""
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    commit.preflight(src, dst, overwrite=overwrite)
+    fmt, adapter, view, cfg = _open(src)
+    target = with_target_mhc(cfg, enable_hyper_connections=True, num_residual_streams=streams,
+                             mhc_convention=convention, mhc_output_contract=contract)
+    plan = make_plan({k: e.shape if e.kind == "tensor" else None for k, e in view.entries.items()},
+                     cfg, "enable", target, passthrough=passthrough, path=str(view.path))
+    items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
+    items += [OutItem(a.dst, value=_new_value(a, target, init)) for a in plan.adds]
+    report = Report("enable", str(src), str(dst), fmt, dry_run, plan.summary(),
+                    config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
+    if init != "exact":
+        report.notes.append("init=megatron is only approximately function-preserving; run "
+                            "`mhc-convert verify` to measure the parity")
+    if not dry_run:
+        report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
+                                    direction="enable", overwrite=overwrite, link=link,
+                                    progress=progress)
+        report.tensors_written = len(items)
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
+            dry_run: bool = False, overwrite: bool = False, passthrough: str | None = None,
+            link: str = "copy", progress: ProgressFactory | None = None) -> Report:
+    """Convert an mHC-on checkpoint back to the plain layout. Exact only at a point where the
+    streams provably stay identical (DESIGN.md §4); otherwise refuse unless ``allow_lossy``."""
+    t0 = time.perf_counter()
+    src, dst = Path(src), Path(dst)
+    commit.preflight(src, dst, overwrite=overwrite)
+    fmt, adapter, view, cfg = _open(src)
+    plan = make_plan({k: e.shape if e.kind == "tensor" else None for k, e in view.entries.items()},
+                     cfg, "disable", cfg, passthrough=passthrough, path=str(view.path))
+    hc_values = {d.src: view.load(d.src) for d in plan.drops if d.opt_state is None}
+    verdict = check_disable(cfg, {d.what: hc_values[d.src] for d in plan.drops
+                                  if d.opt_state is None})
+    target = with_target_mhc(cfg, enable_hyper_connections=False)
+    report = Report("disable", str(src), str(dst), fmt, dry_run, plan.summary(),
+                    config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
+    report.notes.extend(verdict.notes)
+    if not verdict.exact:
+        if not allow_lossy:
+            raise VerificationError(f"disable would change what the model computes: "
+                                    f"{verdict.reason}; pass --allow-lossy to drop the "
+                                    f"hyper-connections anyway (parity loss is measured and "
+                                    f"reported)", path=view.path)
+        report.notes.append(f"LOSSY: {verdict.reason}")
+    items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
+    if not dry_run:
+        report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
+                                    direction="disable", overwrite=overwrite, link=link,
+                                    progress=progress)
+        report.tensors_written = len(items)
+        if not verdict.exact:
+            from mhc_convert.parity import compare_checkpoints
+
+            report.parity = compare_checkpoints(src, dst, device="cpu", dtype="fp32")
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+@dataclass
+class InspectReport:
+    path: str
+    format: str
+    layout: str
+    pattern: str
+    num_layers: int
+    streams: int | None
+    convention: str | None
+    contract: str | None
+    iteration: int | None
+    optimizer: str
+    tensors: int
+    bytes: int
+    manifest: str
+    problems: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def inspect(path: str | Path, *, verify: bool = False) -> InspectReport:
+    path = Path(path)
+    fmt, _, view, cfg = _open(path)
+    keys = list(view.entries)
+    wrapped = any(".inner_layer." in k for k in keys)
+    opt_states = sorted({k.split(".")[2] for k in keys if k.startswith("optimizer.state.")})
+    optimizer = view.meta.get("optimizer_sharding") or ("model-space " + ",".join(opt_states)
+                                                       if opt_states else "none")
+    manifest = "absent"
+    problems: list[str] = []
+    root = view.meta.get("run_dir") or view.path
+    if (Path(root) / "mhc-manifest.json").exists():
+        manifest = "present"
+        if verify:
+            problems = commit.verify_manifest(Path(root))
+            manifest = "verified" if not problems else "MISMATCH"
+    it = view.meta.get("iteration")
+    return InspectReport(
+        str(path), fmt, "mhc-on" if wrapped else "mhc-off", cfg.hybrid_layer_pattern,
+        cfg.num_layers, cfg.mhc.num_residual_streams if wrapped else None,
+        cfg.mhc.mhc_convention if wrapped else None,
+        cfg.mhc.mhc_output_contract if wrapped else None,
+        int(it) if isinstance(it, int | float) and not math.isnan(it) else None,
+        optimizer, len(keys), view.total_bytes, manifest, problems)

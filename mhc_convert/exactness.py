@@ -1,0 +1,65 @@
+"""When is dropping the hyper-connections exact? (DESIGN.md §4)
+
+Streams that start identical stay identical, and each equals the mHC-off residual, when at every
+layer: all alpha = 0 (no token-dependent mapping), H_post is one constant c for all streams, and
+the mixing matrix gives every stream gain 1 (deepseek: column sums of H_res, applied as H^T;
+megatron_dsv4: row sums). The aggregate's scale sum_j H_pre[j] is absorbed by the layer's
+scale-invariant pre-norm, and the learned head's (with hc_head_scale = 0) by the final norm.
+A constant c != 1 would have to be folded into every output projection (and the optimizer
+moments rescaled); that is not implemented, so it is reported as not exact.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from mhc_model import mhc_ref
+from mhc_model.config import HybridConfig
+
+GAIN_TOL = 1e-5  # |stream gain - 1|; Sinkhorn's +eps makes it ~1e-6 below 1 at the exact point
+POST_TOL = 1e-6
+
+
+@dataclass
+class Verdict:
+    exact: bool
+    reason: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def check_disable(cfg: HybridConfig, values: dict[tuple[str, int | None, str], Tensor]) -> Verdict:
+    n = cfg.mhc.num_residual_streams
+    problems: list[str] = []
+    notes: list[str] = []
+    pre_sums = []
+    for i in range(cfg.num_layers):
+        alphas = [values[("hc", i, f"alpha_{g}")].float() for g in ("pre", "post", "res")]
+        if any(a.abs().max().item() != 0.0 for a in alphas):
+            problems.append(f"layer {i}: alpha != 0 (token-dependent mappings)")
+            continue
+        bias = values[("hc", i, "bias")].float()
+        h_pre = torch.sigmoid(bias[:n]) + (cfg.mhc.mhc_eps if cfg.mhc.mhc_convention == "deepseek"
+                                          else 0.0)
+        pre_sums.append(h_pre.sum().item())
+        h_post = 2 * torch.sigmoid(bias[n:2 * n])
+        if (h_post - 1).abs().max().item() > POST_TOL:
+            problems.append(f"layer {i}: H_post = {h_post.tolist()} is not 1")
+        H = mhc_ref.sinkhorn(bias[2 * n:].reshape(1, n, n), cfg.mhc.mhc_sinkhorn_iterations,
+                             cfg.mhc.mhc_convention, cfg.mhc.mhc_eps)[0]
+        gain = H.sum(0) if cfg.mhc.mhc_convention == "deepseek" else H.sum(1)
+        if (gain - 1).abs().max().item() > GAIN_TOL:
+            problems.append(f"layer {i}: stream gains {gain.tolist()} are not 1")
+    if cfg.mhc.mhc_output_contract == "learned":
+        scale = values[("head", None, "hc_head_scale")].float()
+        if scale.abs().max().item() != 0.0:
+            problems.append("hc_head_scale != 0 (token-dependent output contract)")
+    if pre_sums:
+        notes.append(f"sum H_pre in [{min(pre_sums):.6f}, {max(pre_sums):.6f}] (absorbed by the "
+                     f"pre-norms)")
+    if problems:
+        more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
+        return Verdict(False, "; ".join(problems[:3]) + more, notes)
+    return Verdict(True, "", notes)
