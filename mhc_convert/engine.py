@@ -4,6 +4,7 @@ the new parameters and, for disable, the hyper-connection parameters being check
 
 from __future__ import annotations
 
+import inspect as _inspect
 import math
 import time
 from collections.abc import Callable
@@ -15,7 +16,7 @@ import torch
 
 from mhc_convert import commit
 from mhc_convert.adapters import adapter_for, detect_format, with_target_mhc
-from mhc_convert.errors import InvalidInputError, VerificationError
+from mhc_convert.errors import VerificationError
 from mhc_convert.exactness import check_disable
 from mhc_convert.plan import Add, Plan, make_plan
 from mhc_convert.view import CheckpointView, OutItem
@@ -46,11 +47,37 @@ class Report:
         return asdict(self)
 
 
-def _open(src: Path) -> tuple[str, Any, CheckpointView, HybridConfig]:
+def _open(src: Path, drop_optimizer: bool = False) -> tuple[str, Any, CheckpointView,
+                                                              HybridConfig]:
     fmt = detect_format(src)
     adapter = adapter_for(fmt)
-    view = adapter.read(src)
+    # Adapters that refuse some optimizer layouts at read time (torch_dist dp_reshardable,
+    # legacy distrib_optim.pt) take the flag; the others never see it.
+    if drop_optimizer and "drop_optimizer" in _inspect.signature(adapter.read).parameters:
+        view = adapter.read(src, drop_optimizer=True)
+    else:
+        view = adapter.read(src)
     return fmt, adapter, view, adapter.config(view)
+
+
+def _plan_keys(view: CheckpointView, drop_optimizer: bool) -> dict[str, Any]:
+    """Keys and shapes the planner sees. With ``drop_optimizer`` the model-space optimizer
+    keys (``optimizer.*``) are left out, so they are neither planned nor written."""
+    return {k: e.shape if e.kind == "tensor" else None for k, e in view.entries.items()
+            if not (drop_optimizer and k.startswith("optimizer."))}
+
+
+def _check(adapter, view: CheckpointView, plan: Plan, cfg: HybridConfig,
+           target: HybridConfig, report: Report, drop_optimizer: bool) -> None:
+    """Format checks that need the plan (legacy: per-rank optimizer order, TP shapes), run
+    before anything is written so bad input leaves no trace, dry runs included."""
+    check = getattr(adapter, "check", None)
+    if check is not None:
+        check(view, plan, cfg, target)
+    if drop_optimizer and (view.meta.get("optimizer_present")
+                           or any(k.startswith("optimizer.") for k in view.entries)):
+        report.notes.append("optimizer state dropped (--drop-optimizer): resume with "
+                            "--no-load-optim")
 
 
 def _new_value(add: Add, target: HybridConfig, init: str) -> torch.Tensor:
@@ -96,21 +123,23 @@ def _size(value) -> int:
 def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: str = "deepseek",
            contract: str = "mean", init: str = "exact", dry_run: bool = False,
            overwrite: bool = False, passthrough: str | None = None, link: str = "copy",
-           progress: ProgressFactory | None = None) -> Report:
+           progress: ProgressFactory | None = None, drop_optimizer: bool = False) -> Report:
     """Convert an mHC-off checkpoint into the mHC-on wrapper layout, function-preserving
-    (``init="exact"``) or with Megatron's approximate init (``init="megatron"``)."""
+    (``init="exact"``) or with Megatron's approximate init (``init="megatron"``).
+    ``drop_optimizer`` discards optimizer state that cannot follow the parameter change."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     commit.preflight(src, dst, overwrite=overwrite)
-    fmt, adapter, view, cfg = _open(src)
+    fmt, adapter, view, cfg = _open(src, drop_optimizer)
     target = with_target_mhc(cfg, enable_hyper_connections=True, num_residual_streams=streams,
                              mhc_convention=convention, mhc_output_contract=contract)
-    plan = make_plan({k: e.shape if e.kind == "tensor" else None for k, e in view.entries.items()},
-                     cfg, "enable", target, passthrough=passthrough, path=str(view.path))
+    plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "enable", target,
+                     passthrough=passthrough, path=str(view.path))
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
     items += [OutItem(a.dst, value=_new_value(a, target, init)) for a in plan.adds]
     report = Report("enable", str(src), str(dst), fmt, dry_run, plan.summary(),
                     config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
+    _check(adapter, view, plan, cfg, target, report, drop_optimizer)
     if init != "exact":
         report.notes.append("init=megatron is only approximately function-preserving; run "
                             "`mhc-convert verify` to measure the parity")
@@ -125,21 +154,24 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
 
 def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
             dry_run: bool = False, overwrite: bool = False, passthrough: str | None = None,
-            link: str = "copy", progress: ProgressFactory | None = None) -> Report:
+            link: str = "copy", progress: ProgressFactory | None = None,
+            drop_optimizer: bool = False) -> Report:
     """Convert an mHC-on checkpoint back to the plain layout. Exact only at a point where the
-    streams provably stay identical (DESIGN.md §4); otherwise refuse unless ``allow_lossy``."""
+    streams provably stay identical (DESIGN.md §4); otherwise refuse unless ``allow_lossy``.
+    ``drop_optimizer`` discards optimizer state that cannot follow the parameter change."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     commit.preflight(src, dst, overwrite=overwrite)
-    fmt, adapter, view, cfg = _open(src)
-    plan = make_plan({k: e.shape if e.kind == "tensor" else None for k, e in view.entries.items()},
-                     cfg, "disable", cfg, passthrough=passthrough, path=str(view.path))
+    fmt, adapter, view, cfg = _open(src, drop_optimizer)
+    plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "disable", cfg,
+                     passthrough=passthrough, path=str(view.path))
     hc_values = {d.src: view.load(d.src) for d in plan.drops if d.opt_state is None}
     verdict = check_disable(cfg, {d.what: hc_values[d.src] for d in plan.drops
                                   if d.opt_state is None})
     target = with_target_mhc(cfg, enable_hyper_connections=False)
     report = Report("disable", str(src), str(dst), fmt, dry_run, plan.summary(),
                     config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
+    _check(adapter, view, plan, cfg, target, report, drop_optimizer)
     report.notes.extend(verdict.notes)
     if not verdict.exact:
         if not allow_lossy:

@@ -25,16 +25,19 @@ def infer_contract(cfg: HybridConfig, keys) -> HybridConfig:
 class TorchDistAdapter:
     name = "torch_dist"
 
-    def read(self, path: Path) -> CheckpointView:
+    def read(self, path: Path, *, drop_optimizer: bool = False) -> CheckpointView:
+        """``drop_optimizer``: the engine leaves every ``optimizer.*`` key out of the plan, so a
+        dp_reshardable (bucket-keyed) optimizer is acceptable: it is not carried."""
         view = td.read_torch_dist(path)
         others = view.meta.get("other_files") or []
         if others:
             raise InvalidInputError(f"unexpected file(s) {sorted(others)} in the checkpoint; "
                                     f"refusing to drop them silently", path=view.path)
-        if view.meta.get("optimizer_sharding") == "dp_reshardable":
+        if view.meta.get("optimizer_sharding") == "dp_reshardable" and not drop_optimizer:
             raise InvalidInputError(
                 "optimizer state is dp_reshardable (bucket-space) and cannot survive a parameter "
-                "change; re-save it with --dist-ckpt-optim-fully-reshardable", path=view.path)
+                "change; re-save it with --dist-ckpt-optim-fully-reshardable, or pass "
+                "--drop-optimizer", path=view.path)
         return view
 
     def config(self, view: CheckpointView) -> HybridConfig:

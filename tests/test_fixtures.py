@@ -1,0 +1,13 @@
+"""The shipped fixtures are exactly what fixtures/make_fixtures.py generates."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_fixtures_match_checksums():
+    res = subprocess.run([sys.executable, str(ROOT / "fixtures" / "make_fixtures.py"), "--check"],
+                         capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
