@@ -102,10 +102,17 @@ def flip_args(args: Any, target: HybridConfig) -> Any:
     new = copy.copy(args)
     for field, value in args_flag_updates(target).items():
         names = [n for n in MHC_FLAG_SPELLINGS[field] if hasattr(args, n)]
+        if not names and value is None:
+            continue  # never invent an unset optional flag (disable(enable(x)) must be x)
         for name in names or [MHC_FLAG_SPELLINGS[field][0]]:
             setattr(new, name, value)
-    new.mhc_convention = target.mhc.mhc_convention
-    new.mhc_output_contract = target.mhc.mhc_output_contract
+    if target.mhc_on:
+        new.mhc_convention = target.mhc.mhc_convention
+        new.mhc_output_contract = target.mhc.mhc_output_contract
+    else:  # ours, not Megatron's: they describe the mHC-on layout; disable takes them out again
+        for name in ("mhc_convention", "mhc_output_contract"):
+            if hasattr(new, name):
+                delattr(new, name)
     return new
 
 

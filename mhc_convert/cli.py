@@ -82,7 +82,7 @@ def _summary(report: dict[str, Any]) -> None:
         table.add_row("parity top-1", f"{p['top1_agreement']:.4f}")
     out.print(table)
     for note in report["notes"]:
-        out.print(f"note: {note}", markup=False, highlight=False)
+        out.print(f"note: {note}", markup=False, highlight=False, soft_wrap=True)
 
 
 def _convert(fn: Callable[..., Any], kwargs: dict[str, Any], *, as_json: bool, quiet: bool,
@@ -101,7 +101,8 @@ def _convert(fn: Callable[..., Any], kwargs: dict[str, Any], *, as_json: bool, q
         return
     if dry_run:
         for row in report["plan_detail"] or []:
-            out.print(" ".join(f"{k}={v}" for k, v in row.items()), markup=False, highlight=False)
+            out.print(" ".join(f"{k}={v}" for k, v in row.items()), markup=False, highlight=False,
+                      soft_wrap=True)
     if not quiet:
         _summary(report)
 
@@ -178,7 +179,7 @@ def inspect(
                 table.add_row(k, f"{v:,}" if isinstance(v, int) and k == "bytes" else str(v))
         out.print(table)
         for p in report["problems"]:
-            err.print(f"manifest: {p}", markup=False)
+            err.print(f"manifest: {p}", markup=False, soft_wrap=True)
     if report["problems"]:
         raise typer.Exit(VerificationError.exit_code)
 
@@ -233,7 +234,7 @@ def clean(parent: Annotated[Path, typer.Argument(help="Directory holding outputs
         print(json.dumps({"ok": True, "removed": [str(p) for p in removed]}))
     else:
         for p in removed:
-            out.print(f"removed {p}", markup=False)
+            out.print(f"removed {p}", markup=False, soft_wrap=True)
         out.print(f"{len(removed)} stale temporary director{'y' if len(removed) == 1 else 'ies'}"
                   " removed")
 

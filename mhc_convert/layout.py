@@ -13,6 +13,7 @@ import re
 from mhc_model.config import HybridConfig
 from mhc_model.hyper_connection import hc_param_shapes, head_param_shapes
 from mhc_model.megatron_args import MHC_FLAG_SPELLINGS
+from mhc_model.megatron_keys import split_table  # the model's sharded checkpoints need it too
 
 LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 INNER = "inner_layer"
@@ -47,33 +48,6 @@ OUTPUT_PROJECTIONS: dict[str, tuple[str, ...]] = {
     "-": (r"mlp\.linear_fc2\.weight",),
     "E": (r"mlp\.experts\..*linear_fc2\.weight\d*", r"mlp\.shared_experts\.linear_fc2\.weight"),
 }
-
-
-def split_table(cfg: HybridConfig, symbol: str) -> dict[str, tuple[tuple[str, int], ...]]:
-    """Megatron's factory splits for one layer symbol: base suffix -> ((part, rows), ...).
-    Mamba: in_proj rows [z|x|B|C|dt], conv1d channels [x|B|C]; GDN: in_proj
-    [query|key|value|z|beta|alpha], conv1d [query|key|value]."""
-    if symbol == "M":
-        m, C = cfg.mamba, cfg.hidden_size
-        di, gn, h = m.d_inner(C), m.num_groups * m.d_state, m.num_heads(C)
-        conv = (("x", di), ("B", gn), ("C", gn))
-        return {
-            "mixer.in_proj.weight": (("z", di), ("x", di), ("B", gn), ("C", gn), ("dt", h)),
-            "mixer.conv1d.weight": conv,
-            "mixer.conv1d.bias": conv,
-        }
-    if symbol == "G":
-        g = cfg.gdn
-        qk, v = g.num_key_heads * g.key_head_dim, g.num_value_heads * g.value_head_dim
-        conv = (("query", qk), ("key", qk), ("value", v))
-        return {
-            "self_attention.in_proj.weight": (("query", qk), ("key", qk), ("value", v), ("z", v),
-                                              ("beta", g.num_value_heads),
-                                              ("alpha", g.num_value_heads)),
-            "self_attention.conv1d.weight": conv,
-            "self_attention.conv1d.bias": conv,
-        }
-    return {}
 
 
 def hc_keys(layer: int, cfg: HybridConfig) -> dict[str, tuple[int, ...]]:

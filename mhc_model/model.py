@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from mhc_model.config import HybridConfig
 from mhc_model.layers.common import torch_dtype
+from mhc_model.shim import register_layout_shim
 from mhc_model.stack import HybridStack
 
 CONFIG_NAME = "config.json"
@@ -51,6 +52,8 @@ class HybridModel(nn.Module):
         self.decoder = HybridStack(cfg)
         if not cfg.tie_word_embeddings:
             self.output_layer = OutputLayer(cfg)
+        # load_state_dict accepts the mHC-off and mHC-on layouts (see mhc_model.shim)
+        register_layout_shim(self)
 
     def output_weight(self) -> Tensor:
         if self.config.tie_word_embeddings:

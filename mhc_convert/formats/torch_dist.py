@@ -54,7 +54,8 @@ COMMON_PT = "common.pt"
 COMMON_KEY = "common_state/shard_0_1"
 _MAX_METADATA = 4 << 30  # real .metadata files reach hundreds of MB on large jobs
 _MAX_SMALL = 1 << 20  # metadata.json, tracker
-_KNOWN = {METADATA_FN, MARKER_FN, COMMON_PT}
+# mhc-manifest.json: ours, in the iteration dir of an iter-dir output; rewritten on commit
+_KNOWN = {METADATA_FN, MARKER_FN, COMMON_PT, "mhc-manifest.json"}
 _BUCKET_RE = re.compile(r"(^|\.)distributed\.dp_group_idx_|\.gbuf_idx_")
 _FICLONE = 0x40049409  # linux/fs.h _IOW(0x94, 9, int)
 
