@@ -36,8 +36,8 @@ def main() -> None:
     cli("verify", str(SRC), str(on), "--dtype", "fp32", "--seq", "128")
     cli("disable", str(on), str(back))
 
-    from mhc_convert.parity import model_state_from_view
     from mhc_convert.formats.native import read_native
+    from mhc_convert.parity import model_state_from_view
     from mhc_model import HybridConfig
 
     a, b = read_native(SRC), read_native(back)

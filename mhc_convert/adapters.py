@@ -66,7 +66,8 @@ class NativeAdapter:
         try:
             return HybridConfig.from_dict(view.meta["config_json"])
         except (ValueError, TypeError) as e:
-            raise InvalidInputError(f"invalid model config: {e}", path=view.path / "config.json") from e
+            raise InvalidInputError(f"invalid model config: {e}",
+                                    path=view.path / "config.json") from e
 
     def write(self, tmp, view, items, target, *, link, progress):
         from mhc_convert.formats.native import OPTIMIZER_NAME, write_native

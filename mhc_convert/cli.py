@@ -12,7 +12,13 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 from rich.table import Table
 
 from mhc_convert.errors import ConvertError, Interrupted
@@ -31,7 +37,8 @@ DryOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write n
 OverOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing DST (atomically).")]
 PassOpt = Annotated[str | None, typer.Option("--passthrough", metavar="REGEX",
                                              help="Carry keys matching REGEX unchanged.")]
-LinkOpt = Annotated[str, typer.Option("--link", help="torch_dist data files: copy|hardlink|reflink.")]
+LinkOpt = Annotated[str, typer.Option(
+    "--link", help="torch_dist data files: copy|hardlink|reflink.")]
 
 
 def _run(fn: Callable[[], Any], *, as_json: bool) -> Any:

@@ -25,9 +25,9 @@ def model_state_from_view(view: CheckpointView, cfg: HybridConfig) -> dict[str, 
     state: dict[str, torch.Tensor] = {}
     split_parts: dict[str, dict[str, torch.Tensor]] = {}
     for key, entry in view.entries.items():
-        if entry.kind != "tensor" or key.startswith("optimizer.") or L.MEGATRON_OPAQUE_RE.match(key):
+        if entry.kind != "tensor" or key.startswith("optimizer.") or L.EXTRA_STATE in key:
             continue
-        if L.EXTRA_STATE in key:
+        if L.MEGATRON_OPAQUE_RE.match(key):
             continue
         m = L.LAYER_RE.match(key)
         if m:
@@ -37,7 +37,8 @@ def model_state_from_view(view: CheckpointView, cfg: HybridConfig) -> dict[str, 
             if rel.startswith(L.INNER + "."):
                 wrapper, rel = L.INNER + ".", rel[len(L.INNER) + 1:]
             base, _, part = rel.rpartition(".")
-            splits = L.split_table(cfg, cfg.layer_symbols[i]).get(base) if i < cfg.num_layers else None
+            splits = (L.split_table(cfg, cfg.layer_symbols[i]).get(base)
+                      if i < cfg.num_layers else None)
             if splits and part in dict(splits):
                 full = f"decoder.layers.{i}.{wrapper}{base}"
                 split_parts.setdefault(full, {})[part] = view.load(key)

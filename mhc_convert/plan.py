@@ -90,7 +90,8 @@ def _check_layer_suffix(cfg, symbol, rel, shape, expected, key, path) -> None:
     if base_m:
         rel_noshard = base_m.group(1)
         if not rel_noshard.endswith("." + L.EXTRA_STATE):
-            raise InvalidInputError("'/shard_*' suffix on a non-_extra_state key", path=path, key=key)
+            raise InvalidInputError("'/shard_*' suffix on a non-_extra_state key", path=path,
+                                    key=key)
         rel = rel_noshard
     if rel.endswith("." + L.EXTRA_STATE):
         module = rel[: -len(L.EXTRA_STATE) - 1]
@@ -193,7 +194,8 @@ def make_plan(
             drops.append(Drop(key, (p.segment, p.layer, p.rel), p.opt_state))
             continue
         if p.segment in ("plain", "inner"):
-            dst = L.wrap(key_strip_opt(key)) if direction == "enable" else L.unwrap(key_strip_opt(key))
+            model_key = key_strip_opt(key)
+            dst = L.wrap(model_key) if direction == "enable" else L.unwrap(model_key)
             dst = f"optimizer.state.{p.opt_state}.{dst}" if p.opt_state else dst
         else:
             dst = key
@@ -205,7 +207,8 @@ def make_plan(
                     name = k.rsplit(f"{L.HC}.", 1)[1]
                     adds.append(Add(_opt(state, k), ("hc", i, name), state, shape))
             for k, shape in L.head_keys(target).items():
-                adds.append(Add(_opt(state, k), ("head", None, k[len(L.HEAD_PREFIX):]), state, shape))
+                what = ("head", None, k[len(L.HEAD_PREFIX):])
+                adds.append(Add(_opt(state, k), what, state, shape))
     plan = Plan(direction, tuple(renames), tuple(adds), tuple(drops), opt_states,
                 tuple(k for k, p in parsed.items() if p.segment == "passthrough"))
     outs = plan.output_keys

@@ -86,7 +86,9 @@ class AttentionConfig:
                 f"{self.num_attention_heads}; set attention.kv_channels"
             )
         if self.position_embedding_type == "rope" and self.head_dim(hidden_size) % 2:
-            raise ValueError(f"attention head dim {self.head_dim(hidden_size)} must be even for rope")
+            raise ValueError(
+                f"attention head dim {self.head_dim(hidden_size)} must be even for rope"
+            )
 
     @property
     def groups(self) -> int:

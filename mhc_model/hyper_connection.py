@@ -56,7 +56,9 @@ def _xavier(shape: tuple[int, ...], seed: int) -> Tensor:
     return w
 
 
-def exact_hc_tensors(cfg: HybridConfig, layer_index: int, *, init: str = "exact") -> dict[str, Tensor]:
+def exact_hc_tensors(
+    cfg: HybridConfig, layer_index: int, *, init: str = "exact"
+) -> dict[str, Tensor]:
     """One layer's hyper-connection parameters (fp32) at the enable point.
 
     exact: alpha = 0 (the token-dependent part vanishes), bias_pre = logit(1/n) so the

@@ -211,6 +211,14 @@ class Trainer:
             self.optimizer.state[param] = st
 
 
+def checkpoint_config(path: str | Path) -> HybridConfig:
+    """The model config a native or torch_dist checkpoint describes."""
+    p = Path(path)
+    if (p / CONFIG_NAME).is_file():
+        return HybridConfig.from_json((p / CONFIG_NAME).read_text())
+    return dist_ckpt.dist_config(p)
+
+
 def _load_sharded(p: Path) -> dict[str, Tensor]:
     index = json.loads((p / "model.safetensors.index.json").read_text())
     out: dict[str, Tensor] = {}

@@ -17,6 +17,7 @@ from mhc_model.config import HybridConfig
 from mhc_model.hyper_connection import exact_hc_tensors, exact_head_tensors
 from mhc_model.model import HybridModel
 from tests.model.helpers import perturb_norms_, tiny_config, tokens
+from tests.paths import MEGATRON_FIXTURE
 
 CFG = tiny_config("M-M*-")
 ITER = "iter_0000100"
@@ -350,7 +351,7 @@ def test_fp16_wrapped_optimizer_with_fp32_new_params_refused(tmp_path):
     _no_leftovers(tmp_path, "out")
 
 
-DIST = Path("/work/shared/fixtures-external/megatron-core-0.19.2/hybrid_tp1")
+DIST = MEGATRON_FIXTURE
 
 
 @pytest.mark.skipif(not DIST.is_dir(), reason="external fixture absent")

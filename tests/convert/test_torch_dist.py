@@ -38,8 +38,9 @@ from mhc_convert.formats.torch_dist import (
     write_tracker,
 )
 from mhc_convert.view import OutItem
+from tests.paths import MEGATRON_FIXTURE
 
-FIXTURE = Path("/work/shared/fixtures-external/megatron-core-0.19.2/hybrid_tp1")
+FIXTURE = MEGATRON_FIXTURE
 pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="external fixture absent")
 ITER = "iter_0001000"
 EMB = "embedding.word_embeddings.weight"

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,9 +19,10 @@ from mhc_model.layers.delta_rule import chunk_gated_delta_rule_ref
 from mhc_model.layers.gdn import GDNLayer
 from mhc_model.layers.mamba2 import Mamba2Layer
 from mhc_model.layers.ssd import ssd_chunk_scan
+from tests.paths import MEGATRON_FIXTURE
 
 FIXTURE_KEYS = (
-    Path("/work/shared/fixtures-external/megatron-core-0.19.2/hybrid_tp1/keys.json")
+    MEGATRON_FIXTURE / "keys.json"
 )
 
 
