@@ -56,23 +56,35 @@ def _du(path: Path) -> int:
 def _random(shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
     """Random bf16 bits (incompressible, no NaN worries: we never compute with them)."""
     n = math.prod(shape)
-    return torch.randint(-(2**15), 2**15, (n,), dtype=torch.int32, generator=gen) \
-        .to(torch.int16).view(torch.bfloat16).reshape(shape)
+    return torch.randint(0, 256, (2 * n,), dtype=torch.uint8, generator=gen) \
+        .view(torch.bfloat16).reshape(shape)
+
+
+# Linux carries a process's RSS high-water mark across fork+exec (exec folds the pre-exec mm's
+# hiwater into ru_maxrss), so a child forked straight from this multi-GB generator process would
+# report our RSS, not its own. A tiny stdlib-only launcher in between starts the measured child
+# from a ~10 MB process and reads its rusage with wait4 (RUSAGE_CHILDREN of exactly that child).
+_LAUNCHER = ("import json, os, subprocess, sys\n"
+             "p = subprocess.Popen(sys.argv[1:], stdout=subprocess.PIPE)\n"
+             "out = p.stdout.read()\n"
+             "_, st, ru = os.wait4(p.pid, 0)\n"
+             "print(json.dumps({'rc': os.waitstatus_to_exitcode(st), 'maxrss': ru.ru_maxrss,"
+             " 'out': out.decode()}))")
 
 
 def _child(code: str, *argv: str) -> tuple[dict, float, int]:
     """Run ``code`` in a fresh interpreter; returns (its JSON stdout, wall s, peak RSS bytes)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     t0 = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-c", code, *argv], stdout=subprocess.PIPE,
-                            env=env)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-c", _LAUNCHER, sys.executable, "-W", "ignore",
+                           "-c", code, *argv], capture_output=True, text=True, env=env,
+                          check=True)
     wall = time.perf_counter() - t0
-    if proc.returncode != 0:
-        raise RuntimeError(f"child failed ({proc.returncode}): {code}")
-    return (json.loads(out) if out.strip() else {}), wall, usage.ru_maxrss * 1024
+    res = json.loads(proc.stdout)
+    if res["rc"] != 0:
+        raise RuntimeError(f"child failed ({res['rc']}): {code}\n{proc.stderr}")
+    out = res["out"]
+    return (json.loads(out) if out.strip() else {}), wall, res["maxrss"] * 1024
 
 
 ENABLE = ("import json, sys, mhc_convert\n"

@@ -27,7 +27,7 @@ from mhc_model.config import (
     MLPConfig,
     MoEConfig,
 )
-from mhc_model.train import Trainer, TrainConfig
+from mhc_model.train import TrainConfig, Trainer
 
 
 def small_config(pattern: str, mhc: bool, streams: int) -> HybridConfig:

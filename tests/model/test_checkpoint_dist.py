@@ -17,9 +17,9 @@ from mhc_model.megatron_keys import split_table
 from mhc_model.shim import ToggleError
 from tests.model.helpers import tiny_config, tokens
 
-FIXTURE = Path(__file__).resolve().parents[3] / "shared/fixtures-external/megatron-core-0.19.2/hybrid_tp1"
-if not FIXTURE.exists():  # the worktree may sit elsewhere; the shared dir is fixed
-    FIXTURE = Path("/work/shared/fixtures-external/megatron-core-0.19.2/hybrid_tp1")
+_REL = "shared/fixtures-external/megatron-core-0.19.2/hybrid_tp1"
+FIXTURE = next((p / _REL for p in (Path(__file__).resolve().parents[2], Path("/work"))
+                if (p / _REL).exists()), Path("/work") / _REL)
 needs_fixture = pytest.mark.skipif(not FIXTURE.exists(), reason="megatron-core fixture absent")
 
 

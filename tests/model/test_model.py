@@ -148,3 +148,28 @@ def test_save_and_load_pretrained(tmp_path, shard_bytes):
     assert again.config == model.config
     for k, v in model.state_dict().items():
         assert torch.equal(v, again.state_dict()[k]), k
+
+
+@pytest.mark.parametrize("contract", CONTRACTS)
+def test_recompute_keeps_no_stream_per_layer(contract):
+    """Without recompute autograd keeps one n-stream tensor per layer; with block recompute it
+    keeps none (the block inputs live in the block caches, one per block)."""
+    counts = {}
+    for block in (None, 2):
+        torch.manual_seed(0)
+        model = HybridModel(tiny_config("M-*E-", mhc=True, contract=contract,
+                                        mhc_recompute_layer_num=block))
+        ids = tokens()
+        stream_numel = ids.numel() * 4 * model.config.hidden_size
+        seen = set()
+
+        def pack(t, seen=seen, numel=stream_numel):
+            if t.numel() == numel and t.dim() == 3:
+                seen.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids)
+        counts[block] = len(seen)
+    assert counts[None] >= 5
+    assert counts[2] <= (1 if contract == "learned" else 0)
