@@ -121,9 +121,11 @@ class Mamba2Mixer(nn.Module):
         # parameters are used; the padding is applied causally in causal_conv1d_silu.
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, m.d_conv, groups=self.conv_dim,
                                 bias=True, dtype=dtype)
-        self.dt_bias = nn.Parameter(dt_bias_init(self.num_heads).to(dtype))
-        self.A_log = nn.Parameter(a_log_init(self.num_heads).to(dtype))
-        self.D = nn.Parameter(torch.ones(self.num_heads, dtype=dtype))
+        # megatron-core keeps A_log, D and dt_bias in fp32 whatever the params dtype (its
+        # checkpoints store them as fp32: see the 0.19.2 fixture); so do we.
+        self.dt_bias = nn.Parameter(dt_bias_init(self.num_heads))
+        self.A_log = nn.Parameter(a_log_init(self.num_heads))
+        self.D = nn.Parameter(torch.ones(self.num_heads, dtype=torch.float32))
         self.norm = GatedRMSNorm(self.d_inner, self.d_inner // self.ngroups, GATED_NORM_EPS, dtype)
         self.out_proj = Linear(self.d_inner, C, dtype, std=output_std(cfg))
 

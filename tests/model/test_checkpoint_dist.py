@@ -16,11 +16,10 @@ from mhc_model import checkpoint as C
 from mhc_model.megatron_keys import split_table
 from mhc_model.shim import ToggleError
 from tests.model.helpers import tiny_config, tokens
+from tests.paths import MEGATRON_FIXTURE
 
-_REL = "shared/fixtures-external/megatron-core-0.19.2/hybrid_tp1"
-FIXTURE = next((p / _REL for p in (Path(__file__).resolve().parents[2], Path("/work"))
-                if (p / _REL).exists()), Path("/work") / _REL)
-needs_fixture = pytest.mark.skipif(not FIXTURE.exists(), reason="megatron-core fixture absent")
+FIXTURE = MEGATRON_FIXTURE  # shipped in the repository: never skipped
+needs_fixture = pytest.mark.usefixtures()
 
 
 def _stored(iter_dir: Path) -> dict[str, object]:
