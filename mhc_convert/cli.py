@@ -37,6 +37,9 @@ DryOpt = Annotated[bool, typer.Option("--dry-run", help="Print the plan; write n
 OverOpt = Annotated[bool, typer.Option("--overwrite", help="Replace an existing DST (atomically).")]
 PassOpt = Annotated[str | None, typer.Option("--passthrough", metavar="REGEX",
                                              help="Carry keys matching REGEX unchanged.")]
+DropOptOpt = Annotated[bool, typer.Option(
+    "--drop-optimizer", help="Leave optimizer state out of the output (resume with "
+    "--no-load-optim); needed when it cannot be carried (e.g. dp_reshardable).")]
 LinkOpt = Annotated[str, typer.Option(
     "--link", help="torch_dist data files: copy|hardlink|reflink.")]
 
@@ -126,6 +129,7 @@ def enable(
     init: Annotated[str, typer.Option(help="exact (function-preserving) | megatron")] = "exact",
     dry_run: DryOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     overwrite: OverOpt = False, passthrough: PassOpt = None, link: LinkOpt = "copy",
+    drop_optimizer: DropOptOpt = False,
 ) -> None:
     """Wrap every layer (inner_layer.*) and add hyper-connection parameters at the exact
     enable point: the converted model computes what the source computes."""
@@ -137,7 +141,8 @@ def enable(
     _check_choice("link", link, ("copy", "hardlink", "reflink"))
     _convert(engine.enable, dict(src=src, dst=dst, streams=streams, convention=convention,
                                  contract=contract, init=init, dry_run=dry_run,
-                                 overwrite=overwrite, passthrough=passthrough, link=link),
+                                 overwrite=overwrite, passthrough=passthrough, link=link,
+                                 drop_optimizer=drop_optimizer),
              as_json=as_json, quiet=quiet, dry_run=dry_run)
 
 
@@ -151,6 +156,7 @@ def disable(
                                               "parity loss is reported.")] = False,
     dry_run: DryOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     overwrite: OverOpt = False, passthrough: PassOpt = None, link: LinkOpt = "copy",
+    drop_optimizer: DropOptOpt = False,
 ) -> None:
     """Unwrap every layer and drop the hyper-connection parameters; exact only when the
     streams provably stay identical (otherwise exit 6)."""
@@ -158,7 +164,8 @@ def disable(
 
     _check_choice("link", link, ("copy", "hardlink", "reflink"))
     _convert(engine.disable, dict(src=src, dst=dst, allow_lossy=allow_lossy, dry_run=dry_run,
-                                  overwrite=overwrite, passthrough=passthrough, link=link),
+                                  overwrite=overwrite, passthrough=passthrough, link=link,
+                                 drop_optimizer=drop_optimizer),
              as_json=as_json, quiet=quiet, dry_run=dry_run)
 
 
