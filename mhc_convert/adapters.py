@@ -40,15 +40,29 @@ def detect_format(path: Path) -> str:
         return "native"
     candidates = [path]
     tracker = path / "latest_checkpointed_iteration.txt"
+    tracker_error = None  # reported only if nothing else makes this a checkpoint
     if tracker.exists():
-        text = tracker.read_text().strip()
-        name = "release" if text == "release" else f"iter_{int(text):07d}" if text.isdigit() else ""
-        candidates.append(path / name)
+        try:  # bounded read; garbage must be an error naming the tracker, not a traceback
+            with open(tracker, "rb") as f:
+                text = f.read(1025).decode("utf-8").strip()
+        except (OSError, UnicodeDecodeError) as e:
+            text = f"<unreadable: {e}>"
+        name = ("release" if text == "release" else f"iter_{int(text):07d}"
+                if text.isascii() and text.isdigit() and len(text) <= 12 else "")
+        if name:
+            candidates.append(path / name)
+            tracker_error = InvalidInputError(f"tracker names {name} but that directory is "
+                                              "not a checkpoint", path=tracker)
+        else:
+            tracker_error = InvalidInputError(f"tracker must hold an iteration number or "
+                                              f"'release', got {text[:40]!r}", path=tracker)
     for c in candidates:
         if (c / ".metadata").exists() or (c / "metadata.json").exists():
             return "torch_dist"
         if any(c.glob("mp_rank_*")):
             return "torch_legacy"
+    if tracker_error is not None:
+        raise tracker_error
     raise InvalidInputError("not a recognised checkpoint (no config.json, torch_dist .metadata "
                             "or mp_rank_* directories)", path=path)
 

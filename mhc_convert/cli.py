@@ -40,6 +40,9 @@ PassOpt = Annotated[str | None, typer.Option("--passthrough", metavar="REGEX",
 DropOptOpt = Annotated[bool, typer.Option(
     "--drop-optimizer", help="Leave optimizer state out of the output (resume with "
     "--no-load-optim); needed when it cannot be carried (e.g. dp_reshardable).")]
+NonfiniteOpt = Annotated[bool, typer.Option(
+    "--allow-nonfinite", help="Convert even if a tensor holds NaN/Inf (carried bit-exactly); "
+    "by default such a checkpoint is refused (exit 3).")]
 LinkOpt = Annotated[str, typer.Option(
     "--link", help="torch_dist data files: copy|hardlink|reflink.")]
 
@@ -129,7 +132,7 @@ def enable(
     init: Annotated[str, typer.Option(help="exact (function-preserving) | megatron")] = "exact",
     dry_run: DryOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     overwrite: OverOpt = False, passthrough: PassOpt = None, link: LinkOpt = "copy",
-    drop_optimizer: DropOptOpt = False,
+    drop_optimizer: DropOptOpt = False, allow_nonfinite: NonfiniteOpt = False,
 ) -> None:
     """Wrap every layer (inner_layer.*) and add hyper-connection parameters at the exact
     enable point: the converted model computes what the source computes."""
@@ -142,7 +145,7 @@ def enable(
     _convert(engine.enable, dict(src=src, dst=dst, streams=streams, convention=convention,
                                  contract=contract, init=init, dry_run=dry_run,
                                  overwrite=overwrite, passthrough=passthrough, link=link,
-                                 drop_optimizer=drop_optimizer),
+                                 drop_optimizer=drop_optimizer, allow_nonfinite=allow_nonfinite),
              as_json=as_json, quiet=quiet, dry_run=dry_run)
 
 
@@ -156,7 +159,7 @@ def disable(
                                               "parity loss is reported.")] = False,
     dry_run: DryOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     overwrite: OverOpt = False, passthrough: PassOpt = None, link: LinkOpt = "copy",
-    drop_optimizer: DropOptOpt = False,
+    drop_optimizer: DropOptOpt = False, allow_nonfinite: NonfiniteOpt = False,
 ) -> None:
     """Unwrap every layer and drop the hyper-connection parameters; exact only when the
     streams provably stay identical (otherwise exit 6)."""
@@ -165,7 +168,7 @@ def disable(
     _check_choice("link", link, ("copy", "hardlink", "reflink"))
     _convert(engine.disable, dict(src=src, dst=dst, allow_lossy=allow_lossy, dry_run=dry_run,
                                   overwrite=overwrite, passthrough=passthrough, link=link,
-                                 drop_optimizer=drop_optimizer),
+                                  drop_optimizer=drop_optimizer, allow_nonfinite=allow_nonfinite),
              as_json=as_json, quiet=quiet, dry_run=dry_run)
 
 

@@ -19,6 +19,7 @@ from mhc_convert.adapters import adapter_for, detect_format, with_target_mhc
 from mhc_convert.errors import VerificationError
 from mhc_convert.exactness import check_disable
 from mhc_convert.plan import Add, Plan, make_plan
+from mhc_convert.validate import check_finite, naming_files
 from mhc_convert.view import CheckpointView, OutItem
 from mhc_model import __version__
 from mhc_model.config import HybridConfig
@@ -123,18 +124,24 @@ def _size(value) -> int:
 def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: str = "deepseek",
            contract: str = "mean", init: str = "exact", dry_run: bool = False,
            overwrite: bool = False, passthrough: str | None = None, link: str = "copy",
-           progress: ProgressFactory | None = None, drop_optimizer: bool = False) -> Report:
+           progress: ProgressFactory | None = None, drop_optimizer: bool = False,
+           allow_nonfinite: bool = False) -> Report:
     """Convert an mHC-off checkpoint into the mHC-on wrapper layout, function-preserving
     (``init="exact"``) or with Megatron's approximate init (``init="megatron"``).
-    ``drop_optimizer`` discards optimizer state that cannot follow the parameter change."""
+    ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
+    NaN/Inf in any carried tensor is refused unless ``allow_nonfinite``; the check (dry runs
+    included) reads every source tensor once before anything is written (validate.py)."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     commit.preflight(src, dst, overwrite=overwrite)
     fmt, adapter, view, cfg = _open(src, drop_optimizer)
     target = with_target_mhc(cfg, enable_hyper_connections=True, num_residual_streams=streams,
                              mhc_convention=convention, mhc_output_contract=contract)
-    plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "enable", target,
-                     passthrough=passthrough, path=str(view.path))
+    with naming_files(view):
+        plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "enable", target,
+                         passthrough=passthrough, path=str(view.path))
+    if not allow_nonfinite:
+        check_finite(view, [r.src for r in plan.renames], path=view.path)
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
     items += [OutItem(a.dst, value=_new_value(a, target, init)) for a in plan.adds]
     report = Report("enable", str(src), str(dst), fmt, dry_run, plan.summary(),
@@ -155,16 +162,22 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
 def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
             dry_run: bool = False, overwrite: bool = False, passthrough: str | None = None,
             link: str = "copy", progress: ProgressFactory | None = None,
-            drop_optimizer: bool = False) -> Report:
+            drop_optimizer: bool = False, allow_nonfinite: bool = False) -> Report:
     """Convert an mHC-on checkpoint back to the plain layout. Exact only at a point where the
     streams provably stay identical (DESIGN.md §4); otherwise refuse unless ``allow_lossy``.
-    ``drop_optimizer`` discards optimizer state that cannot follow the parameter change."""
+    ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
+    NaN/Inf in any source tensor is refused unless ``allow_nonfinite``; the check (dry runs
+    included) reads every source tensor once before anything is written (validate.py)."""
     t0 = time.perf_counter()
     src, dst = Path(src), Path(dst)
     commit.preflight(src, dst, overwrite=overwrite)
     fmt, adapter, view, cfg = _open(src, drop_optimizer)
-    plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "disable", cfg,
-                     passthrough=passthrough, path=str(view.path))
+    with naming_files(view):
+        plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "disable", cfg,
+                         passthrough=passthrough, path=str(view.path))
+    if not allow_nonfinite:
+        check_finite(view, [r.src for r in plan.renames] + [d.src for d in plan.drops],
+                     path=view.path)
     hc_values = {d.src: view.load(d.src) for d in plan.drops if d.opt_state is None}
     verdict = check_disable(cfg, {d.what: hc_values[d.src] for d in plan.drops
                                   if d.opt_state is None})

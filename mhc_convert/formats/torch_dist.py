@@ -250,7 +250,8 @@ def read_torch_dist(path: str | Path) -> CheckpointView:
         common = safe_torch_load(iter_dir / COMMON_PT, source=iter_dir / COMMON_PT)
     elif COMMON_KEY in entries and entries[COMMON_KEY].kind == "bytes":
         common_key = COMMON_KEY
-        common = decode_common_state(loader(entries[COMMON_KEY]), source=mpath)
+        data_file = iter_dir / entries[COMMON_KEY].locator[0].info.relative_path
+        common = decode_common_state(loader(entries[COMMON_KEY]), source=data_file)
     else:
         raise InvalidInputError(f"no common state (neither {COMMON_KEY} nor {COMMON_PT}); "
                                 "args and iteration would be lost", path=iter_dir)
