@@ -16,6 +16,8 @@ from mhc_model.config import HybridConfig
 from mhc_model.megatron_args import MHC_FLAG_SPELLINGS
 
 MarkerWriter = Callable[[Path], None]
+# Distributed runs: (unit name, bytes) list -> the names this rank writes (distributed.py).
+Assign = Callable[[list[tuple[str, int]]], set[str]]
 
 
 class Adapter(Protocol):
@@ -26,7 +28,8 @@ class Adapter(Protocol):
     def config(self, view: CheckpointView) -> HybridConfig: ...
 
     def write(self, tmp: Path, view: CheckpointView, items: list[OutItem], target: HybridConfig,
-              *, link: str, progress: ProgressFn | None) -> MarkerWriter: ...
+              *, link: str, progress: ProgressFn | None,
+              assign: Assign | None = None) -> MarkerWriter: ...
 
 
 def detect_format(path: Path) -> str:
@@ -83,7 +86,7 @@ class NativeAdapter:
             raise InvalidInputError(f"invalid model config: {e}",
                                     path=view.path / "config.json") from e
 
-    def write(self, tmp, view, items, target, *, link, progress):
+    def write(self, tmp, view, items, target, *, link, progress, assign=None):
         from mhc_convert.formats.native import OPTIMIZER_NAME, write_native
 
         src_shard = view.meta["shard_of"]
@@ -105,7 +108,7 @@ class NativeAdapter:
                     shard_of[it.key] = layer_shard.get(m.group(1), default) if m else default
         return write_native(tmp, items, target.to_dict(), shard_of, progress,
                             shard_metadata=view.meta.get("shard_metadata"),
-                            training_state=view.meta.get("training_state"))
+                            training_state=view.meta.get("training_state"), assign=assign)
 
 
 # ---- Megatron args --------------------------------------------------------------------------

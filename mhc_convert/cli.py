@@ -100,15 +100,21 @@ def _summary(report: dict[str, Any]) -> None:
 
 def _convert(fn: Callable[..., Any], kwargs: dict[str, Any], *, as_json: bool, quiet: bool,
              dry_run: bool) -> None:
-    bar, factory = _progress(quiet, as_json)
+    from mhc_convert import distributed
+
+    main = not distributed.launched_rank()  # under torchrun only rank 0 prints (errors: all)
+    bar, factory = _progress(quiet or not main, as_json)
 
     def call():
-        if bar is None:
-            return fn(progress=factory, **kwargs)
-        with bar:
-            return fn(progress=factory, **kwargs)
+        with distributed.session():
+            if bar is None:
+                return fn(progress=factory, **kwargs)
+            with bar:
+                return fn(progress=factory, **kwargs)
 
-    report = _run(call, as_json=as_json).to_dict()
+    report = _run(call, as_json=as_json and main).to_dict()
+    if not main:
+        return
     if as_json:
         print(json.dumps({"ok": True, **report}, default=str))
         return

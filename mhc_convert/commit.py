@@ -9,21 +9,27 @@ the parent (a rename is not durable until the directory is fsynced: ClickHouse#1
 overwrite the old DST is swapped out atomically (``renameat2(RENAME_EXCHANGE)``) or renamed aside
 first, and only deleted once the new one is in place.
 
-Crash testing: ``phase(name)`` SIGKILLs the process when ``MHC_CRASH_AT`` equals ``name``.
+Writers hash what they write in the same pass (``hashcopy``) and ``record`` the digests; the
+commit hashes only files nobody recorded (small markers), so sealing costs O(metadata), and
+hard/reflinked data files are recorded without being read (``manifest.py`` has the trade-off).
+
+Crash testing: ``phase(name)`` SIGKILLs the process when ``MHC_CRASH_AT`` is ``name`` (its first
+call) or ``name:N`` (its N-th call); ``MHC_PHASE_LOG=file`` appends ``name:N wall-time`` per call
+(tests enumerate the kill points from it); ``MHC_HOLD_AT=name[:N]`` with ``MHC_HOLD_FILE=path``
+creates ``path`` there and waits until it is deleted (deterministic overlap for lock tests).
+Phases: ``PHASES`` (every commit) plus ``WRITER_PHASES`` and ``after-exchange`` (overwrite).
 Fault injection: ``MHC_FAULT`` (comma list) with ``enospc`` fails ``check_free_space`` and
-``eacces`` fails creating the temp dir, exactly as the real errors would.
+``eacces`` fails creating the temp dir, exactly as the real errors would; ``enospc@N`` etc. fail
+a write mid-file (``hashcopy``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import ctypes.util
 import errno
-import hashlib
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -31,164 +37,74 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from mhc_convert.errors import ConvertError, Interrupted, InvalidInputError, IOFailure, UsageError
+from mhc_convert.errors import ConvertError, Interrupted, InvalidInputError, IOFailure
+from mhc_convert.manifest import (  # noqa: F401  (re-exported: the protocol's public surface)
+    MANIFEST_NAME,
+    SMALL_FILE,
+    TMP_MARKER,
+    _files,
+    _pid_alive,
+    clean_stale,
+    files_under,
+    sha256_file,
+    source_fingerprint,
+    try_lock,
+    unlock,
+    verify_manifest,
+)
+from mhc_convert.preflight import _fault, _io_failure, check_free_space, preflight  # noqa: F401
 
-MANIFEST_NAME = "mhc-manifest.json"
-TMP_MARKER = ".mhc-tmp"
 _STAGING = ".mhc-marker-staging"
-_TMP_RE = re.compile(r"^\..+\.mhc-tmp-[0-9a-f]{16}$")
-PHASES = ("after-lock", "after-tmpdir", "mid-copy", "before-manifest", "after-manifest",
-          "after-marker", "before-rename", "after-rename")
-SMALL_FILE = 1 << 20  # source files up to this size are hashed into the fingerprint
+PHASES = ("after-lock", "after-tmpdir", "mid-copy", "commit-start", "after-staging",
+          "before-manifest", "after-manifest", "after-marker", "before-rename",
+          "before-parent-fsync", "after-rename")
+WRITER_PHASES = ("file-start", "mid-copy", "file-done")  # per output file / per data chunk
+_PHASE_COUNTS: dict[str, int] = {}
 
 
 def phase(name: str) -> None:
-    """Named crash point. With ``MHC_CRASH_AT=name`` the process dies here with SIGKILL (no
-    cleanup runs), which is what a power cut or OOM kill looks like to the protocol."""
-    if os.environ.get("MHC_CRASH_AT") == name:
+    """Named crash point. With ``MHC_CRASH_AT=name`` (first call) or ``name:N`` (N-th call) the
+    process dies here with SIGKILL (no cleanup runs), which is what a power cut or OOM kill looks
+    like to the protocol. Without the test variables set this is a dict increment."""
+    n = _PHASE_COUNTS[name] = _PHASE_COUNTS.get(name, 0) + 1
+    env = os.environ
+    if "MHC_PHASE_LOG" in env:
+        with open(env["MHC_PHASE_LOG"], "a") as f:
+            f.write(f"{name}:{n} {time.time():.6f}\n")
+    if env.get("MHC_HOLD_AT") in (name, f"{name}:{n}") and "MHC_HOLD_FILE" in env:
+        hold = Path(env["MHC_HOLD_FILE"])
+        hold.write_text(str(os.getpid()))
+        deadline = time.monotonic() + 120
+        while hold.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    if env.get("MHC_CRASH_AT") in (name, f"{name}:{n}"):
         sys.stdout.flush()
         sys.stderr.flush()
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _fault(kind: str) -> bool:
-    return kind in {f.strip() for f in os.environ.get("MHC_FAULT", "").split(",")}
+_ACTIVE: list[AtomicOutput] = []
+_ACTIVE_LOCK = threading.Lock()
 
 
-def _io_failure(e: OSError, fallback: Path | str) -> IOFailure:
-    name = errno.errorcode.get(e.errno or 0, "OSError")
-    return IOFailure(f"{name}: {e.strerror or e}", path=e.filename or fallback)
-
-
-# ----------------------------------------------------------------------------------- preflight
-
-
-def _inside(child: Path, parent: Path) -> bool:
-    return child != parent and child.is_relative_to(parent)
-
-
-def _inodes(root: Path) -> dict[tuple[int, int], Path]:
-    out: dict[tuple[int, int], Path] = {}
-    paths = [root] if not root.is_dir() else [p for p in root.rglob("*") if p.is_file()]
-    for p in paths:
-        with contextlib.suppress(OSError):
-            st = p.stat()
-            out[(st.st_dev, st.st_ino)] = p
-    return out
-
-
-def preflight(src: Path, dst: Path, *, overwrite: bool) -> tuple[Path, Path]:
-    """Refuse every aliasing between SRC and DST before a byte is written; returns the resolved
-    ``(src, dst)`` (dst = resolved parent / name, so the final rename lands where the user meant).
-    """
-    src, dst = Path(src), Path(dst)
-    if not src.exists():
-        raise UsageError("source does not exist", path=src)
-    rsrc = src.resolve(strict=True)
-    if dst.is_symlink():
-        target = dst.resolve()
-        if target == rsrc or _inside(target, rsrc) or _inside(rsrc, target):
-            raise UsageError(f"destination is a symlink to the source ({target})", path=dst)
-        raise UsageError(f"destination is a symlink (to {target}); give the real path", path=dst)
-    if dst.exists():  # resolves "x/.." and symlinked parents physically, as the kernel does
-        rdst = dst.resolve(strict=True)
-    elif dst.parent.is_dir():
-        rdst = dst.parent.resolve(strict=True) / dst.name
-    else:
-        raise UsageError("destination's parent directory does not exist", path=dst.parent)
-    if rdst == rsrc:
-        raise UsageError(f"destination is the source ({rsrc})", path=dst)
-    if _inside(rdst, rsrc):
-        raise UsageError(f"destination is inside the source ({rsrc})", path=dst)
-    if _inside(rsrc, rdst):
-        raise UsageError(f"source is inside the destination ({rdst})", path=dst)
-    if rdst.exists():
-        st_d, st_s = rdst.stat(), rsrc.stat()
-        if (st_d.st_dev, st_d.st_ino) == (st_s.st_dev, st_s.st_ino):  # bind mount / hardlink
-            raise UsageError(f"destination is the same inode as the source ({rsrc})", path=dst)
-        if not overwrite:
-            raise UsageError("destination exists; use --overwrite to replace it", path=dst)
-        if not rdst.is_dir():
-            raise UsageError("destination exists and is not a directory", path=dst)
-        shared = _inodes(rsrc).keys() & _inodes(rdst).keys()
-        if shared:
-            p = _inodes(rdst)[next(iter(shared))]
-            raise UsageError(f"{p} is a hardlink to a source file; refusing to overwrite", path=dst)
-    if not os.access(rdst.parent, os.W_OK | os.X_OK):
-        raise IOFailure("EACCES: destination directory is not writable", path=rdst.parent)
-    return rsrc, rdst
-
-
-def check_free_space(directory: Path, needed_bytes: int, *, margin: float = 0.05) -> None:
-    """IOFailure unless ``directory``'s filesystem has ``needed_bytes`` (+margin) free."""
-    need = int(needed_bytes * (1 + margin))
-    free = 0 if _fault("enospc") else shutil.disk_usage(directory).free
-    if free < need:
-        raise IOFailure(f"ENOSPC: not enough free space: need {need} bytes ({need / 2**30:.2f} "
-                        f"GiB incl. {margin:.0%} margin), have {free} bytes free "
-                        f"({free / 2**30:.2f} GiB)", path=directory)
-
-
-# ----------------------------------------------------------------------------------- hashing
-
-
-def sha256_file(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def _files(root: Path) -> Iterator[Path]:
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames.sort()
-        for name in sorted(filenames):
-            yield Path(dirpath) / name
-
-
-def source_fingerprint(src: Path) -> dict[str, Any]:
-    """Cheap identity of the source: size, mtime_ns and inode of every file, plus sha256 of the
-    small (metadata) files. Compared again at commit time to detect a source changed mid-run."""
-    src = Path(src).resolve()
-    files: dict[str, Any] = {}
-    for p in [src] if src.is_file() else _files(src):
-        st = p.stat()
-        rec: dict[str, Any] = {"size": st.st_size, "mtime_ns": st.st_mtime_ns,
-                               "inode": [st.st_dev, st.st_ino]}
-        if st.st_size <= SMALL_FILE:
-            rec["sha256"] = sha256_file(p)
-        files[p.relative_to(src).as_posix() if p != src else p.name] = rec
-    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
-    return {"path": str(src), "files": files, "digest": digest}
-
-
-def verify_manifest(directory: Path) -> list[str]:
-    """Re-hash every file against ``mhc-manifest.json``; returns problems (empty = verified)."""
-    directory = Path(directory)
-    try:
-        manifest = json.loads((directory / MANIFEST_NAME).read_text())
-        listed = manifest["files"]
-        assert isinstance(listed, dict)
-    except (OSError, ValueError, KeyError, AssertionError, TypeError) as e:
-        return [f"{directory / MANIFEST_NAME}: missing or unreadable manifest ({e})"]
-    problems = []
-    for rel, rec in listed.items():
-        p = directory / rel
-        if Path(rel).is_absolute() or ".." in Path(rel).parts:
-            problems.append(f"{rel}: manifest entry points outside the directory")
-        elif p.is_symlink() or not p.is_file():
-            problems.append(f"{p}: missing (listed in the manifest)")
-        elif p.stat().st_size != rec.get("size"):
-            problems.append(f"{p}: size {p.stat().st_size} != manifest {rec.get('size')}")
-        elif sha256_file(p) != rec.get("sha256"):
-            problems.append(f"{p}: sha256 differs from the manifest")
-    for p in _files(directory):
-        rel = p.relative_to(directory).as_posix()
-        if rel != MANIFEST_NAME and rel not in listed:
-            problems.append(f"{p}: extra file not in the manifest")
-    return problems
+def record(path: Path | str, *, size: int, sha256: str | None = None,
+           link: dict[str, Any] | None = None) -> None:
+    """Hand the manifest entry of a file just written (``sha256``, computed while writing) or
+    placed by a link (``link``: ``{"link": "hardlink"|"reflink", "source": ...}``) to the
+    ``AtomicOutput`` whose temp dir holds ``path``. A no-op outside any (writers used alone)."""
+    path = Path(path)
+    with _ACTIVE_LOCK:
+        owners = [ao for ao in _ACTIVE if ao.tmp is not None and path.is_relative_to(ao.tmp)]
+    for ao in owners:
+        st = os.stat(path)
+        rec: dict[str, Any] = {"size": size, "sha256": sha256}
+        if link is not None:
+            rec.update(link, sha256=None, inode=[st.st_dev, st.st_ino], mtime_ns=st.st_mtime_ns)
+        ao._records[path.relative_to(ao.tmp).as_posix()] = (rec, (st.st_dev, st.st_ino))
 
 
 # ----------------------------------------------------------------------------------- fs helpers
@@ -235,36 +151,6 @@ def _rename2(old: Path, new: Path, flags: int) -> bool:
     raise OSError(err, os.strerror(err), str(new))
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def clean_stale(parent_dir: Path) -> list[Path]:
-    """Remove temp dirs of dead conversions in ``parent_dir``; returns what was removed. Only a
-    directory named ``.<name>.mhc-tmp-<hex>`` that holds our ``.mhc-tmp`` marker, written on this
-    host by a pid that is no longer alive, is touched. Anything else is left alone."""
-    removed = []
-    host = socket.gethostname()
-    for p in sorted(Path(parent_dir).iterdir()):
-        if not _TMP_RE.match(p.name) or p.is_symlink() or not p.is_dir():
-            continue
-        try:
-            marker = json.loads((p / TMP_MARKER).read_text())
-            pid, mhost = int(marker["pid"]), marker["host"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if mhost == host and not _pid_alive(pid):
-            shutil.rmtree(p)
-            removed.append(p)
-    return removed
-
-
 # ----------------------------------------------------------------------------------- AtomicOutput
 
 
@@ -273,14 +159,17 @@ class AtomicOutput:
 
     ``dst`` should come from ``preflight``. ``src``, when given, is fingerprinted again at commit
     and must match ``fingerprint``. ``extra`` is merged into the manifest (e.g. the mHC config).
+    ``expected_bytes`` (the output's size) is quoted when a write fails with ENOSPC.
     Any exception or KeyboardInterrupt (SIGTERM is turned into one) removes the temp dir and
     releases the lock; OSErrors surface as ``IOFailure``, interrupts as ``Interrupted``.
     """
 
     def __init__(self, dst: Path, *, fingerprint: dict[str, Any], direction: str,
                  tool_version: str, overwrite: bool = False, src: Path | None = None,
-                 extra: dict[str, Any] | None = None):
+                 extra: dict[str, Any] | None = None, expected_bytes: int | None = None):
         self.dst = Path(dst)
+        self.expected_bytes = expected_bytes
+        self._records: dict[str, tuple[dict[str, Any], tuple[int, int]]] = {}
         self.fingerprint, self.direction, self.tool_version = fingerprint, direction, tool_version
         self.overwrite, self.src, self.extra = overwrite, src, extra or {}
         self.lock_path = self.dst.parent / f".{self.dst.name}.mhc-lock"
@@ -291,25 +180,10 @@ class AtomicOutput:
 
     # -- lock --------------------------------------------------------------------------------
     def _acquire_lock(self) -> None:
-        import fcntl
-
-        while True:
-            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                raise IOFailure("locked by another conversion writing this destination",
-                                path=self.dst) from None
-            # The previous holder may have unlinked the file between our open and flock; then we
-            # hold a lock on an orphan inode and must retry on the new file.
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(self.lock_path))
-            except FileNotFoundError:
-                same = False
-            if same:
-                break
-            os.close(fd)
+        fd = try_lock(self.lock_path)
+        if fd is None:
+            raise IOFailure("locked by another conversion writing this destination",
+                            path=self.dst)
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
                                  "start": time.time()}).encode())
@@ -317,9 +191,7 @@ class AtomicOutput:
 
     def _release_lock(self) -> None:
         if self._lock_fd is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(self.lock_path)  # while still holding it: see _acquire_lock
-            os.close(self._lock_fd)
+            unlock(self.lock_path, self._lock_fd)
             self._lock_fd = None
 
     # -- context -----------------------------------------------------------------------------
@@ -332,6 +204,8 @@ class AtomicOutput:
                 raise PermissionError(errno.EACCES, "Permission denied (MHC_FAULT)", str(tmp))
             os.mkdir(tmp, 0o755)
             self.tmp = tmp
+            with _ACTIVE_LOCK:
+                _ACTIVE.append(self)
             _write_json_durable(tmp / TMP_MARKER, {"pid": os.getpid(),
                                                    "host": socket.gethostname(),
                                                    "start": time.time(), "dst": str(self.dst)})
@@ -353,15 +227,20 @@ class AtomicOutput:
             self._abort()
             raise RuntimeError("AtomicOutput block ended without commit(); output discarded")
         if exc is not None:
+            translated = self._translate(exc)  # first: ENOSPC quotes the free space now
             self._abort()
-            translated = self._translate(exc)
             if translated is not exc:
                 raise translated from exc
             return False
+        with _ACTIVE_LOCK:
+            _ACTIVE.remove(self)
         self._release_lock()
         return False
 
     def _abort(self) -> None:
+        with _ACTIVE_LOCK:
+            if self in _ACTIVE:
+                _ACTIVE.remove(self)
         try:
             if self.tmp is not None and not self.committed and self.tmp.exists():
                 shutil.rmtree(self.tmp)
@@ -375,6 +254,17 @@ class AtomicOutput:
             return e
         if isinstance(e, KeyboardInterrupt):
             return Interrupted("interrupted; temporary output removed", path=self.dst)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            try:
+                free = shutil.disk_usage(self.dst.parent).free
+            except OSError:
+                free = -1
+            need = self.expected_bytes
+            need_s = f"{need} bytes ({need / 2**30:.2f} GiB)" if need is not None else "unknown"
+            return IOFailure(f"ENOSPC: no space left on device while writing "
+                             f"{e.filename or self.tmp}: need {need_s} for the output, "
+                             f"have {free} bytes ({free / 2**30:.2f} GiB) free; temporary "
+                             f"output removed", path=self.dst)
         if isinstance(e, OSError):
             return _io_failure(e, self.tmp or self.dst)
         return e
@@ -391,27 +281,24 @@ class AtomicOutput:
                 self.fingerprint.get("digest"):
             raise InvalidInputError("source changed during the conversion; output discarded",
                                     path=self.src)
+        phase("commit-start")
         staging = tmp / _STAGING
         os.mkdir(staging)
         marker_writer(staging)
+        phase("after-staging")
         markers = [p.relative_to(staging) for p in _files(staging)]
         for rel in markers:
             if (tmp / rel).exists() or rel.as_posix() in (MANIFEST_NAME, TMP_MARKER):
                 raise RuntimeError(f"marker {rel} collides with an output file")
         _fsync_tree(tmp)
         phase("before-manifest")
-        files = {}
-        for p in _files(tmp):
-            rel = p.relative_to(tmp)
-            if rel.as_posix() == TMP_MARKER:
-                continue
-            if rel.parts[0] == _STAGING:
-                rel = Path(*rel.parts[1:])
-            files[rel.as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
+        files, hashed = self._manifest_files(tmp)
         _write_json_durable(tmp / MANIFEST_NAME, {
-            "format": "mhc-manifest", "version": 1, "tool_version": self.tool_version,
+            "format": "mhc-manifest", "version": 2, "tool_version": self.tool_version,
             "direction": self.direction, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "source": self.fingerprint, "files": files, **self.extra})
+            "writer": {"pid": os.getpid(), "host": socket.gethostname()},
+            "hashed_at_commit": hashed, "source": self.fingerprint, "files": files,
+            **self.extra})
         phase("after-manifest")
         for rel in markers:  # the marker is published last (atomic rename within tmp)
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -427,6 +314,27 @@ class AtomicOutput:
         phase("after-rename")
         return self.dst
 
+    def _manifest_files(self, tmp: Path) -> tuple[dict[str, Any], int]:
+        """Manifest entries: recorded ones as recorded (if the file is still that inode and
+        size), everything else hashed now. Returns (entries, bytes hashed here)."""
+        files: dict[str, Any] = {}
+        hashed = 0
+        for p in files_under(tmp):
+            rel = p.relative_to(tmp)
+            if rel.as_posix() == TMP_MARKER:
+                continue
+            st = p.stat()
+            got = self._records.get(rel.as_posix())
+            if rel.parts[0] == _STAGING:
+                rel = Path(*rel.parts[1:])
+            if got is not None and got[0]["size"] == st.st_size \
+                    and got[1] == (st.st_dev, st.st_ino):
+                files[rel.as_posix()] = got[0]
+            else:
+                files[rel.as_posix()] = {"size": st.st_size, "sha256": sha256_file(p)}
+                hashed += st.st_size
+        return files, hashed
+
     def _publish(self, tmp: Path) -> None:
         dst, parent = self.dst, self.dst.parent
         if not dst.exists() and not dst.is_symlink():
@@ -435,6 +343,7 @@ class AtomicOutput:
                     raise IOFailure("destination appeared during the conversion", path=dst)
                 os.rename(tmp, dst)
             self.committed = True
+            phase("before-parent-fsync")
             _fsync_path(parent)
             return
         if not self.overwrite:
@@ -445,6 +354,7 @@ class AtomicOutput:
         old = parent / f".{dst.name}.mhc-old-{secrets.token_hex(8)}"
         if _rename2(tmp, dst, _RENAME_EXCHANGE):  # atomic swap: dst is never absent
             self.committed = True
+            phase("after-exchange")
             os.rename(tmp, old)
         else:  # aside, then in; roll the old one back if the second rename fails
             os.rename(dst, old)
@@ -454,6 +364,7 @@ class AtomicOutput:
                 os.rename(old, dst)
                 raise
             self.committed = True
+        phase("before-parent-fsync")
         _fsync_path(parent)
         try:  # only now: the new output is in place and durable
             shutil.rmtree(old)

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from mhc_convert import commit
+from mhc_convert import commit, distributed
 from mhc_convert.adapters import adapter_for, detect_format, with_target_mhc
 from mhc_convert.errors import VerificationError
 from mhc_convert.exactness import check_disable
@@ -105,10 +105,21 @@ def _write(src: Path, dst: Path, view, adapter, plan: Plan, items: list[OutItem]
            target: HybridConfig, *, direction: str, overwrite: bool, link: str,
            progress: ProgressFactory | None) -> int:
     needed = sum(it.source.nbytes if it.source else _size(it.value) for it in items)
-    commit.check_free_space(dst.parent, 0 if link == "hardlink" else needed)
-    ao = commit.AtomicOutput(dst, fingerprint=commit.source_fingerprint(src), direction=direction,
-                             tool_version=__version__, overwrite=overwrite, src=src)
-    cb = progress(needed) if progress else None
+
+    def output() -> commit.AtomicOutput:
+        commit.check_free_space(dst.parent, 0 if link == "hardlink" else needed)
+        return commit.AtomicOutput(dst, fingerprint=commit.source_fingerprint(src),
+                                   direction=direction, tool_version=__version__,
+                                   overwrite=overwrite, src=src)
+
+    ctx = distributed.active()
+    cb = progress(needed) if progress and (ctx is None or ctx.is_main) else None
+    if ctx is not None:  # torchrun: each rank writes its share of the files (distributed.py)
+        distributed.write_shared(ctx, output, lambda tmp, assign, pcb: adapter.write(
+            tmp, view, items, target, link=link, progress=pcb, assign=assign),
+            progress=cb, digest=distributed.plan_digest(items))
+        return needed
+    ao = output()
     with ao as tmp:
         marker = adapter.write(tmp, view, items, target, link=link, progress=cb)
         ao.commit(marker)
@@ -199,7 +210,7 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
                                     direction="disable", overwrite=overwrite, link=link,
                                     progress=progress)
         report.tensors_written = len(items)
-        if not verdict.exact:
+        if not verdict.exact and getattr(distributed.active(), "is_main", True):
             from mhc_convert.parity import compare_checkpoints
 
             report.parity = compare_checkpoints(src, dst, device="cpu", dtype="fp32")

@@ -13,11 +13,11 @@ import re
 from mhc_model.config import HybridConfig
 from mhc_model.hyper_connection import hc_param_shapes, head_param_shapes
 from mhc_model.megatron_args import MHC_FLAG_SPELLINGS
-from mhc_model.megatron_keys import split_table  # the model's sharded checkpoints need it too
 
-LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
-INNER = "inner_layer"
-HC = "hyper_connection"
+# one source for the wrapper key map and the factory splits: the model's own sharded
+# checkpoints and load shim use them too
+from mhc_model.megatron_keys import HC, INNER, LAYER_RE, split_table, unwrap, wrap
+
 HEAD_PREFIX = "decoder."
 
 # optimizer.state.<name>.<model key> (Megatron fully_reshardable model space; native too)
@@ -59,19 +59,6 @@ def head_keys(cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
     if not cfg.mhc_on or cfg.mhc.mhc_output_contract != "learned":
         return {}
     return {HEAD_PREFIX + name: shape for name, shape in head_param_shapes(cfg).items()}
-
-
-def wrap(key: str) -> str:
-    """decoder.layers.N.X -> decoder.layers.N.inner_layer.X (other keys unchanged)."""
-    m = LAYER_RE.match(key)
-    return f"decoder.layers.{m.group(1)}.{INNER}.{m.group(2)}" if m else key
-
-
-def unwrap(key: str) -> str:
-    m = LAYER_RE.match(key)
-    if m and m.group(2).startswith(INNER + "."):
-        return f"decoder.layers.{m.group(1)}.{m.group(2)[len(INNER) + 1:]}"
-    return key
 
 
 def args_flag_updates(cfg: HybridConfig) -> dict[str, object]:

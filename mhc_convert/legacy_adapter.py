@@ -166,7 +166,7 @@ class LegacyAdapter:
 
     # ---- write -------------------------------------------------------------------------
     def write(self, tmp: Path, view: CheckpointView, items: list[OutItem], target: HybridConfig,
-              *, link, progress):
+              *, link, progress, assign=None):
         """Rewrite every rank file (``link`` does not apply: each file's content changes)."""
         meta = view.meta
         ranks, payloads = meta["ranks"], meta["payloads"]
@@ -176,7 +176,10 @@ class LegacyAdapter:
         per_rank = _place(view, items)
         ref_new = param_order(target)
         new_values = {it.key: it.value for it in items if it.source is None}
+        mine = assign([(r.rel, r.path.stat().st_size) for r in ranks]) if assign else None
         for ri, (r, p) in enumerate(zip(ranks, payloads)):
+            if mine is not None and r.rel not in mine:
+                continue  # another rank of a distributed run writes this file
             stage_off = meta["offsets"][r.pp or 0]
             src_pos = {k: i for i, k in enumerate(p["model"])}
             # carried keys in this rank file's own order (so a round trip restores it)

@@ -48,7 +48,7 @@ class TorchDistAdapter:
         return infer_contract(megatron_config(common["args"], view.path), view.entries)
 
     def write(self, tmp: Path, view: CheckpointView, items: list[OutItem], target: HybridConfig,
-              *, link, progress):
+              *, link, progress, assign=None):
         common = copy.copy(view.meta["common_state"])
         common["args"] = flip_args(common["args"], target)
         common_key = view.meta["common_key"]
@@ -60,9 +60,9 @@ class TorchDistAdapter:
         if common_key == td.COMMON_KEY:
             items = [OutItem(it.key, value=td.encode_common_state(common))
                      if it.key == common_key else it for it in items]
-        else:
+        elif assign is None or td.COMMON_PT in assign([(td.COMMON_PT, 0)]):
             td.write_common_pt(out_iter, common)
-        td.write_torch_dist(out_iter, view, items, link=link, progress=progress)
+        td.write_torch_dist(out_iter, view, items, link=link, progress=progress, assign=assign)
         metadata_json = view.meta["metadata_json"]
         tracker = view.meta.get("tracker")
 

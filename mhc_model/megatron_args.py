@@ -9,16 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from mhc_model.config import (
-    AttentionConfig,
-    GDNConfig,
-    HybridConfig,
-    MambaConfig,
-    MHCConfig,
-    MLAConfig,
-    MLPConfig,
-    MoEConfig,
-)
+from mhc_model.config import _SUBCONFIGS, HybridConfig, MambaConfig
 
 # our MHCConfig field -> every Megatron spelling (dsv4/dev first, then main)
 MHC_FLAG_SPELLINGS: dict[str, tuple[str, ...]] = {
@@ -66,15 +57,7 @@ _ARG_TABLE: dict[str, tuple[str | None, str]] = {
     "dsa_indexer_topk": ("mla", "index_topk"),
 }
 
-_SUB = {
-    "attention": AttentionConfig,
-    "mlp": MLPConfig,
-    "moe": MoEConfig,
-    "mamba": MambaConfig,
-    "gdn": GDNConfig,
-    "mla": MLAConfig,
-    "mhc": MHCConfig,
-}
+_SUB = _SUBCONFIGS  # sub-config name -> dataclass
 
 
 def _dtype_name(value: Any) -> str:

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from mhc_convert.errors import InvalidInputError
+from mhc_convert.hashcopy import write_file
 from mhc_convert.formats.safetensors_io import (
     TensorInfo,
     WriteItem,
@@ -209,11 +210,9 @@ def _check_total_size(index_path: Path, total: Any, headers: Mapping[str, Any],
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    with open(path, "x", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2, ensure_ascii=False, allow_nan=False)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
+    """New file, fsynced, sha256 recorded for the manifest (crash hooks file-start/-done)."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+    write_file(path, text.encode("utf-8"))
 
 
 def write_config(out_dir: str | Path, config_json: Mapping[str, Any]) -> None:
@@ -245,6 +244,7 @@ def write_native(
     shard_metadata: Mapping[str, Mapping[str, str] | None] | None = None,
     index_metadata: Mapping[str, Any] | None = None,
     training_state: Mapping[str, Any] | None = None,
+    assign: Callable[[list[tuple[str, int]]], set[str]] | None = None,
 ) -> Callable[[Path], None]:
     """Write every file named in ``shard_of`` (key -> file name) into ``out_dir``.
 
@@ -252,7 +252,8 @@ def write_native(
     ``weight_map`` (model keys only) and ``metadata.total_size`` (tensor bytes). Keys mapped to
     ``optimizer.safetensors`` go there. ``training_state`` is written as training_state.json.
     ``config.json`` is NOT written: the returned callable writes it, for
-    ``AtomicOutput.commit(marker_writer)`` to publish last.
+    ``AtomicOutput.commit(marker_writer)`` to publish last. ``assign`` (distributed runs)
+    maps the ``(file name, bytes)`` list to the names this rank writes; the others are skipped.
     """
     out_dir = Path(out_dir)
     if not isinstance(config_json, Mapping):
@@ -276,17 +277,24 @@ def write_native(
         by_file.setdefault(name, []).append(_write_item(it, out_dir / name))
 
     model_files = [f for f in by_file if f != OPTIMIZER_NAME]
+    indexed = model_files != [SINGLE_NAME] and bool(model_files)
+    units = [(f, sum(_nbytes(it) for it in w)) for f, w in by_file.items()]
+    units += [(INDEX_NAME, 0)] if indexed else []
+    units += [(TRAINING_STATE_NAME, 0)] if training_state is not None else []
+    mine = assign(units) if assign is not None else {name for name, _ in units}
     for name, witems in by_file.items():
+        if name not in mine:
+            continue
         meta = (shard_metadata or {}).get(name, DEFAULT_SHARD_METADATA)
         write_safetensors(out_dir / name, witems, metadata=dict(meta) if meta else None,
                           progress=progress)
-    if model_files != [SINGLE_NAME] and model_files:
+    if indexed and INDEX_NAME in mine:
         total = sum(_nbytes(it) for f in model_files for it in by_file[f])
         index = {"metadata": {**(index_metadata or {}), "total_size": total},
                  "weight_map": {k: shard_of[k] for k in sorted(keys)
                                 if shard_of[k] != OPTIMIZER_NAME}}
         _write_json(out_dir / INDEX_NAME, index)
-    if training_state is not None:
+    if training_state is not None and TRAINING_STATE_NAME in mine:
         _write_json(out_dir / TRAINING_STATE_NAME, dict(training_state))
     frozen = dict(config_json)
     return lambda marker_dir: write_config(marker_dir, frozen)

@@ -7,14 +7,14 @@ here, and each violation raises ``InvalidInputError`` naming the file and, where
 tensor key. Parsing touches only the header; tensor bytes are never read unless ``load_tensor`` is
 called.
 
-The writer never decodes tensor data: renamed tensors are byte-range copies from the source file
-(``os.copy_file_range``, in-kernel, else a 16 MiB ``readinto`` loop). It opens its output with
+The writer never decodes tensor data: renamed tensors are byte-range copies from the source file,
+hashed in the same pass for the manifest (``mhc_convert.hashcopy``: pread -> sha256 in a worker
+thread -> write, or ``copy_file_range`` with ``MHC_COPY_MODE=kernel``). It opens its output with
 ``O_EXCL`` so it can never truncate a file that might be mmapped by a reader (safetensors#762).
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import math
 import os
@@ -26,11 +26,10 @@ from typing import Any
 
 import torch
 
-from mhc_convert.commit import phase
 from mhc_convert.errors import InvalidInputError, IOFailure
+from mhc_convert.hashcopy import CHUNK, output_file  # noqa: F401  (CHUNK: copy granularity)
 
 MAX_HEADER_SIZE = 100_000_000  # safetensors MAX_HEADER_SIZE (tensor.rs L10)
-CHUNK = 16 * 1024 * 1024  # copy granularity: progress callbacks and crash hooks fire per chunk
 METADATA_KEY = "__metadata__"
 
 # safetensors dtype -> (torch dtype name or None, bits per element). F4/F6 have no torch dtype
@@ -299,66 +298,6 @@ class WriteItem:
         return cls(key, str(t.dtype).removeprefix("torch."), tuple(t.shape), data=t)
 
 
-def _write_all(fd: int, data: bytes | memoryview) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view):]
-
-
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
-
-
-class _Copier:
-    """Copies byte ranges into ``dst_fd`` (kept at its current end). Uses copy_file_range until
-    the kernel refuses once (cross-FS on old kernels, some FUSE/NFS), then a userspace loop."""
-
-    def __init__(self, dst_fd: int, progress: Callable[[int], None] | None):
-        self.dst_fd = dst_fd
-        self.progress = progress
-        self.kernel = hasattr(os, "copy_file_range")
-        self.buf: bytearray | None = None
-
-    def _chunk_done(self, n: int) -> None:
-        if self.progress is not None:
-            self.progress(n)
-        phase("mid-copy")
-
-    def data(self, data: bytes) -> None:
-        view = memoryview(data)
-        for i in range(0, len(view), CHUNK):
-            part = view[i:i + CHUNK]
-            _write_all(self.dst_fd, part)
-            self._chunk_done(len(part))
-
-    def copy(self, src_fd: int, src_path: Path, offset: int, length: int, key: str) -> None:
-        done = 0
-        while done < length:
-            want = min(CHUNK, length - done)
-            got = None
-            if self.kernel:
-                try:
-                    got = os.copy_file_range(src_fd, self.dst_fd, want, offset + done)
-                except OSError as e:
-                    if e.errno not in _NO_KERNEL_COPY:
-                        raise
-                    self.kernel = False
-            if got is None:
-                got = self._copy_user(src_fd, offset + done, want)
-            if got == 0:
-                raise InvalidInputError(f"source ended {length - done} bytes early (modified "
-                                        "during conversion?)", path=src_path, key=key)
-            done += got
-            self._chunk_done(got)
-
-    def _copy_user(self, src_fd: int, offset: int, want: int) -> int:
-        if self.buf is None:
-            self.buf = bytearray(CHUNK)
-        view = memoryview(self.buf)[:want]
-        got = os.preadv(src_fd, [view], offset)
-        _write_all(self.dst_fd, view[:got])
-        return got
-
-
 def _encode_header(items: Sequence[WriteItem], metadata: dict[str, str] | None) -> bytes:
     doc: dict[str, Any] = {}
     if metadata:
@@ -421,24 +360,29 @@ def write_safetensors(
                                 path=path)
 
     src_fds: dict[Path, int] = {}
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
     try:
-        _write_all(fd, len(header).to_bytes(8, "little") + header)
-        copier = _Copier(fd, progress)
-        for it in ordered:
-            if it.src is not None:
-                src_path, offset, length = it.src
-                src_path = Path(src_path)
-                if src_path not in src_fds:
-                    src_fds[src_path] = os.open(src_path, os.O_RDONLY)
-                copier.copy(src_fds[src_path], src_path, offset, length, it.key)
-            else:
-                blob = it.data if isinstance(it.data, bytes | bytearray) else tensor_to_bytes(
-                    it.data)
-                copier.data(blob)
-        os.fsync(fd)
-        return os.fstat(fd).st_size
+        with output_file(path, progress) as out:
+            out.write(len(header).to_bytes(8, "little") + header, chunk_phase=False)
+            for it in ordered:
+                if it.src is not None:
+                    src_path, offset, length = it.src
+                    src_path = Path(src_path)
+                    if src_path not in src_fds:
+                        src_fds[src_path] = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+                    out.copy_range(src_fds[src_path], offset, length,
+                                   _short(src_path, it.key))
+                else:
+                    blob = it.data if isinstance(it.data, bytes | bytearray) else \
+                        tensor_to_bytes(it.data)
+                    out.write(bytes(blob))
+        return out.size
     finally:
-        os.close(fd)
         for sfd in src_fds.values():
             os.close(sfd)
+
+
+def _short(src_path: Path, key: str):
+    def raise_short(missing: int) -> None:
+        raise InvalidInputError(f"source ended {missing} bytes early (modified during "
+                                "conversion?)", path=src_path, key=key)
+    return raise_short

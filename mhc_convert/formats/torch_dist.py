@@ -27,6 +27,7 @@ import os
 import pickle
 import re
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any, Literal
@@ -402,11 +403,15 @@ def _encode_value(key: str, value: Any) -> tuple[bytes, Any, MetadataIndex]:
 
 def write_torch_dist(out_dir: str | Path, view: CheckpointView, items: list[OutItem], *,
                      link: Literal["copy", "hardlink", "reflink"] = "copy",
-                     progress: ProgressFn | None = None) -> dict[str, Any]:
+                     progress: ProgressFn | None = None,
+                     assign: Callable[[list[tuple[str, int]]], set[str]] | None = None,
+                     ) -> dict[str, Any]:
     """Write ``items`` as a DCP checkpoint in ``out_dir`` (data files + ``.metadata``; NOT
     ``metadata.json``: call ``write_marker`` last). Source items keep their stored bytes in
     copied/linked data files; values go into one new data file. Every item is checked and
-    encoded before the first write. Returns ``{"data_files", "new_file", "bytes"}``."""
+    encoded before the first write. Returns ``{"data_files", "new_file", "bytes"}``.
+    ``assign`` (distributed runs) maps the ``(file name, bytes)`` list to the files this rank
+    writes (data files, the new file, ``.metadata``); the others are skipped."""
     if link not in ("copy", "hardlink", "reflink"):
         raise ValueError(f"link must be copy/hardlink/reflink, not {link!r}")
     out = Path(out_dir)
@@ -433,18 +438,24 @@ def write_torch_dist(out_dir: str | Path, view: CheckpointView, items: list[OutI
                     if f"__mhc_{n}.distcp" not in referenced)
     encoded = [(it.key, *_encode_value(it.key, it.value)) for it in items if it.source is None]
     encoded.sort(key=lambda e: not isinstance(e[2], BytesStorageMetadata))  # DCP: bytes first
+    offset = 0
+    for key, blob, sm, idx in encoded:  # the new file's layout, known before it is written
+        storage[idx] = _StorageInfo(new_name, offset, len(blob))
+        sd_md[key] = sm
+        offset += len(blob)
     total = 0
     try:
+        units = [(rel, (view.path / rel).stat().st_size) for rel in referenced]
+        units += [(new_name, offset)] if encoded else []
+        mine = assign(units + [(METADATA_FN, 0)]) if assign else {METADATA_FN, *dict(units)}
         out.mkdir(parents=True, exist_ok=True)
-        for n, rel in enumerate(referenced):
+        for n, rel in enumerate(r for r in referenced if r in mine):
             total += _place_file(view.path / rel, out / rel, link, progress)
             if n == 0:
                 _phase("mid-copy")  # crash-test point: some data placed, .metadata not yet
-        if encoded:
+        if encoded and new_name in mine:
             with open(out / new_name, "xb") as f:
-                for key, blob, sm, idx in encoded:
-                    storage[idx] = _StorageInfo(new_name, f.tell(), len(blob))
-                    sd_md[key] = sm
+                for _, blob, _, _ in encoded:
                     f.write(blob)
                     total += len(blob)
                     if progress:
@@ -461,9 +472,10 @@ def write_torch_dist(out_dir: str | Path, view: CheckpointView, items: list[OutI
         if isinstance(mcore, dict):
             md.mcore_data = _follow(mcore, origin, keys, default=False)
         # `all_local_plans` (Megatron's save-plan cache) is dropped: it would describe old keys.
-        with open(out / METADATA_FN, "xb") as f:
-            pickle.dump(md, f)
-            _fsync_close(f)
+        if METADATA_FN in mine:
+            with open(out / METADATA_FN, "xb") as f:
+                pickle.dump(md, f)
+                _fsync_close(f)
         _fsync_dir(out)
     except OSError as e:
         raise IOFailure(f"{errno.errorcode.get(e.errno or 0, 'OSError')}: {e.strerror or e}",

@@ -1,0 +1,239 @@
+"""Write output files and their sha256 in one pass (the manifest digests come from here, so the
+commit never re-reads what was just written).
+
+``output_file(path)`` opens a new file (``O_EXCL``: never truncates a file a reader may have
+mmapped, safetensors#762), yields a ``HashingWriter``, fsyncs, closes, and records
+``(size, sha256)`` with the active ``AtomicOutput`` (``commit.record``).
+
+Copies (``copy_range``) run in one of two modes, chosen by ``MHC_COPY_MODE`` (default
+``user``; bench/results/convert_cpu.md has the measurements behind the default):
+
+* ``user``: ``pread`` a chunk into one of three rotating buffers, hand it to a hashing thread
+  (``hashlib`` releases the GIL), ``write`` it while it is hashed. The digest is of exactly the
+  bytes written; each source byte is read once.
+* ``kernel``: ``copy_file_range`` (in-kernel) while the hashing thread ``pread``s the same source
+  range again; the digest is of the source bytes as read a second time (any concurrent change of
+  the source shows as a manifest mismatch, and the source fingerprint is re-checked at commit).
+
+Crash hooks: ``phase("file-start")`` / ``phase("file-done")`` per file and ``phase("mid-copy")``
+per chunk (every tensor copy reaches it at least once). Fault hooks: ``MHC_FAULT`` entries
+``enospc@N`` / ``eacces@N`` / ``eio@N`` make the write that crosses N bytes (counted over all
+files of the process) fail with that errno, as a full disk or revoked permission would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from mhc_convert.commit import phase, record
+
+CHUNK = 16 * 1024 * 1024  # copy granularity: progress callbacks and crash hooks fire per chunk
+_NBUF = 3
+_INLINE = 256 * 1024  # smaller pieces are hashed inline (after earlier pieces are done)
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+_FAULT_ERRNO = {"enospc": errno.ENOSPC, "eacces": errno.EACCES, "eio": errno.EIO}
+_written_total = 0  # bytes written by this process through HashingWriter (fault offsets)
+
+
+def copy_mode() -> str:
+    mode = os.environ.get("MHC_COPY_MODE", "user")
+    return mode if mode in ("user", "kernel") else "user"
+
+
+def _fault_check(nbytes: int, path: Path) -> None:
+    global _written_total
+    spec = os.environ.get("MHC_FAULT", "")
+    if "@" in spec:
+        for item in spec.split(","):
+            kind, _, at = item.strip().partition("@")
+            if kind in _FAULT_ERRNO and at.isdigit() and _written_total + nbytes > int(at):
+                code = _FAULT_ERRNO[kind]
+                raise OSError(code, f"{os.strerror(code)} (MHC_FAULT {item.strip()})", str(path))
+    _written_total += nbytes
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+class HashingWriter:
+    """Appends to ``fd`` and keeps the sha256 of everything appended; ``finish()`` returns
+    ``(size, hexdigest)``. Data handed to ``write`` must stay unchanged until ``finish``."""
+
+    def __init__(self, fd: int, path: Path, progress: Callable[[int], None] | None = None):
+        self.fd, self.path, self.progress = fd, Path(path), progress
+        self.size = 0
+        self._sha = hashlib.sha256()
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
+        self._bufs: list[bytearray] = []
+        self._buf_fut: list[Future | None] = []
+        self._next = 0
+        self._kernel = copy_mode() == "kernel" and hasattr(os, "copy_file_range")
+        self._hash_buf: bytearray | None = None
+
+    # -- hashing ------------------------------------------------------------------------------
+    def _submit(self, fn: Callable, *args) -> Future:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="mhc-sha256")
+        fut = self._pool.submit(fn, *args)
+        self._pending.append(fut)
+        while self._pending and self._pending[0].done():
+            self._pending.popleft().result()  # re-raise worker errors early
+        return fut
+
+    def _drain(self) -> None:
+        while self._pending:
+            self._pending.popleft().result()
+
+    def _hash(self, data: memoryview, sync: bool) -> None:
+        if sync or len(data) < _INLINE:
+            self._drain()  # order: earlier pieces first
+            self._sha.update(data)
+        else:
+            self._submit(self._sha.update, data)
+
+    def _out(self, data: memoryview) -> None:
+        _fault_check(len(data), self.path)
+        _write_all(self.fd, data)
+        self.size += len(data)
+
+    def _chunk_done(self, n: int) -> None:
+        if self.progress is not None:
+            self.progress(n)
+        phase("mid-copy")
+
+    # -- writing ------------------------------------------------------------------------------
+    def write(self, data, *, chunk_phase: bool = True, sync: bool = False) -> int:
+        """Append bytes-like ``data``; with ``chunk_phase`` every CHUNK of it is a progress and
+        crash-hook point. ``sync``: hash before returning (for callers that reuse the buffer)."""
+        view = memoryview(data).cast("B")
+        for i in range(0, max(len(view), 1), CHUNK):
+            part = view[i:i + CHUNK]
+            self._hash(part, sync)
+            self._out(part)
+            if chunk_phase:
+                self._chunk_done(len(part))
+        return len(view)
+
+    def copy_range(self, src_fd: int, offset: int, length: int, on_short: Callable[[int], None]
+                   ) -> None:
+        """Append ``length`` bytes of ``src_fd`` at ``offset``; ``on_short(missing)`` raises
+        when the source ends early."""
+        done = 0
+        while done < length:
+            want = min(CHUNK, length - done)
+            got = self._copy_kernel(src_fd, offset + done, want) if self._kernel else None
+            if got is None:
+                got = self._copy_user(src_fd, offset + done, want)
+            if got == 0:
+                on_short(length - done)
+            done += got
+            self._chunk_done(got)
+
+    def _copy_user(self, src_fd: int, offset: int, want: int) -> int:
+        if len(self._bufs) < _NBUF:
+            self._bufs.append(bytearray(CHUNK))
+            self._buf_fut.append(None)
+        i = self._next = (self._next + 1) % len(self._bufs)
+        if self._buf_fut[i] is not None:
+            self._buf_fut[i].result()  # its previous contents are hashed: reusable
+        view = memoryview(self._bufs[i])[:want]
+        got = os.preadv(src_fd, [view], offset)
+        if got:
+            part = view[:got]
+            self._buf_fut[i] = self._submit(self._sha.update, part)
+            self._out(part)
+        return got
+
+    def _copy_kernel(self, src_fd: int, offset: int, want: int) -> int | None:
+        _fault_check(want, self.path)
+        try:
+            got = os.copy_file_range(src_fd, self.fd, want, offset)
+        except OSError as e:
+            if e.errno not in _NO_KERNEL_COPY:
+                raise
+            self._kernel = False
+            return None
+        if got:
+            self._submit(self._hash_source, src_fd, offset, got)
+            self.size += got
+        return got
+
+    def _hash_source(self, src_fd: int, offset: int, length: int) -> None:
+        if self._hash_buf is None:
+            self._hash_buf = bytearray(CHUNK)
+        view = memoryview(self._hash_buf)
+        done = 0
+        while done < length:
+            got = os.preadv(src_fd, [view[:length - done]], offset + done)
+            if got == 0:
+                raise OSError(errno.EIO, "source shrank while hashing", str(self.path))
+            self._sha.update(view[:got])
+            done += got
+
+    def finish(self) -> tuple[int, str]:
+        self._drain()
+        return self.size, self._sha.hexdigest()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+class HashingFile:
+    """A minimal binary file object over a ``HashingWriter`` for ``torch.save`` / ``pickle.dump``
+    (many small writes): a ``mid-copy`` crash hook fires every ``phase_every`` bytes."""
+
+    def __init__(self, writer: HashingWriter, phase_every: int = 64 * 1024):
+        self.writer, self.phase_every, self._since = writer, phase_every, 0
+
+    def write(self, data) -> int:
+        n = self.writer.write(data, chunk_phase=False, sync=True)  # torch may reuse ``data``
+        self._since += n
+        if self._since >= self.phase_every:
+            self._since = 0
+            self.writer._chunk_done(0)
+        return n
+
+    def flush(self) -> None:
+        pass
+
+    def tell(self) -> int:
+        return self.writer.size
+
+
+@contextlib.contextmanager
+def output_file(path: Path | str, progress: Callable[[int], None] | None = None
+                ) -> Iterator[HashingWriter]:
+    """Create ``path`` (must not exist), yield a ``HashingWriter``; on success fsync, close and
+    record ``(size, sha256)`` for the manifest. On error the partial file is left for the
+    commit protocol's cleanup (it lives in the temp dir)."""
+    path = Path(path)
+    phase("file-start")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+    writer = HashingWriter(fd, path, progress)
+    try:
+        yield writer
+        size, digest = writer.finish()
+        os.fsync(fd)
+    finally:
+        writer.close()
+        os.close(fd)
+    record(path, size=size, sha256=digest)
+    phase("file-done")
+
+
+def write_file(path: Path | str, data: bytes) -> None:
+    """A whole small file, durable and recorded (JSON, pickles, blobs)."""
+    with output_file(path) as w:
+        w.write(data, chunk_phase=False)
