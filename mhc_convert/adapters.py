@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-from mhc_convert.errors import InvalidInputError
+from mhc_convert.errors import InvalidInputError, IOFailure
 from mhc_convert.layout import LAYER_RE, args_flag_updates
 from mhc_convert.view import CheckpointView, OutItem, ProgressFn
 from mhc_model.config import HybridConfig
@@ -48,8 +48,12 @@ def detect_format(path: Path) -> str:
         try:  # bounded read; garbage must be an error naming the tracker, not a traceback
             with open(tracker, "rb") as f:
                 text = f.read(1025).decode("utf-8").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            text = f"<unreadable: {e}>"
+        except UnicodeDecodeError:
+            text, shown = "", "bytes that are not UTF-8 text"
+        except OSError as e:
+            raise IOFailure(f"cannot read: {e.strerror or e}", path=tracker) from None
+        else:
+            shown = repr(text[:40])
         name = ("release" if text == "release" else f"iter_{int(text):07d}"
                 if text.isascii() and text.isdigit() and len(text) <= 12 else "")
         if name:
@@ -58,7 +62,7 @@ def detect_format(path: Path) -> str:
                                               "not a checkpoint", path=tracker)
         else:
             tracker_error = InvalidInputError(f"tracker must hold an iteration number or "
-                                              f"'release', got {text[:40]!r}", path=tracker)
+                                              f"'release', got {shown}", path=tracker)
     for c in candidates:
         if (c / ".metadata").exists() or (c / "metadata.json").exists():
             return "torch_dist"

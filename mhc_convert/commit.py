@@ -174,6 +174,7 @@ class AtomicOutput:
         self.overwrite, self.src, self.extra = overwrite, src, extra or {}
         self.lock_path = self.dst.parent / f".{self.dst.name}.mhc-lock"
         self.tmp: Path | None = None
+        self._new: Path | None = None
         self.committed = False
         self._lock_fd: int | None = None
         self._old_sigterm: Any = None
@@ -199,16 +200,23 @@ class AtomicOutput:
         try:
             self._acquire_lock()
             phase("after-lock")
-            tmp = self.dst.parent / f".{self.dst.name}.mhc-tmp-{secrets.token_hex(8)}"
+            token = secrets.token_hex(8)
+            tmp = self.dst.parent / f".{self.dst.name}.mhc-tmp-{token}"
+            new = self.dst.parent / f".{self.dst.name}.mhc-new-{token}"
             if _fault("eacces"):
                 raise PermissionError(errno.EACCES, "Permission denied (MHC_FAULT)", str(tmp))
-            os.mkdir(tmp, 0o755)
-            self.tmp = tmp
-            with _ACTIVE_LOCK:
-                _ACTIVE.append(self)
-            _write_json_durable(tmp / TMP_MARKER, {"pid": os.getpid(),
+            # The dir appears under its mhc-tmp name only with a complete, durable marker, so
+            # clean_stale can always tell whose it is (an mhc-new dir holds at most the marker).
+            os.mkdir(new, 0o755)
+            self._new = new
+            _write_json_durable(new / TMP_MARKER, {"pid": os.getpid(),
                                                    "host": socket.gethostname(),
                                                    "start": time.time(), "dst": str(self.dst)})
+            _fsync_path(new)
+            os.rename(new, tmp)
+            self.tmp, self._new = tmp, None
+            with _ACTIVE_LOCK:
+                _ACTIVE.append(self)
             _fsync_path(self.dst.parent)
             phase("after-tmpdir")
         except BaseException as e:
@@ -242,6 +250,8 @@ class AtomicOutput:
             if self in _ACTIVE:
                 _ACTIVE.remove(self)
         try:
+            if self._new is not None and self._new.exists():
+                shutil.rmtree(self._new)
             if self.tmp is not None and not self.committed and self.tmp.exists():
                 shutil.rmtree(self.tmp)
         except OSError as e:  # never mask the original error; say what is left behind

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -131,20 +132,8 @@ class DistContext:
 
     # -- work division -----------------------------------------------------------------------
     def assign(self, units: Iterable[tuple[str, int]]) -> set[str]:
-        """The names of ``(name, nbytes)`` units this rank writes: largest first, each onto the
-        least-loaded rank (ties: lowest rank). Deterministic, so every rank agrees."""
-        units = list(units)
-        names = [n for n, _ in units]
-        if len(set(names)) != len(names):
-            raise ValueError("duplicate unit names")
-        load = [0] * self.world
-        mine: set[str] = set()
-        for name, size in sorted(units, key=lambda u: (-u[1], u[0])):
-            r = min(range(self.world), key=lambda i: (load[i], i))
-            load[r] += max(int(size), 1)
-            if r == self.rank:
-                mine.add(name)
-        return mine
+        """The names of the ``(name, nbytes)`` units this rank writes (``split_units``)."""
+        return split_units(units, self.world)[self.rank]
 
     # -- coordination ------------------------------------------------------------------------
     def agree(self, tag: str, payload: Any = None) -> list[Any]:
@@ -253,6 +242,22 @@ class DistContext:
             delay = min(delay * 2, 0.05)
 
 
+def split_units(units: Iterable[tuple[str, int]], world: int) -> list[set[str]]:
+    """Unit names per rank: largest first, each onto the least-loaded rank (ties: lowest rank,
+    then name order). Deterministic, so every rank computes the same split."""
+    units = list(units)
+    names = [n for n, _ in units]
+    if len(set(names)) != len(names):
+        raise ValueError("duplicate unit names")
+    load = [0] * world
+    out: list[set[str]] = [set() for _ in range(world)]
+    for name, size in sorted(units, key=lambda u: (-u[1], u[0])):
+        r = min(range(world), key=lambda i: (load[i], i))
+        load[r] += max(int(size), 1)
+        out[r].add(name)
+    return out
+
+
 def fault(rank: int) -> None:
     """``MHC_FAIL_RANK=R``: rank R fails here (the test's stand-in for a rank's disk error)."""
     if os.environ.get("MHC_FAIL_RANK", "").strip() == str(rank):
@@ -271,9 +276,17 @@ def session() -> Iterator[DistContext | None]:
     try:
         with ctx.abort_on_error():
             yield ctx
+    except BaseException:
+        ctx.close()
+        # Every rank is done and rank 0 has cleaned up; torchrun SIGTERMs the survivors as soon
+        # as one rank exits, which must not cut off their one-line error and exit code.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise
+    else:
+        ctx.close()
     finally:
         _ACTIVE = None
-        ctx.close()
 
 
 def plan_digest(items: Iterable[Any]) -> str:

@@ -110,7 +110,7 @@ def _write(src: Path, dst: Path, view, adapter, plan: Plan, items: list[OutItem]
         commit.check_free_space(dst.parent, 0 if link == "hardlink" else needed)
         return commit.AtomicOutput(dst, fingerprint=commit.source_fingerprint(src),
                                    direction=direction, tool_version=__version__,
-                                   overwrite=overwrite, src=src)
+                                   overwrite=overwrite, src=src, expected_bytes=needed)
 
     ctx = distributed.active()
     cb = progress(needed) if progress and (ctx is None or ctx.is_main) else None

@@ -27,8 +27,9 @@ import torch
 
 from mhc_convert import layout as L
 from mhc_convert.adapters import flip_args, megatron_config
-from mhc_convert.errors import InvalidInputError
+from mhc_convert.errors import InvalidInputError, IOFailure
 from mhc_convert.formats import torch_legacy as tl
+from mhc_convert.hashcopy import HashingFile, output_file
 from mhc_convert.megatron_adapters import infer_contract
 from mhc_convert.plan import Plan, expected_model_shapes
 from mhc_convert.view import CheckpointView, Entry, OutItem
@@ -198,7 +199,7 @@ class LegacyAdapter:
                 out["optimizer"] = _remap_rank_optimizer(view, target, ri, new_values)
             dst = tmp / iter_rel / r.rel
             dst.parent.mkdir(parents=True, exist_ok=True)
-            tl.save_rank(dst, out)
+            _save_rank_hashed(dst, out)
             if progress:
                 progress(dst.stat().st_size)
         tracker = meta["tracker"]
@@ -209,6 +210,16 @@ class LegacyAdapter:
                 (staging / tl.TRACKER).write_text(tracker)
 
         return marker
+
+
+def _save_rank_hashed(path: Path, obj: dict) -> None:
+    """``tl.save_rank`` (same bytes: torch.save with the Megatron-globals pickler, fsynced),
+    with the file's sha256 computed while torch writes it and recorded for the manifest."""
+    try:
+        with output_file(path) as w:
+            torch.save(obj, HashingFile(w), pickle_module=tl._PickleModule)
+    except OSError as e:
+        raise IOFailure(f"cannot write: {e.strerror or e}", path=path) from None
 
 
 def _stage_offsets(ranks, payloads, iter_dir: Path) -> list[int]:

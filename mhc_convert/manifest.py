@@ -34,6 +34,7 @@ MANIFEST_VERSIONS = (1, 2)
 TMP_MARKER = ".mhc-tmp"
 LINK_KINDS = ("hardlink", "reflink")
 _TMP_RE = re.compile(r"^\.(?P<name>.+)\.mhc-tmp-[0-9a-f]{16}$")
+_NEW_RE = re.compile(r"^\.(?P<name>.+)\.mhc-new-[0-9a-f]{16}$")
 _OLD_RE = re.compile(r"^\.(?P<name>.+)\.mhc-old-[0-9a-f]{16}$")
 _LOCK_RE = re.compile(r"^\.(?P<name>.+)\.mhc-lock$")
 SMALL_FILE = 1 << 20  # source files up to this size are hashed into the fingerprint
@@ -164,10 +165,9 @@ def pid_alive(pid: int) -> bool:
 _pid_alive = pid_alive  # old private name
 
 
-def _owner(d: Path) -> tuple[int, str] | None | bool:
-    """(pid, host) of the conversion that made temp dir ``d`` (from its marker, or from the
-    manifest once the marker is gone just before the rename); True when ``d`` holds nothing but
-    an empty/partial marker (killed between mkdir and the marker's fsync); None: not ours."""
+def _owner(d: Path) -> tuple[int, str] | None:
+    """(pid, host) of the conversion that made temp dir ``d``: from its marker, or from the
+    manifest once the marker is gone just before the rename. None: not ours."""
     for name, field in ((TMP_MARKER, None), (MANIFEST_NAME, "writer")):
         try:
             doc = json.loads((d / name).read_text())
@@ -176,19 +176,19 @@ def _owner(d: Path) -> tuple[int, str] | None | bool:
         except FileNotFoundError:
             continue
         except (OSError, ValueError, KeyError, TypeError):
-            if name == TMP_MARKER and [p.name for p in d.iterdir()] == [TMP_MARKER]:
-                return True
             return None
-    return True if not any(d.iterdir()) else None
+    return None
 
 
 def clean_stale(parent_dir: Path) -> list[Path]:
     """Remove what killed conversions left in ``parent_dir``; returns the directories removed.
 
     * ``.<name>.mhc-tmp-<hex>`` directories written on this host by a pid that is gone (from the
-      ``.mhc-tmp`` marker, or the manifest's ``writer`` after the marker's removal), or holding
-      nothing but an empty/partial marker, and only while no live conversion holds the
-      ``<name>`` lock. Anything without our marker is left alone (orbax#394).
+      ``.mhc-tmp`` marker, or the manifest's ``writer`` after the marker's removal), only while
+      no live conversion holds the ``<name>`` lock. Anything without our marker is left alone
+      (orbax#394).
+    * ``.<name>.mhc-new-<hex>``: a temp dir killed before its marker was complete (it is
+      renamed to ``mhc-tmp`` once the marker is durable), holding nothing but that marker.
     * ``.<name>.mhc-old-<hex>``: a replaced output whose deletion was interrupted, only when the
       new ``<name>`` is in place (never the only copy of an output).
     * ``.<name>.mhc-lock`` files nobody holds (not listed in the result: they hold no data).
@@ -197,13 +197,15 @@ def clean_stale(parent_dir: Path) -> list[Path]:
     removed = []
     host = socket.gethostname()
     for p in sorted(parent_dir.iterdir()):
-        m = _TMP_RE.match(p.name) or _OLD_RE.match(p.name)
+        m = _TMP_RE.match(p.name) or _NEW_RE.match(p.name) or _OLD_RE.match(p.name)
         if m is None or p.is_symlink() or not p.is_dir():
             continue
-        if _TMP_RE.match(p.name):
+        if m.re is _TMP_RE:
             owner = _owner(p)
-            if owner is None or (isinstance(owner, tuple)
-                                 and (owner[1] != host or pid_alive(owner[0]))):
+            if owner is None or owner[1] != host or pid_alive(owner[0]):
+                continue
+        elif m.re is _NEW_RE:
+            if {c.name for c in p.iterdir()} - {TMP_MARKER}:
                 continue
         elif not (parent_dir / m["name"]).is_dir():
             continue

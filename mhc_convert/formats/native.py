@@ -27,7 +27,6 @@ from typing import Any, NamedTuple
 import torch
 
 from mhc_convert.errors import InvalidInputError
-from mhc_convert.hashcopy import write_file
 from mhc_convert.formats.safetensors_io import (
     TensorInfo,
     WriteItem,
@@ -36,6 +35,7 @@ from mhc_convert.formats.safetensors_io import (
     read_header,
     write_safetensors,
 )
+from mhc_convert.hashcopy import write_file
 from mhc_convert.view import CheckpointView, Entry, OutItem, ProgressFn
 
 CONFIG_NAME = "config.json"

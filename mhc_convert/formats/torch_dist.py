@@ -44,8 +44,10 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from mhc_convert.commit import phase, record
 from mhc_convert.errors import InvalidInputError, IOFailure
 from mhc_convert.formats.safe_unpickle import safe_pickle_load, safe_torch_load, safe_torch_save
+from mhc_convert.hashcopy import HashingFile, output_file, write_file
 from mhc_convert.view import CheckpointView, Entry, OutItem, ProgressFn
 
 METADATA_FN = ".metadata"
@@ -330,14 +332,6 @@ def _make_loader(iter_dir: Path):
 
 
 # ------------------------------------------------------------------------------------- write
-def _phase(name: str) -> None:
-    try:  # the commit module belongs to another engineer and may be absent
-        from mhc_convert.commit import phase
-    except ImportError:
-        return
-    phase(name)
-
-
 def _fsync_close(f: Any) -> None:
     f.flush()
     os.fsync(f.fileno())
@@ -345,9 +339,16 @@ def _fsync_close(f: Any) -> None:
 
 
 def _place_file(src: Path, dst: Path, link: str, progress: ProgressFn | None) -> int:
-    """Copy (byte-for-byte), hardlink or reflink one data file. Returns bytes placed."""
+    """Copy (byte-for-byte, sha256 computed in the same pass), hardlink or reflink one data
+    file. Linked files are recorded for the manifest without reading them (manifest.py says
+    what ``verify`` then checks). Returns bytes placed."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     size = src.stat().st_size
+    if link == "copy":
+        with open(src, "rb") as fi, output_file(dst, progress) as out:
+            out.copy_range(fi.fileno(), 0, size, lambda missing: _shrunk(src, missing))
+        return size
+    phase("file-start")
     if link == "hardlink":
         try:
             os.link(src, dst)
@@ -355,11 +356,8 @@ def _place_file(src: Path, dst: Path, link: str, progress: ProgressFn | None) ->
             raise IOFailure(f"cannot hardlink ({errno.errorcode.get(e.errno, e.errno)}: "
                             f"{e.strerror}); source and output must share a filesystem, "
                             "or use --link copy", path=dst) from None
-        if progress:
-            progress(size)
-        return size
-    with open(src, "rb") as fi, open(dst, "xb") as fo:
-        if link == "reflink":
+    else:
+        with open(src, "rb") as fi, open(dst, "xb") as fo:
             try:
                 fcntl.ioctl(fo.fileno(), _FICLONE, fi.fileno())
             except OSError as e:
@@ -368,15 +366,17 @@ def _place_file(src: Path, dst: Path, link: str, progress: ProgressFn | None) ->
                 code = errno.errorcode.get(e.errno or 0, e.errno)
                 raise IOFailure(f"reflink not supported here ({code}); use --link copy or "
                                 "hardlink", path=dst) from None
-            if progress:
-                progress(size)
-        else:
-            while chunk := fi.read(16 << 20):
-                fo.write(chunk)
-                if progress:
-                    progress(len(chunk))
-        _fsync_close(fo)
+            _fsync_close(fo)
+    if progress:
+        progress(size)
+    record(dst, size=size, link={"link": link, "source": str(src)})
+    phase("file-done")
     return size
+
+
+def _shrunk(src: Path, missing: int) -> None:
+    raise InvalidInputError(f"data file ended {missing} bytes early (modified during the "
+                            "conversion?)", path=src)
 
 
 def _encode_value(key: str, value: Any) -> tuple[bytes, Any, MetadataIndex]:
@@ -449,20 +449,13 @@ def write_torch_dist(out_dir: str | Path, view: CheckpointView, items: list[OutI
         units += [(new_name, offset)] if encoded else []
         mine = assign(units + [(METADATA_FN, 0)]) if assign else {METADATA_FN, *dict(units)}
         out.mkdir(parents=True, exist_ok=True)
-        for n, rel in enumerate(r for r in referenced if r in mine):
+        for rel in (r for r in referenced if r in mine):
             total += _place_file(view.path / rel, out / rel, link, progress)
-            if n == 0:
-                _phase("mid-copy")  # crash-test point: some data placed, .metadata not yet
         if encoded and new_name in mine:
-            with open(out / new_name, "xb") as f:
+            with output_file(out / new_name, progress) as f:  # sha256 in the same pass
                 for _, blob, _, _ in encoded:
-                    f.write(blob)
+                    f.write(blob)  # a crash-hook point per item
                     total += len(blob)
-                    if progress:
-                        progress(len(blob))
-                _fsync_close(f)
-            if not referenced:
-                _phase("mid-copy")
         # Keep item order in .metadata as the caller gave it (readers list keys in this order).
         sd_md = {k: sd_md[k] for k in keys}
         md = Metadata(state_dict_metadata=sd_md, storage_data=storage,
@@ -473,9 +466,8 @@ def write_torch_dist(out_dir: str | Path, view: CheckpointView, items: list[OutI
             md.mcore_data = _follow(mcore, origin, keys, default=False)
         # `all_local_plans` (Megatron's save-plan cache) is dropped: it would describe old keys.
         if METADATA_FN in mine:
-            with open(out / METADATA_FN, "xb") as f:
-                pickle.dump(md, f)
-                _fsync_close(f)
+            with output_file(out / METADATA_FN) as f:
+                pickle.dump(md, HashingFile(f))
         _fsync_dir(out)
     except OSError as e:
         raise IOFailure(f"{errno.errorcode.get(e.errno or 0, 'OSError')}: {e.strerror or e}",
@@ -514,9 +506,7 @@ def _fsync_dir(d: Path) -> None:
 
 def _write_durable(path: Path, data: bytes) -> None:
     try:
-        with open(path, "xb") as f:
-            f.write(data)
-            _fsync_close(f)
+        write_file(path, data)  # fsynced; sha256 recorded for the manifest
         _fsync_dir(path.parent)
     except OSError as e:
         raise IOFailure(f"{errno.errorcode.get(e.errno or 0, 'OSError')}: {e.strerror or e}",

@@ -19,7 +19,6 @@ from tests.model.helpers import tiny_config, tokens
 from tests.paths import MEGATRON_FIXTURE
 
 FIXTURE = MEGATRON_FIXTURE  # shipped in the repository: never skipped
-needs_fixture = pytest.mark.usefixtures()
 
 
 def _stored(iter_dir: Path) -> dict[str, object]:
@@ -46,7 +45,6 @@ def _merged_by_hand(cfg) -> dict[str, torch.Tensor]:
     return out
 
 
-@needs_fixture
 def test_written_keys_equal_the_fixture(tmp_path):
     cfg = C.dist_config(FIXTURE)
     model = HybridModel(cfg)
@@ -73,7 +71,6 @@ def test_written_keys_equal_the_fixture(tmp_path):
     assert read_torch_dist(tmp_path).meta["optimizer_sharding"] == "fully_reshardable"
 
 
-@needs_fixture
 def test_loader_reads_the_fixture_like_merging_by_hand():
     cfg = C.dist_config(FIXTURE)
     assert cfg.hybrid_layer_pattern == "M*-M-" and cfg.params_dtype == "bfloat16"
@@ -94,7 +91,6 @@ def test_loader_reads_the_fixture_like_merging_by_hand():
     assert opt.state[p]["step"].item() == 1000 and opt.param_groups[0]["lr"] == 3e-4
 
 
-@needs_fixture
 def test_fixture_toggles_on_in_process_and_back():
     cfg = C.dist_config(FIXTURE).replace(params_dtype="float32")
     off, on = HybridModel(cfg), HybridModel(cfg.with_mhc(enable_hyper_connections=True))
