@@ -12,6 +12,7 @@ token) / time, reported as a fraction of the device-to-device copy bandwidth (x.
 from __future__ import annotations
 
 import argparse
+import os
 
 import torch
 from triton.testing import do_bench
@@ -105,52 +106,183 @@ def _epilogue_time(x, W, b, al) -> float:
     """Coefficient epilogue alone: RMS, alpha/bias, gates and 20 Sinkhorn iterations."""
     K = N * N + 2 * N
     KP = max(16, triton_coef._pow2(K))
-    part, ss = triton_coef.proj_forward(x.detach().reshape(T, N * C), W.detach(), K, KP, True)
-    a3 = torch.cat([a.detach() for a in al])
+    part = triton_coef.proj_forward(x.detach().reshape(T, N * C), W.detach(), K, KP, True)
+    a3 = [a.detach() for a in al]
+
     def epi():
-        return triton_coef.coef_epilogue(part, ss, b.detach(), a3, N, N * C, ITERS, True, 1e-6)
+        return triton_coef.coef_epilogue(part, b.detach(), a3, N, N * C, ITERS, True, 1e-6)
 
     return _t(epi), _kernel_us(epi)[0]
 
 
-SWEEP = {
-    ("coef", "proj_fwd"): [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 8, 4)],
-    ("coef", "proj_bwd"): [(64, 64, 4, 3), (64, 64, 4, 2), (128, 64, 8, 3), (64, 64, 8, 4),
-                           (64, 32, 4, 3)],
-}
+# (name, (op, direction), config dict, overrides): every candidate is timed as the kernel
+# sum of its op direction; the first entry of each group is the shipped default.
+# proj_bwd = (BT, BD, warps, stages, DW_T, waves); the last proj_bwd row is the previous
+# kernel (fp32 dproj split per tile, dW = dproj^T @ x on mma.sync, no T split).
+_PB = [(128, 64, 4, 3, True, 2), (128, 64, 4, 3, True, 4), (128, 64, 4, 4, True, 2),
+       (128, 64, 4, 2, True, 2), (128, 64, 8, 3, True, 2), (64, 64, 4, 3, True, 2),
+       (64, 64, 4, 3, True, 4), (64, 64, 4, 4, True, 4), (64, 128, 4, 3, True, 2),
+       (64, 128, 4, 4, True, 2), (128, 128, 8, 3, True, 2), (256, 64, 8, 3, True, 2)]
+_STREAM = [(4096, 4), (8192, 8), (2048, 4), (8192, 4), (4096, 8), (2048, 2), (16384, 8)]
+SWEEP = [
+    ("proj_fwd", ("coefficients", 0), triton_coef.CONFIG,
+     [{"proj_fwd": c} for c in [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 8, 4)]]),
+    ("proj_bwd", ("coefficients", 1), triton_coef.CONFIG,
+     [{"proj_bwd": c} for c in _PB]
+     + [{"proj_bwd": (64, 64, 4, 3, False, 1), "proj_bwd_presplit": False}]),
+    ("coef_bwd", ("coefficients", 1), triton_coef.CONFIG,
+     [{"coef_bwd": c} for c in [(16, 2), (16, 4), (8, 2), (32, 4), (8, 1), (16, 1)]]),
+    ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, [{"mix_bwd": c} for c in _STREAM]),
+    ("agg_bwd", ("aggregate", 1), triton_stream.CONFIG, [{"agg_bwd": c} for c in _STREAM]),
+]
 
 
 def _sweep(ops, lines):
-    mods = {"coef": triton_coef.CONFIG, "stream": triton_stream.CONFIG}
-    target = {"proj_fwd": ("coefficients", 0), "waves": ("coefficients", 0),
-              "proj_bwd": ("coefficients", 1), "coef_bt": ("coefficients", 1),
-              "agg_fwd": ("aggregate", 0), "agg_bwd": ("aggregate", 1),
-              "mix_fwd": ("mix_post", 0), "mix_bwd": ("mix_post", 1)}
-    lines.append("\n| sweep key | config | kernel µs |\n|---|---|---|")
-    for (mod, key), cands in SWEEP.items():
-        cfg = mods[mod]
-        default = cfg[key]
+    lines.append("\n| sweep | config | kernel µs |\n|---|---|---|")
+    for name, (op, which), cfg, cands in SWEEP:
+        default = dict(cfg)
         best = None
+        n0 = len(lines)
         for cand in cands:
-            cfg[key] = cand
-            op, which = target[key]
+            cfg.update(cand)
+            label = ", ".join(f"{k}={v}" for k, v in cand.items())
             fn, inputs, *_ = ops[op]
             try:
-                t = _direction_us(fn, inputs, which) * 1e-6
+                t = _direction_us(fn, inputs, which)
             except Exception as e:  # a config that does not compile/fit is reported, not fatal
-                lines.append(f"| {key} | {cand} | failed: {type(e).__name__} |")
+                lines.append(f"| {name} | {label} | failed: {type(e).__name__} |")
+                print(lines[-1], str(e)[:300], flush=True)
+                cfg.clear()
+                cfg.update(default)
                 continue
-            lines.append(f"| {key} | {cand} | {t * 1e6:.1f} |")
-            best = min(best or (t, cand), (t, cand))
-        lines.append(f"| {key} | best {best[1] if best else None} (default {default}) | |")
-        cfg[key] = default
-        print("\n".join(lines[-len(cands) - 1:]), flush=True)
+            lines.append(f"| {name} | {label} | {t:.1f} |")
+            print(lines[-1], flush=True)
+            best = min(best or (t, label), (t, label))
+            cfg.clear()
+            cfg.update(default)
+        lines.append(f"| {name} | best: {best[1] if best else None} | |")
+        print("\n".join(lines[n0:]), flush=True)
+
+
+def _host_us(reps: int = 200) -> tuple[float, float]:
+    """Host time per call of the fused coefficients forward / backward at T = 64, where the
+    GPU work is negligible (so wall time per call = Python + launch overhead)."""
+    import time
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    D, K = N * C, N * N + 2 * N
+    x = torch.randn(64, N, C, generator=gen, device="cuda").bfloat16().requires_grad_()
+    W = (torch.randn(K, D, generator=gen, device="cuda") / D**0.5).requires_grad_()
+    b = torch.randn(K, generator=gen, device="cuda").requires_grad_()
+    al = [torch.tensor([0.5], device="cuda").requires_grad_() for _ in range(3)]
+    inputs = [x, W, b, *al]
+
+    def fwd():
+        return triton_mhc.coefficients(*inputs, iters=ITERS, convention="deepseek")
+
+    outs = fwd()
+    g = [torch.randn_like(o) for o in outs]
+
+    def bwd():
+        return torch.autograd.grad(outs, inputs, g, retain_graph=True)
+
+    res = []
+    for f in (fwd, bwd):
+        for _ in range(10):
+            f()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        torch.cuda.synchronize()
+        res.append((time.perf_counter() - t0) / reps * 1e6)
+    res += _host_reference_us(reps)
+    if os.environ.get("MHC_HOST_PROFILE"):
+        import cProfile
+        import pstats
+
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(100):
+            fwd()
+            bwd()
+        torch.cuda.synchronize()
+        pr.disable()
+        pstats.Stats(pr).sort_stats("tottime").print_stats(25)
+    return tuple(res)
+
+
+def _host_reference_us(reps: int) -> list[float]:
+    """Reference host costs on this machine: one Triton launch (the 13-argument finalize
+    kernel, one program), one torch.empty, and autograd.grad through a trivial Function."""
+    import time
+
+    dev = torch.device("cuda")
+    f32 = torch.float32
+    part = torch.zeros(64, device=dev)
+    outs = [torch.empty(k, device=dev) for k in (16, 16, 4)]
+
+    def launch():
+        triton_coef._finalize_kernel[(1,)](part, outs[0], part, outs[1], part, outs[2], 1, 16, 1,
+                                           K=8, KP=16, BLOCK=16, BG=16, num_warps=4)
+
+    def empty():
+        return torch.empty((64, 4), dtype=f32, device=dev)
+
+    class _Triv(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return a.detach()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g
+
+    a = torch.zeros(16, device=dev, requires_grad=True)
+    o = _Triv.apply(a)
+    go = torch.ones_like(o)
+
+    def grad():
+        return torch.autograd.grad(o, a, go, retain_graph=True)
+
+    res = []
+    for f in (launch, empty, grad):
+        for _ in range(10):
+            f()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            f()
+        torch.cuda.synchronize()
+        res.append((time.perf_counter() - t0) / reps * 1e6)
+    return res
+
+
+def _compiled_stats() -> list[str]:
+    """Registers / spills / shared memory / wgmma use of every compiled coefficient kernel."""
+    out = []
+    for name in ("_proj_bwd_kernel", "_coef_bwd_kernel", "_proj_fwd_kernel", "_finalize_kernel"):
+        fn = getattr(triton_coef, name)
+        for caches in getattr(fn, "device_caches", {}).values():
+            for k in caches[0].values():
+                try:
+                    ptx = k.asm.get("ptx", "")
+                    cst = {fn.arg_names[i[0]]: v for i, v in k.src.constants.items()
+                           if isinstance(v, (bool, int)) and not isinstance(v, type(None))}
+                    out.append(f"{name} regs={k.n_regs} spills={k.n_spills} "
+                               f"smem={k.metadata.shared} warps={k.metadata.num_warps} "
+                               f"stages={k.metadata.num_stages} wgmma={'wgmma' in ptx} "
+                               f"mma.sync={'mma.sync' in ptx} {cst}")
+                except Exception as e:  # diagnostics only
+                    out.append(f"{name}: {type(e).__name__}: {e}")
+    return out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--diag", action="store_true", help="print compiled-kernel statistics")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -196,9 +328,17 @@ def main():
     lines += ["", f"Coefficient epilogue alone (RMS + alpha/bias + gates + {ITERS}-iter Sinkhorn, "
               f"from the projection partials): {te * 1e6:.1f} µs bench, {ke:.1f} µs kern "
               "(target ≤ 30 µs)."]
+    hf, hb, hl, he, hg = _host_us()
+    lines += ["", f"Host time per call (T = 64, GPU work negligible): coefficients forward "
+              f"{hf:.1f} µs, backward {hb:.1f} µs (Python + launches; autograd engine included "
+              f"for the backward). Reference costs on this host: one Triton launch {hl:.1f} µs, "
+              f"one torch.empty {he:.1f} µs, autograd.grad through a trivial Function "
+              f"{hg:.1f} µs."]
     print("\n".join(lines), flush=True)
     if args.sweep:
         _sweep(tri, lines)
+    if args.diag:
+        print("\n".join(_compiled_stats()), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write("\n".join(lines) + "\n")

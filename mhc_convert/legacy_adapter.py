@@ -17,6 +17,7 @@ otherwise refused unless the engine was asked to drop it.
 
 from __future__ import annotations
 
+import errno
 from collections import defaultdict
 from dataclasses import dataclass
 from functools import lru_cache
@@ -219,6 +220,8 @@ def _save_rank_hashed(path: Path, obj: dict) -> None:
         with output_file(path) as w:
             torch.save(obj, HashingFile(w), pickle_module=tl._PickleModule)
     except OSError as e:
+        if e.errno == errno.ENOSPC:  # the commit protocol adds need vs free
+            raise
         raise IOFailure(f"cannot write: {e.strerror or e}", path=path) from None
 
 

@@ -9,10 +9,11 @@ Cost (honest): ``check_finite`` reads every byte of every floating tensor it is 
 once, sequentially, before anything is written. That is one extra read of the source's tensor
 bytes on top of the copy itself: roughly doubling the read I/O of a conversion (the write side is
 unchanged). Memory stays bounded: values are never decoded to a wider dtype; each tensor is
-scanned as raw bits, at most ``SLICE`` bytes at a time, so at most one 64 MiB slice (plus a
-same-length boolean mask) is resident, whatever the tensor size. Only a torch_dist chunk whose
-``torch.save`` container is not the plain one DCP writes falls back to decoding that chunk's
-tensor whole (never more than one tensor).
+scanned as raw bits, at most ``SLICE`` (64 MiB) at a time, so one slice plus a few
+slice-sized bit-test temporaries are resident, whatever the tensor size. torch_dist chunks are
+streamed out of their ``torch.save`` zip record without unpickling; only a chunk whose container
+is not the plain one DCP writes falls back to decoding that tensor whole through the reader
+(never more than one tensor). Legacy ``.pt`` tensors are the reader's (mmapped) objects.
 """
 
 from __future__ import annotations

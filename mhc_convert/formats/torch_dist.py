@@ -369,7 +369,7 @@ def _place_file(src: Path, dst: Path, link: str, progress: ProgressFn | None) ->
             _fsync_close(fo)
     if progress:
         progress(size)
-    record(dst, size=size, link={"link": link, "source": str(src)})
+    record(dst, size=size, link={"link": link, "source": os.path.abspath(src)})
     phase("file-done")
     return size
 
@@ -470,6 +470,8 @@ def write_torch_dist(out_dir: str | Path, view: CheckpointView, items: list[OutI
                 pickle.dump(md, HashingFile(f))
         _fsync_dir(out)
     except OSError as e:
+        if e.errno == errno.ENOSPC:  # the commit protocol adds need vs free
+            raise
         raise IOFailure(f"{errno.errorcode.get(e.errno or 0, 'OSError')}: {e.strerror or e}",
                         path=e.filename or out) from None
     return {"data_files": referenced + ([new_name] if encoded else []),
@@ -509,6 +511,8 @@ def _write_durable(path: Path, data: bytes) -> None:
         write_file(path, data)  # fsynced; sha256 recorded for the manifest
         _fsync_dir(path.parent)
     except OSError as e:
+        if e.errno == errno.ENOSPC:  # the commit protocol adds need vs free
+            raise
         raise IOFailure(f"{errno.errorcode.get(e.errno or 0, 'OSError')}: {e.strerror or e}",
                         path=path) from None
 

@@ -5,16 +5,23 @@ Pipeline (T tokens, N streams, C hidden, D = N*C, K = N^2 + 2N padded to KP lane
 forward
   1. ``_proj_fwd_kernel``   x_TD @ W^T on tensor cores + sum of squares, split over D
      (Eq. 14-15: the RMS normalisation is moved *after* the matmul, so x is read once).
-     Partials ``[S, T, KP]`` are written, never atomics: the result is deterministic.
+     Partials ``[S, T, KP]`` are written (lane K carries the sum of squares), never
+     atomics: the result is deterministic.
   2. ``_coef_fwd_kernel``   sums the partials, RMS factor, alpha/bias (Eq. 16), sigmoid
      gates (Eq. 17-18) and the Sinkhorn-Knopp projection (Eq. 19), all in registers.
 backward
   3. ``_coef_bwd_kernel``   recomputes gates and Sinkhorn on-chip; the iterates of one
      program go to a small scratch (L2 resident) and are replayed backwards, giving the
      exact gradient of the unrolled iteration (the reference is unrolled, so an implicit
-     fixed-point gradient would differ).  Emits dproj, the RMS chain coefficient and
-     per-program partials of d bias / d alpha.
-  4. ``_proj_bwd_kernel``   dx = dproj @ W + coef * x and dW = dproj^T @ x in one pass over x.
+     fixed-point gradient would differ).  Emits dproj (bf16 hi + lo pair for bf16
+     streams), the RMS chain coefficient and per-program partials of d bias / d alpha.
+  4. ``_proj_bwd_kernel``   dx = dproj @ W + coef * x and per-T-split partials of
+     dW^T = x^T @ dproj in one pass over x (x is read once, W stays on-chip).
+  5. ``_finalize_kernel``   fixed-order sums of the dW / d bias / d alpha partials, written in
+     the parameters' dtypes (two-stage reduction: deterministic, no atomics).
+
+Weights, bias and alphas are read in their own dtype and converted in registers, so the
+host issues no cast / cat kernels.
 
 bf16 streams: x is exact in bf16, the fp32 weight is split in registers into W_hi + W_lo
 (both bf16), so two bf16 MMAs give ~fp32 accuracy at tensor-core speed.  fp32 streams use
@@ -29,17 +36,27 @@ import triton.language as tl
 
 from mhc_model.kernels.triton_sinkhorn import sinkhorn_bwd, sinkhorn_fwd
 
-# Tunables (the bench may override them).  proj_fwd: (BT, BD, warps, stages), split target.
+# Tunables (the bench may override them).
+#   proj_fwd: (BT, BD, warps, stages); waves: D-split target in programs per SM.
+#   proj_bwd: (BT, BD, warps, stages, DW_T, waves).  DW_T computes dW^T = x^T @ dproj so
+#     every dot has M >= 64 (Hopper wgmma); waves: T-split target in programs per SM.
+#   proj_bwd_presplit: dproj goes to the projection backward as a bf16 (hi, lo) pair
+#     written by the coefficient backward, instead of fp32 split per tile.
+#   coef_bt: token block of the coefficient forward; coef_bwd: (BT, warps) of its backward.
+#   finalize: (BLOCK of dW elements, BG rows of partials per step, warps).
 CONFIG = {
     "proj_fwd": (128, 128, 8, 3),
-    "proj_bwd": (64, 64, 4, 3),
-    "coef_bt": 16,
     "waves": 1,
+    "proj_bwd": (128, 64, 4, 3, True, 2),
+    "proj_bwd_presplit": True,
+    "coef_bt": 16,
+    "coef_bwd": (16, 2),
+    "finalize": (2048, 256, 8),
 }
 
 
 @triton.jit
-def _proj_fwd_kernel(x_ptr, w_ptr, part_ptr, ss_ptr, T, D, d_per_split,
+def _proj_fwd_kernel(x_ptr, w_ptr, part_ptr, T, D, d_per_split,
                      K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                      SPLIT_BF16: tl.constexpr):
     pid_t = tl.program_id(0)
@@ -55,9 +72,9 @@ def _proj_fwd_kernel(x_ptr, w_ptr, part_ptr, ss_ptr, T, D, d_per_split,
         offs_d = d_start + d0 + tl.arange(0, BD)
         mask_d = offs_d < D
         x = tl.load(x_rows + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-        # [BD, KP] tile of W^T (fp32, rows >= K read as 0), L2 resident.
+        # [BD, KP] tile of W^T (rows >= K read as 0), L2 resident, fp32 in registers.
         w = tl.load(w_ptr + offs_k[None, :] * D + offs_d[:, None],
-                    mask=mask_d[:, None] & (offs_k[None, :] < K), other=0.0)
+                    mask=mask_d[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
         xf = x.to(tl.float32)
         ss += tl.sum(xf * xf, axis=1)
         if SPLIT_BF16:
@@ -71,9 +88,10 @@ def _proj_fwd_kernel(x_ptr, w_ptr, part_ptr, ss_ptr, T, D, d_per_split,
             acc += tile
         else:
             acc = tl.dot(xf, w, acc, input_precision="ieee")
+    # lanes >= K of acc are 0; lane K carries this split's sum of squares
+    acc = tl.where(offs_k[None, :] == K, ss[:, None], acc)
     out = part_ptr + pid_s * T * KP + offs_t[:, None] * KP + offs_k[None, :]
     tl.store(out, acc, mask=mask_t[:, None])
-    tl.store(ss_ptr + pid_s * T + offs_t, ss, mask=mask_t)
 
 
 @triton.jit
@@ -87,11 +105,19 @@ def _rms(ss, D, eps, DEEPSEEK: tl.constexpr):
 
 
 @triton.jit
-def _coef_fwd_kernel(part_ptr, ss_part_ptr, bias_ptr, alpha_ptr,
-                     pre_ptr, post_ptr, res_ptr, proj_ptr, ss_ptr,
+def _load_alphas(apre_ptr, apost_ptr, ares_ptr):
+    a_pre = tl.load(apre_ptr).to(tl.float32)
+    a_post = tl.load(apost_ptr).to(tl.float32)
+    a_res = tl.load(ares_ptr).to(tl.float32)
+    return a_pre, a_post, a_res
+
+
+@triton.jit
+def _coef_fwd_kernel(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
+                     pre_ptr, post_ptr, res_ptr, proj_ptr,
                      T, D, n_split, eps,
-                     N: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
-                     ITERS: tl.constexpr, DEEPSEEK: tl.constexpr):
+                     N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                     BT: tl.constexpr, ITERS: tl.constexpr, DEEPSEEK: tl.constexpr):
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
     mt = t < T
@@ -115,19 +141,21 @@ def _coef_fwd_kernel(part_ptr, ss_part_ptr, bias_ptr, alpha_ptr,
         p_pre += tl.load(base + t2 * KP + n2, mask=m2, other=0.0)
         p_post += tl.load(base + t2 * KP + N + n2, mask=m2, other=0.0)
         p_res += tl.load(base + t3 * KP + k_res, mask=m3, other=0.0)
-        ss += tl.load(ss_part_ptr + s * T + t, mask=mt, other=0.0)
+        ss += tl.load(base + t * KP + K, mask=mt, other=0.0)
+    # proj [T, KP] keeps the sum of squares in lane K (saved for the backward)
     tl.store(proj_ptr + t2 * KP + n2, p_pre, mask=m2)
     tl.store(proj_ptr + t2 * KP + N + n2, p_post, mask=m2)
     tl.store(proj_ptr + t3 * KP + k_res, p_res, mask=m3)
-    tl.store(ss_ptr + t, ss, mask=mt)
+    tl.store(proj_ptr + t * KP + K, ss, mask=mt)
     r = _rms(ss, D, eps, DEEPSEEK)
-    a_pre = tl.load(alpha_ptr)
-    a_post = tl.load(alpha_ptr + 1)
-    a_res = tl.load(alpha_ptr + 2)
+    a_pre, a_post, a_res = _load_alphas(apre_ptr, apost_ptr, ares_ptr)
     # Eq. 16: h = r * proj * alpha + bias, per group [pre | post | res].
-    h_pre = r[:, None] * p_pre * a_pre + tl.load(bias_ptr + n2, mask=mn[None, :], other=0.0)
-    h_post = r[:, None] * p_post * a_post + tl.load(bias_ptr + N + n2, mask=mn[None, :], other=0.0)
-    h_res = r[:, None, None] * p_res * a_res + tl.load(bias_ptr + k_res, mask=valid, other=0.0)
+    b_pre = tl.load(bias_ptr + n2, mask=mn[None, :], other=0.0).to(tl.float32)
+    b_post = tl.load(bias_ptr + N + n2, mask=mn[None, :], other=0.0).to(tl.float32)
+    b_res = tl.load(bias_ptr + k_res, mask=valid, other=0.0).to(tl.float32)
+    h_pre = r[:, None] * p_pre * a_pre + b_pre
+    h_post = r[:, None] * p_post * a_post + b_post
+    h_res = r[:, None, None] * p_res * a_res + b_res
     # Eq. 17-18: H_pre = sigmoid (+eps in deepseek), H_post = 2 sigmoid.
     H_pre = tl.sigmoid(h_pre)
     if DEEPSEEK:
@@ -141,11 +169,13 @@ def _coef_fwd_kernel(part_ptr, ss_part_ptr, bias_ptr, alpha_ptr,
 
 
 @triton.jit
-def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, ss_ptr, bias_ptr, alpha_ptr,
+def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, bias_ptr,
+                     apre_ptr, apost_ptr, ares_ptr,
                      hist_ptr, dproj_ptr, coef_ptr, dbias_part_ptr, dalpha_part_ptr,
                      T, D, eps,
-                     N: tl.constexpr, NP: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
-                     ITERS: tl.constexpr, DEEPSEEK: tl.constexpr):
+                     N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                     BT: tl.constexpr, ITERS: tl.constexpr, DEEPSEEK: tl.constexpr,
+                     DP_SPLIT: tl.constexpr):
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
     mt = t < T
@@ -163,14 +193,15 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, ss_ptr, bias_ptr, 
     p_pre = tl.load(proj_ptr + t2 * KP + n2, mask=m2, other=0.0)
     p_post = tl.load(proj_ptr + t2 * KP + N + n2, mask=m2, other=0.0)
     p_res = tl.load(proj_ptr + t3 * KP + k_res, mask=m3, other=0.0)
-    ss = tl.load(ss_ptr + t, mask=mt, other=0.0)
+    ss = tl.load(proj_ptr + t * KP + K, mask=mt, other=0.0)
     r = _rms(ss, D, eps, DEEPSEEK)
-    a_pre = tl.load(alpha_ptr)
-    a_post = tl.load(alpha_ptr + 1)
-    a_res = tl.load(alpha_ptr + 2)
-    h_pre = r[:, None] * p_pre * a_pre + tl.load(bias_ptr + n2, mask=mn[None, :], other=0.0)
-    h_post = r[:, None] * p_post * a_post + tl.load(bias_ptr + N + n2, mask=mn[None, :], other=0.0)
-    h_res = r[:, None, None] * p_res * a_res + tl.load(bias_ptr + k_res, mask=valid, other=0.0)
+    a_pre, a_post, a_res = _load_alphas(apre_ptr, apost_ptr, ares_ptr)
+    b_pre = tl.load(bias_ptr + n2, mask=mn[None, :], other=0.0).to(tl.float32)
+    b_post = tl.load(bias_ptr + N + n2, mask=mn[None, :], other=0.0).to(tl.float32)
+    b_res = tl.load(bias_ptr + k_res, mask=valid, other=0.0).to(tl.float32)
+    h_pre = r[:, None] * p_pre * a_pre + b_pre
+    h_post = r[:, None] * p_post * a_post + b_post
+    h_res = r[:, None, None] * p_res * a_res + b_res
     # Gates: d sigmoid = s (1 - s); H_post = 2 sigmoid.
     s_pre = tl.sigmoid(h_pre)
     s_post = tl.sigmoid(h_post)
@@ -185,9 +216,33 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, ss_ptr, bias_ptr, 
     # h = r * proj * alpha + bias  ->  dproj = dh r alpha, dr = sum dh proj alpha.
     r2 = r[:, None]
     r3 = r[:, None, None]
-    tl.store(dproj_ptr + t2 * KP + n2, dh_pre * r2 * a_pre, mask=m2)
-    tl.store(dproj_ptr + t2 * KP + N + n2, dh_post * r2 * a_post, mask=m2)
-    tl.store(dproj_ptr + t3 * KP + k_res, dh_res * r3 * a_res, mask=m3)
+    dp_pre = dh_pre * r2 * a_pre
+    dp_post = dh_post * r2 * a_post
+    dp_res = dh_res * r3 * a_res
+    kp = tl.arange(0, KP)[None, :]
+    mpad = mt[:, None] & (kp >= K)
+    if DP_SPLIT:
+        # bf16 (hi, lo) pair: hi = rn(v), lo = rn(v - hi); [2, T, KP], padding lanes 0
+        lo_ptr = dproj_ptr + T * KP
+        h = dp_pre.to(tl.bfloat16)
+        tl.store(dproj_ptr + t2 * KP + n2, h, mask=m2)
+        tl.store(lo_ptr + t2 * KP + n2, (dp_pre - h.to(tl.float32)).to(tl.bfloat16), mask=m2)
+        h = dp_post.to(tl.bfloat16)
+        tl.store(dproj_ptr + t2 * KP + N + n2, h, mask=m2)
+        tl.store(lo_ptr + t2 * KP + N + n2, (dp_post - h.to(tl.float32)).to(tl.bfloat16),
+                 mask=m2)
+        h3 = dp_res.to(tl.bfloat16)
+        tl.store(dproj_ptr + t3 * KP + k_res, h3, mask=m3)
+        tl.store(lo_ptr + t3 * KP + k_res, (dp_res - h3.to(tl.float32)).to(tl.bfloat16),
+                 mask=m3)
+        zero = tl.zeros((BT, KP), tl.bfloat16)
+        tl.store(dproj_ptr + t2 * KP + kp, zero, mask=mpad)
+        tl.store(lo_ptr + t2 * KP + kp, zero, mask=mpad)
+    else:
+        tl.store(dproj_ptr + t2 * KP + n2, dp_pre, mask=m2)
+        tl.store(dproj_ptr + t2 * KP + N + n2, dp_post, mask=m2)
+        tl.store(dproj_ptr + t3 * KP + k_res, dp_res, mask=m3)
+        tl.store(dproj_ptr + t2 * KP + kp, tl.zeros((BT, KP), tl.float32), mask=mpad)
     g_pre = tl.sum(dh_pre * p_pre, axis=1)
     g_post = tl.sum(dh_post * p_post, axis=1)
     g_res = tl.sum(tl.sum(dh_res * p_res, axis=2), axis=1)
@@ -199,7 +254,7 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, ss_ptr, bias_ptr, 
         rms = tl.sqrt_rn(ss) / tl.sqrt_rn(D * 1.0)
         coef = tl.where(rms > 0.0, -dr * r * r / (D * tl.where(rms > 0.0, rms, 1.0)), 0.0)
     tl.store(coef_ptr + t, coef, mask=mt)
-    # Per-program partials of d bias [KP] and d alpha [3]; summed on the host side.
+    # Per-program partials of d bias [KP] and d alpha [4]; summed by _finalize_kernel.
     db = dbias_part_ptr + pid * KP
     tl.store(db + n, tl.sum(dh_pre, axis=0), mask=mn)
     tl.store(db + N + n, tl.sum(dh_post, axis=0), mask=mn)
@@ -209,25 +264,61 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, ss_ptr, bias_ptr, 
     tl.store(da, tl.sum(g_pre * r, axis=0))
     tl.store(da + 1, tl.sum(g_post * r, axis=0))
     tl.store(da + 2, tl.sum(g_res * r, axis=0))
+    tl.store(da + 3, 0.0)
+
+
+@triton.jit
+def _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G,
+                       K: tl.constexpr, KP: tl.constexpr, BG: tl.constexpr):
+    # d bias [K] (in the bias dtype) and d alpha [3] (fp32) from the per-program partials
+    # of the coefficient backward; fixed summation order.
+    g = tl.arange(0, BG)
+    k = tl.arange(0, KP)
+    a = tl.arange(0, 4)
+    acc_b = tl.zeros((BG, KP), tl.float32)
+    acc_a = tl.zeros((BG, 4), tl.float32)
+    for g0 in range(0, G, BG):
+        mg = (g0 + g) < G
+        acc_b += tl.load(dbias_part_ptr + (g0 + g)[:, None] * KP + k[None, :],
+                         mask=mg[:, None], other=0.0)
+        acc_a += tl.load(dalpha_part_ptr + (g0 + g)[:, None] * 4 + a[None, :],
+                         mask=mg[:, None], other=0.0)
+    tl.store(dbias_ptr + k, tl.sum(acc_b, axis=0).to(dbias_ptr.dtype.element_ty), mask=k < K)
+    tl.store(dalpha_ptr + a, tl.sum(acc_a, axis=0), mask=a < 3)
 
 
 @triton.jit
 def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
-                     T, D, t_per_split,
+                     dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr,
+                     T, D, t_per_split, G,
                      K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                     SPLIT_BF16: tl.constexpr):
+                     SPLIT_BF16: tl.constexpr, PRESPLIT: tl.constexpr, DW_T: tl.constexpr,
+                     FINAL: tl.constexpr, BG: tl.constexpr):
+    """One [T-split, BD] stripe: W stays in registers / shared memory, x is streamed once.
+    dx = dproj @ W + coef * x is stored per tile; the dW partial of the stripe is
+    accumulated over the split's tokens ([BD, KP] as dW^T when DW_T) and stored once.
+    FINAL (a single T split): the partial is dW itself, stored in the weight dtype, and
+    program (0, 0) also reduces d bias / d alpha, so no finalize launch is needed."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
+    if FINAL:  # noqa: SIM102 (constexpr branch)
+        if pid_d == 0:
+            _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G,
+                               K, KP, BG)
     offs_d = pid_d * BD + tl.arange(0, BD)
     mask_d = offs_d < D
     offs_k = tl.arange(0, KP)
     w_off = offs_k[:, None] * D + offs_d[None, :]
-    w = tl.load(w_ptr + w_off, mask=mask_d[None, :] & (offs_k[:, None] < K), other=0.0)
+    w_mask = mask_d[None, :] & (offs_k[:, None] < K)
+    w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
     if SPLIT_BF16:
         # W = W_hi + W_lo in bf16 (see the module docstring)
         w_hi = w.to(tl.bfloat16)
         w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
-    acc = tl.zeros((KP, BD), tl.float32)
+    if DW_T:  # noqa: SIM108 (constexpr branch)
+        acc = tl.zeros((BD, KP), tl.float32)
+    else:
+        acc = tl.zeros((KP, BD), tl.float32)
     t_start = pid_s * t_per_split  # a multiple of BT: splits never overlap
     for t0 in range(0, t_per_split, BT):
         offs_t = t_start + t0 + tl.arange(0, BT)
@@ -235,33 +326,79 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
         x_off = offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
         mask_x = mask_t[:, None] & mask_d[None, :]
         x = tl.load(x_ptr + x_off, mask=mask_x, other=0.0)
-        dp = tl.load(dproj_ptr + offs_t[:, None] * KP + offs_k[None, :], mask=mask_t[:, None],
-                     other=0.0)
+        dp_off = offs_t[:, None] * KP + offs_k[None, :]
         cf = tl.load(coef_ptr + offs_t, mask=mask_t, other=0.0)
-        xf = x.to(tl.float32)
         if SPLIT_BF16:
+            if PRESPLIT:
+                dp_hi = tl.load(dproj_ptr + dp_off, mask=mask_t[:, None], other=0.0)
+                dp_lo = tl.load(dproj_ptr + T * KP + dp_off, mask=mask_t[:, None], other=0.0)
+            else:
+                dp = tl.load(dproj_ptr + dp_off, mask=mask_t[:, None], other=0.0)
+                dp_hi = dp.to(tl.bfloat16)
+                dp_lo = (dp - dp_hi.to(tl.float32)).to(tl.bfloat16)
             # dproj = hi + lo in bf16; the hi*lo cross terms keep ~fp32 accuracy.
-            dp_hi = dp.to(tl.bfloat16)
-            dp_lo = (dp - dp_hi.to(tl.float32)).to(tl.bfloat16)
             dx = tl.dot(dp_hi, w_hi)
             dx = tl.dot(dp_hi, w_lo, dx)
             dx = tl.dot(dp_lo, w_hi, dx)
-            tile = tl.dot(tl.trans(dp_hi), x)  # per-tile chain, fp32 sum (see forward)
-            tile = tl.dot(tl.trans(dp_lo), x, tile)
+            # per-tile chain, fp32 sum (see forward)
+            if DW_T:
+                xt = tl.trans(x)
+                tile = tl.dot(xt, dp_hi)
+                tile = tl.dot(xt, dp_lo, tile)
+            else:
+                tile = tl.dot(tl.trans(dp_hi), x)
+                tile = tl.dot(tl.trans(dp_lo), x, tile)
             acc += tile
+            xf = x.to(tl.float32)
         else:
+            dp = tl.load(dproj_ptr + dp_off, mask=mask_t[:, None], other=0.0)
+            xf = x.to(tl.float32)
             dx = tl.dot(dp, w, input_precision="ieee")
-            acc = tl.dot(tl.trans(dp), xf, acc, input_precision="ieee")
+            if DW_T:
+                acc = tl.dot(tl.trans(xf), dp, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.trans(dp), xf, acc, input_precision="ieee")
         dx += cf[:, None] * xf
         tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask_x)
-    tl.store(dw_part_ptr + pid_s * K * D + w_off, acc,
-             mask=mask_d[None, :] & (offs_k[:, None] < K))
+    dw = dw_part_ptr + pid_s * K * D
+    acc = acc.to(dw_part_ptr.dtype.element_ty)  # fp32 partials, or dW itself when FINAL
+    if DW_T:
+        tl.store(dw + offs_k[None, :] * D + offs_d[:, None], acc,
+                 mask=mask_d[:, None] & (offs_k[None, :] < K))
+    else:
+        tl.store(dw + w_off, acc, mask=w_mask)
+
+
+@triton.jit
+def _finalize_kernel(dw_part_ptr, dw_ptr, dbias_part_ptr, dbias_ptr, dalpha_part_ptr,
+                     dalpha_ptr, S, KD, G,
+                     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, BG: tl.constexpr):
+    """Program 0: d bias and d alpha from the coefficient-backward partials (launched first:
+    it is the longest); programs 1..: dW = sum_s dw_part[s] in the weight dtype.
+    Fixed summation order, so the result is deterministic."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G, K, KP, BG)
+    else:
+        offs = (pid - 1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < KD
+        acc = tl.load(dw_part_ptr + offs, mask=m, other=0.0)
+        for s in range(1, S):
+            acc += tl.load(dw_part_ptr + s * KD + offs, mask=m, other=0.0)
+        tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=m)
+
+
+_SM_COUNT: dict[int, int] = {}
 
 
 def _sm_count(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(idx)
+    if n is None:
+        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
 
 
 def _pow2(v: int) -> int:
@@ -269,8 +406,9 @@ def _pow2(v: int) -> int:
 
 
 def proj_forward(x_TD, w_KD, K, KP, bf16):
-    """Launch (1): returns the D-split partials [S, T, KP] and sums of squares [S, T].
-    ``w_KD`` is the fp32 weight; bf16 streams split it into hi + lo bf16 inside the kernel."""
+    """Launch (1): returns the D-split partials [S, T, KP] (lane K: sum of squares).
+    ``w_KD`` is the weight in its own dtype; bf16 streams split it into hi + lo bf16
+    inside the kernel."""
     T, D = x_TD.shape
     BT, BD, warps, stages = CONFIG["proj_fwd"]
     n_t = triton.cdiv(T, BT)
@@ -279,15 +417,15 @@ def proj_forward(x_TD, w_KD, K, KP, bf16):
     d_per_split = triton.cdiv(n_d, S) * BD
     S = triton.cdiv(D, d_per_split)
     part = torch.empty((S, T, KP), dtype=torch.float32, device=x_TD.device)
-    ss = torch.empty((S, T), dtype=torch.float32, device=x_TD.device)
-    _proj_fwd_kernel[(n_t, S)](x_TD, w_KD, part, ss, T, D, d_per_split,
+    _proj_fwd_kernel[(n_t, S)](x_TD, w_KD, part, T, D, d_per_split,
                                K=K, KP=KP, BT=BT, BD=BD, SPLIT_BF16=bf16,
                                num_warps=warps, num_stages=stages)
-    return part, ss
+    return part
 
 
-def coef_epilogue(part, ss_part, bias_K, alpha_3, N, D, iters, deepseek, eps):
-    """Launch (2): gates + Sinkhorn.  Returns H_pre, H_post, H_res, proj [T,KP], ss [T]."""
+def coef_epilogue(part, bias_K, alphas, N, D, iters, deepseek, eps):
+    """Launch (2): gates + Sinkhorn.  Returns H_pre, H_post, H_res and proj [T, KP]
+    (lane K: sum of squares over D)."""
     S, T, KP = part.shape
     dev = part.device
     BT = CONFIG["coef_bt"]
@@ -295,11 +433,15 @@ def coef_epilogue(part, ss_part, bias_K, alpha_3, N, D, iters, deepseek, eps):
     H_post = torch.empty((T, N), dtype=torch.float32, device=dev)
     H_res = torch.empty((T, N, N), dtype=torch.float32, device=dev)
     proj = torch.empty((T, KP), dtype=torch.float32, device=dev)
-    ss = torch.empty((T,), dtype=torch.float32, device=dev)
     _coef_fwd_kernel[(triton.cdiv(T, BT),)](
-        part, ss_part, bias_K, alpha_3, H_pre, H_post, H_res, proj, ss, T, D, S, eps,
-        N=N, NP=_pow2(N), KP=KP, BT=BT, ITERS=iters, DEEPSEEK=deepseek, num_warps=4)
-    return H_pre, H_post, H_res, proj, ss
+        part, bias_K, *alphas, H_pre, H_post, H_res, proj, T, D, S, eps,
+        N=N, NP=_pow2(N), K=N * N + 2 * N, KP=KP, BT=BT, ITERS=iters, DEEPSEEK=deepseek,
+        num_warps=4)
+    return H_pre, H_post, H_res, proj
+
+
+def _f32(g):
+    return g if g.dtype == torch.float32 and g.is_contiguous() else g.float().contiguous()
 
 
 class Coefficients(torch.autograd.Function):
@@ -312,61 +454,74 @@ class Coefficients(torch.autograd.Function):
         D = N * C
         K = N * N + 2 * N
         assert weight_KD.shape == (K, D) and bias_K.shape == (K,)
-        KP = max(16, _pow2(K))
+        KP = max(16, _pow2(K))  # > K always: lane K is free for the sum of squares
         bf16 = x_TNC.dtype == torch.bfloat16
-        x_TD = x_TNC.reshape(T, D).contiguous()
-        w_KD = weight_KD.float().contiguous()
-        bias = bias_K.float().contiguous()
-        alpha_3 = torch.cat([a.float().reshape(1) for a in (alpha_pre, alpha_post, alpha_res)])
+        x_TD = x_TNC.reshape(T, D)
+        if not x_TD.is_contiguous():
+            x_TD = x_TD.contiguous()
+        w_KD = weight_KD if weight_KD.is_contiguous() else weight_KD.contiguous()
+        if not bias_K.is_contiguous():
+            bias_K = bias_K.contiguous()
+        alphas = (alpha_pre, alpha_post, alpha_res)
         deepseek = convention == "deepseek"
-        part, ss_part = proj_forward(x_TD, w_KD, K, KP, bf16)
-        H_pre, H_post, H_res, proj, ss = coef_epilogue(part, ss_part, bias, alpha_3, N, D,
-                                                       iters, deepseek, eps)
-        ctx.save_for_backward(x_TD, w_KD, bias, alpha_3, proj, ss)
+        part = proj_forward(x_TD, w_KD, K, KP, bf16)
+        H_pre, H_post, H_res, proj = coef_epilogue(part, bias_K, alphas, N, D, iters,
+                                                   deepseek, eps)
+        ctx.save_for_backward(x_TD, w_KD, bias_K, alpha_pre, alpha_post, alpha_res, proj)
         ctx.meta = (T, N, C, K, KP, bf16, iters, deepseek, eps)
-        ctx.dtypes = (weight_KD.dtype, bias_K.dtype,
-                      [(a.dtype, a.shape) for a in (alpha_pre, alpha_post, alpha_res)])
         return H_pre, H_post, H_res
 
     @staticmethod
     def backward(ctx, dH_pre, dH_post, dH_res):
-        x_TD, w_KD, bias, alpha_3, proj, ss = ctx.saved_tensors
+        x_TD, w_KD, bias, a_pre, a_post, a_res, proj = ctx.saved_tensors
         T, N, C, K, KP, bf16, iters, deepseek, eps = ctx.meta
         D = N * C
         dev = x_TD.device
         NP = _pow2(N)
-
-        def _g(g, shape):
-            return torch.zeros(shape, device=dev) if g is None else g.float().contiguous()
-
-        dH_pre = _g(dH_pre, (T, N))
-        dH_post = _g(dH_post, (T, N))
-        dH_res = _g(dH_res, (T, N, N))
-        BT = CONFIG["coef_bt"]
+        f32 = torch.float32
+        dH_pre = torch.zeros((T, N), dtype=f32, device=dev) if dH_pre is None else _f32(dH_pre)
+        dH_post = torch.zeros((T, N), dtype=f32, device=dev) if dH_post is None else _f32(dH_post)
+        dH_res = (torch.zeros((T, N, N), dtype=f32, device=dev) if dH_res is None
+                  else _f32(dH_res))
+        BT, cwarps = CONFIG["coef_bwd"]
         G = triton.cdiv(T, BT)
-        hist = torch.empty((G * 2 * iters * BT * NP * NP,), dtype=torch.float32, device=dev)
-        dproj = torch.zeros((T, KP), dtype=torch.float32, device=dev)
-        coef = torch.empty((T,), dtype=torch.float32, device=dev)
-        dbias_part = torch.zeros((G, KP), dtype=torch.float32, device=dev)
-        dalpha_part = torch.zeros((G, 4), dtype=torch.float32, device=dev)
-        _coef_bwd_kernel[(G,)](dH_pre, dH_post, dH_res, proj, ss, bias, alpha_3, hist,
-                               dproj, coef, dbias_part, dalpha_part, T, D, eps,
-                               N=N, NP=NP, KP=KP, BT=BT, ITERS=iters, DEEPSEEK=deepseek,
-                               num_warps=4)
-        BTb, BD, warps, stages = CONFIG["proj_bwd"]
+        BTb, BD, warps, stages, dw_t, waves = CONFIG["proj_bwd"]
         n_d = triton.cdiv(D, BD)
         n_t = triton.cdiv(T, BTb)
-        S = max(1, min(n_t, triton.cdiv(CONFIG["waves"] * _sm_count(dev), n_d)))
+        S = max(1, min(n_t, round(waves * _sm_count(dev) / n_d)))
         t_per_split = triton.cdiv(n_t, S) * BTb
         S = triton.cdiv(T, t_per_split)
+        final = S == 1
+        dW = torch.empty((K, D), dtype=w_KD.dtype, device=dev)
+        dbias = torch.empty((K,), dtype=bias.dtype, device=dev)
+        dalpha = torch.empty((4,), dtype=f32, device=dev)
+        presplit = bf16 and CONFIG["proj_bwd_presplit"]
+        # one fp32 workspace: dproj (bf16 pair or fp32) | dW partials (S > 1) | Sinkhorn
+        # history | coef | dbias / dalpha partials
+        sizes = (T * KP, 0 if final else S * K * D, G * 2 * iters * BT * NP * NP, T, G * KP,
+                 G * 4)
+        ws = torch.empty(sum(sizes), dtype=f32, device=dev)
+        dproj, dw_part, hist, coef, dbias_part, dalpha_part = ws.split(sizes)
+        if presplit:
+            dproj = dproj.view(torch.bfloat16)  # [2, T, KP] bf16 in the same bytes
+        if final:
+            dw_part = dW
+        _coef_bwd_kernel[(G,)](dH_pre, dH_post, dH_res, proj, bias, a_pre, a_post, a_res,
+                               hist, dproj, coef, dbias_part, dalpha_part, T, D, eps,
+                               N=N, NP=NP, K=K, KP=KP, BT=BT, ITERS=iters,
+                               DEEPSEEK=deepseek, DP_SPLIT=presplit, num_warps=cwarps)
         dx_TD = torch.empty_like(x_TD)
-        dw_part = torch.empty((S, K, D), dtype=torch.float32, device=dev)
+        BLOCK, BG, fwarps = CONFIG["finalize"]
         _proj_bwd_kernel[(n_d, S)](x_TD, w_KD, dproj, coef, dx_TD, dw_part,
-                                   T, D, t_per_split, K=K, KP=KP, BT=BTb, BD=BD,
-                                   SPLIT_BF16=bf16, num_warps=warps, num_stages=stages)
-        w_dtype, b_dtype, a_meta = ctx.dtypes
-        dW = (dw_part[0] if S == 1 else dw_part.sum(0)).to(w_dtype)
-        dbias = dbias_part.sum(0)[:K].to(b_dtype)
-        dalpha = dalpha_part.sum(0)
-        da = [dalpha[i].reshape(shape).to(dt) for i, (dt, shape) in enumerate(a_meta)]
+                                   dbias_part, dbias, dalpha_part, dalpha,
+                                   T, D, t_per_split, G, K=K, KP=KP, BT=BTb, BD=BD,
+                                   SPLIT_BF16=bf16, PRESPLIT=presplit, DW_T=dw_t,
+                                   FINAL=final, BG=BG, num_warps=warps, num_stages=stages)
+        if not final:
+            _finalize_kernel[(triton.cdiv(K * D, BLOCK) + 1,)](
+                dw_part, dW, dbias_part, dbias, dalpha_part, dalpha, S, K * D, G,
+                K=K, KP=KP, BLOCK=BLOCK, BG=BG, num_warps=fwarps)
+        da = [dalpha[i:i + 1].view(a.shape) if a.dtype == f32 and a.numel() == 1
+              else dalpha[i].reshape(a.shape).to(a.dtype)
+              for i, a in enumerate((a_pre, a_post, a_res))]
         return (dx_TD.view(T, N, C), dW, dbias, da[0], da[1], da[2], None, None, None)

@@ -7,7 +7,6 @@ produces NaN and never leaks into the real block.
 Conventions (DESIGN.md section 1):
   deepseek       M = softmax_row(L) + eps; col; (iters - 1) x {row, col}   -> 2*iters - 1 steps
   megatron_dsv4  M = exp(L - rowmax);       iters x {row, col}             -> 2*iters steps
-Step s is a row normalisation when s is odd (deepseek) / even (megatron_dsv4).
 """
 
 from __future__ import annotations
@@ -33,15 +32,6 @@ def _softmax(E):
 
 
 @triton.jit
-def _is_row(s, DEEPSEEK: tl.constexpr):
-    if DEEPSEEK:  # noqa: SIM108 (constexpr branch)
-        row = (s % 2) == 1
-    else:
-        row = (s % 2) == 0
-    return row
-
-
-@triton.jit
 def sinkhorn_fwd(L, valid, eps, ITERS: tl.constexpr, DEEPSEEK: tl.constexpr):
     Lm, mx, E = _init(L, valid)
     if DEEPSEEK:
@@ -59,6 +49,15 @@ def sinkhorn_fwd(L, valid, eps, ITERS: tl.constexpr, DEEPSEEK: tl.constexpr):
 
 
 @triton.jit
+def _norm_bwd(G, Min, valid, eps, AXIS: tl.constexpr):
+    # M' = M / (sum_AXIS M + eps)  ->  dM = (dM' - sum_AXIS(dM' * M')) / (sum_AXIS M + eps)
+    den = tl.sum(Min, axis=AXIS, keep_dims=True) + eps
+    GMo = G * (Min / den)
+    dot = tl.sum(GMo, axis=AXIS, keep_dims=True)
+    return tl.where(valid, (G - dot) / den, 0.0)
+
+
+@triton.jit
 def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, DEEPSEEK: tl.constexpr,
                  BT: tl.constexpr, NP: tl.constexpr):
     """Gradient of the unrolled iteration w.r.t. the logits L.
@@ -66,37 +65,40 @@ def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, DEEPSEEK: tl.cons
     The input of each normalisation step is recomputed and stored to this program's slice
     of ``hist`` (L2 resident, 2*ITERS*BT*NP*NP fp32), then replayed in reverse.  For
     M' = M / (sum_axis M + eps):  dM = (dM' - sum_axis(dM' * M')) / (sum_axis M + eps).
+    Steps run as static (row, col) pairs, so each step reduces along its own axis only.
     """
     off = (tl.arange(0, BT)[:, None, None] * (NP * NP) + tl.arange(0, NP)[None, :, None] * NP
            + tl.arange(0, NP)[None, None, :])
     Lm, mx, E = _init(L, valid)
     if DEEPSEEK:
+        # steps: col, then (ITERS - 1) x {row, col}
         P = _softmax(E)
         M = tl.where(valid, P + eps, 0.0)
-        NS = 2 * ITERS - 1
+        tl.store(hist + off, M)
+        M = M / (tl.sum(M, axis=1, keep_dims=True) + eps)
+        base = 1
+        pairs = ITERS - 1
     else:
+        # steps: ITERS x {row, col}
         P = E
         M = E
-        NS = 2 * ITERS
-    for s in range(NS):
+        base = 0
+        pairs = ITERS
+    for it in range(pairs):
+        s = base + 2 * it
         tl.store(hist + s * (BT * NP * NP) + off, M)
-        den = tl.where(_is_row(s, DEEPSEEK), tl.sum(M, axis=2, keep_dims=True),
-                       tl.sum(M, axis=1, keep_dims=True)) + eps
-        M = M / den
+        M = M / (tl.sum(M, axis=2, keep_dims=True) + eps)
+        tl.store(hist + (s + 1) * (BT * NP * NP) + off, M)
+        M = M / (tl.sum(M, axis=1, keep_dims=True) + eps)
     # Make this program's scratch writes visible to all of its threads.
     tl.debug_barrier()
     G = tl.where(valid, dM, 0.0)
-    for k in range(NS):
-        s = NS - 1 - k
-        Min = tl.load(hist + s * (BT * NP * NP) + off)
-        row = _is_row(s, DEEPSEEK)
-        den = tl.where(row, tl.sum(Min, axis=2, keep_dims=True),
-                       tl.sum(Min, axis=1, keep_dims=True)) + eps
-        GMo = G * (Min / den)
-        dot = tl.where(row, tl.sum(GMo, axis=2, keep_dims=True),
-                       tl.sum(GMo, axis=1, keep_dims=True))
-        G = tl.where(valid, (G - dot) / den, 0.0)
+    for k in range(pairs):
+        s = base + 2 * (pairs - 1 - k)
+        G = _norm_bwd(G, tl.load(hist + (s + 1) * (BT * NP * NP) + off), valid, eps, 1)
+        G = _norm_bwd(G, tl.load(hist + s * (BT * NP * NP) + off), valid, eps, 2)
     if DEEPSEEK:
+        G = _norm_bwd(G, tl.load(hist + off), valid, eps, 1)
         # M0 = softmax(L) + eps: softmax backward, row-wise.
         dL = P * (G - tl.sum(G * P, axis=2, keep_dims=True))
     else:

@@ -143,7 +143,8 @@ def test_exit_3_invalid_input(tmp_path, src):
     doc = cli_json("enable", src, tmp_path / "out", code=3)
     assert doc["error"] == "InvalidInputError"
     assert doc["key"] == "decoder.layers.1.bogus.weight" and doc["key"] in doc["message"]
-    assert doc["path"] == str(src) and str(src) in doc["message"]
+    # the file holding the key, not just the directory (validate.naming_files)
+    assert doc["path"] == str(src / "model.safetensors") and doc["path"] in doc["message"]
     # the human form: exactly one line on stderr, nothing written
     result = cli("enable", src, tmp_path / "out", code=3)
     lines = result.stderr.strip().splitlines()

@@ -17,8 +17,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fixtures.hostile_native import _sharded
 from fixtures.hostile_sources import build_legacy, copy_megatron, copy_native, evil_pickle
-from fixtures.make_hostile import KINDS, SPECS, Case, _sharded, make_cases
+from fixtures.make_hostile import KINDS, SPECS, Case, make_cases
 from mhc_convert import validate
 from mhc_convert.adapters import adapter_for, detect_format
 from mhc_convert.cli import app
@@ -26,7 +27,7 @@ from mhc_convert.layout import OPT_RE, wrap
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = [s.name for s in SPECS]
-SUBPROCESS = ["st_duplicate_key", "td_metadata_os_system", "pt_builtins_eval", "td_nan"]
+SUBPROCESS = ["st_duplicate_key", "td_metadata_os_system", "pt_builtins_eval"]
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +54,13 @@ def argv(c: Case, dst: Path | None = None, *extra: str) -> list[str]:
     return [c.command, str(c.path), str(dst or c.dst), *extra]
 
 
-def check_refusal(root: Path, c: Case, run) -> None:
-    """``run(args) -> (exit code, stdout, stderr)``; assert the whole contract."""
-    before, listing = tree_sha(c.path), sorted(os.listdir(c.path.parent))
-    code, out, err = run(argv(c))
+def snapshot(c: Case) -> tuple[dict[str, str], list[str]]:
+    return tree_sha(c.path), sorted(os.listdir(c.path.parent))
+
+
+def verify(root: Path, c: Case, snap, code: int, out: str, err: str) -> None:
+    """The whole refusal contract for one finished run."""
+    before, listing = snap
     lines = err.splitlines()
     assert code == c.exit_code, (c.name, code, err)
     assert len(lines) == 1 and lines[0].startswith("mhc-convert: error: "), (c.name, err)
@@ -69,6 +73,12 @@ def check_refusal(root: Path, c: Case, run) -> None:
     assert not c.marker.exists() and not list(root.glob("PWNED-*")), f"{c.name}: code ran"
 
 
+def check_refusal(root: Path, c: Case, run) -> None:
+    """``run(args) -> (exit code, stdout, stderr)``; assert the whole contract."""
+    snap = snapshot(c)
+    verify(root, c, snap, *run(argv(c)))
+
+
 def in_process(args: list[str]) -> tuple[int, str, str]:
     res = CliRunner().invoke(app, args)
     if res.exception is not None and not isinstance(res.exception, SystemExit):
@@ -76,11 +86,18 @@ def in_process(args: list[str]) -> tuple[int, str, str]:
     return res.exit_code, res.stdout, res.stderr
 
 
-def as_subprocess(args: list[str]) -> tuple[int, str, str]:
+def test_hostile_subprocess(tmp_path):
+    """A handful of representative cases through ``python -m mhc_convert``, run in parallel
+    (each process pays torch's import)."""
+    cases = make_cases(tmp_path, SUBPROCESS)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore"}
-    p = subprocess.run([sys.executable, "-m", "mhc_convert", *args], capture_output=True,
-                       text=True, cwd=ROOT, env=env, timeout=120)
-    return p.returncode, p.stdout, p.stderr
+    snaps = [snapshot(c) for c in cases]
+    procs = [subprocess.Popen([sys.executable, "-m", "mhc_convert", *argv(c)], cwd=ROOT,
+                              env=env, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE) for c in cases]
+    results = [p.communicate(timeout=120) for p in procs]
+    for c, snap, p, (out, err) in zip(cases, snaps, procs, results):
+        verify(tmp_path, c, snap, p.returncode, out, err)
 
 
 def test_enough_cases_across_formats():
@@ -95,12 +112,6 @@ def test_enough_cases_across_formats():
 def test_hostile_cli(hostile, name):
     root, cases = hostile
     check_refusal(root, cases[name], in_process)
-
-
-@pytest.mark.parametrize("name", SUBPROCESS)
-def test_hostile_subprocess(tmp_path, name):
-    (c,) = make_cases(tmp_path, [name])
-    check_refusal(tmp_path, c, as_subprocess)
 
 
 @pytest.mark.parametrize("name", ["nat_nan", "td_optimizer_inf", "pt_nan"])
