@@ -119,19 +119,17 @@ def _epilogue_time(x, W, b, al) -> float:
 # sum of its op direction; the first entry of each group is the shipped default.
 # proj_bwd = (BT, BD, warps, stages, DW_T, waves); the last proj_bwd row is the previous
 # kernel (fp32 dproj split per tile, dW = dproj^T @ x on mma.sync, no T split).
-_PB = [(128, 64, 4, 3, True, 2), (128, 64, 4, 3, True, 4), (128, 64, 4, 4, True, 2),
-       (128, 64, 4, 2, True, 2), (128, 64, 8, 3, True, 2), (64, 64, 4, 3, True, 2),
-       (64, 64, 4, 3, True, 4), (64, 64, 4, 4, True, 4), (64, 128, 4, 3, True, 2),
-       (64, 128, 4, 4, True, 2), (128, 128, 8, 3, True, 2), (256, 64, 8, 3, True, 2)]
-_STREAM = [(4096, 4), (8192, 8), (2048, 4), (8192, 4), (4096, 8), (2048, 2), (16384, 8)]
+_PB = [(64, 128, 4, 3, True, 2), (128, 64, 4, 3, True, 2), (64, 64, 4, 3, True, 4),
+       (64, 128, 4, 4, True, 2), (128, 128, 8, 3, True, 2), (64, 128, 4, 3, True, 1)]
+_STREAM = [(4096, 4), (8192, 4), (2048, 4)]
 SWEEP = [
     ("proj_fwd", ("coefficients", 0), triton_coef.CONFIG,
-     [{"proj_fwd": c} for c in [(128, 128, 8, 3), (128, 256, 8, 3), (128, 128, 8, 4)]]),
+     [{"proj_fwd": c} for c in [(128, 128, 8, 3), (128, 128, 8, 4)]]),
     ("proj_bwd", ("coefficients", 1), triton_coef.CONFIG,
      [{"proj_bwd": c} for c in _PB]
      + [{"proj_bwd": (64, 64, 4, 3, False, 1), "proj_bwd_presplit": False}]),
     ("coef_bwd", ("coefficients", 1), triton_coef.CONFIG,
-     [{"coef_bwd": c} for c in [(16, 2), (16, 4), (8, 2), (32, 4), (8, 1), (16, 1)]]),
+     [{"coef_bwd": c} for c in [(16, 2), (16, 1), (16, 4), (32, 4)]]),
     ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, [{"mix_bwd": c} for c in _STREAM]),
     ("agg_bwd", ("aggregate", 1), triton_stream.CONFIG, [{"agg_bwd": c} for c in _STREAM]),
 ]

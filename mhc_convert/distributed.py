@@ -136,12 +136,15 @@ class DistContext:
         return split_units(units, self.world)[self.rank]
 
     # -- coordination ------------------------------------------------------------------------
-    def agree(self, tag: str, payload: Any = None) -> list[Any]:
+    def agree(self, tag: str, payload: Any = None, *, wait: bool = True) -> list[Any]:
         """Publish a JSON payload and wait for every rank's; returns them by rank. Raises the
-        posted failure (or a dead peer's) instead of waiting forever."""
+        posted failure (or a dead peer's) instead of waiting forever. ``wait=False`` only
+        publishes (and returns [])."""
         self._seq += 1
         keys = [f"sync/{self._seq}/{tag}/{r}" for r in range(self.world)]
         self.store.set(keys[self.rank], json.dumps(payload))
+        if not wait:
+            return []
         self._wait(lambda: self.store.check(keys), f"'{tag}'")
         return [json.loads(self.store.get(k)) for k in keys]
 
@@ -322,4 +325,5 @@ def write_shared(ctx: DistContext, output: Callable[[], Any],
         ctx.barrier("written")
         if ao is not None:
             ao.commit(marker)
-    ctx.barrier("committed")
+    # The output is in place: rank 0 has succeeded whatever happens to the others now.
+    ctx.agree("committed", wait=not ctx.is_main)

@@ -47,7 +47,7 @@ from mhc_model.kernels.triton_sinkhorn import sinkhorn_bwd, sinkhorn_fwd
 CONFIG = {
     "proj_fwd": (128, 128, 8, 3),
     "waves": 1,
-    "proj_bwd": (128, 64, 4, 3, True, 2),
+    "proj_bwd": (64, 128, 4, 3, True, 2),
     "proj_bwd_presplit": True,
     "coef_bt": 16,
     "coef_bwd": (16, 2),
@@ -289,22 +289,15 @@ def _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G
 
 @triton.jit
 def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
-                     dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr,
-                     T, D, t_per_split, G,
+                     T, D, t_per_split,
                      K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                     SPLIT_BF16: tl.constexpr, PRESPLIT: tl.constexpr, DW_T: tl.constexpr,
-                     FINAL: tl.constexpr, BG: tl.constexpr):
+                     SPLIT_BF16: tl.constexpr, PRESPLIT: tl.constexpr, DW_T: tl.constexpr):
     """One [T-split, BD] stripe: W stays in registers / shared memory, x is streamed once.
     dx = dproj @ W + coef * x is stored per tile; the dW partial of the stripe is
-    accumulated over the split's tokens ([BD, KP] as dW^T when DW_T) and stored once.
-    FINAL (a single T split): the partial is dW itself, stored in the weight dtype, and
-    program (0, 0) also reduces d bias / d alpha, so no finalize launch is needed."""
+    accumulated over the split's tokens ([BD, KP] as dW^T when DW_T) and stored once; with
+    a single T split the partial is dW itself, stored in the weight dtype."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
-    if FINAL:  # noqa: SIM102 (constexpr branch)
-        if pid_d == 0:
-            _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G,
-                               K, KP, BG)
     offs_d = pid_d * BD + tl.arange(0, BD)
     mask_d = offs_d < D
     offs_k = tl.arange(0, KP)
@@ -361,7 +354,7 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
         dx += cf[:, None] * xf
         tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask_x)
     dw = dw_part_ptr + pid_s * K * D
-    acc = acc.to(dw_part_ptr.dtype.element_ty)  # fp32 partials, or dW itself when FINAL
+    acc = acc.to(dw_part_ptr.dtype.element_ty)  # fp32 partials, or dW itself (one split)
     if DW_T:
         tl.store(dw + offs_k[None, :] * D + offs_d[:, None], acc,
                  mask=mask_d[:, None] & (offs_k[None, :] < K))
@@ -374,8 +367,8 @@ def _finalize_kernel(dw_part_ptr, dw_ptr, dbias_part_ptr, dbias_ptr, dalpha_part
                      dalpha_ptr, S, KD, G,
                      K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, BG: tl.constexpr):
     """Program 0: d bias and d alpha from the coefficient-backward partials (launched first:
-    it is the longest); programs 1..: dW = sum_s dw_part[s] in the weight dtype.
-    Fixed summation order, so the result is deterministic."""
+    it is the longest); programs 1.. (only with several T splits): dW = sum_s dw_part[s] in
+    the weight dtype.  Fixed summation order, so the result is deterministic."""
     pid = tl.program_id(0)
     if pid == 0:
         _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G, K, KP, BG)
@@ -511,16 +504,14 @@ class Coefficients(torch.autograd.Function):
                                N=N, NP=NP, K=K, KP=KP, BT=BT, ITERS=iters,
                                DEEPSEEK=deepseek, DP_SPLIT=presplit, num_warps=cwarps)
         dx_TD = torch.empty_like(x_TD)
-        BLOCK, BG, fwarps = CONFIG["finalize"]
         _proj_bwd_kernel[(n_d, S)](x_TD, w_KD, dproj, coef, dx_TD, dw_part,
-                                   dbias_part, dbias, dalpha_part, dalpha,
-                                   T, D, t_per_split, G, K=K, KP=KP, BT=BTb, BD=BD,
+                                   T, D, t_per_split, K=K, KP=KP, BT=BTb, BD=BD,
                                    SPLIT_BF16=bf16, PRESPLIT=presplit, DW_T=dw_t,
-                                   FINAL=final, BG=BG, num_warps=warps, num_stages=stages)
-        if not final:
-            _finalize_kernel[(triton.cdiv(K * D, BLOCK) + 1,)](
-                dw_part, dW, dbias_part, dbias, dalpha_part, dalpha, S, K * D, G,
-                K=K, KP=KP, BLOCK=BLOCK, BG=BG, num_warps=fwarps)
+                                   num_warps=warps, num_stages=stages)
+        BLOCK, BG, fwarps = CONFIG["finalize"]
+        _finalize_kernel[(1 + (0 if final else triton.cdiv(K * D, BLOCK)),)](
+            dw_part, dW, dbias_part, dbias, dalpha_part, dalpha, S, K * D, G,
+            K=K, KP=KP, BLOCK=BLOCK, BG=BG, num_warps=fwarps)
         da = [dalpha[i:i + 1].view(a.shape) if a.dtype == f32 and a.numel() == 1
               else dalpha[i].reshape(a.shape).to(a.dtype)
               for i, a in enumerate((a_pre, a_post, a_res))]

@@ -47,8 +47,12 @@ def test_recompute_gradients_equal_fused(monkeypatch, dtype):
     for k in g0:
         if dtype == "float32":
             scale = max(1.0, g0[k].abs().max().item())
-        else:  # one bf16 rounding, measured against the gradient scale (see above)
-            scale = max(g0[k].abs().max().item(), 1e-3 * top)
+        else:
+            # dx of the bf16 streams is summed in a different association (plain: three autograd
+            # edges; recompute: _Pre's two, then _Post's): one bf16 rounding of dx that then
+            # propagates upstream, so cancellation-heavy sums (alpha grads) are measured
+            # against the model's gradient scale.
+            scale = max(g0[k].abs().max().item(), 1e-2 * top)
         assert (g0[k] - g1[k]).abs().max().item() <= tol * scale, k
 
 
