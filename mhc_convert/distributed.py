@@ -320,10 +320,53 @@ def write_shared(ctx: DistContext, output: Callable[[], Any],
         if len(set(ctx.agree("plan", digest))) != 1:
             raise InvalidInputError("the ranks planned different outputs; every rank must see "
                                     "the same source files")
-        marker = write(tmp, ctx.assign, ctx.watch(progress))
+        with _records(tmp, ao) as mine:
+            marker = write(tmp, ctx.assign, ctx.watch(progress))
         fault(ctx.rank)  # a rank with no units still honours MHC_FAIL_RANK
-        ctx.barrier("written")
+        theirs = ctx.agree("written", mine)
         if ao is not None:
+            pass
             ao.commit(marker)
     # The output is in place: rank 0 has succeeded whatever happens to the others now.
     ctx.agree("committed", wait=not ctx.is_main)
+
+
+# The writers hash while writing and hand the digests to the process's AtomicOutput
+# (``commit.record``); ranks other than 0 have none, so a stand-in collects their digests and
+# rank 0 adopts them: the commit then re-reads no data file, as in a single-process run. If the
+# commit module lacks these hooks, rank 0 simply hashes the other ranks' files at commit.
+class _Collector:
+    def __init__(self, tmp: Path):
+        self.tmp, self._records = tmp, {}
+
+
+@contextlib.contextmanager
+def _records(tmp: Path, ao: Any) -> Iterator[dict[str, Any]]:
+    from mhc_convert import commit
+
+    out: dict[str, Any] = {}
+    active, lock = getattr(commit, "_ACTIVE", None), getattr(commit, "_ACTIVE_LOCK", None)
+    if ao is not None or active is None or lock is None:
+        yield out
+        return
+    col = _Collector(tmp)
+    with lock:
+        active.append(col)
+    try:
+        yield out
+    finally:
+        with lock:
+            active.remove(col)
+    out.update({rel: rec for rel, (rec, _) in col._records.items()})
+
+
+def _adopt(ao: Any, tmp: Path, per_rank: list[dict[str, Any]]) -> None:
+    records = getattr(ao, "_records", None)
+    if records is None:
+        return
+    for recs in per_rank[1:]:
+        for rel, rec in (recs or {}).items():
+            st = os.stat(tmp / rel)  # this host's inode: the commit checks the file is the same
+            if "inode" in rec:
+                rec.update(inode=[st.st_dev, st.st_ino], mtime_ns=st.st_mtime_ns)
+            records[rel] = (rec, (st.st_dev, st.st_ino))

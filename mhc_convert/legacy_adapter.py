@@ -75,10 +75,9 @@ def _load(rank: tl.RankFile) -> dict:
 @lru_cache(maxsize=16)
 def param_order(cfg: HybridConfig) -> tuple[str, ...]:
     """Our model's ``named_parameters`` order (= optimizer index order for one param group)."""
-    from mhc_model.model import HybridModel
+    from mhc_model.model import meta_model
 
-    with torch.device("meta"):
-        return tuple(n for n, _ in HybridModel(cfg).named_parameters())
+    return tuple(n for n, _ in meta_model(cfg).named_parameters())
 
 
 class LegacyAdapter:

@@ -14,7 +14,7 @@ from mhc_convert.adapters import adapter_for, detect_format
 from mhc_convert.errors import InvalidInputError
 from mhc_convert.view import CheckpointView
 from mhc_model.config import HybridConfig
-from mhc_model.model import HybridModel
+from mhc_model.model import HybridModel, meta_model
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -63,8 +63,7 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = Non
     cfg = adapter.config(view)
     if dtype is not None:
         cfg = cfg.replace(params_dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
-    with torch.device("meta"):
-        model = HybridModel(cfg)
+    model = meta_model(cfg)
     state = model_state_from_view(view, cfg)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

