@@ -4,14 +4,15 @@ Every rank reads the metadata and plans (cheap and deterministic); rank 0 create
 output's temp dir and announces it; the write units (native shard files, torch_dist data files,
 legacy rank files) are split by ``assign`` (largest first onto the least-loaded rank, so every
 rank computes the same split); each rank writes its units into the shared temp dir; after a
-barrier rank 0 seals and publishes it (``commit.AtomicOutput``). The output is the same, file
-for file, as the single-process run's.
+barrier rank 0 adopts the other ranks' write-time digests and seals and publishes the output
+(``commit.AtomicOutput``). The output is the same, file for file, as the single-process run's.
 
 Control messages go through the c10d store of ``torch.distributed``'s ``env://`` rendezvous (the
 torchrun agent's store), not through gloo collectives: a wait polls for the peers' arrival, for
 a posted failure and for the peers' heartbeats, so a slow rank copying 100 GB is waited for, a
 failed rank stops every rank at once, and a rank that died (SIGKILL, lost node) is noticed
-within ``MHC_DIST_DEAD_S`` seconds instead of hanging. A failing rank posts its one-line error;
+within ``MHC_DIST_DEAD_S`` seconds (default 120) instead of hanging; ``MHC_DIST_TIMEOUT``
+(default 300) bounds the rendezvous. A failing rank posts its one-line error;
 every rank raises it (``RemoteError``, the failing rank's exit code), rank 0 removes the temp
 dir, and all ranks wait for each other (``close``) so none exits before the cleanup is done.
 
@@ -325,7 +326,7 @@ def write_shared(ctx: DistContext, output: Callable[[], Any],
         fault(ctx.rank)  # a rank with no units still honours MHC_FAIL_RANK
         theirs = ctx.agree("written", mine)
         if ao is not None:
-            pass
+            _adopt(ao, tmp, theirs)
             ao.commit(marker)
     # The output is in place: rank 0 has succeeded whatever happens to the others now.
     ctx.agree("committed", wait=not ctx.is_main)
