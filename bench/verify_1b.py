@@ -38,6 +38,22 @@ def cli(*args: str) -> dict:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
+@torch.no_grad()
+def bf16_floor(path: Path, device: str) -> dict:
+    from mhc_convert.parity import load_model
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, config().vocab_size, (2, 512), generator=g).to(device)
+    out = {}
+    for dtype in ("fp32", "bf16"):
+        model = load_model(path, device=device, dtype=dtype)
+        out[dtype] = model(ids).float()
+        del model
+    diff = (out["fp32"] - out["bf16"]).abs()
+    top1 = (out["fp32"].argmax(-1) == out["bf16"].argmax(-1)).float().mean().item()
+    return {"max_abs": diff.max().item(), "mean_abs": diff.mean().item(), "top1": top1}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("workdir", type=Path)
@@ -69,6 +85,12 @@ def main() -> None:
     for dtype, r in rows:
         lines.append(f"| {dtype} | {r['max_abs']:.3e} | {r['mean_abs']:.3e} | {r['kl']:.3e} | "
                      f"{r['top1_agreement'] * 100:.3f}% | {'PASS' if r['ok'] else 'FAIL'} |")
+    # Control: the source model against itself, bf16 vs fp32. Random weights give nearly flat
+    # logits, so bf16 rounding alone flips top-1 on a share of tokens; that share is the floor
+    # any bf16 comparison on this checkpoint can reach.
+    ctrl = bf16_floor(off, args.device)
+    lines.append(f"| control: source bf16 vs source fp32 | {ctrl['max_abs']:.3e} | "
+                 f"{ctrl['mean_abs']:.3e} | — | {ctrl['top1'] * 100:.3f}% | (floor) |")
     text = "\n".join(lines) + "\n"
     print(text)
     if args.out:

@@ -42,7 +42,9 @@ def test_recompute_gradients_equal_fused(monkeypatch, dtype):
     _, g1 = _grads(base.with_mhc(mhc_recompute_layer_num=2), monkeypatch, "")
     # Same kernels on bitwise-equal recomputed inputs; only the order in which autograd sums
     # the three contributions to dx may differ (one rounding), hence the tolerances.
-    tol = 1e-6 if dtype == "float32" else 8e-3
+    # bf16: two bf16 ulps (2 x 2^-7) of the gradient scale: a missing or doubled gradient term
+    # shows up as an O(1) relative error, far above this (measured worst case: ~2 ulps).
+    tol = 1e-6 if dtype == "float32" else 1.6e-2
     top = max(g.abs().max().item() for g in g0.values())
     for k in g0:
         if dtype == "float32":
