@@ -16,7 +16,16 @@ from mhc_model.megatron_args import MHC_FLAG_SPELLINGS
 
 # one source for the wrapper key map and the factory splits: the model's own sharded
 # checkpoints and load shim use them too
-from mhc_model.megatron_keys import HC, INNER, LAYER_RE, split_table, unwrap, wrap
+from mhc_model.megatron_keys import (
+    HC,
+    INNER,
+    KEY_ALIASES,
+    LAYER_RE,
+    canonical,
+    split_table,
+    unwrap,
+    wrap,
+)
 
 HEAD_PREFIX = "decoder."
 
@@ -74,7 +83,8 @@ def args_flag_updates(cfg: HybridConfig) -> dict[str, object]:
 
 
 __all__ = [
-    "EXTRA_STATE", "HC", "INNER", "LAYER_RE", "MEGATRON_OPAQUE_RE", "MHC_FLAG_SPELLINGS",
+    "EXTRA_STATE", "HC", "INNER", "KEY_ALIASES", "LAYER_RE", "MEGATRON_OPAQUE_RE",
+    "MHC_FLAG_SPELLINGS", "canonical",
     "NEW_PARAM_OPT_STATE", "NON_LAYER_KEYS", "OPT_RE", "OUTPUT_PROJECTIONS", "SHARD_RE",
     "args_flag_updates", "hc_keys", "head_keys", "split_table", "unwrap", "wrap",
 ]

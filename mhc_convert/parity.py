@@ -43,7 +43,8 @@ def model_state_from_view(view: CheckpointView, cfg: HybridConfig) -> dict[str, 
                 full = f"decoder.layers.{i}.{wrapper}{base}"
                 split_parts.setdefault(full, {})[part] = view.load(key)
                 continue
-        state[key] = view.load(key)
+            key = f"decoder.layers.{i}.{wrapper}{L.canonical(rel)}"  # e.g. conv1d_weight
+        state[key] = view.load(entry.key)
     for full, parts in split_parts.items():
         i = int(L.LAYER_RE.match(full).group(1))
         base = full.split(".", 3)[3].removeprefix(L.INNER + ".")

@@ -140,6 +140,7 @@ def _parse(key: str, shape: Shape, cfg: HybridConfig, expected: dict, passthroug
         segment = "plain"
         if rest.startswith(L.INNER + "."):
             segment, rest = "inner", rest[len(L.INNER) + 1:]
+        rest = L.canonical(rest)
         _check_layer_suffix(cfg, symbol, rest, shape, layer_expected, key, path)
         return _Parsed(opt_state, i, segment, rest)
     if passthrough is not None and passthrough.search(key):

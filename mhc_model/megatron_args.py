@@ -85,6 +85,8 @@ def config_from_megatron_args(args: Any) -> HybridConfig:
         if value is None:
             continue
         (sub_kwargs[sub] if sub else top)[ours] = value
+    if getattr(args, "rotary_base", None) is not None:  # one Megatron flag for every rope
+        sub_kwargs["mla"]["rotary_base"] = args.rotary_base
     vocab = getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None)
     if vocab is None:
         raise ValueError("megatron args: neither padded_vocab_size nor vocab_size is set")

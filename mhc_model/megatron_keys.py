@@ -23,6 +23,21 @@ HC = "hyper_connection"
 HEAD_PREFIX = "decoder.hc_head_"
 
 
+# Other spellings of a layer-relative key that Megatron writes. megatron-core 0.19 holds the
+# Mamba conv as direct parameters (``mixer.conv1d_weight``) in its module state dict (legacy
+# ``.pt`` files), while torch_dist stores ``mixer.conv1d.weight``. Either is accepted and kept
+# as spelled; checks and model loading use the canonical name.
+KEY_ALIASES = {
+    "mixer.conv1d_weight": "mixer.conv1d.weight",
+    "mixer.conv1d_bias": "mixer.conv1d.bias",
+}
+
+
+def canonical(rel: str) -> str:
+    """Layer-relative key -> the name our model uses."""
+    return KEY_ALIASES.get(rel, rel)
+
+
 def wrap(key: str) -> str:
     """decoder.layers.N.X -> decoder.layers.N.inner_layer.X (other keys unchanged)."""
     m = LAYER_RE.match(key)

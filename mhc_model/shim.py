@@ -25,7 +25,16 @@ from torch import Tensor, nn
 
 from mhc_model.config import HybridConfig
 from mhc_model.hyper_connection import exact_hc_tensors, exact_head_tensors
-from mhc_model.megatron_keys import HC, HEAD_PREFIX, INNER, LAYER_RE, is_mhc_param, unwrap, wrap
+from mhc_model.megatron_keys import (
+    HC,
+    HEAD_PREFIX,
+    INNER,
+    LAYER_RE,
+    canonical,
+    is_mhc_param,
+    unwrap,
+    wrap,
+)
 
 
 class ToggleError(RuntimeError):
@@ -109,11 +118,26 @@ def check_disable_exact(cfg: HybridConfig, values: Mapping[str, Tensor]) -> list
     return verdict.notes
 
 
+def _canonical_spellings(state_dict: dict, prefix: str) -> None:
+    """Megatron's other spellings of a layer key (``mixer.conv1d_weight`` in megatron-core 0.19
+    module state dicts) -> our names (``KEY_ALIASES``)."""
+    for k in [k for k in state_dict if k.startswith(prefix)]:
+        m = LAYER_RE.match(k[len(prefix):])
+        if not m:
+            continue
+        inner = INNER + "." if m.group(2).startswith(INNER + ".") else ""
+        suffix = m.group(2)[len(inner):]
+        if canonical(suffix) != suffix:
+            new = f"{prefix}decoder.layers.{m.group(1)}.{inner}{canonical(suffix)}"
+            state_dict[new] = state_dict.pop(k)
+
+
 def _pre_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict,
               strict: bool, missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
     """Rewrite ``state_dict`` (torch passes a shallow copy, so the caller's dict is untouched)
     into the layout of ``module.config``."""
     cfg: HybridConfig = module.config
+    _canonical_spellings(state_dict, prefix)
     src_on = source_is_on(state_dict.keys(), prefix)
     if src_on is None or src_on == cfg.mhc_on:
         return

@@ -114,3 +114,10 @@ def test_key_parity_with_megatron_core():
         model = HybridModel(cfg)
     assert {k: str(v.dtype).replace("torch.", "") for k, v in model.state_dict().items()
             if k in dtypes} == dtypes
+
+
+def test_rotary_base_reaches_attention_and_mla():
+    args = copy.copy(_fixture_args())
+    args.rotary_base = 50000
+    cfg = HybridConfig.from_megatron_args(args)
+    assert cfg.attention.rotary_base == 50000 and cfg.mla.rotary_base == 50000
