@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect as _inspect
 import math
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -16,8 +17,9 @@ import torch
 
 from mhc_convert import commit, distributed
 from mhc_convert.adapters import adapter_for, detect_format, with_target_mhc
-from mhc_convert.errors import VerificationError
+from mhc_convert.errors import InvalidInputError, VerificationError
 from mhc_convert.exactness import check_disable
+from mhc_convert.layout import LAYER_RE, OUTPUT_PROJECTIONS, canonical
 from mhc_convert.plan import Add, Plan, make_plan
 from mhc_convert.validate import check_finite, naming_files
 from mhc_convert.view import CheckpointView, OutItem
@@ -170,6 +172,37 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
     return report
 
 
+def _fold_post(view: CheckpointView, cfg: HybridConfig, items: list[OutItem],
+               folds: dict[int, float], plan: Plan, drop_optimizer: bool) -> list[OutItem]:
+    """H_post = c (constant over streams) at layer l: F(u) is linear in the layer's output
+    projections, so W <- c W reproduces H_post * F(u) without the wrapper (DESIGN.md §4)."""
+    if view.format == "torch_legacy":
+        raise VerificationError("folding H_post != 1 into output projections is not supported "
+                                "for legacy .pt checkpoints; convert via torch_dist or pass "
+                                "--allow-lossy", path=view.path)
+    if plan.opt_states and not drop_optimizer:
+        raise VerificationError(
+            f"H_post != 1 at {len(folds)} layer(s) folds into the output projections, and Adam "
+            f"state cannot follow a rescaled weight exactly; pass --drop-optimizer (resume with "
+            f"--no-load-optim)", path=view.path)
+    out, folded = [], set()
+    for it in items:
+        m = LAYER_RE.match(it.key)
+        layer = int(m.group(1)) if m and not it.key.startswith("optimizer.") else None
+        if layer in folds and any(re.fullmatch(rx, canonical(m.group(2)))
+                                  for rx in OUTPUT_PROJECTIONS[cfg.layer_symbols[layer]]):
+            w = view.load(it.source.key)
+            out.append(OutItem(it.key, value=(w.double() * folds[layer]).to(w.dtype)))
+            folded.add(layer)
+            continue
+        out.append(it)
+    missing = sorted(set(folds) - folded)
+    if missing:
+        raise InvalidInputError(f"no output projection found to fold H_post into at layer(s) "
+                                f"{missing}", path=view.path)
+    return out
+
+
 def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
             dry_run: bool = False, overwrite: bool = False, passthrough: str | None = None,
             link: str = "copy", progress: ProgressFactory | None = None,
@@ -197,7 +230,7 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
                     config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
     _check(adapter, view, plan, cfg, target, report, drop_optimizer)
     report.notes.extend(verdict.notes)
-    if not verdict.exact:
+    if not verdict.exact and not verdict.exact_with_folds:
         if not allow_lossy:
             raise VerificationError(f"disable would change what the model computes: "
                                     f"{verdict.reason}; pass --allow-lossy to drop the "
@@ -205,12 +238,14 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
                                     f"reported)", path=view.path)
         report.notes.append(f"LOSSY: {verdict.reason}")
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
+    if verdict.folds and verdict.exact_with_folds:
+        items = _fold_post(view, cfg, items, verdict.folds, plan, drop_optimizer)
     if not dry_run:
         report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
                                     direction="disable", overwrite=overwrite, link=link,
                                     progress=progress)
         report.tensors_written = len(items)
-        if not verdict.exact and getattr(distributed.active(), "is_main", True):
+        if not verdict.exact_with_folds and getattr(distributed.active(), "is_main", True):
             from mhc_convert.parity import compare_checkpoints
 
             report.parity = compare_checkpoints(src, dst, device="cpu", dtype="fp32")

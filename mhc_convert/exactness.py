@@ -5,8 +5,10 @@ layer: all alpha = 0 (no token-dependent mapping), H_post is one constant c for 
 the mixing matrix gives every stream gain 1 (deepseek: column sums of H_res, applied as H^T;
 megatron_dsv4: row sums). The aggregate's scale sum_j H_pre[j] is absorbed by the layer's
 scale-invariant pre-norm, and the learned head's (with hc_head_scale = 0) by the final norm.
-A constant c != 1 would have to be folded into every output projection (and the optimizer
-moments rescaled); that is not implemented, so it is reported as not exact.
+A constant H_post = c != 1 is not a pure rename: it folds into the layer's output
+projections (y = F(u) is linear in them), W <- c W. ``Verdict.folds`` lists those layers; the
+fold is exact to the rounding of c W in the params dtype. Adam's moments cannot follow a
+rescaled weight exactly (its update is scale-free), so the engine refuses optimizer state then.
 """
 
 from __future__ import annotations
@@ -25,9 +27,17 @@ POST_TOL = 1e-6
 
 @dataclass
 class Verdict:
+    """``exact``: a pure rename is exact. ``folds``: layer -> constant H_post that must be
+    folded into the output projections (then exact up to that rounding); empty when none."""
+
     exact: bool
     reason: str = ""
     notes: list[str] = field(default_factory=list)
+    folds: dict[int, float] = field(default_factory=dict)
+
+    @property
+    def exact_with_folds(self) -> bool:
+        return not self.reason
 
 
 def check_disable(cfg: HybridConfig, values: dict[tuple[str, int | None, str], Tensor]) -> Verdict:
@@ -35,6 +45,7 @@ def check_disable(cfg: HybridConfig, values: dict[tuple[str, int | None, str], T
     problems: list[str] = []
     notes: list[str] = []
     pre_sums = []
+    folds: dict[int, float] = {}
     for i in range(cfg.num_layers):
         alphas = [values[("hc", i, f"alpha_{g}")].float() for g in ("pre", "post", "res")]
         if any(a.abs().max().item() != 0.0 for a in alphas):
@@ -45,8 +56,10 @@ def check_disable(cfg: HybridConfig, values: dict[tuple[str, int | None, str], T
                                           else 0.0)
         pre_sums.append(h_pre.sum().item())
         h_post = 2 * torch.sigmoid(bias[n:2 * n])
-        if (h_post - 1).abs().max().item() > POST_TOL:
-            problems.append(f"layer {i}: H_post = {h_post.tolist()} is not 1")
+        if (h_post - h_post[0]).abs().max().item() > POST_TOL:
+            problems.append(f"layer {i}: H_post = {h_post.tolist()} differs between streams")
+        elif (h_post[0] - 1).abs().item() > POST_TOL:
+            folds[i] = h_post[0].item()
         H = mhc_ref.sinkhorn(bias[2 * n:].reshape(1, n, n), cfg.mhc.mhc_sinkhorn_iterations,
                              cfg.mhc.mhc_convention, cfg.mhc.mhc_eps)[0]
         gain = H.sum(0) if cfg.mhc.mhc_convention == "deepseek" else H.sum(1)
@@ -62,4 +75,7 @@ def check_disable(cfg: HybridConfig, values: dict[tuple[str, int | None, str], T
     if problems:
         more = f" (+{len(problems) - 3} more)" if len(problems) > 3 else ""
         return Verdict(False, "; ".join(problems[:3]) + more, notes)
-    return Verdict(True, "", notes)
+    if folds:
+        notes.append(f"H_post folded into the output projections of {len(folds)} layer(s) "
+                     f"(c in [{min(folds.values()):.6f}, {max(folds.values()):.6f}])")
+    return Verdict(not folds, "", notes, folds)

@@ -111,9 +111,11 @@ def check_disable_exact(cfg: HybridConfig, values: Mapping[str, Tensor]) -> list
                        mhc_output_contract="learned" if learned else "mean")
     verdict = check_disable(src, by_layer)
     if not verdict.exact:
+        reason = verdict.reason or ("a constant H_post != 1 must be folded into the output "
+                                    "projections: `mhc-convert disable` does that offline")
         raise ToggleError(
             f"cannot load mHC parameters into an mHC-off model: disabling is not exact here "
-            f"({verdict.reason}). Keep mHC on, or drop them with a measured parity loss via "
+            f"({reason}). Keep mHC on, or drop them with a measured parity loss via "
             f"`mhc-convert disable --allow-lossy`")
     return verdict.notes
 
