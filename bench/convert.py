@@ -22,6 +22,7 @@ hardlinks) and removed at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import hashlib
 import io
@@ -300,12 +301,10 @@ def bench_torch_dist(work: Path, reps: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------- report
 def cpu_name() -> str:
-    try:
+    with contextlib.suppress(OSError):  # no /proc (not Linux): fall back below
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
     return platform.processor() or "unknown CPU"
 
 

@@ -83,12 +83,15 @@ def _check(adapter, view: CheckpointView, plan: Plan, cfg: HybridConfig,
                             "--no-load-optim")
 
 
-def _new_value(add: Add, target: HybridConfig, init: str) -> torch.Tensor:
+def _new_value(add: Add, target: HybridConfig, init: str,
+               cache: dict[tuple[str, int | None], dict[str, torch.Tensor]]) -> torch.Tensor:
+    """The value of one added key. A layer's init tensors are drawn once and shared by its
+    model key and its ``fp32_param`` (same storage), not redrawn per key."""
     kind, layer, name = add.what
-    if kind == "hc":
-        value = exact_hc_tensors(target, layer, init=init)[name]
-    else:
-        value = exact_head_tensors(target)[name]
+    if (kind, layer) not in cache:
+        cache[kind, layer] = (exact_hc_tensors(target, layer, init=init) if kind == "hc"
+                              else exact_head_tensors(target))
+    value = cache[kind, layer][name]
     if add.opt_state is None:
         return value.float().contiguous()  # mHC parameters are fp32 (see HybridLayer)
     if add.opt_state in ("fp32_param", "param"):
@@ -156,7 +159,8 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
     if not allow_nonfinite:
         check_finite(view, [r.src for r in plan.renames], path=view.path)
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
-    items += [OutItem(a.dst, value=_new_value(a, target, init)) for a in plan.adds]
+    drawn: dict[tuple[str, int | None], dict[str, torch.Tensor]] = {}
+    items += [OutItem(a.dst, value=_new_value(a, target, init, drawn)) for a in plan.adds]
     report = Report("enable", str(src), str(dst), fmt, dry_run, plan.summary(),
                     config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
     _check(adapter, view, plan, cfg, target, report, drop_optimizer)
@@ -222,8 +226,7 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     if not allow_nonfinite:
         check_finite(view, [r.src for r in plan.renames] + [d.src for d in plan.drops],
                      path=view.path)
-    hc_values = {d.src: view.load(d.src) for d in plan.drops if d.opt_state is None}
-    verdict = check_disable(cfg, {d.what: hc_values[d.src] for d in plan.drops
+    verdict = check_disable(cfg, {d.what: view.load(d.src) for d in plan.drops
                                   if d.opt_state is None})
     target = with_target_mhc(cfg, enable_hyper_connections=False)
     report = Report("disable", str(src), str(dst), fmt, dry_run, plan.summary(),

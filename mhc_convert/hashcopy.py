@@ -210,7 +210,8 @@ class HashingFile:
         return n
 
     def flush(self) -> None:
-        pass
+        """Nothing to flush: every ``write`` goes straight to the file descriptor (fsync and
+        the digest happen when ``output_file`` closes it)."""
 
     def tell(self) -> int:
         return self.writer.size

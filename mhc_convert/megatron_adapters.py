@@ -77,9 +77,7 @@ class TorchDistAdapter:
 
 register(TorchDistAdapter())
 
-try:  # the legacy format is optional until its module lands
-    from mhc_convert.legacy_adapter import LegacyAdapter
+# Imported last: legacy_adapter reuses helpers defined above.
+from mhc_convert.legacy_adapter import LegacyAdapter  # noqa: E402
 
-    register(LegacyAdapter())
-except ImportError:  # pragma: no cover
-    pass
+register(LegacyAdapter())
