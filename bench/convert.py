@@ -115,7 +115,7 @@ def write_native(root: Path, cfg) -> tuple[int, int]:
     (tensor bytes, largest tensor bytes)."""
     from safetensors.torch import save_file
 
-    from mhc_convert.plan import expected_model_shapes
+    from mhc_model.toggle.shapes import expected_model_shapes
 
     root.mkdir(parents=True)
     shapes = expected_model_shapes(cfg)
@@ -226,8 +226,8 @@ def write_torch_dist(run: Path, layers: int, hidden: int, ffn: int, vocab: int) 
     import torch.distributed.checkpoint as dcp
 
     _MegatronLikeWriter = _writer_class()
-    from mhc_convert.adapters import megatron_config
-    from mhc_convert.plan import expected_model_shapes
+    from mhc_convert.adapters.megatron_args import megatron_config
+    from mhc_model.toggle.shapes import expected_model_shapes
 
     common, blobs = fixture_blobs()
     common = copy.deepcopy(common)

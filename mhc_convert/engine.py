@@ -4,7 +4,6 @@ the new parameters and, for disable, the hyper-connection parameters being check
 
 from __future__ import annotations
 
-import inspect as _inspect
 import math
 import re
 import time
@@ -16,16 +15,17 @@ from typing import Any
 import torch
 
 from mhc_convert import commit, distributed
-from mhc_convert.adapters import adapter_for, detect_format, with_target_mhc
-from mhc_convert.errors import InvalidInputError, VerificationError
-from mhc_convert.exactness import check_disable
-from mhc_convert.layout import LAYER_RE, OUTPUT_PROJECTIONS, canonical
-from mhc_convert.plan import Add, Plan, make_plan
+from mhc_convert.adapters import ReadOptions, detect
+from mhc_convert.errors import InvalidInputError, MixedLayoutError, VerificationError
 from mhc_convert.validate import check_finite, naming_files
 from mhc_convert.view import CheckpointView, OutItem
 from mhc_model import __version__
 from mhc_model.config import HybridConfig
-from mhc_model.hyper_connection import exact_hc_tensors, exact_head_tensors
+from mhc_model.specs import LAYER_SPECS
+from mhc_model.toggle import codec as K
+from mhc_model.toggle.plan import Plan, make_plan
+from mhc_model.toggle.values import NewValues
+from mhc_model.toggle.verdict import check_disable
 
 ProgressFactory = Callable[[int], Callable[[int], None]]  # total bytes -> per-chunk callback
 
@@ -52,15 +52,9 @@ class Report:
 
 def _open(src: Path, drop_optimizer: bool = False) -> tuple[str, Any, CheckpointView,
                                                               HybridConfig]:
-    fmt = detect_format(src)
-    adapter = adapter_for(fmt)
-    # Adapters that refuse some optimizer layouts at read time (torch_dist dp_reshardable,
-    # legacy distrib_optim.pt) take the flag; the others never see it.
-    if drop_optimizer and "drop_optimizer" in _inspect.signature(adapter.read).parameters:
-        view = adapter.read(src, drop_optimizer=True)
-    else:
-        view = adapter.read(src)
-    return fmt, adapter, view, adapter.config(view)
+    adapter = detect(src)
+    view = adapter.read(src, options=ReadOptions(drop_optimizer=drop_optimizer))
+    return adapter.name, adapter, view, adapter.config(view)
 
 
 def _plan_keys(view: CheckpointView, drop_optimizer: bool) -> dict[str, Any]:
@@ -74,29 +68,11 @@ def _check(adapter, view: CheckpointView, plan: Plan, cfg: HybridConfig,
            target: HybridConfig, report: Report, drop_optimizer: bool) -> None:
     """Format checks that need the plan (legacy: per-rank optimizer order, TP shapes), run
     before anything is written so bad input leaves no trace, dry runs included."""
-    check = getattr(adapter, "check", None)
-    if check is not None:
-        check(view, plan, cfg, target)
+    adapter.check(view, plan, cfg, target)
     if drop_optimizer and (view.meta.get("optimizer_present")
                            or any(k.startswith("optimizer.") for k in view.entries)):
         report.notes.append("optimizer state dropped (--drop-optimizer): resume with "
                             "--no-load-optim")
-
-
-def _new_value(add: Add, target: HybridConfig, init: str,
-               cache: dict[tuple[str, int | None], dict[str, torch.Tensor]]) -> torch.Tensor:
-    """The value of one added key. A layer's init tensors are drawn once and shared by its
-    model key and its ``fp32_param`` (same storage), not redrawn per key."""
-    kind, layer, name = add.what
-    if (kind, layer) not in cache:
-        cache[kind, layer] = (exact_hc_tensors(target, layer, init=init) if kind == "hc"
-                              else exact_head_tensors(target))
-    value = cache[kind, layer][name]
-    if add.opt_state is None:
-        return value.float().contiguous()  # mHC parameters are fp32 (see HybridLayer)
-    if add.opt_state in ("fp32_param", "param"):
-        return value.float().contiguous()
-    return torch.zeros(add.shape, dtype=torch.float32)  # fresh Adam moments
 
 
 def _plan_detail(plan: Plan) -> list[dict[str, str]]:
@@ -151,16 +127,16 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
     src, dst = Path(src), Path(dst)
     commit.preflight(src, dst, overwrite=overwrite)
     fmt, adapter, view, cfg = _open(src, drop_optimizer)
-    target = with_target_mhc(cfg, enable_hyper_connections=True, num_residual_streams=streams,
-                             mhc_convention=convention, mhc_output_contract=contract)
+    target = cfg.with_mhc(enable_hyper_connections=True, num_residual_streams=streams,
+                          mhc_convention=convention, mhc_output_contract=contract)
     with naming_files(view):
         plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "enable", target,
                          passthrough=passthrough, path=str(view.path))
     if not allow_nonfinite:
         check_finite(view, [r.src for r in plan.renames], path=view.path)
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
-    drawn: dict[tuple[str, int | None], dict[str, torch.Tensor]] = {}
-    items += [OutItem(a.dst, value=_new_value(a, target, init, drawn)) for a in plan.adds]
+    new_value = NewValues(target, init)
+    items += [OutItem(a.dst, value=new_value(a)) for a in plan.adds]
     report = Report("enable", str(src), str(dst), fmt, dry_run, plan.summary(),
                     config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
     _check(adapter, view, plan, cfg, target, report, drop_optimizer)
@@ -176,14 +152,12 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
     return report
 
 
-def _fold_post(view: CheckpointView, cfg: HybridConfig, items: list[OutItem],
+def _fold_post(adapter, view: CheckpointView, cfg: HybridConfig, items: list[OutItem],
                folds: dict[int, float], plan: Plan, drop_optimizer: bool) -> list[OutItem]:
     """H_post = c (constant over streams) at layer l: F(u) is linear in the layer's output
     projections, so W <- c W reproduces H_post * F(u) without the wrapper (DESIGN.md §4)."""
-    if view.format == "torch_legacy":
-        raise VerificationError("folding H_post != 1 into output projections is not supported "
-                                "for legacy .pt checkpoints; convert via torch_dist or pass "
-                                "--allow-lossy", path=view.path)
+    if adapter.fold_refusal is not None:
+        raise VerificationError(adapter.fold_refusal, path=view.path)
     if plan.opt_states and not drop_optimizer:
         raise VerificationError(
             f"H_post != 1 at {len(folds)} layer(s) folds into the output projections, and Adam "
@@ -191,10 +165,10 @@ def _fold_post(view: CheckpointView, cfg: HybridConfig, items: list[OutItem],
             f"--no-load-optim)", path=view.path)
     out, folded = [], set()
     for it in items:
-        m = LAYER_RE.match(it.key)
+        m = K.LAYER_RE.match(it.key)
         layer = int(m.group(1)) if m and not it.key.startswith("optimizer.") else None
-        if layer in folds and any(re.fullmatch(rx, canonical(m.group(2)))
-                                  for rx in OUTPUT_PROJECTIONS[cfg.layer_symbols[layer]]):
+        if layer in folds and any(re.fullmatch(rx, K.canonical(m.group(2))) for rx in
+                                  LAYER_SPECS[cfg.layer_symbols[layer]].output_projections):
             w = view.load(it.source.key)
             out.append(OutItem(it.key, value=(w.double() * folds[layer]).to(w.dtype)))
             folded.add(layer)
@@ -226,9 +200,9 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     if not allow_nonfinite:
         check_finite(view, [r.src for r in plan.renames] + [d.src for d in plan.drops],
                      path=view.path)
-    verdict = check_disable(cfg, {d.what: view.load(d.src) for d in plan.drops
-                                  if d.opt_state is None})
-    target = with_target_mhc(cfg, enable_hyper_connections=False)
+    verdict = check_disable(cfg, {what: view.load(src)
+                                  for src, what in plan.model_drops().items()})
+    target = cfg.with_mhc(enable_hyper_connections=False)
     report = Report("disable", str(src), str(dst), fmt, dry_run, plan.summary(),
                     config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
     _check(adapter, view, plan, cfg, target, report, drop_optimizer)
@@ -242,7 +216,7 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
         report.notes.append(f"LOSSY: {verdict.reason}")
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
     if verdict.folds and verdict.exact_with_folds:
-        items = _fold_post(view, cfg, items, verdict.folds, plan, drop_optimizer)
+        items = _fold_post(adapter, view, cfg, items, verdict.folds, plan, drop_optimizer)
     if not dry_run:
         report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
                                     direction="disable", overwrite=overwrite, link=link,
@@ -281,18 +255,23 @@ def inspect(path: str | Path, *, verify: bool = False) -> InspectReport:
     path = Path(path)
     fmt, _, view, cfg = _open(path)
     keys = list(view.entries)
-    wrapped = any(".inner_layer." in k for k in keys)
+    problems: list[str] = []
+    try:
+        wrapped = bool(K.layout_of(keys))
+    except MixedLayoutError as e:  # inspect reports what it sees; converting refuses it
+        wrapped = True
+        problems.append(e.message)
     opt_states = sorted({k.split(".")[2] for k in keys if k.startswith("optimizer.state.")})
     optimizer = view.meta.get("optimizer_sharding") or ("model-space " + ",".join(opt_states)
                                                        if opt_states else "none")
     manifest = "absent"
-    problems: list[str] = []
     root = view.meta.get("run_dir") or view.path
     if (Path(root) / "mhc-manifest.json").exists():
         manifest = "present"
         if verify:
-            problems = commit.verify_manifest(Path(root))
-            manifest = "verified" if not problems else "MISMATCH"
+            mismatches = commit.verify_manifest(Path(root))
+            problems += mismatches
+            manifest = "verified" if not mismatches else "MISMATCH"
     it = view.meta.get("iteration")
     return InspectReport(
         str(path), fmt, "mhc-on" if wrapped else "mhc-off", cfg.hybrid_layer_pattern,

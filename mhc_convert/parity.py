@@ -9,58 +9,40 @@ from typing import Any
 
 import torch
 
-from mhc_convert import layout as L
-from mhc_convert.adapters import adapter_for, detect_format
+from mhc_convert.adapters import ReadOptions, detect
 from mhc_convert.errors import InvalidInputError
 from mhc_convert.view import CheckpointView
 from mhc_model.config import HybridConfig
 from mhc_model.model import HybridModel, meta_model
+from mhc_model.toggle import codec as K
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def model_state_from_view(view: CheckpointView, cfg: HybridConfig) -> dict[str, torch.Tensor]:
     """Model tensors only (no optimizer, _extra_state or Megatron byte objects), with factory
-    splits concatenated back in Megatron's order."""
+    splits concatenated back in Megatron's order and Megatron's spellings made ours."""
+    keys = [k for k, e in view.entries.items()
+            if e.kind == "tensor" and not k.startswith("optimizer.") and K.EXTRA_STATE not in k
+            and not K.MEGATRON_OPAQUE_RE.match(k)]
     state: dict[str, torch.Tensor] = {}
-    split_parts: dict[str, dict[str, torch.Tensor]] = {}
-    for key, entry in view.entries.items():
-        if entry.kind != "tensor" or key.startswith("optimizer.") or L.EXTRA_STATE in key:
-            continue
-        if L.MEGATRON_OPAQUE_RE.match(key):
-            continue
-        m = L.LAYER_RE.match(key)
-        if m:
-            i = int(m.group(1))
-            rel = m.group(2)
-            wrapper = ""
-            if rel.startswith(L.INNER + "."):
-                wrapper, rel = L.INNER + ".", rel[len(L.INNER) + 1:]
-            base, _, part = rel.rpartition(".")
-            splits = (L.split_table(cfg, cfg.layer_symbols[i]).get(base)
-                      if i < cfg.num_layers else None)
-            if splits and part in dict(splits):
-                full = f"decoder.layers.{i}.{wrapper}{base}"
-                split_parts.setdefault(full, {})[part] = view.load(key)
-                continue
-            key = f"decoder.layers.{i}.{wrapper}{L.canonical(rel)}"  # e.g. conv1d_weight
-        state[key] = view.load(entry.key)
-    for full, parts in split_parts.items():
-        i = int(L.LAYER_RE.match(full).group(1))
-        base = full.split(".", 3)[3].removeprefix(L.INNER + ".")
-        order = [p for p, _ in L.split_table(cfg, cfg.layer_symbols[i])[base]]
-        if set(parts) != set(order):
-            raise InvalidInputError(f"incomplete factory split: have {sorted(parts)}, need {order}",
-                                    path=view.path, key=full)
-        state[full] = torch.cat([parts[p] for p in order], dim=0)
+    for key, parts in K.merge_splits(keys, cfg).items():
+        base, _, part = key.rpartition(".")
+        found = K.layer_splits(cfg, base) if len(parts) == 1 else None
+        if found is not None and part in dict(found[1]):
+            have = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == base)
+            raise InvalidInputError(f"incomplete factory split: have {have}, need "
+                                    f"{[p for p, _ in found[1]]}", path=view.path, key=base)
+        state[K.canonical_key(key)] = (view.load(parts[0]) if len(parts) == 1 else
+                                       torch.cat([view.load(p) for p in parts], dim=0))
     return state
 
 
 def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = None) -> HybridModel:
     """Build the model the checkpoint's config describes and load it strictly."""
     path = Path(path)
-    adapter = adapter_for(detect_format(path))
-    view = adapter.read(path)
+    adapter = detect(path)
+    view = adapter.read(path, options=ReadOptions())
     cfg = adapter.config(view)
     if dtype is not None:
         cfg = cfg.replace(params_dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])

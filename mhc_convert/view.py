@@ -9,12 +9,14 @@ byte-for-byte) or a new in-memory value. Readers and writers know nothing about 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
+
+from mhc_convert.formats.byte_sources import tensor_slices
 
 EntryKind = Literal["tensor", "bytes", "object"]
 
@@ -48,22 +50,38 @@ class OutItem:
 
 
 ProgressFn = Callable[[int], None]  # called with a number of bytes just processed
+# (file that holds them, raw uint8 slices) for every stored piece of an entry
+ByteSources = Callable[[Entry], Iterator[tuple[Path, Iterable[torch.Tensor]]]]
 
 
 @dataclass
 class CheckpointView:
     """What a reader returns. ``meta`` holds format facts the engine needs (``config_json`` for
     native, ``common_state``/``iteration``/``tracker`` for Megatron, ...), already parsed with
-    safe loaders. ``loader`` decodes one entry on demand."""
+    safe loaders. ``loader`` decodes one entry on demand. ``sources`` streams an entry's stored
+    bytes (default: decode it and stream the tensor); ``locate`` names the file a user should
+    look at for a key (default: none beyond the checkpoint)."""
 
     format: Literal["native", "torch_dist", "torch_legacy"]
     path: Path
     entries: Mapping[str, Entry]
     meta: dict[str, Any]
     loader: Callable[[Entry], torch.Tensor | bytes | Any] = field(repr=False)
+    sources: ByteSources | None = field(default=None, repr=False)
+    locate: Callable[[Entry], Path | None] | None = field(default=None, repr=False)
 
     def load(self, key: str) -> torch.Tensor | bytes | Any:
         return self.loader(self.entries[key])
+
+    def byte_sources(self, entry: Entry) -> Iterator[tuple[Path, Iterable[torch.Tensor]]]:
+        if self.sources is not None:
+            return self.sources(entry)
+        return iter([(Path(self.path), tensor_slices(self.loader(entry)))])
+
+    def file_of(self, key: str) -> Path | None:
+        """The file holding ``key`` (the native shard, the torch_dist ``.metadata`` where keys
+        and shapes are recorded, the legacy rank file), or None."""
+        return self.locate(self.entries[key]) if self.locate is not None else None
 
     @property
     def total_bytes(self) -> int:

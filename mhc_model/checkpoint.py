@@ -38,9 +38,13 @@ from torch.distributed.checkpoint.metadata import Metadata, StorageMeta, TensorS
 from torch.distributed.checkpoint.planner import ReadItem
 
 from mhc_model.config import HybridConfig
-from mhc_model.megatron_keys import disk_views, is_mhc_param, megatron_args, split_table
-from mhc_model.shim import ToggleError, check_disable_exact, new_parameter_values, source_is_on
-from mhc_model.shim import source_key as _source_key
+from mhc_model.errors import ToggleError
+from mhc_model.megatron_args import config_from_megatron_args, megatron_args
+from mhc_model.safe_unpickle import safe_pickle_load, safe_torch_load
+from mhc_model.toggle.codec import disk_views, merge_splits
+from mhc_model.toggle.plan import plan_for_model
+from mhc_model.toggle.values import values_for
+from mhc_model.toggle.verdict import check_disable_exact
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MARKER = "metadata.json"
@@ -161,7 +165,6 @@ class SafeFileSystemReader(FileSystemReader):
     """``.metadata`` is raw pickle: read it with the allowlisted unpickler (DESIGN.md §5)."""
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
-        from mhc_convert.formats.safe_unpickle import safe_pickle_load  # lazy: see shim.py
 
         path = Path(self.path) / ".metadata"
         md = safe_pickle_load(path.read_bytes(), source=path)
@@ -195,7 +198,6 @@ class RemapLoadPlanner(DefaultLoadPlanner):
         super().set_up_planner(stored, metadata, is_coordinator)
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        from mhc_convert.formats.safe_unpickle import safe_torch_load
 
         fqn = read_item.dest_index.fqn
         self.dest[self.back[fqn]] = safe_torch_load(value.getvalue(), source="torch_dist",
@@ -230,7 +232,7 @@ def read_common(path: str | Path) -> dict[str, Any]:
 def config_from_common(common: Mapping[str, Any]) -> HybridConfig:
     """Our stored config when present (it has fields Megatron args lack), with every mHC field
     that args carry taken from args: ``mhc-convert`` flips those, never our copy."""
-    from_args = HybridConfig.from_megatron_args(common["args"])
+    from_args = config_from_megatron_args(common["args"])
     if CONFIG_KEY not in common:
         return from_args
     ours = HybridConfig.from_dict(common[CONFIG_KEY])
@@ -247,21 +249,9 @@ def dist_config(path: str | Path) -> HybridConfig:
 
 def _stored_model_names(md: Metadata, cfg: HybridConfig) -> set[str]:
     """Model-space names present on disk (a complete factory split counts as its base key)."""
-    names: set[str] = set()
-    for k, v in md.state_dict_metadata.items():
-        if not isinstance(v, TensorStorageMetadata) or k.startswith("optimizer."):
-            continue
-        base, _, part = k.rpartition(".")
-        m = base.split(".")
-        if len(m) > 3 and m[0] == "decoder" and m[1] == "layers" and m[2].isdigit():
-            i = int(m[2])
-            rel = base.split(".", 3)[3].removeprefix("inner_layer.")
-            table = split_table(cfg, cfg.layer_symbols[i]) if i < cfg.num_layers else {}
-            if part in dict(table.get(rel, ())):
-                names.add(base)
-                continue
-        names.add(k)
-    return names
+    return set(merge_splits((k for k, v in md.state_dict_metadata.items()
+                             if isinstance(v, TensorStorageMetadata)
+                             and not k.startswith("optimizer.")), cfg))
 
 
 @torch.no_grad()
@@ -273,34 +263,34 @@ def load_dist(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
     iter_dir = resolve(path)
     md = SafeFileSystemReader(str(iter_dir)).read_metadata()
     stored = _stored_model_names(md, cfg)
-    src_on = source_is_on(stored)
-    toggle_on = cfg.mhc_on and src_on is False
+    plan = plan_for_model(dict.fromkeys(stored), cfg)  # the toggle, when layouts differ
+    source_of = {r.dst: r.src for r in plan.renames} if plan else {k: k for k in stored}
     common = read_common(iter_dir)
 
     own = model.state_dict(keep_vars=True)
     dest: dict[str, Tensor] = {}
     rename: dict[str, str] = {}
-    fills: dict[str, Tensor] = new_parameter_values(cfg) if toggle_on else {}
+    fills: dict[str, Tensor] = values_for(plan.adds, cfg) if plan else {}
     new_names: set[str] = set()
     for name, t in own.items():
-        src = _source_key(name, cfg.mhc_on, src_on)
-        if src not in stored:
+        src = source_of.get(name)
+        if src is None:
             if name in fills:
                 new_names.add(name)
                 continue
             if strict:
-                raise KeyError(f"{iter_dir}: no stored value for {name!r} (looked for {src!r})")
+                raise KeyError(f"{iter_dir}: no stored value for {name!r}")
             continue
         for k, v in disk_views(cfg, name, t.detach()).items():
             dest[k], rename[k] = v, src + k[len(name):]
-    consumed = {_source_key(n, cfg.mhc_on, src_on) for n in own} & stored
+    consumed = {source_of[n] for n in own if n in source_of}
     extra = sorted(stored - consumed)
-    if not cfg.mhc_on and src_on:  # disable: the mHC tensors must allow an exact drop
-        hc = [k for k in extra if is_mhc_param(k)]
+    if plan is not None and plan.drops:  # disable: the mHC tensors must allow an exact drop
+        hc = list(plan.model_drops())
         values = _load(iter_dir, {k: torch.empty(tuple(md.state_dict_metadata[k].size),
                                                  dtype=torch.float32) for k in hc}, {})
         check_disable_exact(cfg, values)
-        extra = [k for k in extra if not is_mhc_param(k)]
+        extra = [k for k in extra if k not in values]
     if extra and strict:
         raise KeyError(f"{iter_dir}: stored model keys the model does not have: {extra[:5]}")
 
@@ -309,7 +299,7 @@ def load_dist(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
         for name, p in model.named_parameters():
             if name in new_names:
                 continue  # fresh zero moments (DESIGN.md §5)
-            src = _source_key(name, cfg.mhc_on, src_on)
+            src = source_of[name]
             st = optimizer.state[p]
             for s in MOMENTS:
                 for k, v in disk_views(cfg, name, st[s]).items():

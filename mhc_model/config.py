@@ -8,19 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
-LAYER_SYMBOLS = {
-    "M": "mamba",
-    "G": "gdn",
-    "*": "attention",
-    "D": "dsa",
-    "+": "mla",
-    "-": "mlp",
-    "E": "moe",
-}
+from mhc_model.specs import LAYER_SPECS
+
+LAYER_SYMBOLS = {sym: spec.name for sym, spec in LAYER_SPECS.items()}
 PIPE = "|"
 MTP_SEPARATOR = "/"
 
@@ -216,7 +211,8 @@ class MLAConfig:
 @dataclass(frozen=True)
 class MHCConfig:
     """Manifold-constrained hyper-connections (DESIGN.md §1). Field names follow Megatron
-    dsv4/dev; ``from_megatron_args`` also reads the main-branch spellings."""
+    dsv4/dev; ``megatron_args.config_from_megatron_args`` also reads the main-branch
+    spellings."""
 
     enable_hyper_connections: bool = False
     num_residual_streams: int = 4
@@ -241,6 +237,19 @@ class MHCConfig:
         _check_choice("mhc", "mhc_convention", self.mhc_convention, ("deepseek", "megatron_dsv4"))
         _check_choice("mhc", "mhc_output_contract", self.mhc_output_contract, ("mean", "learned"))
 
+
+# config section (named by a LayerSpec) -> its validation; sections of unused layers are not
+# validated, so an mHC-only or Mamba-only config need not carry sane attention sizes
+_SECTION_CHECKS: dict[str, Callable[[HybridConfig], None]] = {
+    "attention": lambda c: c.attention.validate(c.hidden_size),
+    "mlp": lambda c: c.mlp.validate(),
+    "moe": lambda c: c.moe.validate(),
+    "mamba": lambda c: c.mamba.validate(c.hidden_size),
+    "gdn": lambda c: c.gdn.validate(),
+    "mla": lambda c: c.mla.validate(),
+    "attention_heads": lambda c: _check_positive(
+        "attention", num_attention_heads=c.attention.num_attention_heads),
+}
 
 _SUBCONFIGS: dict[str, type] = {
     "attention": AttentionConfig,
@@ -277,20 +286,10 @@ class HybridConfig:
         _check_positive("config", hidden_size=self.hidden_size, vocab_size=self.vocab_size,
                         norm_eps=self.norm_eps, init_std=self.init_std)
         _check_choice("config", "params_dtype", self.params_dtype, DTYPES)
-        used = set(self.layer_symbols)
-        if used & {"*"}:
-            self.attention.validate(self.hidden_size)
-        if used & {"-", "E"}:
-            self.mlp.validate()
-        if "E" in used:
-            self.moe.validate()
-        if "M" in used:
-            self.mamba.validate(self.hidden_size)
-        if "G" in used:
-            self.gdn.validate()
-        if used & {"+", "D"}:
-            self.mla.validate()
-            _check_positive("attention", num_attention_heads=self.attention.num_attention_heads)
+        used = {s for sym in set(self.layer_symbols) for s in LAYER_SPECS[sym].sections}
+        for section, check in _SECTION_CHECKS.items():  # fixed order: the first error wins
+            if section in used:
+                check(self)
         self.mhc.validate()
 
     @cached_property
@@ -345,11 +344,3 @@ class HybridConfig:
         if not isinstance(data, dict):
             raise ValueError("HybridConfig JSON must be an object")
         return cls.from_dict(data)
-
-    @classmethod
-    def from_megatron_args(cls, args: Any) -> HybridConfig:
-        """Build from Megatron's ``args`` (an ``argparse.Namespace`` or anything with attributes).
-        See ``mhc_model.megatron_args`` for the name table."""
-        from mhc_model.megatron_args import config_from_megatron_args
-
-        return config_from_megatron_args(args)

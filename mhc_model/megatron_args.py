@@ -1,13 +1,19 @@
-"""Megatron ``args`` <-> ``HybridConfig``: the name table, as data.
+"""Megatron ``args`` <-> ``HybridConfig``: the name table, as data, read in both directions.
 
-Megatron spells the mHC flags two ways: dsv4/dev (``enable_hyper_connections``,
+``_ARG_TABLE`` maps each Megatron arg that is one of our fields one to one; ``megatron_args``
+writes it and ``config_from_megatron_args`` reads it, so the two cannot drift. The args that
+are derived (head counts, activation flags, dtype flags, ...) are spelled out beside it, once
+per direction. Megatron spells the mHC flags two ways: dsv4/dev (``enable_hyper_connections``,
 ``num_residual_streams``) and main (``enable_mhc_connections``, ``mhc_num_residual_streams``).
 Both are read; ``MHC_FLAG_SPELLINGS`` is also what the converter flips in a checkpoint's args.
 """
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
+
+import torch
 
 from mhc_model.config import _SUBCONFIGS, HybridConfig, MambaConfig
 
@@ -126,3 +132,45 @@ def config_from_megatron_args(args: Any) -> HybridConfig:
         sub_kwargs["mhc"]["mhc_output_contract"] = args.mhc_output_contract
     subs = {name: cls(**sub_kwargs[name]) for name, cls in _SUB.items()}
     return HybridConfig(**top, **subs)
+
+
+def _field(cfg: HybridConfig, sub: str | None, name: str) -> Any:
+    return getattr(getattr(cfg, sub) if sub else cfg, name)
+
+
+def mhc_flag_values(cfg: HybridConfig) -> dict[str, Any]:
+    """Our mHC fields that Megatron args record (``MHC_FLAG_SPELLINGS``), with cfg's values."""
+    return {name: getattr(cfg.mhc, name) for name in MHC_FLAG_SPELLINGS}
+
+
+def megatron_args(cfg: HybridConfig, **extra: object) -> argparse.Namespace:
+    """The ``args`` namespace Megatron records for this model: ``config_from_megatron_args``
+    reads it back to the same architecture and mHC flags (both spellings' readers), and
+    ``mhc-convert`` flips its mHC flags on conversion."""
+    a, C = cfg.attention, cfg.hidden_size
+    ns = argparse.Namespace(**{arg: _field(cfg, sub, name)
+                               for arg, (sub, name) in _ARG_TABLE.items()})
+    ns.num_layers = cfg.num_layers
+    ns.num_query_groups = a.groups
+    ns.group_query_attention = a.groups != a.num_attention_heads
+    ns.kv_channels = a.head_dim(C)
+    ns.position_embedding_type = a.position_embedding_type
+    ns.mamba_num_heads = cfg.mamba.num_heads(C)
+    ns.num_experts = cfg.moe.num_experts if "E" in cfg.layer_symbols else None
+    ns.padded_vocab_size = cfg.vocab_size
+    ns.normalization = "RMSNorm"
+    ns.squared_relu = cfg.mlp.activation == "squared_relu"
+    ns.swiglu = cfg.mlp.activation == "swiglu"
+    ns.untie_embeddings_and_output_weights = not cfg.tie_word_embeddings
+    ns.bf16, ns.fp16 = cfg.params_dtype == "bfloat16", cfg.params_dtype == "float16"
+    ns.params_dtype = getattr(torch, cfg.params_dtype)
+    ns.tensor_model_parallel_size = ns.pipeline_model_parallel_size = 1
+    ns.ckpt_format = "torch_dist"
+    ns.dist_ckpt_optim_fully_reshardable = True
+    for name, value in mhc_flag_values(cfg).items():
+        setattr(ns, MHC_FLAG_SPELLINGS[name][0], value)
+    ns.mhc_convention = cfg.mhc.mhc_convention
+    ns.mhc_output_contract = cfg.mhc.mhc_output_contract
+    for k, v in extra.items():
+        setattr(ns, k, v)
+    return ns

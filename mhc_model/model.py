@@ -3,10 +3,8 @@ plus native checkpoints (``config.json`` + safetensors, sharded above a size thr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -14,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mhc_model.config import HybridConfig
-from mhc_model.layers.common import torch_dtype
+from mhc_model.layers.common import no_initialisers, torch_dtype
 from mhc_model.shim import register_layout_shim
 from mhc_model.stack import HybridStack
 
@@ -115,27 +113,9 @@ class HybridModel(nn.Module):
         return model
 
 
-_INITIALISERS = ("normal_", "uniform_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
-                 "kaiming_normal_", "trunc_normal_", "zeros_", "ones_", "constant_")
-
-
-@contextlib.contextmanager
-def _no_initialisers() -> Iterator[None]:
-    """Make ``torch.nn.init`` no-ops: on the meta device they only cost time (their reference
-    decompositions import torch._dynamo, ~2 s per process)."""
-    saved = {name: getattr(nn.init, name) for name in _INITIALISERS}
-    try:
-        for name in _INITIALISERS:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, fn in saved.items():
-            setattr(nn.init, name, fn)
-
-
 def meta_model(cfg: HybridConfig) -> HybridModel:
     """The module tree of ``HybridModel(cfg)`` on the meta device, without running any
     initialiser: keys, shapes and dtypes only (planning, strict loading with ``assign=True``)."""
-    with _no_initialisers(), torch.device("meta"):
+    with no_initialisers(), torch.device("meta"):
         return HybridModel(cfg)
 

@@ -27,6 +27,7 @@ from typing import Any, NamedTuple
 import torch
 
 from mhc_convert.errors import InvalidInputError
+from mhc_convert.formats.byte_sources import pread_slices
 from mhc_convert.formats.safetensors_io import (
     TensorInfo,
     WriteItem,
@@ -188,10 +189,15 @@ def read_native(path: str | Path) -> CheckpointView:
     def loader(entry: Entry) -> torch.Tensor:
         return load_tensor(entry.locator.file, infos[entry.key])
 
+    def sources(entry: Entry):
+        loc = entry.locator
+        yield root / shard_of[entry.key], pread_slices(loc.file, loc.offset, loc.length, entry.key)
+
     meta = {"config_json": config, "shard_of": shard_of, "index_metadata": index_meta,
             "training_state": training_state, "shard_metadata": shard_metadata,
             "indexed": weight_map is not None}
-    return CheckpointView("native", root, entries, meta, loader)
+    return CheckpointView("native", root, entries, meta, loader, sources,
+                          locate=lambda entry: root / shard_of[entry.key])
 
 
 def _check_total_size(index_path: Path, total: Any, headers: Mapping[str, Any],

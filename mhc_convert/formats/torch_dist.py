@@ -1,4 +1,5 @@
-"""Megatron ``torch_dist`` (torch DCP) reader and writer (DESIGN.md §5, §6).
+"""Megatron ``torch_dist`` (torch DCP) reader (DESIGN.md §5, §6); the writer is
+``torch_dist_write``.
 
 On disk (verified on the megatron-core 0.19.2 fixture, torch 2.13 ``filesystem.py``):
 
@@ -36,14 +37,20 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from mhc_convert.errors import InvalidInputError, IOFailure
-from mhc_convert.formats.safe_unpickle import safe_pickle_load, safe_torch_load
+from mhc_convert.formats.byte_sources import dcp_chunk_slices, tensor_slices
 from mhc_convert.view import CheckpointView, Entry
+from mhc_model.megatron_files import (
+    COMMON_KEY,
+    COMMON_PT,
+    iter_dir_name,
+    iteration_of,
+    read_tracker,
+)
+from mhc_model.megatron_files import MARKER as MARKER_FN
+from mhc_model.megatron_files import METADATA as METADATA_FN
+from mhc_model.megatron_files import TRACKER as TRACKER_FN
+from mhc_model.safe_unpickle import safe_pickle_load, safe_torch_load
 
-METADATA_FN = ".metadata"
-MARKER_FN = "metadata.json"
-TRACKER_FN = "latest_checkpointed_iteration.txt"
-COMMON_PT = "common.pt"
-COMMON_KEY = "common_state/shard_0_1"
 _MAX_METADATA = 4 << 30  # real .metadata files reach hundreds of MB on large jobs
 _MAX_SMALL = 1 << 20  # metadata.json, tracker
 # mhc-manifest.json: ours, in the iteration dir of an iter-dir output; rewritten on commit
@@ -75,41 +82,20 @@ def _read_small(path: Path, limit: int = _MAX_SMALL) -> bytes:
     return data
 
 
-def parse_tracker(text: str, *, path: Path | str = TRACKER_FN) -> int | str:
-    """Tracker content -> int iteration or ``'release'`` (Megatron's two legal values)."""
-    s = text.strip()
-    if s == "release":
-        return s
-    if not re.fullmatch(r"[0-9]{1,12}", s):  # int() would also take '+1', '1_0', '٣'
-        raise InvalidInputError(f"tracker must hold an iteration or 'release', got {s[:40]!r}",
-                                path=path)
-    return int(s)
-
-
-def iter_dir_name(iteration: int | str) -> str:
-    return "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-
-
 def resolve_torch_dist(path: str | Path) -> tuple[Path, Path | None, int | str | None]:
     """Accept an iteration directory or a run directory holding the tracker.
     Returns ``(iter_dir, run_dir or None, iteration or None)``."""
     p = Path(path)
     if (p / TRACKER_FN).is_file() and not (p / METADATA_FN).exists():
         tracker = p / TRACKER_FN
-        try:
-            text = _read_small(tracker, 1024).decode("utf-8")
-        except UnicodeDecodeError:
-            raise InvalidInputError("tracker is not UTF-8 text", path=tracker) from None
-        iteration = parse_tracker(text, path=tracker)
+        iteration = read_tracker(tracker)[0]
         iter_dir = p / iter_dir_name(iteration)
         if not (iter_dir / METADATA_FN).is_file():
             raise InvalidInputError(f"tracker names {iter_dir.name} but it has no {METADATA_FN}",
                                     path=tracker)
         return iter_dir, p, iteration
     if (p / METADATA_FN).is_file():
-        m = re.fullmatch(r"iter_([0-9]+)", p.name)
-        iteration = int(m.group(1)) if m else ("release" if p.name == "release" else None)
-        return p, None, iteration
+        return p, None, iteration_of(p)
     raise InvalidInputError(f"not a torch_dist checkpoint (no {METADATA_FN} and no {TRACKER_FN})",
                             path=p)
 
@@ -271,7 +257,22 @@ def read_torch_dist(path: str | Path) -> CheckpointView:
         "metadata_extra_attrs": sorted(set(vars(md)) - set(Metadata.__dataclass_fields__)),
         "dcp_metadata": md,
     }
-    return CheckpointView("torch_dist", iter_dir, entries, meta, loader)
+    def sources(entry: Entry):
+        """Each DCP chunk's storage record, streamed out of its ``torch.save`` zip without
+        unpickling; a chunk in an unusual container is decoded through the reader instead."""
+        itemsize = getattr(torch, entry.dtype).itemsize
+        for c in entry.locator:
+            path = iter_dir / c.info.relative_path
+            nbytes = math.prod(c.sizes) * itemsize
+            slices = None if c.info.transform_descriptors else dcp_chunk_slices(
+                path, c.info.offset, c.info.length, nbytes, entry.key)
+            if slices is None:
+                yield path, tensor_slices(loader(entry))
+                return
+            yield path, slices
+
+    return CheckpointView("torch_dist", iter_dir, entries, meta, loader, sources,
+                          locate=lambda entry: mpath)
 
 
 def decode_common_state(blob: bytes, *, source: str | Path, key: str = COMMON_KEY) -> Any:
@@ -320,18 +321,8 @@ def _make_loader(iter_dir: Path):
     return load
 
 
-# Writing lives in its own module; re-exported so callers keep one import.
-from mhc_convert.formats.torch_dist_write import (  # noqa: E402
-    encode_common_state,
-    write_common_pt,
-    write_marker,
-    write_torch_dist,
-    write_tracker,
-)
-
 __all__ = [
     "COMMON_KEY", "COMMON_PT", "MARKER_FN", "METADATA_FN", "TRACKER_FN", "Chunk",
-    "decode_common_state", "encode_common_state", "iter_dir_name", "parse_tracker",
-    "read_metadata", "read_torch_dist", "resolve_torch_dist", "write_common_pt", "write_marker",
-    "write_torch_dist", "write_tracker",
+    "decode_common_state", "iter_dir_name", "read_metadata", "read_torch_dist",
+    "resolve_torch_dist",
 ]

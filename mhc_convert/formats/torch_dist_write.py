@@ -31,20 +31,11 @@ from torch.distributed.checkpoint.metadata import (
 
 from mhc_convert.commit import phase, record
 from mhc_convert.errors import InvalidInputError, IOFailure
-from mhc_convert.formats.safe_unpickle import safe_torch_save
-from mhc_convert.formats.torch_dist import (  # noqa: F401
-    _FICLONE,
-    _KNOWN,
-    COMMON_KEY,
-    COMMON_PT,
-    MARKER_FN,
-    METADATA_FN,
-    TRACKER_FN,
-    Chunk,
-    parse_tracker,
-)
+from mhc_convert.formats.torch_dist import _FICLONE, COMMON_PT, MARKER_FN, METADATA_FN, TRACKER_FN
 from mhc_convert.hashcopy import HashingFile, output_file, write_file
 from mhc_convert.view import CheckpointView, OutItem, ProgressFn
+from mhc_model.megatron_files import parse_tracker
+from mhc_model.safe_unpickle import safe_torch_save
 
 
 # ------------------------------------------------------------------------------------- write

@@ -31,13 +31,12 @@ import torch
 
 from mhc_convert.errors import InvalidInputError, IOFailure
 from mhc_convert.formats.legacy_optim import remap_index_optimizer  # noqa: F401 (re-export)
+from mhc_model.megatron_files import TRACKER, iter_dir_name, read_tracker
 
-TRACKER = "latest_checkpointed_iteration.txt"
 RANK_FILE = "model_optim_rng.pt"
 DISTRIB_OPTIM = "distrib_optim.pt"
 _ITER_RE = re.compile(r"iter_(\d{7,})")
 _RANK_RE = re.compile(r"mp_rank_(\d{2,})(?:_(\d{3,}))?(?:_(\d{3,}))?")
-_MAX_TRACKER_BYTES = 1024  # the tracker is one integer; anything larger is not a tracker
 
 # --------------------------------------------------------------------------- stand-in classes
 
@@ -234,22 +233,6 @@ def save_rank(path: str | Path, obj: dict) -> None:
 # --------------------------------------------------------------------------- layout
 
 
-def _read_tracker(tracker: Path) -> str:
-    try:
-        raw = tracker.read_bytes()[: _MAX_TRACKER_BYTES + 1]
-    except OSError as e:
-        raise IOFailure(f"cannot read: {e.strerror or e}", path=tracker) from None
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidInputError("tracker is not UTF-8 text", path=tracker) from None
-    value = text.strip()
-    if len(raw) > _MAX_TRACKER_BYTES or not (value == "release" or value.isdigit()):
-        raise InvalidInputError(f"tracker must hold an iteration number or 'release', got "
-                                f"{value[:40]!r}", path=tracker)
-    return text
-
-
 def resolve_legacy(path: str | Path) -> tuple[Path, Path | None, str | None]:
     """Return ``(iter_dir, run_dir, tracker_text)``. ``path`` is either an ``iter_XXXXXXX`` /
     ``release`` directory (then run_dir and tracker_text are None) or a run directory with
@@ -264,9 +247,8 @@ def resolve_legacy(path: str | Path) -> tuple[Path, Path | None, str | None]:
     if not tracker.is_file():
         raise InvalidInputError(f"neither an iter_XXXXXXX/release directory nor a run "
                                 f"directory with {TRACKER}", path=path)
-    text = _read_tracker(tracker)
-    value = text.strip()
-    name = "release" if value == "release" else f"iter_{int(value):07d}"
+    value, text = read_tracker(tracker)
+    name = iter_dir_name(value)
     iter_dir = path / name
     if not iter_dir.is_dir() or iter_dir.is_symlink():
         raise InvalidInputError(f"tracker names {name!r} but that directory is missing",

@@ -21,9 +21,10 @@ from fixtures.hostile_native import _sharded
 from fixtures.hostile_sources import build_legacy, copy_megatron, copy_native, evil_pickle
 from fixtures.make_hostile import KINDS, SPECS, Case, make_cases
 from mhc_convert import validate
+from mhc_convert.formats import byte_sources
 from mhc_convert.adapters import adapter_for, detect_format
 from mhc_convert.cli import app
-from mhc_convert.layout import OPT_RE, wrap
+from mhc_model.toggle.codec import OPT_RE, wrap
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = [s.name for s in SPECS]
@@ -158,7 +159,7 @@ def test_scan_is_sliced_and_exact(hostile, monkeypatch):
     _, cases = hostile
     c = cases["nat_nan"]
     view = adapter_for("native").read(c.path)
-    monkeypatch.setattr(validate, "SLICE", 8)
+    monkeypatch.setattr(byte_sources, "SLICE", 8)
     with pytest.raises(validate.InvalidInputError, match="3 NaN and 0 Inf"):
         validate.check_finite(view, list(view.entries), path=c.path)
     raw = torch.tensor([0x7F, 0xFF, 0x7E, 0x00], dtype=torch.uint8)

@@ -15,6 +15,7 @@ from mhc_convert.errors import AlreadyInLayoutError, InvalidInputError
 from mhc_convert.formats.torch_legacy import TRACKER, safe_load_rank
 from mhc_model.config import HybridConfig
 from mhc_model.hyper_connection import exact_hc_tensors, exact_head_tensors
+from mhc_model.megatron_args import config_from_megatron_args
 from mhc_model.model import HybridModel
 from tests.model.helpers import perturb_norms_, tiny_config, tokens
 from tests.paths import MEGATRON_FIXTURE
@@ -98,10 +99,10 @@ def on_learned(tmp_path_factory, tp1) -> Path:
 
 # ------------------------------------------------------------------------------- TP=1 PP=1
 def test_config_from_args_matches_model():
-    from mhc_convert.plan import expected_model_shapes
+    from mhc_model.toggle.shapes import expected_model_shapes
 
     args = make_rank_payload({}, optimizer=None, args_overrides=_args(CFG))["args"]
-    assert expected_model_shapes(HybridConfig.from_megatron_args(args)) == \
+    assert expected_model_shapes(config_from_megatron_args(args)) == \
         expected_model_shapes(CFG)
 
 

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mhc_convert.errors import AlreadyInLayoutError
-from mhc_convert.plan import expected_model_shapes, make_plan
+from mhc_model.toggle.plan import make_plan
+from mhc_model.toggle.shapes import expected_model_shapes
 from tests.model.helpers import tiny_config
 
 SYMBOLS = "MG*D+-E"

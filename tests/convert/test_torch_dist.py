@@ -25,19 +25,21 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
 from mhc_convert.errors import InvalidInputError, IOFailure
-from mhc_convert.formats.safe_unpickle import safe_pickle_load, safe_torch_load, safe_torch_save
 from mhc_convert.formats.torch_dist import (
     COMMON_KEY,
-    encode_common_state,
     read_metadata,
     read_torch_dist,
     resolve_torch_dist,
+)
+from mhc_convert.formats.torch_dist_write import (
+    encode_common_state,
     write_common_pt,
     write_marker,
     write_torch_dist,
     write_tracker,
 )
 from mhc_convert.view import OutItem
+from mhc_model.safe_unpickle import safe_pickle_load, safe_torch_load, safe_torch_save
 from tests.paths import MEGATRON_FIXTURE
 
 FIXTURE = MEGATRON_FIXTURE

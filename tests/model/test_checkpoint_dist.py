@@ -13,8 +13,8 @@ import mhc_convert
 from mhc_convert.formats.torch_dist import read_torch_dist
 from mhc_model import HybridModel
 from mhc_model import checkpoint as C
-from mhc_model.megatron_keys import split_table
 from mhc_model.shim import ToggleError
+from mhc_model.toggle.codec import split_table
 from tests.model.helpers import tiny_config, tokens
 from tests.paths import MEGATRON_FIXTURE
 

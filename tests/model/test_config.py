@@ -9,7 +9,8 @@ import torch
 
 from mhc_model import HybridConfig, HybridModel
 from mhc_model.config import AttentionConfig, MambaConfig, MHCConfig, parse_pattern
-from mhc_model.megatron_keys import split_table
+from mhc_model.megatron_args import config_from_megatron_args
+from mhc_model.toggle.codec import split_table
 from tests.model.helpers import tiny_config
 from tests.paths import MEGATRON_FIXTURE
 
@@ -61,7 +62,7 @@ def _fixture_args() -> argparse.Namespace:
 
 
 def test_from_megatron_args_reads_the_real_fixture():
-    cfg = HybridConfig.from_megatron_args(_fixture_args())
+    cfg = config_from_megatron_args(_fixture_args())
     assert cfg.hybrid_layer_pattern == "M*-M-"
     assert (cfg.hidden_size, cfg.vocab_size, cfg.params_dtype) == (64, 256, "bfloat16")
     assert cfg.attention.num_attention_heads == 4 and cfg.attention.groups == 2
@@ -79,7 +80,7 @@ def test_both_spellings_of_the_mhc_flags(spelling):
         args.enable_hyper_connections, args.num_residual_streams = True, 3
     else:
         args.enable_mhc_connections, args.mhc_num_residual_streams = True, 3
-    cfg = HybridConfig.from_megatron_args(args)
+    cfg = config_from_megatron_args(args)
     assert cfg.mhc_on and cfg.mhc.num_residual_streams == 3
 
 
@@ -87,7 +88,7 @@ def test_contradictory_spellings_are_refused():
     args = copy.copy(_fixture_args())
     args.enable_mhc_connections = True  # the dsv4 spelling says False
     with pytest.raises(ValueError, match="contradictory mHC flags"):
-        HybridConfig.from_megatron_args(args)
+        config_from_megatron_args(args)
 
 
 def test_key_parity_with_megatron_core():
@@ -95,7 +96,7 @@ def test_key_parity_with_megatron_core():
     merged and _extra_state / optimizer / common entries dropped."""
     from mhc_convert.formats.torch_dist import read_torch_dist
 
-    cfg = HybridConfig.from_megatron_args(_fixture_args())
+    cfg = config_from_megatron_args(_fixture_args())
     view = read_torch_dist(MEGATRON_FIXTURE)
     theirs: dict[str, tuple] = {}
     for key, e in view.entries.items():
@@ -119,5 +120,5 @@ def test_key_parity_with_megatron_core():
 def test_rotary_base_reaches_attention_and_mla():
     args = copy.copy(_fixture_args())
     args.rotary_base = 50000
-    cfg = HybridConfig.from_megatron_args(args)
+    cfg = config_from_megatron_args(args)
     assert cfg.attention.rotary_base == 50000 and cfg.mla.rotary_base == 50000

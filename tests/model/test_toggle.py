@@ -11,7 +11,7 @@ import torch
 
 import mhc_convert
 from mhc_model import HybridModel
-from mhc_model.megatron_keys import is_mhc_param, unwrap
+from mhc_model.toggle.codec import is_mhc_param, unwrap
 from mhc_model.train import TrainConfig, Trainer, is_decreasing
 from tests.model.helpers import tiny_config
 

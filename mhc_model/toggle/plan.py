@@ -1,6 +1,12 @@
 """The planner: a pure function from (source keys and shapes, config, direction) to an explicit
-per-key plan. Every source key is consumed exactly once; unknown keys, missing keys, shapes that
-contradict the config, mixed layouts and collisions are errors that list what is wrong.
+per-key plan (DESIGN.md §3, §5). Every source key is consumed exactly once; unknown keys,
+missing keys, shapes that contradict the config, mixed layouts and collisions are errors that
+list what is wrong. The converter applies a plan to a lazy checkpoint view, the load shim to a
+state dict and the sharded loader to a DCP load: one plan, so the routes cannot disagree.
+
+``strict=False`` plans whatever keys are there (the shim: ``load_state_dict`` reports missing,
+unexpected and mis-shaped keys itself): unknown keys are renamed like their neighbours or
+carried, nothing is reported missing, shapes are not checked.
 """
 
 from __future__ import annotations
@@ -8,15 +14,20 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from functools import lru_cache
 from typing import Literal
 
-from mhc_convert import layout as L
-from mhc_convert.errors import AlreadyInLayoutError, InvalidInputError
 from mhc_model.config import HybridConfig
+from mhc_model.errors import AlreadyInLayoutError, InvalidInputError
+from mhc_model.toggle import codec as K
+from mhc_model.toggle.shapes import expected_model_shapes, hc_keys, mhc_param_shapes
 
 Direction = Literal["enable", "disable"]
-Shape = tuple[int, ...] | None  # None for byte objects
+Shape = tuple[int, ...] | None  # None for byte objects (or unknown, e.g. TP-sharded legacy)
+ParamId = tuple[str, int | None, str]  # ("hc", layer, name) | ("head", None, name)
+
+# what a freshly added parameter gets in each optimizer state: its value, or zeros
+NEW_PARAM_OPT_STATE = {"fp32_param": "value", "param": "value", "exp_avg": "zeros",
+                       "exp_avg_sq": "zeros"}
 
 
 @dataclass(frozen=True)
@@ -31,17 +42,17 @@ class Add:
     None for the model value or the optimizer state name (fp32_param, exp_avg, ...)."""
 
     dst: str
-    what: tuple[str, int | None, str]
+    what: ParamId
     opt_state: str | None
     shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class Drop:
-    """Dropped only after the engine checked the disable is exact (or --allow-lossy)."""
+    """Dropped only after the disable verdict found it exact (or the user allowed a loss)."""
 
     src: str
-    what: tuple[str, int | None, str]
+    what: ParamId
     opt_state: str | None
 
 
@@ -63,93 +74,92 @@ class Plan:
         return {"renamed": moved, "unchanged": len(self.renames) - moved,
                 "added": len(self.adds), "dropped": len(self.drops)}
 
+    def model_drops(self) -> dict[str, ParamId]:
+        """Source key -> parameter id of every dropped model value (what the verdict reads)."""
+        return {d.src: d.what for d in self.drops if d.opt_state is None}
 
-@lru_cache(maxsize=64)
-def expected_model_shapes(cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
-    """Keys and shapes of the mHC-off model for this config (built on the meta device)."""
-    from mhc_model.model import meta_model
 
-    model = meta_model(cfg.with_mhc(enable_hyper_connections=False))
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+Segment = Literal["plain", "inner", "hc", "head", "global", "opaque", "passthrough"]
 
 
 @dataclass(frozen=True)
 class _Parsed:
     opt_state: str | None
     layer: int | None
-    segment: Literal["plain", "inner", "hc", "head", "global", "opaque", "passthrough"]
+    segment: Segment
     rel: str  # layer-relative suffix (after the wrapper segment) or the full model key
+
+
+def _shape_error(shape, want, key, path) -> InvalidInputError:
+    return InvalidInputError(f"shape {list(shape)} contradicts the config "
+                             f"(expected {list(want)})", path=path, key=key)
 
 
 def _check_layer_suffix(cfg, symbol, rel, shape, expected, key, path) -> None:
     """rel must be a key of this symbol's layer, a factory split of one, or an _extra_state."""
-    base_m = L.SHARD_RE.match(rel)
+    base_m = K.SHARD_RE.match(rel)
     if base_m:
         rel_noshard = base_m.group(1)
-        if not rel_noshard.endswith("." + L.EXTRA_STATE):
+        if not rel_noshard.endswith("." + K.EXTRA_STATE):
             raise InvalidInputError("'/shard_*' suffix on a non-_extra_state key", path=path,
                                     key=key)
         rel = rel_noshard
-    if rel.endswith("." + L.EXTRA_STATE):
-        module = rel[: -len(L.EXTRA_STATE) - 1]
+    if rel.endswith("." + K.EXTRA_STATE):
+        module = rel[: -len(K.EXTRA_STATE) - 1]
         if not any(s.startswith(module + ".") for s in expected):
             raise InvalidInputError(f"unknown _extra_state for layer symbol {symbol!r}",
                                     path=path, key=key)
         return
     if rel in expected:
         if shape is not None and tuple(shape) != expected[rel]:
-            raise InvalidInputError(f"shape {list(shape)} contradicts the config "
-                                    f"(expected {list(expected[rel])})", path=path, key=key)
+            raise _shape_error(shape, expected[rel], key, path)
         return
     base, _, part = rel.rpartition(".")
-    splits = L.split_table(cfg, symbol).get(base)
+    splits = K.split_table(cfg, symbol).get(base)
     if splits is not None and base in expected:
         rows = dict(splits).get(part)
         if rows is not None:
             want = (rows, *expected[base][1:])
             if shape is not None and tuple(shape) != want:
-                raise InvalidInputError(f"shape {list(shape)} contradicts the config "
-                                        f"(expected {list(want)})", path=path, key=key)
+                raise _shape_error(shape, want, key, path)
             return
     raise InvalidInputError(f"not a key of a {symbol!r} layer", path=path, key=key)
 
 
-def _parse(key: str, shape: Shape, cfg: HybridConfig, expected: dict, passthrough, path) -> _Parsed:
-    opt_m = L.OPT_RE.match(key)
-    opt_state, model_key = (opt_m.group(1), opt_m.group(2)) if opt_m else (None, key)
-    if opt_state is None and L.MEGATRON_OPAQUE_RE.match(key):
+def _parse(key: str, shape: Shape, cfg: HybridConfig, expected: dict, passthrough, path,
+           strict: bool) -> _Parsed:
+    opt_state, model_key = K.split_opt(key)
+    if opt_state is None and K.MEGATRON_OPAQUE_RE.match(key):
         return _Parsed(None, None, "opaque", key)
-    if model_key in L.NON_LAYER_KEYS and model_key in expected:
-        if shape is not None and tuple(shape) != expected[model_key]:
-            raise InvalidInputError(f"shape {list(shape)} contradicts the config "
-                                    f"(expected {list(expected[model_key])})", path=path, key=key)
+    if model_key in K.NON_LAYER_KEYS and model_key in expected:
+        if strict and shape is not None and tuple(shape) != expected[model_key]:
+            raise _shape_error(shape, expected[model_key], key, path)
         return _Parsed(opt_state, None, "global", model_key)
-    if model_key.startswith(L.HEAD_PREFIX + "hc_head_"):
-        return _Parsed(opt_state, None, "head", model_key[len(L.HEAD_PREFIX):])
-    layer_m = L.LAYER_RE.match(model_key)
-    if layer_m and int(layer_m.group(1)) < cfg.num_layers:
+    if model_key.startswith(K.HEAD_PREFIX):
+        return _Parsed(opt_state, None, "head", model_key[len(K.HEAD_PARENT):])
+    layer_m = K.LAYER_RE.match(model_key)
+    if layer_m and (int(layer_m.group(1)) < cfg.num_layers or not strict):
         i, rest = int(layer_m.group(1)), layer_m.group(2)
-        symbol = cfg.layer_symbols[i]
-        layer_expected = expected_layer(cfg, i, expected)
-        if rest.startswith(L.HC + "."):
-            name = rest[len(L.HC) + 1:]
-            hc_shapes = {k.rsplit(f"{L.HC}.", 1)[1]: s for k, s in L.hc_keys(i, cfg).items()}
-            if name not in hc_shapes:
+        if rest.startswith(K.HC + "."):
+            name = rest[len(K.HC) + 1:]
+            if strict and K.hc_key(i, name) not in hc_keys(i, cfg):
                 raise InvalidInputError("unknown hyper_connection parameter", path=path, key=key)
             return _Parsed(opt_state, i, "hc", name)
-        segment = "plain"
-        if rest.startswith(L.INNER + "."):
-            segment, rest = "inner", rest[len(L.INNER) + 1:]
-        rest = L.canonical(rest)
-        _check_layer_suffix(cfg, symbol, rest, shape, layer_expected, key, path)
+        segment: Segment = "plain"
+        if rest.startswith(K.INNER + "."):
+            segment, rest = "inner", rest[len(K.INNER) + 1:]
+        rest = K.canonical(rest)
+        if strict:
+            _check_layer_suffix(cfg, cfg.layer_symbols[i], rest, shape, expected_layer(i, expected),
+                                key, path)
         return _Parsed(opt_state, i, segment, rest)
-    if passthrough is not None and passthrough.search(key):
+    if not strict or (passthrough is not None and passthrough.search(key)):
         return _Parsed(opt_state, None, "passthrough", key)
     raise InvalidInputError("unknown key (not part of the configured model; pass "
                             "--passthrough REGEX to carry it unchanged)", path=path, key=key)
 
 
-def expected_layer(cfg: HybridConfig, i: int, expected: dict) -> dict[str, tuple[int, ...]]:
+def expected_layer(i: int, expected: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
     prefix = f"decoder.layers.{i}."
     return {k[len(prefix):]: s for k, s in expected.items() if k.startswith(prefix)}
 
@@ -162,67 +172,63 @@ def make_plan(
     *,
     passthrough: str | None = None,
     path: str | None = None,
+    strict: bool = True,
 ) -> Plan:
     """``cfg`` describes the source model shapes (its mHC fields may be either state);
     ``target`` carries the mHC settings of the output (n, contract) for new parameters."""
     expected = expected_model_shapes(cfg)
     rx = re.compile(passthrough) if passthrough else None
-    parsed = {k: _parse(k, s, cfg, expected, rx, path) for k, s in keys.items()}
-    layouts = {p.segment for p in parsed.values() if p.segment in ("plain", "inner", "hc", "head")}
-    on, off = layouts & {"inner", "hc", "head"}, layouts & {"plain"}
-    if on and off:
-        bad = sorted(k for k, p in parsed.items() if p.segment == "plain")[:3]
-        raise InvalidInputError(f"mixed layout: some layers are wrapped (inner_layer/"
-                                f"hyper_connection) and some are not, e.g. {bad}", path=path,
-                                key=bad[0] if bad else None)
-    source_on = bool(on)
+    parsed = {k: _parse(k, s, cfg, expected, rx, path, strict) for k, s in keys.items()}
+    try:
+        source_on = K.layout_of(k for k, p in parsed.items()
+                                if p.segment in ("plain", "inner", "hc", "head"))
+    except InvalidInputError as e:
+        raise type(e)(e.message, path=path, key=e.key) from None
     if direction == "enable" and source_on:
         raise AlreadyInLayoutError("checkpoint is already mHC-on (wrapped layout)", path=path)
     if direction == "disable" and not source_on:
         raise AlreadyInLayoutError("checkpoint is already mHC-off (plain layout)", path=path)
-    _check_missing(parsed, expected, cfg, path)
+    if strict:
+        _check_missing(parsed, expected, cfg, path)
     opt_states = tuple(sorted({p.opt_state for p in parsed.values() if p.opt_state}))
-    unknown_states = [s for s in opt_states if s not in L.NEW_PARAM_OPT_STATE]
+    unknown_states = [s for s in opt_states if s not in NEW_PARAM_OPT_STATE]
     if direction == "enable" and unknown_states:
         raise InvalidInputError(f"optimizer state(s) {unknown_states} have no rule for new "
-                                f"parameters (known: {sorted(L.NEW_PARAM_OPT_STATE)})", path=path)
+                                f"parameters (known: {sorted(NEW_PARAM_OPT_STATE)})", path=path)
     renames, drops, adds = [], [], []
     for key, p in parsed.items():
         if p.segment in ("hc", "head"):
             drops.append(Drop(key, (p.segment, p.layer, p.rel), p.opt_state))
             continue
         if p.segment in ("plain", "inner"):
-            model_key = key_strip_opt(key)
-            dst = L.wrap(model_key) if direction == "enable" else L.unwrap(model_key)
-            dst = f"optimizer.state.{p.opt_state}.{dst}" if p.opt_state else dst
+            model_key = K.split_opt(key)[1]
+            dst = K.wrap(model_key) if direction == "enable" else K.unwrap(model_key)
+            dst = K.opt_key(p.opt_state, dst)
         else:
             dst = key
         renames.append(Rename(key, dst))
     if direction == "enable":
         for state in (None, *opt_states):
-            for i in range(cfg.num_layers):
-                for k, shape in L.hc_keys(i, target).items():
-                    name = k.rsplit(f"{L.HC}.", 1)[1]
-                    adds.append(Add(_opt(state, k), ("hc", i, name), state, shape))
-            for k, shape in L.head_keys(target).items():
-                what = ("head", None, k[len(L.HEAD_PREFIX):])
-                adds.append(Add(_opt(state, k), what, state, shape))
+            for k, shape in mhc_param_shapes(target).items():
+                adds.append(Add(K.opt_key(state, k), K.mhc_param_id(k), state, shape))
     plan = Plan(direction, tuple(renames), tuple(adds), tuple(drops), opt_states,
                 tuple(k for k, p in parsed.items() if p.segment == "passthrough"))
     outs = plan.output_keys
     if len(set(outs)) != len(outs):
-        dup = sorted({k for k in outs if outs.count(k) > 1})
+        seen: set[str] = set()
+        dup = sorted({k for k in outs if k in seen or seen.add(k)})
         raise InvalidInputError(f"output key collision: {dup[:5]}", path=path, key=dup[0])
     return plan
 
 
-def key_strip_opt(key: str) -> str:
-    m = L.OPT_RE.match(key)
-    return m.group(2) if m else key
-
-
-def _opt(state: str | None, key: str) -> str:
-    return f"optimizer.state.{state}.{key}" if state else key
+def plan_for_model(keys: Mapping[str, Shape], cfg: HybridConfig, *,
+                   strict: bool = False) -> Plan | None:
+    """The plan that brings ``keys`` into the layout of a model of ``cfg`` (the in-process
+    toggle), or None when they are in it already (or hold no layer key)."""
+    source_on = K.layout_of(keys)
+    if source_on is None or source_on == cfg.mhc_on:
+        return None
+    return make_plan(keys, cfg, "enable" if cfg.mhc_on else "disable", cfg, strict=strict)
 
 
 def _check_missing(parsed: dict[str, _Parsed], expected: dict, cfg: HybridConfig, path) -> None:
@@ -235,16 +241,8 @@ def _check_missing(parsed: dict[str, _Parsed], expected: dict, cfg: HybridConfig
             present.add(p.rel)
         elif p.segment in ("plain", "inner"):
             present.add(f"decoder.layers.{p.layer}.{p.rel}")
-    missing = []
-    for key in expected:
-        if key in present:
-            continue
-        m = L.LAYER_RE.match(key)
-        if m:
-            splits = L.split_table(cfg, cfg.layer_symbols[int(m.group(1))]).get(m.group(2))
-            if splits and all(f"{key}.{part}" in present for part, _ in splits):
-                continue
-        missing.append(key)
+    merged = K.merge_splits(present, cfg)
+    missing = [key for key in expected if key not in merged]
     if missing:
         raise InvalidInputError(f"{len(missing)} model key(s) of the configured model are "
                                 f"missing, e.g. {missing[:3]}", path=path, key=missing[0])

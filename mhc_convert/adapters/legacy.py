@@ -26,15 +26,19 @@ from typing import Any
 
 import torch
 
-from mhc_convert import layout as L
-from mhc_convert.adapters import flip_args, megatron_config
+from mhc_convert.adapters.base import DEFAULT_READ, ReadOptions
+from mhc_convert.adapters.megatron_args import flip_args, megatron_config
 from mhc_convert.errors import InvalidInputError, IOFailure
 from mhc_convert.formats import torch_legacy as tl
+from mhc_convert.formats.byte_sources import tensor_slices
 from mhc_convert.hashcopy import HashingFile, output_file
-from mhc_convert.megatron_adapters import infer_contract
-from mhc_convert.plan import Plan, expected_model_shapes
 from mhc_convert.view import CheckpointView, Entry, OutItem
 from mhc_model.config import HybridConfig
+from mhc_model.megatron_files import candidates
+from mhc_model.model import meta_model
+from mhc_model.toggle import codec as L
+from mhc_model.toggle.plan import Plan
+from mhc_model.toggle.shapes import expected_model_shapes, mhc_param_shapes
 
 _ADVICE = "pass --drop-optimizer to discard the optimizer state (resume with --no-load-optim)"
 
@@ -75,16 +79,19 @@ def _load(rank: tl.RankFile) -> dict:
 @lru_cache(maxsize=16)
 def param_order(cfg: HybridConfig) -> tuple[str, ...]:
     """Our model's ``named_parameters`` order (= optimizer index order for one param group)."""
-    from mhc_model.model import meta_model
-
     return tuple(n for n, _ in meta_model(cfg).named_parameters())
 
 
 class LegacyAdapter:
     name = "torch_legacy"
+    fold_refusal = ("folding H_post != 1 into output projections is not supported for legacy "
+                    ".pt checkpoints; convert via torch_dist or pass --allow-lossy")
+
+    def detects(self, path: Path) -> bool:
+        return any(any(c.glob("mp_rank_*")) for c in candidates(path))
 
     # ---- read --------------------------------------------------------------------------
-    def read(self, path: Path, *, drop_optimizer: bool = False) -> CheckpointView:
+    def read(self, path: Path, *, options: ReadOptions = DEFAULT_READ) -> CheckpointView:
         iter_dir, run_dir, tracker = tl.resolve_legacy(path)
         # distrib_optim.pt is listed, not refused, here so that inspect works; enable/disable
         # refuse it in ``check`` unless the optimizer is being dropped.
@@ -119,7 +126,7 @@ class LegacyAdapter:
             "iteration": payloads[0].get("iteration"), "run_dir": run_dir, "tracker": tracker,
             "ranks": ranks, "payloads": payloads, "offsets": offsets,
             "tp_size": max(r.tp for r in ranks) + 1, "pp_size": len(offsets),
-            "drop_optimizer": drop_optimizer, "optimizer_present": has_opt,
+            "drop_optimizer": options.drop_optimizer, "optimizer_present": has_opt,
             "optimizer_sharding": f"legacy {kind}",
         }
 
@@ -135,7 +142,13 @@ class LegacyAdapter:
                                     f"(sharded or inconsistent); cannot read it as one tensor",
                                     path=iter_dir, key=entry.key)
 
-        return CheckpointView("torch_legacy", iter_dir, entries, meta, loader)
+        def sources(entry: Entry):
+            for c in entry.locator:
+                yield ranks[c.rank].path, tensor_slices(payloads[c.rank]["model"][c.key])
+
+        return CheckpointView("torch_legacy", iter_dir, entries, meta, loader, sources,
+                              locate=lambda entry: ranks[entry.locator[0].rank].path
+                              if entry.locator else None)
 
     # ---- config ------------------------------------------------------------------------
     def config(self, view: CheckpointView) -> HybridConfig:
@@ -145,7 +158,7 @@ class LegacyAdapter:
             if megatron_config(p["args"], r.path) != cfg:
                 raise InvalidInputError(f"args describe a different model than in "
                                         f"{ranks[0].rel}", path=r.path, key="args")
-        return infer_contract(cfg, view.entries)
+        return megatron_config(payloads[0]["args"], ranks[0].path, view.entries)
 
     # ---- checks that need the plan (engine calls this before any write) -----------------
     def check(self, view: CheckpointView, plan: Plan, cfg: HybridConfig,
@@ -291,9 +304,7 @@ def _check_tp_shapes(view: CheckpointView, cfg: HybridConfig) -> None:
     configured shape along one dim (Megatron's column/row-parallel split)."""
     expected = dict(expected_model_shapes(cfg))
     if cfg.mhc_on:
-        for i in range(cfg.num_layers):
-            expected.update(L.hc_keys(i, cfg))
-        expected.update(L.head_keys(cfg))
+        expected.update(mhc_param_shapes(cfg))
     payloads = view.meta["payloads"]
     for key, e in view.entries.items():
         want = expected.get(L.unwrap(key))

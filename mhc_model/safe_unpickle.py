@@ -35,7 +35,7 @@ import torch.distributed.checkpoint.filesystem as _dcp_fs
 import torch.distributed.checkpoint.metadata as _dcp_md
 import torch.distributed.checkpoint.planner as _dcp_planner
 
-from mhc_convert.errors import InvalidInputError
+from mhc_model.errors import InvalidInputError
 
 
 # ------------------------------------------------------------------------------------------------

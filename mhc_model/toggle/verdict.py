@@ -13,6 +13,8 @@ rescaled weight exactly (its update is scale-free), so the engine refuses optimi
 
 from __future__ import annotations
 
+import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +22,9 @@ from torch import Tensor
 
 from mhc_model import mhc_ref
 from mhc_model.config import HybridConfig
+from mhc_model.errors import ToggleError
+from mhc_model.toggle.codec import HEAD_PREFIX, hc_key, mhc_param_id
+from mhc_model.toggle.shapes import hc_keys
 
 GAIN_TOL = 1e-5  # |stream gain - 1|; Sinkhorn's +eps makes it ~1e-6 below 1 at the exact point
 POST_TOL = 1e-6
@@ -79,3 +84,35 @@ def check_disable(cfg: HybridConfig, values: dict[tuple[str, int | None, str], T
         notes.append(f"H_post folded into the output projections of {len(folds)} layer(s) "
                      f"(c in [{min(folds.values()):.6f}, {max(folds.values()):.6f}])")
     return Verdict(not folds, "", notes, folds)
+
+
+def source_config(cfg: HybridConfig, values: Mapping[str, Tensor]) -> HybridConfig:
+    """The mHC-on config a set of mHC tensors (model keys) belongs to, for an mHC-off ``cfg``:
+    the stream count and contract are read off the tensors; the convention and Sinkhorn
+    settings are not in a state dict, so they come from ``cfg.mhc``."""
+    k = values[hc_key(0, "bias")].numel()  # bias has n^2 + 2n entries
+    n = round(math.sqrt(k + 1) - 1)
+    learned = any(key.startswith(HEAD_PREFIX) for key in values)
+    return cfg.with_mhc(enable_hyper_connections=True, num_residual_streams=n,
+                        mhc_output_contract="learned" if learned else "mean")
+
+
+def check_disable_exact(cfg: HybridConfig, values: Mapping[str, Tensor]) -> list[str]:
+    """Raise ``ToggleError`` unless dropping these mHC parameters (model keys, e.g.
+    ``decoder.layers.3.hyper_connection.bias``) from a model with ``cfg``'s architecture is a
+    pure, exact drop (the in-process routes cannot fold H_post). Returns the verdict's notes."""
+    need = [k for i in range(cfg.num_layers) for k in hc_keys(i, cfg)]
+    missing = [k for k in need if k not in values]
+    if missing:
+        raise ToggleError(f"mHC-on state dict lacks hyper-connection parameters {missing[:3]}; "
+                          "cannot decide whether disabling mHC is exact")
+    verdict = check_disable(source_config(cfg, values),
+                            {mhc_param_id(k): v for k, v in values.items()})
+    if not verdict.exact:
+        reason = verdict.reason or ("a constant H_post != 1 must be folded into the output "
+                                    "projections: `mhc-convert disable` does that offline")
+        raise ToggleError(
+            f"cannot load mHC parameters into an mHC-off model: disabling is not exact here "
+            f"({reason}). Keep mHC on, or drop them with a measured parity loss via "
+            f"`mhc-convert disable --allow-lossy`")
+    return verdict.notes

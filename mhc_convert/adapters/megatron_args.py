@@ -1,0 +1,45 @@
+"""The one mHC-aware change to Megatron's metadata: the args flags in the common state (or in
+every legacy rank file), and reading the model config out of args."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+from mhc_convert.errors import InvalidInputError
+from mhc_model.config import HybridConfig
+from mhc_model.megatron_args import MHC_FLAG_SPELLINGS, config_from_megatron_args, mhc_flag_values
+from mhc_model.toggle.codec import head_key
+
+
+def flip_args(args: Any, target: HybridConfig) -> Any:
+    """A copy of Megatron's args with the mHC flags set for ``target``, under every spelling
+    the args already use (dsv4/dev first when none is present)."""
+    new = copy.copy(args)
+    for field, value in mhc_flag_values(target).items():
+        names = [n for n in MHC_FLAG_SPELLINGS[field] if hasattr(args, n)]
+        if not names and value is None:
+            continue  # never invent an unset optional flag (disable(enable(x)) must be x)
+        for name in names or [MHC_FLAG_SPELLINGS[field][0]]:
+            setattr(new, name, value)
+    if target.mhc_on:
+        new.mhc_convention = target.mhc.mhc_convention
+        new.mhc_output_contract = target.mhc.mhc_output_contract
+    else:  # ours, not Megatron's: they describe the mHC-on layout; disable takes them out again
+        for name in ("mhc_convention", "mhc_output_contract"):
+            if hasattr(new, name):
+                delattr(new, name)
+    return new
+
+
+def megatron_config(args: Any, where: Path, keys=()) -> HybridConfig:
+    """The model config Megatron's args describe. The args do not record the output contract;
+    the learned head's keys do."""
+    try:
+        cfg = config_from_megatron_args(args)
+    except (ValueError, TypeError, AttributeError) as e:
+        raise InvalidInputError(f"cannot derive the model config from args: {e}", path=where) from e
+    if cfg.mhc_on and head_key("hc_head_fn") in keys:
+        return cfg.with_mhc(mhc_output_contract="learned")
+    return cfg

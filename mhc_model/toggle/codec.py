@@ -1,0 +1,191 @@
+"""The key codec of the mHC toggle (DESIGN.md §3, §5): every rule about key *names*.
+
+mHC off: ``decoder.layers.N.X``; mHC on: ``decoder.layers.N.inner_layer.X`` plus
+``decoder.layers.N.hyper_connection.*`` and, with the learned contract, ``decoder.hc_head_*``.
+Around those: Megatron's other spellings of a layer key (``KEY_ALIASES``), its factory splits
+(``in_proj.weight.z`` ...: the rows of one model tensor stored as several items), ``/shard_*``
+byte objects, the optimizer namespace ``optimizer.state.<name>.<model key>`` and the byte
+objects Megatron keeps beside the model. ``layout_of`` is the one layout detector.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from torch import Tensor
+
+from mhc_model.errors import MixedLayoutError
+from mhc_model.specs import LAYER_SPECS, Splits
+
+LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+INNER = "inner_layer"
+HC = "hyper_connection"
+HEAD_PREFIX = "decoder.hc_head_"
+HEAD_PARENT = "decoder."  # hc_head_* are parameters of the decoder (HybridStack)
+NON_LAYER_KEYS = ("embedding.word_embeddings.weight", "decoder.final_norm.weight",
+                  "output_layer.weight")
+
+# optimizer.state.<name>.<model key> (Megatron fully_reshardable model space; native too)
+OPT_RE = re.compile(r"^optimizer\.state\.([A-Za-z0-9_]+)\.(.+)$")
+# Megatron ShardedObject suffix on byte objects, e.g. "_extra_state/shard_0_1"
+SHARD_RE = re.compile(r"^(.*?)(/shard_[0-9._]+)$")
+EXTRA_STATE = "_extra_state"
+# Byte objects Megatron keeps beside the model: carried unchanged, except common_state whose
+# args the converter rewrites.
+MEGATRON_OPAQUE_RE = re.compile(r"^(rng_state|common_state)(/shard_[0-9._]+)?$")
+
+# Other spellings of a layer-relative key that Megatron writes. megatron-core 0.19 holds the
+# Mamba conv as direct parameters (``mixer.conv1d_weight``) in its module state dict (legacy
+# ``.pt`` files), while torch_dist stores ``mixer.conv1d.weight``. Either is accepted and kept
+# as spelled; checks and model loading use the canonical name.
+KEY_ALIASES = {
+    "mixer.conv1d_weight": "mixer.conv1d.weight",
+    "mixer.conv1d_bias": "mixer.conv1d.bias",
+}
+
+
+def canonical(rel: str) -> str:
+    """Layer-relative key -> the name our model uses."""
+    return KEY_ALIASES.get(rel, rel)
+
+
+def wrap(key: str) -> str:
+    """decoder.layers.N.X -> decoder.layers.N.inner_layer.X (other keys unchanged)."""
+    m = LAYER_RE.match(key)
+    return f"decoder.layers.{m.group(1)}.{INNER}.{m.group(2)}" if m else key
+
+
+def unwrap(key: str) -> str:
+    """decoder.layers.N.inner_layer.X -> decoder.layers.N.X (other keys unchanged)."""
+    m = LAYER_RE.match(key)
+    if m and m.group(2).startswith(INNER + "."):
+        return f"decoder.layers.{m.group(1)}.{m.group(2)[len(INNER) + 1:]}"
+    return key
+
+
+def split_opt(key: str) -> tuple[str | None, str]:
+    """``optimizer.state.<name>.<model key>`` -> (name, model key); a model key -> (None, key)."""
+    m = OPT_RE.match(key)
+    return (m.group(1), m.group(2)) if m else (None, key)
+
+
+def opt_key(state: str | None, key: str) -> str:
+    return f"optimizer.state.{state}.{key}" if state else key
+
+
+def is_mhc_param(key: str) -> bool:
+    """A hyper-connection parameter or the learned contract head (exist only with mHC on)."""
+    m = LAYER_RE.match(key)
+    return key.startswith(HEAD_PREFIX) or bool(m and m.group(2).startswith(HC + "."))
+
+
+def hc_key(layer: int, name: str) -> str:
+    return f"decoder.layers.{layer}.{HC}.{name}"
+
+
+def head_key(name: str) -> str:
+    """``hc_head_fn`` -> ``decoder.hc_head_fn``."""
+    return HEAD_PARENT + name
+
+
+def mhc_param_id(key: str) -> tuple[str, int | None, str]:
+    """A model key of an mHC parameter -> ("hc", layer, name) or ("head", None, name)."""
+    if key.startswith(HEAD_PREFIX):
+        return ("head", None, key[len(HEAD_PARENT):])
+    m = LAYER_RE.match(key)
+    if not m or not m.group(2).startswith(HC + "."):
+        raise ValueError(f"{key!r} is not an mHC parameter key")
+    return ("hc", int(m.group(1)), m.group(2)[len(HC) + 1:])
+
+
+def layout_of(keys: Iterable[str], prefix: str = "") -> bool | None:
+    """Layout of a set of keys (model keys or ``optimizer.state.*`` ones, under ``prefix``):
+    True (mHC-on: wrapped), False (mHC-off: plain), None (no layer keys). A mixture is an
+    error: no checkpoint of either layout contains both."""
+    on = off = False
+    plain: list[str] = []
+    for key in keys:
+        if not key.startswith(prefix):
+            continue
+        rel = split_opt(key[len(prefix):])[1]
+        if rel.startswith(HEAD_PREFIX):
+            on = True
+            continue
+        m = LAYER_RE.match(rel)
+        if m:
+            if m.group(2).startswith((INNER + ".", HC + ".")):
+                on = True
+            else:
+                off = True
+                plain.append(key)
+    if on and off:
+        bad = sorted(plain)[:3]
+        raise MixedLayoutError(f"mixed layout: the state mixes the mHC-on (inner_layer/"
+                               f"hyper_connection) and mHC-off (plain decoder.layers.N.X) "
+                               f"layouts; plain keys e.g. {bad}", key=bad[0])
+    return True if on else (False if off else None)
+
+
+def split_table(cfg, symbol: str) -> Splits:
+    """Megatron's factory splits for one layer symbol: base suffix -> ((part, rows), ...)."""
+    return LAYER_SPECS[symbol].splits(cfg)
+
+
+def layer_splits(cfg, key: str) -> tuple[str, tuple[tuple[str, int], ...]] | None:
+    """(layer-relative canonical base, parts) when the model ``key`` (either layout) is
+    stored by Megatron as a factory split; None otherwise."""
+    m = LAYER_RE.match(unwrap(key))
+    if not m or int(m.group(1)) >= cfg.num_layers:
+        return None
+    rel = canonical(m.group(2))
+    splits = split_table(cfg, cfg.layer_symbols[int(m.group(1))]).get(rel)
+    return (rel, splits) if splits else None
+
+
+def disk_views(cfg, key: str, tensor: Tensor) -> dict[str, Tensor]:
+    """One model tensor as the ``torch_dist`` item(s) Megatron stores for it: itself, or the
+    row views of its factory split (``...in_proj.weight.z`` ...). Views, never copies, so a
+    load through them writes straight into the model's storage."""
+    found = layer_splits(cfg, key)
+    if found is None:
+        return {key: tensor}
+    splits = found[1]
+    total = sum(rows for _, rows in splits)
+    if tensor.shape[0] != total:
+        raise ValueError(f"{key}: {tensor.shape[0]} rows, the factory split needs {total}")
+    out, start = {}, 0
+    for part, rows in splits:
+        out[f"{key}.{part}"] = tensor.narrow(0, start, rows)
+        start += rows
+    return out
+
+
+def merge_splits(keys: Iterable[str], cfg) -> dict[str, list[str]]:
+    """Stored keys -> model keys: every complete factory split ``K.part`` becomes its base
+    ``K`` (value: the stored parts in split order); any other key maps to itself. An
+    incomplete split stays as its parts (the planner reports what is missing)."""
+    keys = list(keys)
+    present = set(keys)
+    out: dict[str, list[str]] = {}
+    for k in keys:
+        base, _, part = k.rpartition(".")
+        found = layer_splits(cfg, base) if base else None
+        if found is not None and part in dict(found[1]):
+            parts = [f"{base}.{p}" for p, _ in found[1]]
+            if all(p in present for p in parts):
+                out[base] = parts
+                continue
+        out[k] = [k]
+    return out
+
+
+def canonical_key(key: str) -> str:
+    """A full layer key (either layout) with its layer-relative part in our spelling
+    (``decoder.layers.0.mixer.conv1d_weight`` -> ``...mixer.conv1d.weight``)."""
+    m = LAYER_RE.match(key)
+    if not m:
+        return key
+    inner = INNER + "." if m.group(2).startswith(INNER + ".") else ""
+    suffix = m.group(2)[len(inner):]
+    return f"decoder.layers.{m.group(1)}.{inner}{canonical(suffix)}"
