@@ -21,9 +21,9 @@ from fixtures.hostile_native import _sharded
 from fixtures.hostile_sources import build_legacy, copy_megatron, copy_native, evil_pickle
 from fixtures.make_hostile import KINDS, SPECS, Case, make_cases
 from mhc_convert import validate
-from mhc_convert.formats import byte_sources
 from mhc_convert.adapters import adapter_for, detect_format
 from mhc_convert.cli import app
+from mhc_convert.formats import byte_sources
 from mhc_model.toggle.codec import OPT_RE, wrap
 
 ROOT = Path(__file__).resolve().parents[2]
