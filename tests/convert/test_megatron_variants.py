@@ -79,3 +79,26 @@ def test_plain_dcp_without_marker_is_named_torch_dcp(tmp_path):
     with pytest.raises(InvalidInputError, match="torch_dcp") as e:
         engine.enable(run, tmp_path / "out")
     assert "metadata.json" in str(e.value) and e.value.exit_code == 3
+
+
+@pytest.mark.parametrize("command", ["enable", "verify"])
+def test_unallocatable_config_exits_3_naming_the_field(tmp_path, command):
+    """Sizes torch cannot even describe on the meta device: one line naming the field."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from mhc_convert.cli import app
+    from tests.paths import NEMOTRON_H_TINY
+
+    src = tmp_path / "src"
+    shutil.copytree(NEMOTRON_H_TINY, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["hidden_size"] = 2**31
+    (src / "config.json").write_text(json.dumps(cfg))
+    args = [command, str(src), str(tmp_path / "out")] if command == "enable" else \
+        [command, str(src), str(src)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 3, res.output
+    assert "hidden_size=2147483648" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "out").exists()
