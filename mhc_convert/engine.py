@@ -4,6 +4,7 @@ the new parameters and, for disable, the hyper-connection parameters being check
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -20,7 +21,7 @@ from mhc_convert.errors import InvalidInputError, MixedLayoutError, Verification
 from mhc_convert.validate import check_finite, naming_files
 from mhc_convert.view import CheckpointView, OutItem
 from mhc_model import __version__
-from mhc_model.config import HybridConfig
+from mhc_model.config import HybridConfig, MHCConfig
 from mhc_model.specs import LAYER_SPECS
 from mhc_model.toggle import codec as K
 from mhc_model.toggle.plan import Plan, make_plan
@@ -202,11 +203,19 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
                      path=view.path)
     verdict = check_disable(cfg, {what: view.load(src)
                                   for src, what in plan.model_drops().items()})
-    target = cfg.with_mhc(enable_hyper_connections=False)
+    # mHC-off: the other mHC fields have no effect, so they return to their defaults (those of
+    # Megatron's TransformerConfig too); then disable(enable(x)) restores x's config exactly
+    target = dataclasses.replace(cfg, mhc=MHCConfig())
     report = Report("disable", str(src), str(dst), fmt, dry_run, plan.summary(),
                     config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
     _check(adapter, view, plan, cfg, target, report, drop_optimizer)
     report.notes.extend(verdict.notes)
+    reset = {f.name: (getattr(cfg.mhc, f.name), getattr(target.mhc, f.name))
+             for f in dataclasses.fields(MHCConfig) if f.name != "enable_hyper_connections"
+             and getattr(cfg.mhc, f.name) != getattr(target.mhc, f.name)}
+    if reset:
+        report.notes.append("mHC settings back to their defaults (no effect with mHC off): " +
+                            ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in reset.items()))
     if not verdict.exact and not verdict.exact_with_folds:
         if not allow_lossy:
             raise VerificationError(f"disable would change what the model computes: "

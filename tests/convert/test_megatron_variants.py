@@ -102,3 +102,27 @@ def test_unallocatable_config_exits_3_naming_the_field(tmp_path, command):
     assert res.exit_code == 3, res.output
     assert "hidden_size=2147483648" in res.output and "Traceback" not in res.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("streams,contract", [(4, "learned"), (2, "mean")])
+def test_native_disable_enable_restores_config_bytes(tmp_path, streams, contract):
+    from tests.paths import NEMOTRON_H_TINY
+
+    on, back = tmp_path / "on", tmp_path / "back"
+    engine.enable(NEMOTRON_H_TINY, on, streams=streams, contract=contract)
+    report = engine.disable(on, back)
+    assert (back / "config.json").read_bytes() == (NEMOTRON_H_TINY / "config.json").read_bytes()
+    assert any("back to their defaults" in n for n in report.notes)
+
+
+def test_disable_clears_megatron_flags_that_need_mhc():
+    from mhc_convert.adapters.megatron_args import flip_args
+
+    on = CFG.with_mhc(enable_hyper_connections=True, mhc_recompute_layer_num=2)
+    args = megatron_args(on, use_fused_mhc=True, recompute_modules=["core_attn", "mhc"])
+    off = flip_args(args, CFG)
+    assert off.enable_hyper_connections is False and off.use_fused_mhc is False
+    assert off.recompute_modules == ["core_attn"] and off.mhc_recompute_layer_num is None
+    assert args.recompute_modules == ["core_attn", "mhc"]  # the source's args are untouched
+    plain = megatron_args(CFG, recompute_modules=["core_attn"])
+    assert flip_args(plain, CFG).recompute_modules is plain.recompute_modules
