@@ -14,6 +14,7 @@ import pytest
 
 from mhc_convert import commit as C
 from mhc_convert.errors import Interrupted, InvalidInputError, IOFailure, UsageError
+from mhc_convert.hooks import Hooks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -237,19 +238,18 @@ def test_source_changed_during_conversion(tmp_path, src):
 
 # ---------------------------------------------------------------------------------- faults
 
-def test_free_space(tmp_path, monkeypatch):
+def test_free_space(tmp_path):
     C.check_free_space(tmp_path, 1)
     with pytest.raises(IOFailure, match=r"need \d+ bytes .* have \d+ bytes free"):
         C.check_free_space(tmp_path, 2**62)
-    monkeypatch.setenv("MHC_FAULT", "enospc")
     with pytest.raises(IOFailure, match="need 105 bytes") as ei:
-        C.check_free_space(tmp_path, 100)
+        C.check_free_space(tmp_path, 100, hooks=Hooks.from_env({"MHC_FAULT": "enospc"}))
     assert ei.value.exit_code == 5 and ei.value.path == str(tmp_path)
 
 
-def test_eacces_fault_on_temp_dir(tmp_path, src, monkeypatch):
-    monkeypatch.setenv("MHC_FAULT", "eacces")
-    with pytest.raises(IOFailure, match="EACCES"), _ao(tmp_path / "out", src):
+def test_eacces_fault_on_temp_dir(tmp_path, src):
+    hooks = Hooks.from_env({"MHC_FAULT": "eacces"})
+    with pytest.raises(IOFailure, match="EACCES"), _ao(tmp_path / "out", src, hooks=hooks):
         pytest.fail("entered")
     assert _leftovers(tmp_path) == []
 
@@ -274,12 +274,13 @@ def test_clean_stale_only_removes_our_dead_dirs(tmp_path):
 
 
 _CRASH = textwrap.dedent("""
-    import sys
+    import os, sys
     from pathlib import Path
     from mhc_convert import commit as C
+    from mhc_convert.hooks import Hooks
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
     ao = C.AtomicOutput(dst, fingerprint=C.source_fingerprint(src), direction="enable",
-                        tool_version="t", overwrite=True)
+                        tool_version="t", overwrite=True, hooks=Hooks.from_env(os.environ))
     with ao as tmp:
         (tmp / "model.safetensors").write_bytes(b"new" * 1000)
         C.phase("mid-copy")

@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 
 from mhc_convert import hashcopy
 from mhc_convert.cli import app
+from mhc_convert.hooks import Hooks
 from mhc_convert.manifest import verify_manifest
 from mhc_model.model import HybridModel
 from tests.model.helpers import perturb_norms_, tiny_config
@@ -55,13 +56,10 @@ def dist(tmp_path) -> Path:
     return tmp_path / "dist"
 
 
-@pytest.fixture
-def fresh_fault_counter(monkeypatch):
-    monkeypatch.setattr(hashcopy, "_written_total", 0)
-
-
-def convert(src: Path, dst: Path, *extra: str):
-    r = runner.invoke(app, ["enable", str(src), str(dst), "--quiet", *extra])
+def convert(src: Path, dst: Path, *extra: str, env: dict[str, str] | None = None):
+    """The CLI in-process; ``env``: the hook variables ``main`` would read (hooks.py)."""
+    r = runner.invoke(app, ["enable", str(src), str(dst), "--quiet", *extra],
+                      obj=Hooks.from_env(env or {}))
     errors = [line for line in r.output.splitlines() if line.startswith("mhc-convert: error")]
     return r.exit_code, errors, r.output
 
@@ -77,35 +75,29 @@ def assert_failed_cleanly(src: Path, sha: dict, dst: Path, code: int, errors: li
 
 # ------------------------------------------------------------------------------ fault hooks
 @pytest.mark.parametrize("offset", [10, 70_000, 150_000])
-def test_enospc_mid_write_exit5_need_vs_free_and_temp_removed(native, tmp_path, monkeypatch,
-                                                              fresh_fault_counter, offset):
+def test_enospc_mid_write_exit5_need_vs_free_and_temp_removed(native, tmp_path, offset):
     sha = tree_sha(native)
-    monkeypatch.setenv("MHC_FAULT", f"enospc@{offset}")
-    code, errors, out = convert(native, tmp_path / "out")
+    code, errors, out = convert(native, tmp_path / "out", env={"MHC_FAULT": f"enospc@{offset}"})
     msg = assert_failed_cleanly(native, sha, tmp_path / "out", code, errors, out)
     assert "ENOSPC" in msg and "temporary output removed" in msg
     m = re.search(r"need (\d+) bytes .* have (\d+) bytes .* free", msg)
     assert m, msg
     source_bytes = sum(p.stat().st_size for p in native.glob("*.safetensors"))
     assert 0.95 * source_bytes < int(m[1]) < 2 * source_bytes, msg  # + the new mHC params
-    monkeypatch.delenv("MHC_FAULT")
     assert convert(native, tmp_path / "out")[0] == 0  # nothing stale blocks the re-run
 
 
-def test_enospc_preflight_fault(native, tmp_path, monkeypatch):
+def test_enospc_preflight_fault(native, tmp_path):
     sha = tree_sha(native)
-    monkeypatch.setenv("MHC_FAULT", "enospc")
-    code, errors, out = convert(native, tmp_path / "out")
+    code, errors, out = convert(native, tmp_path / "out", env={"MHC_FAULT": "enospc"})
     msg = assert_failed_cleanly(native, sha, tmp_path / "out", code, errors, out)
     assert "need" in msg and "have 0 bytes free" in msg, msg
 
 
 @pytest.mark.parametrize("fault", ["eacces", "eacces@50000"])
-def test_eacces_fault_exit5_and_temp_removed(native, tmp_path, monkeypatch,
-                                             fresh_fault_counter, fault):
+def test_eacces_fault_exit5_and_temp_removed(native, tmp_path, fault):
     sha = tree_sha(native)
-    monkeypatch.setenv("MHC_FAULT", fault)
-    code, errors, out = convert(native, tmp_path / "out")
+    code, errors, out = convert(native, tmp_path / "out", env={"MHC_FAULT": fault})
     msg = assert_failed_cleanly(native, sha, tmp_path / "out", code, errors, out)
     assert "EACCES" in msg, msg
 
@@ -211,7 +203,6 @@ def manifest(d: Path) -> dict:
 
 @pytest.mark.parametrize("mode", ["user", "kernel", "kernel-refused"])
 def test_digests_written_in_one_pass_match_fresh_hashes(native, tmp_path, monkeypatch, mode):
-    monkeypatch.setenv("MHC_COPY_MODE", mode.split("-")[0])
     if mode == "kernel-refused":  # e.g. cross-device on old kernels: falls back to user copy
         import errno
 
@@ -220,7 +211,7 @@ def test_digests_written_in_one_pass_match_fresh_hashes(native, tmp_path, monkey
         monkeypatch.setattr(os, "copy_file_range", refuse)
     monkeypatch.setattr(hashcopy, "CHUNK", 4096)  # many chunks: buffer rotation is exercised
     out = tmp_path / f"out-{mode}"
-    assert convert(native, out)[0] == 0
+    assert convert(native, out, env={"MHC_COPY_MODE": mode.split("-")[0]})[0] == 0
     m = manifest(out)
     assert m["version"] == 2 and m["hashed_at_commit"] == 0  # nothing re-read at commit
     for rel, rec in m["files"].items():
