@@ -40,7 +40,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mhc_convert.errors import ConvertError, Interrupted, InvalidInputError, IOFailure
+from mhc_convert.errors import (
+    ConvertError,
+    Interrupted,
+    InvalidInputError,
+    IOFailure,
+    SigTerm,
+    Terminated,
+)
 from mhc_convert.hooks import NO_HOOKS, Hooks
 from mhc_convert.manifest import (  # noqa: F401  (re-exported: the protocol's public surface)
     MANIFEST_NAME,
@@ -182,8 +189,10 @@ class AtomicOutput:
     and must match ``fingerprint``. ``extra`` is merged into the manifest (e.g. the mHC config).
     ``expected_bytes`` (the output's size) is quoted when a write fails with ENOSPC.
     ``hooks``: crash/hold points and faults for tests (``hooks.py``); default none.
-    Any exception or KeyboardInterrupt (SIGTERM is turned into one) removes the temp dir and
-    releases the lock; OSErrors surface as ``IOFailure``, interrupts as ``Interrupted``.
+    Any exception or KeyboardInterrupt (SIGTERM is turned into one, ``SigTerm``, for as long as
+    the object holds anything: from before the lock to the end of the block) removes the temp
+    dir and releases the lock; OSErrors surface as ``IOFailure``, SIGINT as ``Interrupted``
+    (exit 130), SIGTERM as ``Terminated`` (exit 143).
     """
 
     def __init__(self, dst: Path, *, fingerprint: dict[str, Any], direction: str,
@@ -222,6 +231,10 @@ class AtomicOutput:
     # -- context -----------------------------------------------------------------------------
     def __enter__(self) -> Path:
         try:
+            # First, before the lock or the temp dir exist: a SIGTERM from here on unwinds
+            # through the cleanup below like Ctrl-C does, instead of killing the process with
+            # the lock and temp dir left behind.
+            self._catch_sigterm()
             self._acquire_lock()
             self.hooks.phase("after-lock")
             token = secrets.token_hex(8)
@@ -245,16 +258,22 @@ class AtomicOutput:
             self.hooks.phase("after-tmpdir")
         except BaseException as e:
             self._abort()
+            self._restore_sigterm()
             raise self._translate(e) from e
+        return tmp
+
+    def _catch_sigterm(self) -> None:
         if threading.current_thread() is threading.main_thread():
             old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
             self._old_sigterm = signal.SIG_DFL if old is None else old
-        return tmp
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def _restore_sigterm(self) -> None:
         if self._old_sigterm is not None:
             signal.signal(signal.SIGTERM, self._old_sigterm)
             self._old_sigterm = None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._restore_sigterm()
         if exc is None and not self.committed:
             self._abort()
             raise RuntimeError("AtomicOutput block ended without commit(); output discarded")
@@ -286,6 +305,8 @@ class AtomicOutput:
     def _translate(self, e: BaseException) -> BaseException:
         if isinstance(e, ConvertError):
             return e
+        if isinstance(e, SigTerm):
+            return Terminated("terminated (SIGTERM); temporary output removed", path=self.dst)
         if isinstance(e, KeyboardInterrupt):
             return Interrupted("interrupted; temporary output removed", path=self.dst)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -422,4 +443,4 @@ class AtomicOutput:
 
 
 def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise SigTerm(f"signal {signum}")

@@ -43,7 +43,14 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from mhc_convert.errors import ConvertError, Interrupted, InvalidInputError, IOFailure
+from mhc_convert.errors import (
+    ConvertError,
+    Interrupted,
+    InvalidInputError,
+    IOFailure,
+    SigTerm,
+    Terminated,
+)
 from mhc_convert.hooks import NO_HOOKS, Hooks
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -103,6 +110,8 @@ def active() -> DistContext | None:
 def _failure_of(exc: BaseException, rank: int) -> dict[str, Any]:
     if isinstance(exc, ConvertError):
         return {"rank": rank, "code": exc.exit_code, "message": exc.one_line()}
+    if isinstance(exc, SigTerm):
+        return {"rank": rank, "code": Terminated.exit_code, "message": "terminated (SIGTERM)"}
     if isinstance(exc, KeyboardInterrupt):
         return {"rank": rank, "code": Interrupted.exit_code, "message": "interrupted"}
     return {"rank": rank, "code": 1, "message": f"{type(exc).__name__}: {exc}"}

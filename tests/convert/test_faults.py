@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -194,6 +195,38 @@ def test_two_conversions_same_dst_one_wins_other_locked(native, tmp_path):
     assert b.returncode == 5 and "locked" in b.stderr, b.stderr
     assert len(b.stderr.strip().splitlines()) == 1
     assert verify_manifest(dst) == [] and ours(tmp_path) == []
+
+
+@pytest.mark.parametrize("at", ["after-lock", "after-tmpdir"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_signal_right_after_lock_or_tmpdir_cleans_up(native, tmp_path, at, sig, code):
+    """The real CLI, held just after it took the lock (or made its temp dir), gets SIGTERM or
+    SIGINT: it exits 143 / 130 (DESIGN.md §6) with one error line and leaves no lock, no temp
+    dir and no output (the SIGTERM handler must be in place before anything is created)."""
+    parent, hold = tmp_path / "p", tmp_path / "hold"
+    parent.mkdir()
+    sha = tree_sha(native)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MHC_HOLD_AT": at, "MHC_HOLD_FILE": str(hold)}
+    proc = subprocess.Popen([sys.executable, "-m", "mhc_convert", "enable", str(native),
+                             str(parent / "out"), "--quiet"], env=env, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not hold.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        assert any(p.name.endswith(".mhc-lock") for p in parent.iterdir())  # held right there
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        hold.unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.kill()
+    assert sorted(p.name for p in parent.iterdir()) == [], err  # no lock, temp dir, output
+    assert proc.returncode == code, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("mhc-convert: error:"), err
+    assert tree_sha(native) == sha
 
 
 # ------------------------------------------------------------------------------ manifest
