@@ -10,11 +10,13 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,8 +123,9 @@ def tmpfs(path: Path, *opts: str):
     path.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(opts), "tmpfs", str(path)],
                        capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {r.stderr.strip()}")
+    if r.returncode != 0:  # a failure, not a skip: these are the only real-filesystem checks
+        pytest.fail(f"cannot mount a tmpfs at {path} (run the tests as root or with "
+                    f"CAP_SYS_ADMIN): {r.stderr.strip()}")
     try:
         yield path
     finally:
@@ -150,19 +153,48 @@ def test_real_enospc_mid_write_on_tmpfs(dist, tmp_path):
         assert list(mnt.iterdir()) == []
 
 
-def test_readonly_parent_chmod(native, tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod 0555 does not stop root from writing "
-                    "(see test_readonly_parent_ro_mount for the read-only case as root)")
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    parent.chmod(0o555)
-    try:
-        code, errors, out = convert(native, parent / "out")
-        assert code == 5 and len(errors) == 1 and "EACCES" in errors[0], out
-        assert list(parent.iterdir()) == []
-    finally:
-        parent.chmod(0o755)
+def _unprivileged(cmd: list[str]) -> list[str]:
+    """``cmd`` as an ordinary user. Root ignores permission bits, so as root it runs through
+    ``setpriv`` as nobody (no supplementary groups, no capabilities)."""
+    if os.geteuid() != 0:
+        return cmd
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "running as root: this test needs setpriv (util-linux) to drop privileges"
+    return [setpriv, f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups",
+            *cmd]
+
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+def test_readonly_parent_chmod(native):
+    """A real EACCES: the destination's parent belongs to the converting user but is mode 0555.
+    As root the conversion runs as nobody (``_unprivileged``), so this runs either way; its
+    files live in a world-readable temp dir (pytest's tmp_path is root-only)."""
+    with tempfile.TemporaryDirectory(prefix="mhc-eacces-") as d:
+        base = Path(d)
+        base.chmod(0o755)
+        src = Path(shutil.copytree(native, base / "src"))
+        for p in [src, *src.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        parent = base / "ro"
+        parent.mkdir()
+        if os.geteuid() == 0:
+            os.chown(parent, NOBODY.pw_uid, NOBODY.pw_gid)  # nobody owns it, and may not write
+        parent.chmod(0o555)
+        sha = tree_sha(src)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": d, "PYTHONDONTWRITEBYTECODE": "1"}
+        try:
+            r = subprocess.run(_unprivileged([sys.executable, "-m", "mhc_convert", "enable",
+                                              str(src), str(parent / "out"), "--quiet"]),
+                               env=env, capture_output=True, text=True, timeout=300)
+            errors = [line for line in r.stderr.splitlines()
+                      if line.startswith("mhc-convert: error")]
+            assert r.returncode == 5 and len(errors) == 1 and "EACCES" in errors[0], r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert list(parent.iterdir()) == [] and tree_sha(src) == sha
+        finally:
+            parent.chmod(0o755)
 
 
 def test_readonly_parent_ro_mount(native, tmp_path):
