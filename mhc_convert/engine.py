@@ -18,6 +18,7 @@ import torch
 from mhc_convert import commit, distributed
 from mhc_convert.adapters import ReadOptions, detect
 from mhc_convert.errors import InvalidInputError, MixedLayoutError, VerificationError
+from mhc_convert.hooks import NO_HOOKS, Hooks
 from mhc_convert.validate import check_finite, naming_files
 from mhc_convert.view import CheckpointView, OutItem
 from mhc_model import __version__
@@ -85,14 +86,15 @@ def _plan_detail(plan: Plan) -> list[dict[str, str]]:
 
 def _write(src: Path, dst: Path, view, adapter, plan: Plan, items: list[OutItem],
            target: HybridConfig, *, direction: str, overwrite: bool, link: str,
-           progress: ProgressFactory | None) -> int:
+           progress: ProgressFactory | None, hooks: Hooks = NO_HOOKS) -> int:
     needed = sum(it.source.nbytes if it.source else _size(it.value) for it in items)
 
     def output() -> commit.AtomicOutput:
-        commit.check_free_space(dst.parent, 0 if link == "hardlink" else needed)
+        commit.check_free_space(dst.parent, 0 if link == "hardlink" else needed, hooks=hooks)
         return commit.AtomicOutput(dst, fingerprint=commit.source_fingerprint(src),
                                    direction=direction, tool_version=__version__,
-                                   overwrite=overwrite, src=src, expected_bytes=needed)
+                                   overwrite=overwrite, src=src, expected_bytes=needed,
+                                   hooks=hooks)
 
     ctx = distributed.active()
     cb = progress(needed) if progress and (ctx is None or ctx.is_main) else None
@@ -118,7 +120,7 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
            contract: str = "mean", init: str = "exact", dry_run: bool = False,
            overwrite: bool = False, passthrough: str | None = None, link: str = "copy",
            progress: ProgressFactory | None = None, drop_optimizer: bool = False,
-           allow_nonfinite: bool = False) -> Report:
+           allow_nonfinite: bool = False, hooks: Hooks = NO_HOOKS) -> Report:
     """Convert an mHC-off checkpoint into the mHC-on wrapper layout, function-preserving
     (``init="exact"``) or with Megatron's approximate init (``init="megatron"``).
     ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
@@ -147,7 +149,7 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
     if not dry_run:
         report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
                                     direction="enable", overwrite=overwrite, link=link,
-                                    progress=progress)
+                                    progress=progress, hooks=hooks)
         report.tensors_written = len(items)
     report.seconds = time.perf_counter() - t0
     return report
@@ -185,7 +187,8 @@ def _fold_post(adapter, view: CheckpointView, cfg: HybridConfig, items: list[Out
 def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
             dry_run: bool = False, overwrite: bool = False, passthrough: str | None = None,
             link: str = "copy", progress: ProgressFactory | None = None,
-            drop_optimizer: bool = False, allow_nonfinite: bool = False) -> Report:
+            drop_optimizer: bool = False, allow_nonfinite: bool = False,
+            hooks: Hooks = NO_HOOKS) -> Report:
     """Convert an mHC-on checkpoint back to the plain layout. Exact only at a point where the
     streams provably stay identical (DESIGN.md §4); otherwise refuse unless ``allow_lossy``.
     ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
@@ -229,7 +232,7 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     if not dry_run:
         report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
                                     direction="disable", overwrite=overwrite, link=link,
-                                    progress=progress)
+                                    progress=progress, hooks=hooks)
         report.tensors_written = len(items)
         if not verdict.exact_with_folds and getattr(distributed.active(), "is_main", True):
             from mhc_convert.parity import compare_checkpoints
