@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Literal
 
+from mhc_model.conventions import CONVENTIONS
+
 LAYER_SYMBOLS = {
     "M": "mamba",
     "G": "gdn",
@@ -222,7 +224,7 @@ class MHCConfig:
     num_residual_streams: int = 4
     mhc_sinkhorn_iterations: int = 20
     mhc_init_gating_factor: float = 0.01
-    mhc_convention: Literal["deepseek", "megatron_dsv4"] = "deepseek"
+    mhc_convention: str = "deepseek"  # a key of mhc_model.conventions.CONVENTIONS
     mhc_output_contract: Literal["mean", "learned"] = "mean"
     mhc_recompute_layer_num: int | None = None
     mhc_eps: float = 1e-6
@@ -238,7 +240,7 @@ class MHCConfig:
             raise ValueError(
                 f"mhc.mhc_init_gating_factor must be >= 0, got {self.mhc_init_gating_factor}"
             )
-        _check_choice("mhc", "mhc_convention", self.mhc_convention, ("deepseek", "megatron_dsv4"))
+        _check_choice("mhc", "mhc_convention", self.mhc_convention, tuple(CONVENTIONS))
         _check_choice("mhc", "mhc_output_contract", self.mhc_output_contract, ("mean", "learned"))
 
 

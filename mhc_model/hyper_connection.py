@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from mhc_model import kernels
 from mhc_model.config import HybridConfig, MHCConfig
+from mhc_model.conventions import convention
 
 
 def _logit(p: float) -> float:
@@ -42,9 +43,9 @@ def head_param_shapes(cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
 
 def pre_bias_value(mhc: MHCConfig) -> float:
     """Bias that makes every H_pre entry exactly 1/n, so sum_j H_pre[j] = 1 (DESIGN.md §4).
-    deepseek adds eps after the sigmoid, so aim the sigmoid at 1/n - eps."""
+    Conventions with ``h_pre_eps`` add eps after the sigmoid, so aim the sigmoid at 1/n - eps."""
     n = mhc.num_residual_streams
-    if mhc.mhc_convention == "deepseek":
+    if convention(mhc.mhc_convention).h_pre_eps:
         return _logit(1.0 / n - mhc.mhc_eps)
     return _logit(1.0 / n)
 
@@ -106,6 +107,7 @@ class HyperConnection(nn.Module):
     def __init__(self, cfg: HybridConfig, layer_index: int, dtype: torch.dtype):
         super().__init__()
         self.mhc = cfg.mhc
+        self.convention = convention(cfg.mhc.mhc_convention)  # the record, resolved once
         shapes = hc_param_shapes(cfg)
         self.mapping_proj = nn.Linear(shapes["mapping_proj.weight"][1],
                                       shapes["mapping_proj.weight"][0], bias=False, dtype=dtype)
@@ -132,6 +134,6 @@ class HyperConnection(nn.Module):
             self.alpha_post,
             self.alpha_res,
             iters=self.mhc.mhc_sinkhorn_iterations,
-            convention=self.mhc.mhc_convention,
+            convention=self.convention,
             eps=self.mhc.mhc_eps,
         )
