@@ -86,6 +86,16 @@ CONVENTIONS: dict[str, Convention] = {
             source="DeepSeek-V4 / TileKernels",
         ),
         Convention(
+            name="megatron_dev",
+            sinkhorn="softmax_first",
+            mix_transposed=True,
+            h_pre_eps=True,
+            rms_factor="inv_norm",
+            head_eps="layernorm_epsilon",
+            params_dtype_rule="fp32",
+            source="Megatron-LM dev branch (d48bd6be): hyper_connection.py native_proj_rms",
+        ),
+        Convention(
             name="megatron_dsv4",
             sinkhorn="exp_rowmax",
             mix_transposed=False,
