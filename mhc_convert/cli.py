@@ -22,6 +22,8 @@ from rich.progress import (
 from rich.table import Table
 
 from mhc_convert.errors import ConvertError, Interrupted
+from mhc_model.config import CONTRACTS
+from mhc_model.conventions import CONVENTIONS
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -137,8 +139,9 @@ def enable(
     src: Annotated[Path, typer.Argument(help="mHC-off checkpoint (directory).")],
     dst: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
     streams: Annotated[int, typer.Option("--streams", "-n", help="Residual streams n.")] = 4,
-    convention: Annotated[str, typer.Option(help="deepseek | megatron_dsv4")] = "deepseek",
-    contract: Annotated[str, typer.Option(help="Output contract: mean | learned")] = "mean",
+    convention: Annotated[str, typer.Option(help=" | ".join(CONVENTIONS))] = "deepseek",
+    contract: Annotated[str, typer.Option(help="Output contract: " + " | ".join(CONTRACTS))
+                        ] = "mean",
     init: Annotated[str, typer.Option(help="exact (function-preserving) | megatron")] = "exact",
     dry_run: DryOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     overwrite: OverOpt = False, passthrough: PassOpt = None, link: LinkOpt = "copy",
@@ -148,8 +151,8 @@ def enable(
     enable point: the converted model computes what the source computes."""
     from mhc_convert import engine
 
-    _check_choice("convention", convention, ("deepseek", "megatron_dsv4"))
-    _check_choice("contract", contract, ("mean", "learned"))
+    _check_choice("convention", convention, tuple(CONVENTIONS))
+    _check_choice("contract", contract, CONTRACTS)
     _check_choice("init", init, ("exact", "megatron"))
     _check_choice("link", link, ("copy", "hardlink", "reflink"))
     _convert(engine.enable, dict(src=src, dst=dst, streams=streams, convention=convention,
