@@ -24,6 +24,7 @@ from rich.table import Table
 from mhc_convert.errors import ConvertError, Interrupted
 from mhc_model.config import CONTRACTS
 from mhc_model.conventions import CONVENTIONS
+from mhc_model.targets import TARGETS
 
 app = typer.Typer(
     add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -139,9 +140,13 @@ def enable(
     src: Annotated[Path, typer.Argument(help="mHC-off checkpoint (directory).")],
     dst: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
     streams: Annotated[int, typer.Option("--streams", "-n", help="Residual streams n.")] = 4,
-    convention: Annotated[str, typer.Option(help=" | ".join(CONVENTIONS))] = "deepseek",
-    contract: Annotated[str, typer.Option(help="Output contract: " + " | ".join(CONTRACTS))
-                        ] = "mean",
+    target: Annotated[str | None, typer.Option(
+        help="Where the output runs: " + " | ".join(TARGETS) + " (default: proven from the "
+        "source's args; native for native checkpoints).")] = None,
+    convention: Annotated[str | None, typer.Option(
+        help=" | ".join(CONVENTIONS) + " (default: the target's)")] = None,
+    contract: Annotated[str | None, typer.Option(
+        help="Output contract: " + " | ".join(CONTRACTS) + " (default: the target's)")] = None,
     init: Annotated[str, typer.Option(help="exact (function-preserving) | megatron")] = "exact",
     dry_run: DryOpt = False, as_json: JsonOpt = False, quiet: QuietOpt = False,
     overwrite: OverOpt = False, passthrough: PassOpt = None, link: LinkOpt = "copy",
@@ -151,11 +156,15 @@ def enable(
     enable point: the converted model computes what the source computes."""
     from mhc_convert import engine
 
-    _check_choice("convention", convention, tuple(CONVENTIONS))
-    _check_choice("contract", contract, CONTRACTS)
+    for name, value, choices in (("target", target, tuple(TARGETS)),
+                                 ("convention", convention, tuple(CONVENTIONS)),
+                                 ("contract", contract, CONTRACTS)):
+        if value is not None:
+            _check_choice(name, value, choices)
     _check_choice("init", init, ("exact", "megatron"))
     _check_choice("link", link, ("copy", "hardlink", "reflink"))
-    _convert(engine.enable, dict(src=src, dst=dst, streams=streams, convention=convention,
+    _convert(engine.enable, dict(src=src, dst=dst, streams=streams, target=target,
+                                 convention=convention,
                                  contract=contract, init=init, dry_run=dry_run,
                                  overwrite=overwrite, passthrough=passthrough, link=link,
                                  drop_optimizer=drop_optimizer, allow_nonfinite=allow_nonfinite),

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from mhc_convert import commit, distributed
+from mhc_convert import commit, distributed, targeting
 from mhc_convert.adapters import ReadOptions, detect
 from mhc_convert.errors import InvalidInputError, MixedLayoutError, VerificationError
 from mhc_convert.hooks import NO_HOOKS, Hooks
@@ -116,13 +116,16 @@ def _size(value) -> int:
     return len(value)
 
 
-def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: str = "deepseek",
-           contract: str = "mean", init: str = "exact", dry_run: bool = False,
+def enable(src: str | Path, dst: str | Path, *, streams: int = 4, target: str | None = None,
+           convention: str | None = None, contract: str | None = None, init: str = "exact",
+           dry_run: bool = False,
            overwrite: bool = False, passthrough: str | None = None, link: str = "copy",
            progress: ProgressFactory | None = None, drop_optimizer: bool = False,
            allow_nonfinite: bool = False, hooks: Hooks = NO_HOOKS) -> Report:
     """Convert an mHC-off checkpoint into the mHC-on wrapper layout, function-preserving
-    (``init="exact"``) or with Megatron's approximate init (``init="megatron"``).
+    (``init="exact"``) or with Megatron's approximate init (``init="megatron"``), for
+    ``target`` (``mhc_model.targets``; None: proven from the source, see ``targeting``), whose
+    convention and contract apply unless compatible ones are named.
     ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
     NaN/Inf in any carried tensor is refused unless ``allow_nonfinite``; the check (dry runs
     included) reads every source tensor once before anything is written (validate.py)."""
@@ -130,18 +133,20 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
     src, dst = Path(src), Path(dst)
     commit.preflight(src, dst, overwrite=overwrite)
     fmt, adapter, view, cfg = _open(src, drop_optimizer)
-    target = cfg.with_mhc(enable_hyper_connections=True, num_residual_streams=streams,
-                          mhc_convention=convention, mhc_output_contract=contract)
+    choice = targeting.choose(cfg, view.meta.get("megatron_args"), name=target, streams=streams,
+                              convention=convention, contract=contract, path=view.path)
+    target = choice.cfg
     with naming_files(view):
         plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "enable", target,
                          passthrough=passthrough, path=str(view.path))
     if not allow_nonfinite:
         check_finite(view, [r.src for r in plan.renames], path=view.path)
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
-    new_value = NewValues(target, init)
+    new_value = NewValues(target, init, param_dtype=choice.param_dtype)
     items += [OutItem(a.dst, value=new_value(a)) for a in plan.adds]
     report = Report("enable", str(src), str(dst), fmt, dry_run, plan.summary(),
                     config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
+    report.notes.extend(choice.notes)
     _check(adapter, view, plan, cfg, target, report, drop_optimizer)
     if init != "exact":
         report.notes.append("init=megatron is only approximately function-preserving; run "
