@@ -22,7 +22,11 @@ class NativeAdapter:
         return (path / CONFIG_NAME).exists()
 
     def read(self, path: Path, *, options: ReadOptions = DEFAULT_READ) -> CheckpointView:
-        return read_native(path)
+        view = read_native(path)
+        state = view.meta.get("training_state")  # a trainer's checkpoint knows its iteration
+        if isinstance(state, dict) and type(state.get("iteration")) is int:
+            view.meta.setdefault("iteration", state["iteration"])
+        return view
 
     def config(self, view: CheckpointView) -> HybridConfig:
         try:
