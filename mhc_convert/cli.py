@@ -522,7 +522,8 @@ def _verify_table(a: Path, b: Path, res: dict[str, Any]) -> str:
     lines = [("", *head)]
     for k, label in names.items():
         lim = limits.get(k)
-        lines.append((label, f"{res[k]:.3g}", f"{floor[k]:.3g}" if k in floor else "-",
+        val = (lambda x: f"{x:.4f}") if k == "top1_agreement" else (lambda x: f"{x:.3g}")
+        lines.append((label, val(res[k]), val(floor[k]) if k in floor else "-",
                       "-" if lim is None else (f">= {lim:.4g}" if k == "top1_agreement"
                                                else f"<= {lim:.3g}")))
     widths = [max(len(row[i]) for row in lines) for i in range(4)]
