@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from mhc_convert.engine import disable, enable, inspect
+    from mhc_convert.engine import disable, enable
     from mhc_convert.errors import (
         AlreadyInLayoutError,
         ConvertError,
@@ -26,6 +26,7 @@ if TYPE_CHECKING:
         UsageError,
         VerificationError,
     )
+    from mhc_convert.inspection import inspect
     from mhc_convert.parity import compare_checkpoints as verify
     from mhc_model.version import __version__
 
@@ -42,10 +43,14 @@ def __getattr__(name: str) -> Any:
         from mhc_model.version import __version__
 
         return __version__
-    if name in ("enable", "disable", "inspect"):
+    if name in ("enable", "disable"):
         from mhc_convert import engine
 
         return getattr(engine, name)
+    if name == "inspect":
+        from mhc_convert.inspection import inspect
+
+        return inspect
     if name == "verify":
         from mhc_convert.parity import compare_checkpoints
 

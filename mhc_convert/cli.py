@@ -450,9 +450,9 @@ def inspect(
     path = _run(lambda: inputs.existing(path, role="source"), as_json=as_json)
     with ui.Activity(enabled=not as_json) as activity:
         activity.step(f"reading {path}" + (" and re-hashing every file" if verify else ""))
-        from mhc_convert import engine
+        from mhc_convert import inspection
 
-        report = _run(lambda: engine.inspect(path, verify=verify, iteration=iteration),
+        report = _run(lambda: inspection.inspect(path, verify=verify, iteration=iteration),
                       as_json=as_json).to_dict()
     if as_json:
         print(json.dumps({"ok": not report["problems"], **report}))

@@ -1,10 +1,10 @@
-"""enable / disable / inspect: plan over the lazy view, compute the few new tensors, write
-through the format adapter inside the atomic-commit protocol. No tensor data is decoded except
-the new parameters and, for disable, the hyper-connection parameters being checked."""
+"""enable / disable: plan over the lazy view, compute the few new tensors, write through the
+format adapter inside the atomic-commit protocol (``inspect`` lives in ``inspection``). No
+tensor data is decoded except the new parameters and, for disable, the hyper-connection
+parameters being checked."""
 
 from __future__ import annotations
 
-import math
 import re
 import time
 from collections.abc import Callable
@@ -16,8 +16,9 @@ import torch
 
 from mhc_convert import commit, distributed
 from mhc_convert.adapters import ReadOptions, open_checkpoint
-from mhc_convert.errors import InvalidInputError, MixedLayoutError, UsageError, VerificationError
+from mhc_convert.errors import InvalidInputError, UsageError, VerificationError
 from mhc_convert.inputs import check_regex, check_streams, local_path
+from mhc_convert.inspection import InspectReport, inspect, iteration_of  # noqa: F401 (API)
 from mhc_convert.validate import check_finite, is_floating, naming_files
 from mhc_convert.view import CheckpointView, OutItem
 from mhc_model import __version__
@@ -60,13 +61,6 @@ def _open(src: Path, drop_optimizer: bool = False, iteration: int | None = None
     adapter, view, note = open_checkpoint(src, iteration=iteration,
                                           options=ReadOptions(drop_optimizer=drop_optimizer))
     return adapter.name, adapter, view, adapter.config(view), [note] if note else []
-
-
-def _iteration(view: CheckpointView) -> int | str | None:
-    it = view.meta.get("iteration")
-    if it == "release":
-        return it
-    return int(it) if isinstance(it, int | float) and not math.isnan(it) else None
 
 
 def _optimizer_fate(view: CheckpointView, plan: Plan, drop_optimizer: bool) -> str:
@@ -192,7 +186,7 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
     items += [OutItem(a.dst, value=new_value(a)) for a in plan.adds]
     report = Report("enable", str(src), str(dst), fmt, dry_run, plan.summary(),
                     config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan),
-                    notes=notes, bytes_to_write=_needed(items), iteration=_iteration(view),
+                    notes=notes, bytes_to_write=_needed(items), iteration=iteration_of(view),
                     optimizer=_optimizer_fate(view, plan, drop_optimizer))
     _check(adapter, view, plan, cfg, target, report, drop_optimizer)
     if init != "exact":
@@ -261,7 +255,7 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     target = cfg.with_mhc(enable_hyper_connections=False)
     report = Report("disable", str(src), str(dst), fmt, dry_run, plan.summary(),
                     config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan),
-                    notes=notes, iteration=_iteration(view),
+                    notes=notes, iteration=iteration_of(view),
                     optimizer=_optimizer_fate(view, plan, drop_optimizer))
     _check(adapter, view, plan, cfg, target, report, drop_optimizer)
     report.notes.extend(verdict.notes)
@@ -287,55 +281,3 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
             report.parity = compare_checkpoints(src, dst, device="cpu", dtype="fp32")
     report.seconds = time.perf_counter() - t0
     return report
-
-
-@dataclass
-class InspectReport:
-    path: str
-    format: str
-    layout: str
-    pattern: str
-    num_layers: int
-    streams: int | None
-    convention: str | None
-    contract: str | None
-    iteration: int | None
-    optimizer: str
-    tensors: int
-    bytes: int
-    manifest: str
-    problems: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def inspect(path: str | Path, *, verify: bool = False,
-            iteration: int | None = None) -> InspectReport:
-    path = local_path(path, role="source")
-    fmt, _, view, cfg, notes = _open(path, iteration=iteration)
-    keys = list(view.entries)
-    problems: list[str] = []
-    try:
-        wrapped = bool(K.layout_of(keys))
-    except MixedLayoutError as e:  # inspect reports what it sees; converting refuses it
-        wrapped = True
-        problems.append(e.message)
-    opt_states = sorted({k.split(".")[2] for k in keys if k.startswith("optimizer.state.")})
-    optimizer = view.meta.get("optimizer_sharding") or ("model-space " + ",".join(opt_states)
-                                                       if opt_states else "none")
-    manifest = "absent"
-    root = view.meta.get("run_dir") or view.path
-    if (Path(root) / "mhc-manifest.json").exists():
-        manifest = "present"
-        if verify:
-            mismatches = commit.verify_manifest(Path(root))
-            problems += mismatches
-            manifest = "verified" if not mismatches else "MISMATCH"
-    return InspectReport(
-        str(path), fmt, "mhc-on" if wrapped else "mhc-off", cfg.hybrid_layer_pattern,
-        cfg.num_layers, cfg.mhc.num_residual_streams if wrapped else None,
-        cfg.mhc.mhc_convention if wrapped else None,
-        cfg.mhc.mhc_output_contract if wrapped else None,
-        _iteration(view), optimizer, len(keys), view.total_bytes, manifest, problems, notes)

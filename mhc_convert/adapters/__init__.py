@@ -1,39 +1,76 @@
 """The registry of checkpoint format adapters (one contract: ``adapters.base.Adapter``).
 
-Detection asks each adapter in this order whether a directory is its format; the first that
-says yes reads it. A new format is one adapter module plus one line here. Inputs that are not
-checkpoints of ours are named, not misparsed: a Hugging Face transformers directory, a
-directory of native checkpoints (``iter_*/config.json``), a training run's ``--out`` root.
+Detection asks each format in this order whether a directory is its format (``detection``:
+file names only); the first that says yes reads it. An adapter module is imported when its
+format is first used, so detecting and reading a native checkpoint imports neither the
+Megatron readers nor torch. A new format is one adapter module plus one line here. Inputs
+that are not checkpoints of ours are named, not misparsed: a Hugging Face transformers
+directory, a directory of native checkpoints (``iter_*/config.json``), a training run's
+``--out`` root.
 ``open_checkpoint`` also resolves ``--iteration N`` in a run directory.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from functools import cache
 from pathlib import Path
+from typing import Any
 
+from mhc_convert.adapters import detection
 from mhc_convert.adapters.base import Adapter, ReadOptions
-from mhc_convert.adapters.legacy import LegacyAdapter
-from mhc_convert.adapters.native import NativeAdapter
-from mhc_convert.adapters.torch_dist import TorchDistAdapter
 from mhc_convert.errors import InvalidInputError, UsageError
 from mhc_convert.inputs import existing
 from mhc_convert.view import CheckpointView
 from mhc_model.megatron_files import ITER_RE, TRACKER, iter_dir_name, read_tracker
-from mhc_model.model import CONFIG_NAME
 
-ADAPTERS: tuple[Adapter, ...] = (NativeAdapter(), TorchDistAdapter(), LegacyAdapter())
-_BY_NAME = {a.name: a for a in ADAPTERS}
+
+def _native() -> Adapter:
+    from mhc_convert.adapters.native import NativeAdapter
+
+    return NativeAdapter()
+
+
+def _torch_dist() -> Adapter:
+    from mhc_convert.adapters.torch_dist import TorchDistAdapter
+
+    return TorchDistAdapter()
+
+
+def _legacy() -> Adapter:
+    from mhc_convert.adapters.legacy import LegacyAdapter
+
+    return LegacyAdapter()
+
+
+# name -> (does a directory hold this format?, the adapter), in detection order
+FORMATS: dict[str, tuple[Callable[[Path], bool], Callable[[], Adapter]]] = {
+    "native": (detection.is_native, _native),
+    "torch_dist": (detection.is_torch_dist, _torch_dist),
+    "torch_legacy": (detection.is_torch_legacy, _legacy),
+}
 _MAX_CONFIG = 1 << 20
+
+
+@cache
+def adapter_for(name: str) -> Adapter:
+    return FORMATS[name][1]()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "ADAPTERS":  # every adapter, imported (all formats' modules)
+        return tuple(adapter_for(n) for n in FORMATS)
+    raise AttributeError(f"module 'mhc_convert.adapters' has no attribute {name!r}")
 
 
 def _hf_config(path: Path) -> dict | None:
     """The config.json of a Hugging Face transformers checkpoint (``architectures`` /
     ``model_type``, none of our fields), else None."""
     try:
-        if (path / CONFIG_NAME).stat().st_size > _MAX_CONFIG:
+        if (path / detection.CONFIG_NAME).stat().st_size > _MAX_CONFIG:
             return None
-        doc = json.loads((path / CONFIG_NAME).read_text("utf-8"))
+        doc = json.loads((path / detection.CONFIG_NAME).read_text("utf-8"))
     except (OSError, ValueError):
         return None  # the native reader reports what is wrong with it
     if not isinstance(doc, dict) or "hybrid_layer_pattern" in doc:
@@ -57,7 +94,7 @@ def iterations(path: Path) -> dict[int, Path]:
 
 def _not_a_checkpoint_hint(path: Path) -> str:
     its = iterations(path)
-    if its and all((d / CONFIG_NAME).is_file() for d in its.values()):
+    if its and all((d / detection.CONFIG_NAME).is_file() for d in its.values()):
         last = max(its)
         names = ", ".join(d.name for d in its.values())
         return (f"; it is a directory of native checkpoints ({names}): pass one of them "
@@ -81,10 +118,11 @@ def detect(path: Path) -> Adapter:
             f"this is a Hugging Face transformers checkpoint ({what}), not a Megatron/mhc one; "
             f"mhc-convert reads mhc native directories (mhc_model config.json + safetensors), "
             f"Megatron torch_dist and Megatron legacy .pt checkpoints",
-            path=path / CONFIG_NAME, key="model_type" if "model_type" in hf else "architectures")
-    for adapter in ADAPTERS:
-        if adapter.detects(path):
-            return adapter
+            path=path / detection.CONFIG_NAME,
+            key="model_type" if "model_type" in hf else "architectures")
+    for name, (detects, _) in FORMATS.items():
+        if detects(path):
+            return adapter_for(name)
     tracker = path / TRACKER
     if tracker.exists():  # a run directory whose tracker is broken or names nothing usable
         value, _ = read_tracker(tracker)
@@ -133,9 +171,5 @@ def detect_format(path: Path) -> str:
     return detect(path).name
 
 
-def adapter_for(name: str) -> Adapter:
-    return _BY_NAME[name]
-
-
-__all__ = ["ADAPTERS", "Adapter", "ReadOptions", "adapter_for", "detect", "detect_format",
-           "iterations", "open_checkpoint"]
+__all__ = ["ADAPTERS", "FORMATS", "Adapter", "ReadOptions", "adapter_for", "detect",
+           "detect_format", "iterations", "open_checkpoint"]

@@ -17,6 +17,7 @@ import pytest
 
 import mhc_convert
 from tests.cli.helpers import cli, cli_json
+from tests.paths import NEMOTRON_H_TINY
 
 ROOT = Path(__file__).resolve().parents[2]
 VERSION = metadata.version("mhc-hybrid")
@@ -48,8 +49,11 @@ def test_help_conventions():
     assert "<cpu|cuda>" in verify and "<fp32|bf16>" in verify and "noise floor" in verify
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["version"], ["enable", "-h"]])
+@pytest.mark.parametrize("argv", [["--help"], ["--version"], ["version"], ["enable", "-h"],
+                                  ["inspect", str(NEMOTRON_H_TINY)],
+                                  ["inspect", str(NEMOTRON_H_TINY), "--json"]])
 def test_start_up_does_not_import_torch(argv):
+    """--help, --version and inspecting a native checkpoint stay under 0.5 s: no torch."""
     code = (f"import sys\nsys.argv = ['mhc-convert', *{argv!r}]\n"
             "from mhc_convert.cli import main\n"
             "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
