@@ -94,63 +94,46 @@ def _examples(*lines: str) -> str:
 
 
 # ------------------------------------------------------------------------------ error path
-_SIGNALS: dict[str, int] = {}  # the read end of the signal wakeup pipe, while main runs
+class _SignalWatch:
+    """While a command runs: SIGTERM raises KeyboardInterrupt (so temporary output is cleaned
+    up on the way out, as for Ctrl-C), and every signal's number is also written to a wakeup
+    pipe, so which signal stopped us is known even when a handler installed meanwhile (the
+    commit protocol's) ran instead of ours. Also records whether the failure was reported."""
 
+    def __init__(self) -> None:
+        self.read_fd: int | None = None
+        self.seen: set[int] = set()
+        self.reported = False
 
-class _Group(TyperGroup):
-    """Runs every command with ``standalone_mode=False`` so that click's usage errors, like
-    ours, become one line and the right exit code; maps SIGTERM to exit 143."""
-
-    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
-             **extra):
-        argv = list(sys.argv[1:] if args is None else args)
-        with _signals():
-            try:
-                rv = super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
-                                  standalone_mode=False, **extra)
-            except typer.TyperException as e:  # click's UsageError and friends
-                ctx = getattr(e, "ctx", None)
-                where = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
-                rv = _fail(UsageError(f"{e.format_message()}{where}"), as_json="--json" in argv)
-            if rv == Interrupted.exit_code and _terminated():  # typer turned it into Exit(130)
-                rv = TERMINATED
-        sys.exit(rv if isinstance(rv, int) else 0)
-
-
-class _Command(TyperCommand):
-    """Usage lines as people write them: ``enable [OPTIONS] SRC DST`` (typer 0.29 would print
-    ``{SRC} {DST}``)."""
-
-    def collect_usage_pieces(self, ctx):
-        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p
-                for p in super().collect_usage_pieces(ctx)]
-
-
-class _signals:
-    """SIGTERM raises KeyboardInterrupt (so temp output is cleaned up on the way out, as for
-    Ctrl-C), and every signal's number is also written to a wakeup pipe: which signal stopped
-    us is known even when a handler installed meanwhile (the commit protocol's) ran instead."""
-
-    def __enter__(self) -> None:
-        self.active = sys.platform != "win32" and _is_main_thread()
-        if not self.active:
-            return
-        self.r, w = os.pipe()
-        os.set_blocking(self.r, False)
-        os.set_blocking(w, False)
-        self.w = w
-        self.old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+    def __enter__(self) -> _SignalWatch:
+        self.seen, self.reported = set(), False
+        if sys.platform == "win32" or not _is_main_thread():
+            return self
+        self.read_fd, self.write_fd = os.pipe()
+        for fd in (self.read_fd, self.write_fd):
+            os.set_blocking(fd, False)
+        self.old_fd = signal.set_wakeup_fd(self.write_fd, warn_on_full_buffer=False)
         self.old_term = signal.signal(signal.SIGTERM, _raise_interrupt)
-        _SIGNALS["read"] = self.r
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        if not self.active:
+        if self.read_fd is None:
             return
         signal.signal(signal.SIGTERM, self.old_term)
         signal.set_wakeup_fd(self.old_fd)
-        _SIGNALS.pop("read", None)
-        os.close(self.r)
-        os.close(self.w)
+        os.close(self.read_fd)
+        os.close(self.write_fd)
+        self.read_fd = None
+
+    def terminated(self) -> bool:
+        """Whether SIGTERM arrived while this command ran."""
+        if self.read_fd is not None:
+            with contextlib.suppress(OSError):  # BlockingIOError: nothing arrived
+                self.seen.update(os.read(self.read_fd, 1024))
+        return signal.SIGTERM in self.seen
+
+
+_WATCH = _SignalWatch()
 
 
 def _is_main_thread() -> bool:
@@ -163,24 +146,43 @@ def _raise_interrupt(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-_SEEN: set[int] = set()
+class _Group(TyperGroup):
+    """Runs every command with ``standalone_mode=False`` so that click's usage errors, like
+    ours, become one line and the right exit code; maps SIGTERM to exit 143."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True,
+             **extra):
+        argv = list(sys.argv[1:] if args is None else args)
+        as_json = "--json" in argv
+        with _WATCH:
+            try:
+                rv = super().main(args=argv, prog_name=prog_name, complete_var=complete_var,
+                                  standalone_mode=False, **extra)
+            except typer.TyperException as e:  # click's UsageError and friends
+                ctx = getattr(e, "ctx", None)
+                where = f" (see '{ctx.command_path} -h')" if ctx is not None else ""
+                rv = _fail(UsageError(f"{e.format_message()}{where}"), as_json=as_json)
+            if rv == Interrupted.exit_code and not _WATCH.reported:  # outside _run (imports)
+                rv = _fail(Interrupted("interrupted"), as_json=as_json)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
 
-def _terminated() -> bool:
-    """Whether SIGTERM arrived while this command ran."""
-    fd = _SIGNALS.get("read")
-    if fd is not None:
-        with contextlib.suppress(OSError):  # BlockingIOError: nothing arrived
-            _SEEN.update(os.read(fd, 1024))
-    return signal.SIGTERM in _SEEN
+class _Command(TyperCommand):
+    """Usage lines as people write them: ``enable [OPTIONS] SRC DST`` (typer 0.29 would print
+    ``{SRC} {DST}``)."""
+
+    def collect_usage_pieces(self, ctx):
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p
+                for p in super().collect_usage_pieces(ctx)]
 
 
 def _fail(exc: ConvertError, *, as_json: bool) -> int:
     """Report ``exc`` (one line on stderr, or one JSON document on stdout); its exit code."""
     code = exc.exit_code
-    if isinstance(exc, Interrupted) and _terminated():
+    if isinstance(exc, Interrupted) and _WATCH.terminated():
         msg = exc.message.replace("interrupted", "terminated (SIGTERM)", 1)
         code, exc = TERMINATED, Interrupted(msg, path=exc.path, key=exc.key)
+    _WATCH.reported = True
     if as_json:
         print(json.dumps({"ok": False, "error": type(exc).__name__, "exit_code": code,
                           "message": exc.one_line(), "path": exc.path, "key": exc.key}))

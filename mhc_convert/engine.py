@@ -17,7 +17,7 @@ import torch
 from mhc_convert import commit, distributed
 from mhc_convert.adapters import ReadOptions, open_checkpoint
 from mhc_convert.errors import InvalidInputError, UsageError, VerificationError
-from mhc_convert.inputs import check_regex, check_streams, local_path
+from mhc_convert.inputs import check_regex, check_streams, existing, local_path
 from mhc_convert.inspection import InspectReport, inspect, iteration_of  # noqa: F401 (API)
 from mhc_convert.validate import check_finite, is_floating, naming_files
 from mhc_convert.view import CheckpointView, OutItem
@@ -169,7 +169,7 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
     included) reads every source tensor once before anything is written (validate.py).
     ``iteration`` picks ``iter_XXXXXXX`` of a run directory instead of the tracker's."""
     t0 = time.perf_counter()
-    src, dst = local_path(src, role="source"), local_path(dst, role="destination")
+    src, dst = existing(src, role="source"), local_path(dst, role="destination")
     check_streams(streams)
     check_regex(passthrough)
     commit.preflight(src, dst, overwrite=overwrite)
@@ -241,7 +241,7 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     NaN/Inf in any source tensor is refused unless ``allow_nonfinite``; the check (dry runs
     included) reads every source tensor once before anything is written (validate.py)."""
     t0 = time.perf_counter()
-    src, dst = local_path(src, role="source"), local_path(dst, role="destination")
+    src, dst = existing(src, role="source"), local_path(dst, role="destination")
     check_regex(passthrough)
     commit.preflight(src, dst, overwrite=overwrite)
     fmt, adapter, view, cfg, notes = _open(src, drop_optimizer, iteration)

@@ -49,6 +49,8 @@ def test_api_refuses_the_same(tmp_path, src):
         engine.enable(src, tmp_path / "out", streams=1)
     with pytest.raises(UsageError, match="regular expression"):
         engine.disable(src, tmp_path / "out", passthrough="(")
+    with pytest.raises(UsageError, match="no such file or directory"):
+        engine.enable(tmp_path / "nope", tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
