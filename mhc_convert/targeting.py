@@ -51,9 +51,12 @@ def choose(cfg: HybridConfig, args: Any, *, name: str | None, streams: int,
         raise UsageError(f"--target {tgt.name} always builds decoder.hc_head_* (the learned "
                          f"contract): a --contract {contract} checkpoint would not load there; "
                          f"use --target native for it")
-    out = cfg.with_mhc(enable_hyper_connections=True, num_residual_streams=streams,
-                       mhc_convention=convention or tgt.convention,
-                       mhc_output_contract=contract or tgt.contract)
+    try:
+        out = cfg.with_mhc(enable_hyper_connections=True, num_residual_streams=streams,
+                           mhc_convention=convention or tgt.convention,
+                           mhc_output_contract=contract or tgt.contract)
+    except ValueError as e:  # an option the config refuses (MHCConfig.validate)
+        raise UsageError(str(e)) from None
     dtype = getattr(torch, mhc_params_dtype(out.mhc.mhc_convention, out.params_dtype))
     if dtype != torch.float32:
         exact = pre_bias_value(out.mhc)

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from mhc_convert.adapters.base import DEFAULT_READ, ReadOptions
+from mhc_convert.adapters.detection import is_torch_legacy
 from mhc_convert.adapters.megatron_args import flip_args, megatron_config, with_mhc_meta
 from mhc_convert.errors import InvalidInputError, IOFailure
 from mhc_convert.formats import torch_legacy as tl
@@ -35,7 +36,6 @@ from mhc_convert.hashcopy import HashingFile, output_file
 from mhc_convert.view import CheckpointView, Entry, OutItem
 from mhc_model.config import HybridConfig
 from mhc_model.megatron_args import MHC_META_KEY
-from mhc_model.megatron_files import candidates
 from mhc_model.model import meta_model
 from mhc_model.toggle import codec as L
 from mhc_model.toggle.plan import Plan
@@ -89,7 +89,7 @@ class LegacyAdapter:
                     ".pt checkpoints; convert via torch_dist or pass --allow-lossy")
 
     def detects(self, path: Path) -> bool:
-        return any(any(c.glob("mp_rank_*")) for c in candidates(path))
+        return is_torch_legacy(path)
 
     # ---- read --------------------------------------------------------------------------
     def read(self, path: Path, *, options: ReadOptions = DEFAULT_READ) -> CheckpointView:

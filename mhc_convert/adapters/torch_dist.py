@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from mhc_convert.adapters.base import DEFAULT_READ, ReadOptions
+from mhc_convert.adapters.detection import is_torch_dist
 from mhc_convert.adapters.megatron_args import flip_args, megatron_config, with_mhc_meta
 from mhc_convert.errors import InvalidInputError
 from mhc_convert.formats import torch_dist as td
@@ -14,7 +15,6 @@ from mhc_convert.formats import torch_dist_write as tdw
 from mhc_convert.view import CheckpointView, OutItem
 from mhc_model.config import HybridConfig
 from mhc_model.megatron_args import MHC_META_KEY
-from mhc_model.megatron_files import MARKER, METADATA, candidates
 
 
 class TorchDistAdapter:
@@ -22,7 +22,7 @@ class TorchDistAdapter:
     fold_refusal = None
 
     def detects(self, path: Path) -> bool:
-        return any((c / METADATA).exists() or (c / MARKER).exists() for c in candidates(path))
+        return is_torch_dist(path)
 
     def read(self, path: Path, *, options: ReadOptions = DEFAULT_READ) -> CheckpointView:
         """A dp_reshardable (bucket-keyed) optimizer is refused unless it is being dropped."""
