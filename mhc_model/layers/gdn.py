@@ -18,6 +18,7 @@ Forward (Megatron ``GatedDeltaNet``, tensor/context-parallel size 1):
 from __future__ import annotations
 
 import functools
+import importlib.metadata
 import importlib.util
 import warnings
 
@@ -59,9 +60,11 @@ def fla_backward_refusal() -> str | None:
               and not getattr(fla_utils, "TRITON_ABOVE_3_7_1", True))
     if not broken or importlib.util.find_spec("tilelang") is not None:
         return None
-    import triton
-
-    return (f"fla's gated delta rule backward is wrong on Hopper with Triton {triton.__version__} "
+    try:
+        triton_version = importlib.metadata.version("triton")
+    except importlib.metadata.PackageNotFoundError:
+        triton_version = "< 3.7.1"
+    return (f"fla's gated delta rule backward is wrong on Hopper with Triton {triton_version} "
             f"(< 3.7.1; fla refuses it): GDN layers train with the reference chunked kernel")
 
 
