@@ -141,8 +141,9 @@ def _validate(md: Any, iter_dir: Path, mpath: Path) -> dict[str, Entry]:
         if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
             raise InvalidInputError("negative or non-integer storage offset", path=mpath, key=key)
         if not isinstance(getattr(info, "relative_path", None), str):  # before hashing it
-            raise InvalidInputError(f"storage path {getattr(info, 'relative_path', None)!r:.80} "
-                                    "is not a string", path=mpath, key=key)
+            kind = type(getattr(info, "relative_path", None)).__name__  # no repr: may be a DAG
+            raise InvalidInputError(f"storage path is a {kind}, not a string", path=mpath,
+                                    key=key)
         if info.relative_path not in sizes:
             sizes[info.relative_path] = _check_file(iter_dir, info.relative_path, mpath, key)
         if info.offset + info.length > sizes[info.relative_path]:
@@ -244,6 +245,10 @@ def read_torch_dist(path: str | Path) -> CheckpointView:
         iteration = common["iteration"]
     content = common.get("content_metadata")  # absent before megatron-core 0.13
     declared = content.get("distrib_optim_sharding_type") if isinstance(content, dict) else None
+    if declared is not None and not isinstance(declared, str):
+        raise InvalidInputError(f"content_metadata.distrib_optim_sharding_type is a "
+                                f"{type(declared).__name__}, not a string", path=iter_dir,
+                                key=common_key)
     opt_keys = [k for k in entries if k.startswith("optimizer.")]
     if any(_BUCKET_RE.search(k) for k in opt_keys):
         sharding = "dp_reshardable"  # bucket-keyed: whatever content_metadata claims

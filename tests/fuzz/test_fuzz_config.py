@@ -7,10 +7,12 @@ from __future__ import annotations
 import copy
 import json
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mhc_convert import engine
+from mhc_convert.errors import InvalidInputError
 from tests.fuzz.harness import check, dumps, fuzz_settings, json_text_mutated, json_values, mutated
 from tests.fuzz.native_base import single
 
@@ -71,3 +73,26 @@ def test_fuzz_config_structured(data):
 @given(mutated(BASE_TEXT.encode(), max_ops=4))
 def test_fuzz_config_bytes(data):
     check("config/bytes", parse, data)
+
+
+# ---------------------------------------------------------------------------- regressions
+# Found by test_fuzz_config_structured: a list where a bool belongs reached the planner, whose
+# shape cache hashes the config (TypeError: unhashable type: 'list'). Found writing the
+# regression for it: a float hidden size reached torch.empty in the new-tensor values
+# (TypeError), and 1e400 (= inf) passed every check until json.dumps(allow_nan=False) at
+# write time (ValueError). HybridConfig now type-checks every field.
+REGRESSIONS = {
+    "list_for_bool": ('"fp32_residual_connection":false', '"fp32_residual_connection":[]'),
+    "float_hidden_size": ('"hidden_size":64', '"hidden_size":64.0'),
+    "inf_norm_eps": ('"norm_eps":1e-05', '"norm_eps":1e400'),
+}
+
+
+@pytest.mark.parametrize("name", sorted(REGRESSIONS))
+def test_regression_config_field_types(name, tmp_path):
+    old, new = REGRESSIONS[name]
+    assert old in BASE_TEXT
+    (SRC / "config.json").write_bytes(BASE_TEXT.replace(old, new).encode())
+    with pytest.raises(InvalidInputError, match="invalid model config: .* must be"):
+        engine.enable(SRC, tmp_path / "out", allow_nonfinite=True)  # a real (not dry) run
+    assert not (tmp_path / "out").exists()

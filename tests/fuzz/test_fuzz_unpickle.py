@@ -120,7 +120,7 @@ def edited_metadata(draw: st.DrawFn) -> bytes:
     return pickle.dumps(md, protocol=draw(st.sampled_from([2, 4, 5])))
 
 
-@fuzz_settings(max_examples=150)
+@fuzz_settings(max_examples=100)
 @given(edited_metadata())
 def test_fuzz_metadata_objects(data):
     check("metadata/objects", through_cli_paths, data)
