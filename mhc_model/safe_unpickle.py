@@ -340,8 +340,9 @@ def safe_torch_load(
     except (Exception, RecursionError) as exc:
         text = str(exc)
         m = _GLOBAL_RE.search(text)
-        if m:
-            msg = f"refused pickle global '{m.group(1)}' (not in the allowlist)"
+        if m:  # torch strips "builtins." from the name it reports; put it back
+            name = m.group(1) if "." in m.group(1) else f"builtins.{m.group(1)}"
+            msg = f"refused pickle global '{name}' (not in the allowlist)"
         else:
             first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
             msg = f"cannot decode torch.save data safely ({type(exc).__name__}: {first[:300]})"
