@@ -90,10 +90,13 @@ def _child(code: str, *argv: str, env_extra: dict | None = None) -> tuple[dict, 
     return (json.loads(out) if out.strip() else {}), wall, res["maxrss"] * 1024
 
 
-ENABLE = ("import json, sys, time, mhc_convert\n"
+# The child is a process entry: it maps MHC_COPY_MODE etc. to hooks as the CLI's main does.
+ENABLE = ("import json, os, sys, time, mhc_convert\n"
+          "from mhc_convert.hooks import Hooks\n"
           "t = time.perf_counter()\n"
           "r = mhc_convert.enable(sys.argv[1], sys.argv[2], link=sys.argv[3],\n"
-          "                       allow_nonfinite=sys.argv[4] == 'skip-finite-scan')\n"
+          "                       allow_nonfinite=sys.argv[4] == 'skip-finite-scan',\n"
+          "                       hooks=Hooks.from_env(os.environ))\n"
           "m = json.load(open(sys.argv[2] + '/mhc-manifest.json'))\n"
           "print(json.dumps({'seconds': r.seconds, 'bytes': r.bytes_total,\n"
           "                  'hashed_at_commit': m.get('hashed_at_commit')}))")

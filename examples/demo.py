@@ -43,8 +43,13 @@ def main() -> None:
     a, b = read_native(SRC), read_native(back)
     cfg = HybridConfig.from_dict(a.meta["config_json"])
     sa, sb = model_state_from_view(a, cfg), model_state_from_view(b, cfg)
-    same = sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
-    print(f"\nround trip disable(enable(x)) bitwise identical: {same} ({len(sa)} tensors)")
+    def bits(t: torch.Tensor) -> bytes:  # torch.equal would call -0 == +0 and NaN != NaN
+        return str(t.dtype).encode() + t.contiguous().view(torch.uint8).numpy().tobytes()
+
+    same_config = (SRC / "config.json").read_bytes() == (back / "config.json").read_bytes()
+    same = sa.keys() == sb.keys() and all(bits(sa[k]) == bits(sb[k]) for k in sa) and same_config
+    print(f"\nround trip disable(enable(x)) bitwise identical: {same} ({len(sa)} tensors, "
+          f"config.json bytes {'equal' if same_config else 'DIFFER'})")
     if not same:
         raise SystemExit(1)
     print(f"outputs in {OUT}")

@@ -99,18 +99,21 @@ def _summary(report: dict[str, Any]) -> None:
 
 
 def _convert(fn: Callable[..., Any], kwargs: dict[str, Any], *, as_json: bool, quiet: bool,
-             dry_run: bool) -> None:
+             dry_run: bool, ctx: typer.Context) -> None:
     from mhc_convert import distributed
+    from mhc_convert.hooks import NO_HOOKS, Hooks
 
-    main = not distributed.launched_rank()  # under torchrun only rank 0 prints (errors: all)
+    # the hooks ``main`` read (tests: ``CliRunner().invoke(app, obj=Hooks(...))``), else none
+    hooks = ctx.obj if isinstance(ctx.obj, Hooks) else NO_HOOKS
+    main = not distributed.launched_rank(hooks)  # under torchrun only rank 0 prints (errors: all)
     bar, factory = _progress(quiet or not main, as_json)
 
     def call():
-        with distributed.session():
+        with distributed.session(hooks):
             if bar is None:
-                return fn(progress=factory, **kwargs)
+                return fn(progress=factory, hooks=hooks, **kwargs)
             with bar:
-                return fn(progress=factory, **kwargs)
+                return fn(progress=factory, hooks=hooks, **kwargs)
 
     report = _run(call, as_json=as_json and main).to_dict()
     if not main:
@@ -130,6 +133,7 @@ def _convert(fn: Callable[..., Any], kwargs: dict[str, Any], *, as_json: bool, q
                     "  mhc-convert enable run/ run-mhc/ --streams 4 --contract learned\n\n"
                     "  mhc-convert enable run/ run-mhc/ --dry-run --json")
 def enable(
+    ctx: typer.Context,
     src: Annotated[Path, typer.Argument(help="mHC-off checkpoint (directory).")],
     dst: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
     streams: Annotated[int, typer.Option("--streams", "-n", help="Residual streams n.")] = 4,
@@ -152,12 +156,13 @@ def enable(
                                  contract=contract, init=init, dry_run=dry_run,
                                  overwrite=overwrite, passthrough=passthrough, link=link,
                                  drop_optimizer=drop_optimizer, allow_nonfinite=allow_nonfinite),
-             as_json=as_json, quiet=quiet, dry_run=dry_run)
+             as_json=as_json, quiet=quiet, dry_run=dry_run, ctx=ctx)
 
 
 @app.command(epilog="Examples:\n\n  mhc-convert disable ckpt-mhc/ ckpt/\n\n"
                     "  mhc-convert disable ckpt-mhc/ ckpt/ --allow-lossy --json")
 def disable(
+    ctx: typer.Context,
     src: Annotated[Path, typer.Argument(help="mHC-on checkpoint (directory).")],
     dst: Annotated[Path, typer.Argument(help="Output directory (must not exist).")],
     allow_lossy: Annotated[bool, typer.Option("--allow-lossy", help="Drop the hyper-connections "
@@ -175,7 +180,7 @@ def disable(
     _convert(engine.disable, dict(src=src, dst=dst, allow_lossy=allow_lossy, dry_run=dry_run,
                                   overwrite=overwrite, passthrough=passthrough, link=link,
                                   drop_optimizer=drop_optimizer, allow_nonfinite=allow_nonfinite),
-             as_json=as_json, quiet=quiet, dry_run=dry_run)
+             as_json=as_json, quiet=quiet, dry_run=dry_run, ctx=ctx)
 
 
 @app.command(epilog="Examples:\n\n  mhc-convert inspect ckpt/\n\n  mhc-convert inspect ckpt/ "
@@ -270,4 +275,10 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
 
 
 def main() -> None:
-    app()
+    """The process entry (``mhc-convert``, ``python -m mhc_convert``, ``torchrun -m
+    mhc_convert``): the only place the test/fault hooks are read from the environment."""
+    import os
+
+    from mhc_convert.hooks import Hooks
+
+    app(obj=Hooks.from_env(os.environ))

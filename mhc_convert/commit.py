@@ -13,18 +13,17 @@ Writers hash what they write in the same pass (``hashcopy``) and ``record`` the 
 commit hashes only files nobody recorded (small markers), so sealing costs O(metadata), and
 hard/reflinked data files are recorded without being read (``manifest.py`` has the trade-off).
 
-Crash testing: ``phase(name)`` SIGKILLs the process when ``MHC_CRASH_AT`` is ``name`` (its first
-call) or ``name:N`` (its N-th call); ``MHC_PHASE_LOG=file`` appends ``name:N wall-time`` per call
-(tests enumerate the kill points from it); ``MHC_HOLD_AT=name[:N]`` with ``MHC_HOLD_FILE=path``
-creates ``path`` there and waits until it is deleted (deterministic overlap for lock tests).
-Phases: ``PHASES`` (every commit) plus ``WRITER_PHASES`` and ``after-exchange`` (overwrite).
-Fault injection: ``MHC_FAULT`` (comma list) with ``enospc`` fails ``check_free_space`` and
-``eacces`` fails creating the temp dir, exactly as the real errors would; ``enospc@N`` etc. fail
-a write mid-file (``hashcopy``).
+Test hooks: every crash point, hold point and fault comes from one frozen ``hooks.Hooks`` passed
+in (``AtomicOutput(hooks=)``, ``check_free_space(hooks=)``); the default ``NO_HOOKS`` does nothing
+and nothing here reads the environment (``hooks.py`` lists the variables the CLI entry maps).
+``phase(name)`` is a named crash point: ``PHASES`` (every commit) plus ``WRITER_PHASES`` and
+``after-exchange`` (overwrite). Writers that only know a path get the hooks of the output that
+owns it (``hooks_for``), the same registry ``record`` uses.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -37,11 +36,19 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from mhc_convert.errors import ConvertError, Interrupted, InvalidInputError, IOFailure
+from mhc_convert.errors import (
+    ConvertError,
+    Interrupted,
+    InvalidInputError,
+    IOFailure,
+    SigTerm,
+    Terminated,
+)
+from mhc_convert.hooks import NO_HOOKS, Hooks
 from mhc_convert.manifest import (  # noqa: F401  (re-exported: the protocol's public surface)
     MANIFEST_NAME,
     SMALL_FILE,
@@ -56,39 +63,36 @@ from mhc_convert.manifest import (  # noqa: F401  (re-exported: the protocol's p
     unlock,
     verify_manifest,
 )
-from mhc_convert.preflight import _fault, _io_failure, check_free_space, preflight  # noqa: F401
+from mhc_convert.preflight import _io_failure, check_free_space, preflight  # noqa: F401
 
 _STAGING = ".mhc-marker-staging"
 PHASES = ("after-lock", "after-tmpdir", "mid-copy", "commit-start", "after-staging",
           "before-manifest", "after-manifest", "after-marker", "before-rename",
           "before-parent-fsync", "after-rename")
 WRITER_PHASES = ("file-start", "mid-copy", "file-done")  # per output file / per data chunk
-_PHASE_COUNTS: dict[str, int] = {}
-
-
-def phase(name: str) -> None:
-    """Named crash point. With ``MHC_CRASH_AT=name`` (first call) or ``name:N`` (N-th call) the
-    process dies here with SIGKILL (no cleanup runs), which is what a power cut or OOM kill looks
-    like to the protocol. Without the test variables set this is a dict increment."""
-    n = _PHASE_COUNTS[name] = _PHASE_COUNTS.get(name, 0) + 1
-    env = os.environ
-    if "MHC_PHASE_LOG" in env:
-        with open(env["MHC_PHASE_LOG"], "a") as f:
-            f.write(f"{name}:{n} {time.time():.6f}\n")
-    if env.get("MHC_HOLD_AT") in (name, f"{name}:{n}") and "MHC_HOLD_FILE" in env:
-        hold = Path(env["MHC_HOLD_FILE"])
-        hold.write_text(str(os.getpid()))
-        deadline = time.monotonic() + 120
-        while hold.exists() and time.monotonic() < deadline:
-            time.sleep(0.01)
-    if env.get("MHC_CRASH_AT") in (name, f"{name}:{n}"):
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-_ACTIVE: list[AtomicOutput] = []
+# The outputs (AtomicOutput, or a distributed rank's _Collector) being written by this process:
+# ``record`` hands a file's digest to the one whose temp dir holds it, ``hooks_for`` its hooks.
+_ACTIVE: list[AtomicOutput | _Collector] = []
 _ACTIVE_LOCK = threading.Lock()
+
+
+def _owners(path: Path | str | None) -> list[AtomicOutput | _Collector]:
+    with _ACTIVE_LOCK:
+        return [o for o in _ACTIVE if o.tmp is not None
+                and (path is None or Path(path).is_relative_to(o.tmp))]
+
+
+def hooks_for(path: Path | str | None = None) -> Hooks:
+    """The hooks of the output whose temp dir holds ``path`` (``None``: of the output this
+    process is writing); ``NO_HOOKS`` outside any."""
+    owners = _owners(path)
+    return owners[-1].hooks if owners else NO_HOOKS
+
+
+def phase(name: str, path: Path | str | None = None) -> None:
+    """Named crash point of a writer that knows only the file it writes (``path``): the hooks
+    of the output owning it decide (``Hooks.phase``); a no-op outside any output."""
+    hooks_for(path).phase(name)
 
 
 def record(path: Path | str, *, size: int, sha256: str | None = None,
@@ -97,14 +101,38 @@ def record(path: Path | str, *, size: int, sha256: str | None = None,
     placed by a link (``link``: ``{"link": "hardlink"|"reflink", "source": ...}``) to the
     ``AtomicOutput`` whose temp dir holds ``path``. A no-op outside any (writers used alone)."""
     path = Path(path)
-    with _ACTIVE_LOCK:
-        owners = [ao for ao in _ACTIVE if ao.tmp is not None and path.is_relative_to(ao.tmp)]
-    for ao in owners:
+    for ao in _owners(path):
         st = os.stat(path)
         rec: dict[str, Any] = {"size": size, "sha256": sha256}
         if link is not None:
             rec.update(link, sha256=None, inode=[st.st_dev, st.st_ino], mtime_ns=st.st_mtime_ns)
         ao._records[path.relative_to(ao.tmp).as_posix()] = (rec, (st.st_dev, st.st_ino))
+
+
+class _Collector:
+    """Owns a temp dir written by a process that has no ``AtomicOutput`` for it (a distributed
+    rank other than 0): collects the ``record``s of its files and carries its hooks."""
+
+    def __init__(self, tmp: Path, hooks: Hooks):
+        self.tmp, self.hooks = tmp, hooks
+        self._records: dict[str, tuple[dict[str, Any], tuple[int, int]]] = {}
+
+
+@contextlib.contextmanager
+def collecting(tmp: Path, hooks: Hooks = NO_HOOKS) -> Iterator[dict[str, dict[str, Any]]]:
+    """Within the block, files written under ``tmp`` by this process are owned by a collector
+    (for ``record`` and ``hooks_for``); on exit the yielded dict holds their manifest records
+    (relative path -> record), for the process that commits to ``AtomicOutput.adopt``."""
+    col = _Collector(Path(tmp), hooks)
+    out: dict[str, dict[str, Any]] = {}
+    with _ACTIVE_LOCK:
+        _ACTIVE.append(col)
+    try:
+        yield out
+    finally:
+        with _ACTIVE_LOCK:
+            _ACTIVE.remove(col)
+    out.update({rel: rec for rel, (rec, _) in col._records.items()})
 
 
 # ----------------------------------------------------------------------------------- fs helpers
@@ -160,14 +188,19 @@ class AtomicOutput:
     ``dst`` should come from ``preflight``. ``src``, when given, is fingerprinted again at commit
     and must match ``fingerprint``. ``extra`` is merged into the manifest (e.g. the mHC config).
     ``expected_bytes`` (the output's size) is quoted when a write fails with ENOSPC.
-    Any exception or KeyboardInterrupt (SIGTERM is turned into one) removes the temp dir and
-    releases the lock; OSErrors surface as ``IOFailure``, interrupts as ``Interrupted``.
+    ``hooks``: crash/hold points and faults for tests (``hooks.py``); default none.
+    Any exception or KeyboardInterrupt (SIGTERM is turned into one, ``SigTerm``, for as long as
+    the object holds anything: from before the lock to the end of the block) removes the temp
+    dir and releases the lock; OSErrors surface as ``IOFailure``, SIGINT as ``Interrupted``
+    (exit 130), SIGTERM as ``Terminated`` (exit 143).
     """
 
     def __init__(self, dst: Path, *, fingerprint: dict[str, Any], direction: str,
                  tool_version: str, overwrite: bool = False, src: Path | None = None,
-                 extra: dict[str, Any] | None = None, expected_bytes: int | None = None):
+                 extra: dict[str, Any] | None = None, expected_bytes: int | None = None,
+                 hooks: Hooks = NO_HOOKS):
         self.dst = Path(dst)
+        self.hooks = hooks
         self.expected_bytes = expected_bytes
         self._records: dict[str, tuple[dict[str, Any], tuple[int, int]]] = {}
         self.fingerprint, self.direction, self.tool_version = fingerprint, direction, tool_version
@@ -198,12 +231,16 @@ class AtomicOutput:
     # -- context -----------------------------------------------------------------------------
     def __enter__(self) -> Path:
         try:
+            # First, before the lock or the temp dir exist: a SIGTERM from here on unwinds
+            # through the cleanup below like Ctrl-C does, instead of killing the process with
+            # the lock and temp dir left behind.
+            self._catch_sigterm()
             self._acquire_lock()
-            phase("after-lock")
+            self.hooks.phase("after-lock")
             token = secrets.token_hex(8)
             tmp = self.dst.parent / f".{self.dst.name}.mhc-tmp-{token}"
             new = self.dst.parent / f".{self.dst.name}.mhc-new-{token}"
-            if _fault("eacces"):
+            if self.hooks.fault("eacces"):
                 raise PermissionError(errno.EACCES, "Permission denied (MHC_FAULT)", str(tmp))
             # The dir appears under its mhc-tmp name only with a complete, durable marker, so
             # clean_stale can always tell whose it is (an mhc-new dir holds at most the marker).
@@ -218,19 +255,25 @@ class AtomicOutput:
             with _ACTIVE_LOCK:
                 _ACTIVE.append(self)
             _fsync_path(self.dst.parent)
-            phase("after-tmpdir")
+            self.hooks.phase("after-tmpdir")
         except BaseException as e:
             self._abort()
+            self._restore_sigterm()
             raise self._translate(e) from e
+        return tmp
+
+    def _catch_sigterm(self) -> None:
         if threading.current_thread() is threading.main_thread():
             old = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
             self._old_sigterm = signal.SIG_DFL if old is None else old
-        return tmp
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def _restore_sigterm(self) -> None:
         if self._old_sigterm is not None:
             signal.signal(signal.SIGTERM, self._old_sigterm)
             self._old_sigterm = None
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self._restore_sigterm()
         if exc is None and not self.committed:
             self._abort()
             raise RuntimeError("AtomicOutput block ended without commit(); output discarded")
@@ -262,6 +305,8 @@ class AtomicOutput:
     def _translate(self, e: BaseException) -> BaseException:
         if isinstance(e, ConvertError):
             return e
+        if isinstance(e, SigTerm):
+            return Terminated("terminated (SIGTERM); temporary output removed", path=self.dst)
         if isinstance(e, KeyboardInterrupt):
             return Interrupted("interrupted; temporary output removed", path=self.dst)
         if isinstance(e, OSError) and e.errno == errno.ENOSPC:
@@ -279,6 +324,19 @@ class AtomicOutput:
             return _io_failure(e, self.tmp or self.dst)
         return e
 
+    def adopt(self, records: dict[str, dict[str, Any]]) -> None:
+        """Take the manifest records another process collected (``collecting``) for files it
+        wrote into this temp dir; their inodes are re-read here (this host's view), so the
+        commit still checks each file is the one recorded."""
+        tmp = self.tmp
+        if tmp is None:
+            raise RuntimeError("adopt() outside the with-block")
+        for rel, rec in records.items():
+            st = os.stat(tmp / rel)
+            if "inode" in rec:
+                rec = {**rec, "inode": [st.st_dev, st.st_ino], "mtime_ns": st.st_mtime_ns}
+            self._records[rel] = (rec, (st.st_dev, st.st_ino))
+
     # -- commit ------------------------------------------------------------------------------
     def commit(self, marker_writer: Callable[[Path], None]) -> Path:
         """Seal and publish. ``marker_writer(d)`` writes the format's marker file(s) into ``d``,
@@ -291,17 +349,17 @@ class AtomicOutput:
                 self.fingerprint.get("digest"):
             raise InvalidInputError("source changed during the conversion; output discarded",
                                     path=self.src)
-        phase("commit-start")
+        self.hooks.phase("commit-start")
         staging = tmp / _STAGING
         os.mkdir(staging)
         marker_writer(staging)
-        phase("after-staging")
+        self.hooks.phase("after-staging")
         markers = [p.relative_to(staging) for p in _files(staging)]
         for rel in markers:
             if (tmp / rel).exists() or rel.as_posix() in (MANIFEST_NAME, TMP_MARKER):
                 raise RuntimeError(f"marker {rel} collides with an output file")
         _fsync_tree(tmp)
-        phase("before-manifest")
+        self.hooks.phase("before-manifest")
         files, hashed = self._manifest_files(tmp)
         _write_json_durable(tmp / MANIFEST_NAME, {
             "format": "mhc-manifest", "version": 2, "tool_version": self.tool_version,
@@ -309,19 +367,19 @@ class AtomicOutput:
             "writer": {"pid": os.getpid(), "host": socket.gethostname()},
             "hashed_at_commit": hashed, "source": self.fingerprint, "files": files,
             **self.extra})
-        phase("after-manifest")
+        self.hooks.phase("after-manifest")
         for rel in markers:  # the marker is published last (atomic rename within tmp)
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
             os.rename(staging / rel, tmp / rel)
             _fsync_path((tmp / rel).parent)
         shutil.rmtree(staging)
-        phase("after-marker")
+        self.hooks.phase("after-marker")
         os.unlink(tmp / TMP_MARKER)
         _fsync_path(tmp)
-        phase("before-rename")
+        self.hooks.phase("before-rename")
         self._publish(tmp)
         self.committed = True
-        phase("after-rename")
+        self.hooks.phase("after-rename")
         return self.dst
 
     def _manifest_files(self, tmp: Path) -> tuple[dict[str, Any], int]:
@@ -353,7 +411,7 @@ class AtomicOutput:
                     raise IOFailure("destination appeared during the conversion", path=dst)
                 os.rename(tmp, dst)
             self.committed = True
-            phase("before-parent-fsync")
+            self.hooks.phase("before-parent-fsync")
             _fsync_path(parent)
             return
         if not self.overwrite:
@@ -364,7 +422,7 @@ class AtomicOutput:
         old = parent / f".{dst.name}.mhc-old-{secrets.token_hex(8)}"
         if _rename2(tmp, dst, _RENAME_EXCHANGE):  # atomic swap: dst is never absent
             self.committed = True
-            phase("after-exchange")
+            self.hooks.phase("after-exchange")
             os.rename(tmp, old)
         else:  # aside, then in; roll the old one back if the second rename fails
             os.rename(dst, old)
@@ -374,7 +432,7 @@ class AtomicOutput:
                 os.rename(old, dst)
                 raise
             self.committed = True
-        phase("before-parent-fsync")
+        self.hooks.phase("before-parent-fsync")
         _fsync_path(parent)
         try:  # only now: the new output is in place and durable
             shutil.rmtree(old)
@@ -385,4 +443,4 @@ class AtomicOutput:
 
 
 def _sigterm_to_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+    raise SigTerm(f"signal {signum}")

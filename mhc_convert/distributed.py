@@ -11,18 +11,22 @@ Control messages go through the c10d store of ``torch.distributed``'s ``env://``
 torchrun agent's store), not through gloo collectives: a wait polls for the peers' arrival, for
 a posted failure and for the peers' heartbeats, so a slow rank copying 100 GB is waited for, a
 failed rank stops every rank at once, and a rank that died (SIGKILL, lost node) is noticed
-within ``MHC_DIST_DEAD_S`` seconds (default 120) instead of hanging; ``MHC_DIST_TIMEOUT``
-(default 300) bounds the rendezvous. A failing rank posts its one-line error;
+within ``Hooks.dist_dead_s`` seconds (``MHC_DIST_DEAD_S``, default 120) instead of hanging;
+``Hooks.dist_timeout_s`` (``MHC_DIST_TIMEOUT``, default 300) bounds the rendezvous. A failing
+rank posts its one-line error;
 every rank raises it (``RemoteError``, the failing rank's exit code), rank 0 removes the temp
 dir, and all ranks wait for each other (``close``) so none exits before the cleanup is done.
 
 Activation: the CLI opens a ``session`` when launched by torchrun (the torchrun env variables
-are set and the parent process is torchrun) or when ``MHC_DISTRIBUTED=1`` (other launchers
-that set ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/``MASTER_PORT``); ``MHC_DISTRIBUTED=0`` turns it
-off. A ``mhc-convert`` run as a subprocess of a torchrun-launched trainer inherits those
-variables but is not distributed. Library calls of ``engine.enable`` are never distributed.
+are set and the parent process is torchrun) or when ``Hooks.distributed`` is True
+(``MHC_DISTRIBUTED=1``: other launchers that set ``RANK``/``WORLD_SIZE``/``MASTER_ADDR``/
+``MASTER_PORT``); False (``MHC_DISTRIBUTED=0``) turns it off. A ``mhc-convert`` run as a
+subprocess of a torchrun-launched trainer inherits those variables but is not distributed.
+Library calls of ``engine.enable`` are never distributed. The launcher's variables are read in
+one place, ``_launch``; everything else comes in the ``Hooks`` the CLI entry built (hooks.py).
 
-Fault injection: ``MHC_FAIL_RANK=R`` makes rank R raise after it has started writing.
+Fault injection: ``Hooks.fail_rank`` (``MHC_FAIL_RANK=R``) makes rank R raise after it has
+started writing.
 """
 
 from __future__ import annotations
@@ -34,11 +38,20 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from mhc_convert.errors import ConvertError, Interrupted, InvalidInputError, IOFailure
+from mhc_convert.errors import (
+    ConvertError,
+    Interrupted,
+    InvalidInputError,
+    IOFailure,
+    SigTerm,
+    Terminated,
+)
+from mhc_convert.hooks import NO_HOOKS, Hooks
 
 ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 _LAUNCHERS = (b"torchrun", b"torch.distributed.run", b"torch.distributed.launch")
@@ -54,30 +67,39 @@ class RemoteError(ConvertError):
         super().__init__(f"rank {rank}: {message}")
 
 
-def _env_float(name: str, default: float) -> float:
-    try:
-        return float(os.environ.get(name, default))
-    except ValueError:
-        return default
+@dataclass(frozen=True)
+class _Launch:
+    rank: int
+    restart: str  # TORCHELASTIC_RESTART_COUNT: one store namespace per elastic attempt
+    by_torchrun: bool  # our parent process is torchrun (or cannot be told: no /proc)
 
 
-def wanted() -> bool:
-    """Whether this process is one rank of a distributed conversion (see the module doc)."""
-    flag = os.environ.get("MHC_DISTRIBUTED", "").strip()
-    if flag == "0" or not all(os.environ.get(v) for v in ENV):
-        return False
-    if flag == "1":
-        return True
+def _launch() -> _Launch | None:
+    """The one place the launcher's environment is read: None unless every variable of ``ENV``
+    is set (``torch.distributed``'s ``env://`` rendezvous reads them again itself)."""
+    env = os.environ
+    if not all(env.get(v) for v in ENV):
+        return None
     try:
         cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
+        by_torchrun = any(name in cmdline for name in _LAUNCHERS)
     except OSError:
-        return True  # cannot tell (no /proc): trust the environment
-    return any(name in cmdline for name in _LAUNCHERS)
+        by_torchrun = True  # cannot tell (no /proc): trust the environment
+    return _Launch(int(env["RANK"]), env.get("TORCHELASTIC_RESTART_COUNT", "0"), by_torchrun)
 
 
-def launched_rank() -> int | None:
+def wanted(hooks: Hooks = NO_HOOKS) -> bool:
+    """Whether this process is one rank of a distributed conversion (see the module doc)."""
+    if hooks.distributed is False:
+        return False
+    launch = _launch()
+    return launch is not None and (hooks.distributed is True or launch.by_torchrun)
+
+
+def launched_rank(hooks: Hooks = NO_HOOKS) -> int | None:
     """This process's rank when ``wanted()``, else None (for the CLI: print only on rank 0)."""
-    return int(os.environ["RANK"]) if wanted() else None
+    launch = _launch()
+    return launch.rank if launch is not None and wanted(hooks) else None
 
 
 def active() -> DistContext | None:
@@ -88,6 +110,8 @@ def active() -> DistContext | None:
 def _failure_of(exc: BaseException, rank: int) -> dict[str, Any]:
     if isinstance(exc, ConvertError):
         return {"rank": rank, "code": exc.exit_code, "message": exc.one_line()}
+    if isinstance(exc, SigTerm):
+        return {"rank": rank, "code": Terminated.exit_code, "message": "terminated (SIGTERM)"}
     if isinstance(exc, KeyboardInterrupt):
         return {"rank": rank, "code": Interrupted.exit_code, "message": "interrupted"}
     return {"rank": rank, "code": 1, "message": f"{type(exc).__name__}: {exc}"}
@@ -98,10 +122,11 @@ class DistContext:
     in the same order; ``fail`` may be called anywhere."""
 
     def __init__(self, store: Any, rank: int, world: int, *, dead_after: float = 120.0,
-                 join_timeout: float = 300.0, heartbeat: float = 1.0):
+                 join_timeout: float = 300.0, heartbeat: float = 1.0,
+                 hooks: Hooks = NO_HOOKS):
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} outside world {world}")
-        self.store, self.rank, self.world = store, rank, world
+        self.store, self.rank, self.world, self.hooks = store, rank, world, hooks
         self.dead_after, self.join_timeout = dead_after, join_timeout
         self._seq = 0
         self._next_check = 0.0
@@ -113,19 +138,21 @@ class DistContext:
         self._hb.start()
 
     @classmethod
-    def from_env(cls) -> DistContext:
+    def from_env(cls, hooks: Hooks = NO_HOOKS) -> DistContext:
+        """Join the launcher's ``env://`` rendezvous (timeouts from ``hooks``)."""
         import torch.distributed as dist
 
-        timeout = _env_float("MHC_DIST_TIMEOUT", 300.0)
+        timeout = hooks.dist_timeout_s
         try:
             store, rank, world = next(dist.rendezvous("env://", timeout=timedelta(
                 seconds=timeout)))
         except (RuntimeError, ValueError, OSError) as e:
             raise IOFailure(f"distributed rendezvous failed: {e}") from e
-        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        launch = _launch()
+        attempt = launch.restart if launch is not None else "0"
         store = dist.PrefixStore(f"mhc_convert/{attempt}/", store)
-        return cls(store, rank, world, dead_after=_env_float("MHC_DIST_DEAD_S", 120.0),
-                   join_timeout=timeout)
+        return cls(store, rank, world, dead_after=hooks.dist_dead_s, join_timeout=timeout,
+                   hooks=hooks)
 
     @property
     def is_main(self) -> bool:
@@ -182,9 +209,9 @@ class DistContext:
 
     def watch(self, progress: Callable[[int], None] | None) -> Callable[[int], None]:
         """A progress callback for the writers: forwards to ``progress``, notices other ranks'
-        failures mid-write, and is where ``MHC_FAIL_RANK`` injects its fault."""
+        failures mid-write, and is where ``Hooks.fail_rank`` injects its fault."""
         def cb(n: int) -> None:
-            fault(self.rank)
+            self.hooks.rank_fault(self.rank)
             self.check()
             if progress is not None:
                 progress(n)
@@ -262,20 +289,14 @@ def split_units(units: Iterable[tuple[str, int]], world: int) -> list[set[str]]:
     return out
 
 
-def fault(rank: int) -> None:
-    """``MHC_FAIL_RANK=R``: rank R fails here (the test's stand-in for a rank's disk error)."""
-    if os.environ.get("MHC_FAIL_RANK", "").strip() == str(rank):
-        raise IOFailure(f"injected fault on rank {rank} (MHC_FAIL_RANK)")
-
-
 @contextlib.contextmanager
-def session() -> Iterator[DistContext | None]:
+def session(hooks: Hooks = NO_HOOKS) -> Iterator[DistContext | None]:
     """The CLI's scope of one distributed conversion; yields None when not distributed."""
     global _ACTIVE
-    if not wanted():
+    if not wanted(hooks):
         yield None
         return
-    ctx = DistContext.from_env()
+    ctx = DistContext.from_env(hooks)
     _ACTIVE = ctx
     try:
         with ctx.abort_on_error():
@@ -310,64 +331,27 @@ def write_shared(ctx: DistContext, output: Callable[[], Any],
     """The distributed body of ``engine._write``. ``output()`` (called on rank 0 only) returns
     the ``AtomicOutput``; ``write(tmp, assign, progress)`` writes this rank's units and returns
     the format's marker writer (used on rank 0)."""
-    from mhc_convert.commit import TMP_MARKER
+    from mhc_convert import commit
 
     ao = output() if ctx.is_main else None
     with ao if ao is not None else contextlib.nullcontext() as tmp:
         tmp = Path(ctx.broadcast_obj(str(tmp) if ctx.is_main else None, "tmpdir"))
-        if not (tmp / TMP_MARKER).is_file():
+        if not (tmp / commit.TMP_MARKER).is_file():
             raise IOFailure(f"rank {ctx.rank} cannot see the temp dir; the output's parent must "
                             "be on a filesystem every rank shares", path=tmp)
         if len(set(ctx.agree("plan", digest))) != 1:
             raise InvalidInputError("the ranks planned different outputs; every rank must see "
                                     "the same source files")
-        with _records(tmp, ao) as mine:
+        # rank 0's writers record into its AtomicOutput; the others' into a collector, whose
+        # records rank 0 adopts: the commit then re-reads no data file, as in a single process.
+        with (commit.collecting(tmp, ctx.hooks) if ao is None
+              else contextlib.nullcontext({})) as mine:
             marker = write(tmp, ctx.assign, ctx.watch(progress))
-        fault(ctx.rank)  # a rank with no units still honours MHC_FAIL_RANK
+        ctx.hooks.rank_fault(ctx.rank)  # a rank with no units still honours fail_rank
         theirs = ctx.agree("written", mine)
         if ao is not None:
-            _adopt(ao, tmp, theirs)
+            for recs in theirs[1:]:
+                ao.adopt(recs or {})
             ao.commit(marker)
     # The output is in place: rank 0 has succeeded whatever happens to the others now.
     ctx.agree("committed", wait=not ctx.is_main)
-
-
-# The writers hash while writing and hand the digests to the process's AtomicOutput
-# (``commit.record``); ranks other than 0 have none, so a stand-in collects their digests and
-# rank 0 adopts them: the commit then re-reads no data file, as in a single-process run. If the
-# commit module lacks these hooks, rank 0 simply hashes the other ranks' files at commit.
-class _Collector:
-    def __init__(self, tmp: Path):
-        self.tmp, self._records = tmp, {}
-
-
-@contextlib.contextmanager
-def _records(tmp: Path, ao: Any) -> Iterator[dict[str, Any]]:
-    from mhc_convert import commit
-
-    out: dict[str, Any] = {}
-    active, lock = getattr(commit, "_ACTIVE", None), getattr(commit, "_ACTIVE_LOCK", None)
-    if ao is not None or active is None or lock is None:
-        yield out
-        return
-    col = _Collector(tmp)
-    with lock:
-        active.append(col)
-    try:
-        yield out
-    finally:
-        with lock:
-            active.remove(col)
-    out.update({rel: rec for rel, (rec, _) in col._records.items()})
-
-
-def _adopt(ao: Any, tmp: Path, per_rank: list[dict[str, Any]]) -> None:
-    records = getattr(ao, "_records", None)
-    if records is None:
-        return
-    for recs in per_rank[1:]:
-        for rel, rec in (recs or {}).items():
-            st = os.stat(tmp / rel)  # this host's inode: the commit checks the file is the same
-            if "inode" in rec:
-                rec.update(inode=[st.st_dev, st.st_ino], mtime_ns=st.st_mtime_ns)
-            records[rel] = (rec, (st.st_dev, st.st_ino))

@@ -4,6 +4,7 @@ the new parameters and, for disable, the hyper-connection parameters being check
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import time
@@ -17,10 +18,11 @@ import torch
 from mhc_convert import commit, distributed
 from mhc_convert.adapters import ReadOptions, detect
 from mhc_convert.errors import InvalidInputError, MixedLayoutError, VerificationError
+from mhc_convert.hooks import NO_HOOKS, Hooks
 from mhc_convert.validate import check_finite, naming_files
 from mhc_convert.view import CheckpointView, OutItem
 from mhc_model import __version__
-from mhc_model.config import HybridConfig
+from mhc_model.config import HybridConfig, MHCConfig
 from mhc_model.specs import LAYER_SPECS
 from mhc_model.toggle import codec as K
 from mhc_model.toggle.plan import Plan, make_plan
@@ -84,14 +86,15 @@ def _plan_detail(plan: Plan) -> list[dict[str, str]]:
 
 def _write(src: Path, dst: Path, view, adapter, plan: Plan, items: list[OutItem],
            target: HybridConfig, *, direction: str, overwrite: bool, link: str,
-           progress: ProgressFactory | None) -> int:
+           progress: ProgressFactory | None, hooks: Hooks = NO_HOOKS) -> int:
     needed = sum(it.source.nbytes if it.source else _size(it.value) for it in items)
 
     def output() -> commit.AtomicOutput:
-        commit.check_free_space(dst.parent, 0 if link == "hardlink" else needed)
+        commit.check_free_space(dst.parent, 0 if link == "hardlink" else needed, hooks=hooks)
         return commit.AtomicOutput(dst, fingerprint=commit.source_fingerprint(src),
                                    direction=direction, tool_version=__version__,
-                                   overwrite=overwrite, src=src, expected_bytes=needed)
+                                   overwrite=overwrite, src=src, expected_bytes=needed,
+                                   hooks=hooks)
 
     ctx = distributed.active()
     cb = progress(needed) if progress and (ctx is None or ctx.is_main) else None
@@ -117,7 +120,7 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
            contract: str = "mean", init: str = "exact", dry_run: bool = False,
            overwrite: bool = False, passthrough: str | None = None, link: str = "copy",
            progress: ProgressFactory | None = None, drop_optimizer: bool = False,
-           allow_nonfinite: bool = False) -> Report:
+           allow_nonfinite: bool = False, hooks: Hooks = NO_HOOKS) -> Report:
     """Convert an mHC-off checkpoint into the mHC-on wrapper layout, function-preserving
     (``init="exact"``) or with Megatron's approximate init (``init="megatron"``).
     ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
@@ -146,7 +149,7 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: st
     if not dry_run:
         report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
                                     direction="enable", overwrite=overwrite, link=link,
-                                    progress=progress)
+                                    progress=progress, hooks=hooks)
         report.tensors_written = len(items)
     report.seconds = time.perf_counter() - t0
     return report
@@ -184,7 +187,8 @@ def _fold_post(adapter, view: CheckpointView, cfg: HybridConfig, items: list[Out
 def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
             dry_run: bool = False, overwrite: bool = False, passthrough: str | None = None,
             link: str = "copy", progress: ProgressFactory | None = None,
-            drop_optimizer: bool = False, allow_nonfinite: bool = False) -> Report:
+            drop_optimizer: bool = False, allow_nonfinite: bool = False,
+            hooks: Hooks = NO_HOOKS) -> Report:
     """Convert an mHC-on checkpoint back to the plain layout. Exact only at a point where the
     streams provably stay identical (DESIGN.md §4); otherwise refuse unless ``allow_lossy``.
     ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
@@ -202,11 +206,19 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
                      path=view.path)
     verdict = check_disable(cfg, {what: view.load(src)
                                   for src, what in plan.model_drops().items()})
-    target = cfg.with_mhc(enable_hyper_connections=False)
+    # mHC-off: the other mHC fields have no effect, so they return to their defaults (those of
+    # Megatron's TransformerConfig too); then disable(enable(x)) restores x's config exactly
+    target = dataclasses.replace(cfg, mhc=MHCConfig())
     report = Report("disable", str(src), str(dst), fmt, dry_run, plan.summary(),
                     config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
     _check(adapter, view, plan, cfg, target, report, drop_optimizer)
     report.notes.extend(verdict.notes)
+    reset = {f.name: (getattr(cfg.mhc, f.name), getattr(target.mhc, f.name))
+             for f in dataclasses.fields(MHCConfig) if f.name != "enable_hyper_connections"
+             and getattr(cfg.mhc, f.name) != getattr(target.mhc, f.name)}
+    if reset:
+        report.notes.append("mHC settings back to their defaults (no effect with mHC off): " +
+                            ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in reset.items()))
     if not verdict.exact and not verdict.exact_with_folds:
         if not allow_lossy:
             raise VerificationError(f"disable would change what the model computes: "
@@ -220,7 +232,7 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     if not dry_run:
         report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
                                     direction="disable", overwrite=overwrite, link=link,
-                                    progress=progress)
+                                    progress=progress, hooks=hooks)
         report.tensors_written = len(items)
         if not verdict.exact_with_folds and getattr(distributed.active(), "is_main", True):
             from mhc_convert.parity import compare_checkpoints

@@ -8,11 +8,14 @@ from mhc_model.errors import (
     InvalidInputError,
     IOFailure,
     MixedLayoutError,
+    SigTerm,
+    Terminated,
     ToggleError,
     UsageError,
     VerificationError,
 )
 
 __all__ = ["EXIT_CODES", "AlreadyInLayoutError", "ConvertError", "IOFailure", "Interrupted",
-           "InvalidInputError", "MixedLayoutError", "ToggleError", "UsageError",
+           "InvalidInputError", "MixedLayoutError", "SigTerm", "Terminated", "ToggleError",
+           "UsageError",
            "VerificationError"]

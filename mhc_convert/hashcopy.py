@@ -5,9 +5,9 @@ commit never re-reads what was just written).
 mmapped, safetensors#762), yields a ``HashingWriter``, fsyncs, closes, and records
 ``(size, sha256)`` with the active ``AtomicOutput`` (``commit.record``).
 
-Copies (``copy_range``) run in one of two modes, chosen by ``MHC_COPY_MODE`` (default
-``user``: the digest is of the bytes written, and it measured as fast or faster;
-bench/results/convert_cpu.md has the numbers):
+Copies (``copy_range``) run in one of two modes, chosen by ``Hooks.copy_mode`` (``MHC_COPY_MODE``
+at the CLI entry; default ``user``: the digest is of the bytes written, and it measured as fast
+or faster; bench/results/convert_cpu.md has the numbers):
 
 * ``user``: ``pread`` a chunk into one of eight rotating 2 MiB buffers, hand it to a hashing
   thread (``hashlib`` releases the GIL), ``write`` it while it is hashed. The digest is of
@@ -16,10 +16,11 @@ bench/results/convert_cpu.md has the numbers):
   range again; the digest is of the source bytes as read a second time (any concurrent change of
   the source shows as a manifest mismatch, and the source fingerprint is re-checked at commit).
 
-Crash hooks: ``phase("file-start")`` / ``phase("file-done")`` per file and ``phase("mid-copy")``
-per chunk (every tensor copy reaches it at least once). Fault hooks: ``MHC_FAULT`` entries
-``enospc@N`` / ``eacces@N`` / ``eio@N`` make the write that crosses N bytes (counted over all
-files of the process) fail with that errno, as a full disk or revoked permission would.
+Hooks (``hooks.Hooks``: ``output_file`` takes them, by default those of the ``AtomicOutput`` that
+owns the file): ``phase("file-start")`` / ``phase("file-done")`` per file and ``phase("mid-copy")``
+per chunk (every tensor copy reaches it at least once); write faults ``enospc@N`` / ``eacces@N``
+/ ``eio@N`` make the write that crosses N bytes (counted over all files written with those
+hooks) fail with that errno, as a full disk or revoked permission would.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
-from mhc_convert.commit import phase, record
+from mhc_convert.commit import hooks_for, record
+from mhc_convert.hooks import NO_HOOKS, Hooks
 
 # Copy granularity (progress callbacks and crash hooks fire per chunk) and pipeline depth.
 # Measured on the 2-vCPU bench box: 16 MiB x 3 buffers ran the hash thread and the writes
@@ -42,27 +44,6 @@ CHUNK = 2 * 1024 * 1024
 _NBUF = 8
 _INLINE = 256 * 1024  # smaller pieces are hashed inline (after earlier pieces are done)
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
-_FAULT_ERRNO = {"enospc": errno.ENOSPC, "eacces": errno.EACCES, "eio": errno.EIO}
-_written_total = 0  # bytes written by this process through HashingWriter (fault offsets)
-
-
-def copy_mode() -> str:
-    mode = os.environ.get("MHC_COPY_MODE", "user")
-    return mode if mode in ("user", "kernel") else "user"
-
-
-def _fault_check(nbytes: int, path: Path) -> None:
-    global _written_total
-    spec = os.environ.get("MHC_FAULT", "")
-    if "@" in spec:
-        for item in spec.split(","):
-            kind, _, at = item.strip().partition("@")
-            if kind in _FAULT_ERRNO and at.isdigit() and _written_total + nbytes > int(at):
-                code = _FAULT_ERRNO[kind]
-                raise OSError(code, f"{os.strerror(code)} (MHC_FAULT {item.strip()})", str(path))
-    _written_total += nbytes
-
-
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
         data = data[os.write(fd, data):]
@@ -72,8 +53,9 @@ class HashingWriter:
     """Appends to ``fd`` and keeps the sha256 of everything appended; ``finish()`` returns
     ``(size, hexdigest)``. Data handed to ``write`` must stay unchanged until ``finish``."""
 
-    def __init__(self, fd: int, path: Path, progress: Callable[[int], None] | None = None):
-        self.fd, self.path, self.progress = fd, Path(path), progress
+    def __init__(self, fd: int, path: Path, progress: Callable[[int], None] | None = None,
+                 hooks: Hooks = NO_HOOKS):
+        self.fd, self.path, self.progress, self.hooks = fd, Path(path), progress, hooks
         self.size = 0
         self._sha = hashlib.sha256()
         self._pool: ThreadPoolExecutor | None = None
@@ -81,7 +63,7 @@ class HashingWriter:
         self._bufs: list[bytearray] = []
         self._buf_fut: list[Future | None] = []
         self._next = 0
-        self._kernel = copy_mode() == "kernel" and hasattr(os, "copy_file_range")
+        self._kernel = hooks.copy_mode == "kernel" and hasattr(os, "copy_file_range")
         self._hash_buf: bytearray | None = None
 
     # -- hashing ------------------------------------------------------------------------------
@@ -106,14 +88,14 @@ class HashingWriter:
             self._submit(self._sha.update, data)
 
     def _out(self, data: memoryview) -> None:
-        _fault_check(len(data), self.path)
+        self.hooks.before_write(len(data), self.path)
         _write_all(self.fd, data)
         self.size += len(data)
 
     def _chunk_done(self, n: int) -> None:
         if self.progress is not None:
             self.progress(n)
-        phase("mid-copy")
+        self.hooks.phase("mid-copy")
 
     # -- writing ------------------------------------------------------------------------------
     def write(self, data, *, chunk_phase: bool = True, sync: bool = False) -> int:
@@ -159,7 +141,7 @@ class HashingWriter:
         return got
 
     def _copy_kernel(self, src_fd: int, offset: int, want: int) -> int | None:
-        _fault_check(want, self.path)
+        self.hooks.before_write(want, self.path)
         try:
             got = os.copy_file_range(src_fd, self.fd, want, offset)
         except OSError as e:
@@ -218,15 +200,17 @@ class HashingFile:
 
 
 @contextlib.contextmanager
-def output_file(path: Path | str, progress: Callable[[int], None] | None = None
-                ) -> Iterator[HashingWriter]:
+def output_file(path: Path | str, progress: Callable[[int], None] | None = None, *,
+                hooks: Hooks | None = None) -> Iterator[HashingWriter]:
     """Create ``path`` (must not exist), yield a ``HashingWriter``; on success fsync, close and
     record ``(size, sha256)`` for the manifest. On error the partial file is left for the
-    commit protocol's cleanup (it lives in the temp dir)."""
+    commit protocol's cleanup (it lives in the temp dir). ``hooks``: default, those of the
+    output whose temp dir holds ``path`` (``commit.hooks_for``)."""
     path = Path(path)
-    phase("file-start")
+    hooks = hooks_for(path) if hooks is None else hooks
+    hooks.phase("file-start")
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-    writer = HashingWriter(fd, path, progress)
+    writer = HashingWriter(fd, path, progress, hooks)
     try:
         yield writer
         size, digest = writer.finish()
@@ -235,10 +219,10 @@ def output_file(path: Path | str, progress: Callable[[int], None] | None = None
         writer.close()
         os.close(fd)
     record(path, size=size, sha256=digest)
-    phase("file-done")
+    hooks.phase("file-done")
 
 
-def write_file(path: Path | str, data: bytes) -> None:
+def write_file(path: Path | str, data: bytes, *, hooks: Hooks | None = None) -> None:
     """A whole small file, durable and recorded (JSON, pickles, blobs)."""
-    with output_file(path) as w:
+    with output_file(path, hooks=hooks) as w:
         w.write(data, chunk_phase=False)

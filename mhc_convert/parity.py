@@ -46,7 +46,10 @@ def load_model(path: str | Path, *, device: str = "cpu", dtype: str | None = Non
     cfg = adapter.config(view)
     if dtype is not None:
         cfg = cfg.replace(params_dtype={"fp32": "float32", "bf16": "bfloat16"}[dtype])
-    model = meta_model(cfg)
+    try:
+        model = meta_model(cfg)
+    except InvalidInputError as e:  # unallocatable sizes: name the checkpoint
+        raise type(e)(e.message, path=path, key=e.key) from None
     state = model_state_from_view(view, cfg)
     own = model.state_dict()
     missing = sorted(set(own) - set(state))

@@ -10,10 +10,7 @@ import shutil
 from pathlib import Path
 
 from mhc_convert.errors import IOFailure, UsageError
-
-
-def _fault(kind: str) -> bool:
-    return kind in {f.strip() for f in os.environ.get("MHC_FAULT", "").split(",")}
+from mhc_convert.hooks import NO_HOOKS, Hooks
 
 
 def _io_failure(e: OSError, fallback: Path | str) -> IOFailure:
@@ -77,10 +74,12 @@ def preflight(src: Path, dst: Path, *, overwrite: bool) -> tuple[Path, Path]:
     return rsrc, rdst
 
 
-def check_free_space(directory: Path, needed_bytes: int, *, margin: float = 0.05) -> None:
-    """IOFailure unless ``directory``'s filesystem has ``needed_bytes`` (+margin) free."""
+def check_free_space(directory: Path, needed_bytes: int, *, margin: float = 0.05,
+                     hooks: Hooks = NO_HOOKS) -> None:
+    """IOFailure unless ``directory``'s filesystem has ``needed_bytes`` (+margin) free
+    (``hooks`` fault ``enospc``: as if none were)."""
     need = int(needed_bytes * (1 + margin))
-    free = 0 if _fault("enospc") else shutil.disk_usage(directory).free
+    free = 0 if hooks.fault("enospc") else shutil.disk_usage(directory).free
     if free < need:
         raise IOFailure(f"ENOSPC: not enough free space: need {need} bytes ({need / 2**30:.2f} "
                         f"GiB incl. {margin:.0%} margin), have {free} bytes free "

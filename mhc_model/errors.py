@@ -74,9 +74,21 @@ class MixedLayoutError(InvalidInputError, ToggleError):
 
 
 class Interrupted(ConvertError):
-    """SIGINT/SIGTERM during conversion; temp output has been removed."""
+    """SIGINT (Ctrl-C) during conversion; temp output has been removed. 130 = 128 + SIGINT,
+    what a shell reports for a process that SIGINT killed."""
 
     exit_code = 130
+
+
+class Terminated(Interrupted):
+    """SIGTERM during conversion; temp output has been removed. 143 = 128 + SIGTERM."""
+
+    exit_code = 143
+
+
+class SigTerm(KeyboardInterrupt):
+    """What the SIGTERM handler raises while an output is being written, so the same cleanup
+    runs as for Ctrl-C; surfaces as ``Terminated``."""
 
 
 EXIT_CODES = {
@@ -87,4 +99,5 @@ EXIT_CODES = {
     "io": IOFailure.exit_code,
     "verification": VerificationError.exit_code,
     "interrupted": Interrupted.exit_code,
+    "terminated": Terminated.exit_code,
 }

@@ -112,9 +112,21 @@ def read_mhc_flag(args: Any, field: str) -> Any:
     return next(iter(found.values()), None)
 
 
+def layer_pattern(args: Any) -> str:
+    """``hybrid_layer_pattern``, else ``hybrid_override_pattern``: the only spelling Megatron
+    <= 0.15 records (core_r0.15.0 ``arguments.py``); newer runs copy the deprecated flag into
+    the first, which then wins (dev ``arguments.py`` ~776-788). A run with neither has no
+    pattern we could honestly assume."""
+    for name in ("hybrid_layer_pattern", "hybrid_override_pattern"):
+        if getattr(args, name, None) is not None:
+            return getattr(args, name)
+    raise ValueError("megatron args carry no hybrid_layer_pattern (nor the pre-0.16 "
+                     "hybrid_override_pattern): not a hybrid model run, or args were stripped")
+
+
 def config_from_megatron_args(args: Any) -> HybridConfig:
     sub_kwargs: dict[str, dict[str, Any]] = {name: {} for name in _SUB}
-    top: dict[str, Any] = {}
+    top: dict[str, Any] = {"hybrid_layer_pattern": layer_pattern(args)}
     for arg, (sub, ours) in _ARG_TABLE.items():
         value = getattr(args, arg, None)
         if value is None:

@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from mhc_model.config import HybridConfig
-from mhc_model.layers.common import no_initialisers, torch_dtype
+from mhc_model.layers.common import allocatable, no_initialisers, torch_dtype
 from mhc_model.shim import register_layout_shim
 from mhc_model.stack import HybridStack
 
@@ -116,6 +116,6 @@ class HybridModel(nn.Module):
 def meta_model(cfg: HybridConfig) -> HybridModel:
     """The module tree of ``HybridModel(cfg)`` on the meta device, without running any
     initialiser: keys, shapes and dtypes only (planning, strict loading with ``assign=True``)."""
-    with no_initialisers(), torch.device("meta"):
+    with allocatable(cfg), no_initialisers(), torch.device("meta"):
         return HybridModel(cfg)
 

@@ -97,6 +97,14 @@ class LegacyAdapter:
         # refuse it in ``check`` unless the optimizer is being dropped.
         ranks = tl.list_rank_files(iter_dir, allow_distrib_optim=True)
         payloads = [_load(r) for r in ranks]
+        args0 = payloads[0].get("args")
+        if (int(getattr(args0, "pipeline_model_parallel_size", 1) or 1) == 1
+                and int(getattr(args0, "expert_model_parallel_size", 1) or 1) > 1):
+            # mp_rank_TT_EEE: without PP, the second number is the expert rank (Megatron
+            # get_checkpoint_name); relabel the same files before checking the grid
+            by_path = {r.path: p for r, p in zip(ranks, payloads)}
+            ranks = tl.list_rank_files(iter_dir, two_part="ep", allow_distrib_optim=True)
+            payloads = [by_path[r.path] for r in ranks]
         for r, p in zip(ranks, payloads):
             where = r.path
             if "args" not in p:

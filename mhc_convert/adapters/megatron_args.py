@@ -23,6 +23,13 @@ def flip_args(args: Any, target: HybridConfig) -> Any:
             continue  # never invent an unset optional flag (disable(enable(x)) must be x)
         for name in names or [MHC_FLAG_SPELLINGS[field][0]]:
             setattr(new, name, value)
+    # Megatron rejects these without mHC (dev transformer_config.py ~2295 and ~2399)
+    if not target.mhc_on:
+        if getattr(new, "use_fused_mhc", False):
+            new.use_fused_mhc = False
+        modules = getattr(new, "recompute_modules", None)
+        if modules and "mhc" in modules:
+            new.recompute_modules = [m for m in modules if m != "mhc"]
     if target.mhc_on:
         new.mhc_convention = target.mhc.mhc_convention
         new.mhc_output_contract = target.mhc.mhc_output_contract

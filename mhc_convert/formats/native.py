@@ -215,15 +215,17 @@ def _check_total_size(index_path: Path, total: Any, headers: Mapping[str, Any],
                                 path=index_path)
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    """New file, fsynced, sha256 recorded for the manifest (crash hooks file-start/-done)."""
-    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
-    write_file(path, text.encode("utf-8"))
+def _write_json(path: Path, obj: Any, *, canonical: bool = False) -> None:
+    """New file, fsynced, sha256 recorded for the manifest (crash hooks file-start/-done).
+    ``canonical``: sorted keys, no trailing newline: how ``HybridModel.save_pretrained``
+    writes ``config.json`` (``HybridConfig.to_json``), so an unchanged config keeps its bytes."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False, allow_nan=False, sort_keys=canonical)
+    write_file(path, (text if canonical else text + "\n").encode("utf-8"))
 
 
 def write_config(out_dir: str | Path, config_json: Mapping[str, Any]) -> None:
     """Write ``config.json`` (the native marker: the commit protocol writes it last)."""
-    _write_json(Path(out_dir) / CONFIG_NAME, dict(config_json))
+    _write_json(Path(out_dir) / CONFIG_NAME, dict(config_json), canonical=True)
 
 
 def _write_item(item: OutItem, out_file: Path) -> WriteItem:

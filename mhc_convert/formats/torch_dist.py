@@ -218,6 +218,11 @@ def read_torch_dist(path: str | Path) -> CheckpointView:
     """Parse a torch_dist checkpoint (iteration or run directory) into a lazy view."""
     iter_dir, run_dir, iteration = resolve_torch_dist(path)
     mpath = iter_dir / METADATA_FN
+    if not (iter_dir / MARKER_FN).exists():  # before unpickling anything: say what this is
+        raise InvalidInputError(
+            f"no {MARKER_FN}: Megatron writes it last, so this is an incomplete torch_dist save "
+            f"or a plain DCP checkpoint (--ckpt-format torch_dcp / fsdp_dtensor), which is not "
+            f"supported; re-save with --ckpt-format torch_dist", path=iter_dir / MARKER_FN)
     md = read_metadata(iter_dir)
     entries = _validate(md, iter_dir, mpath)
     try:

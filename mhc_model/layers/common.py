@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from mhc_model.config import HybridConfig
+from mhc_model.errors import InvalidInputError
 
 _INITIALISERS = ("normal_", "uniform_", "xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
                  "kaiming_normal_", "trunc_normal_", "zeros_", "ones_", "constant_")
@@ -28,6 +29,32 @@ def no_initialisers() -> Iterator[None]:
     finally:
         for name, fn in saved.items():
             setattr(nn.init, name, fn)
+
+
+def _largest_size_field(cfg: HybridConfig) -> tuple[str, int]:
+    found: list[tuple[int, str]] = []
+    for name, value in cfg.to_dict().items():
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, v in items:
+            if isinstance(v, int) and not isinstance(v, bool):
+                found.append((v, f"{name}.{sub}" if sub else name))
+    value, name = max(found)
+    return name, value
+
+
+@contextlib.contextmanager
+def allocatable(cfg: HybridConfig) -> Iterator[None]:
+    """Turn torch's size-overflow errors while building modules for ``cfg`` (even on the meta
+    device) into an ``InvalidInputError`` naming the largest size field of the config."""
+    try:
+        yield
+    except RuntimeError as e:
+        if "overflow" not in str(e) and "invalid" not in str(e).lower():
+            raise
+        name, value = _largest_size_field(cfg)
+        why = str(e).splitlines()[0]
+        raise InvalidInputError(f"the config's sizes cannot be allocated ({why}); largest size "
+                                f"field: {name}={value}") from None
 
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -176,7 +176,10 @@ def make_plan(
 ) -> Plan:
     """``cfg`` describes the source model shapes (its mHC fields may be either state);
     ``target`` carries the mHC settings of the output (n, contract) for new parameters."""
-    expected = expected_model_shapes(cfg)
+    try:
+        expected = expected_model_shapes(cfg)
+    except InvalidInputError as e:  # unallocatable sizes: name the checkpoint too
+        raise type(e)(e.message, path=path, key=e.key) from None
     rx = re.compile(passthrough) if passthrough else None
     parsed = {k: _parse(k, s, cfg, expected, rx, path, strict) for k, s in keys.items()}
     try:

@@ -10,7 +10,7 @@ import torch
 
 from mhc_model.config import HybridConfig
 from mhc_model.hyper_connection import hc_param_shapes, head_param_shapes
-from mhc_model.layers.common import no_initialisers
+from mhc_model.layers.common import allocatable, no_initialisers
 from mhc_model.specs import layer_spec
 from mhc_model.toggle.codec import hc_key, head_key
 
@@ -20,7 +20,7 @@ Shapes = dict[str, tuple[int, ...]]
 @lru_cache(maxsize=256)
 def layer_key_shapes(cfg: HybridConfig, symbol: str) -> Shapes:
     """Layer-relative keys -> shapes of one ``symbol`` layer (branch module, mHC off)."""
-    with no_initialisers(), torch.device("meta"):
+    with allocatable(cfg), no_initialisers(), torch.device("meta"):
         module = layer_spec(symbol).layer_class()(cfg)
     return {k: tuple(v.shape) for k, v in module.state_dict().items()}
 

@@ -14,6 +14,7 @@ import pytest
 
 from mhc_convert import commit as C
 from mhc_convert.errors import Interrupted, InvalidInputError, IOFailure, UsageError
+from mhc_convert.hooks import Hooks
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -237,21 +238,42 @@ def test_source_changed_during_conversion(tmp_path, src):
 
 # ---------------------------------------------------------------------------------- faults
 
-def test_free_space(tmp_path, monkeypatch):
+def test_free_space(tmp_path):
     C.check_free_space(tmp_path, 1)
     with pytest.raises(IOFailure, match=r"need \d+ bytes .* have \d+ bytes free"):
         C.check_free_space(tmp_path, 2**62)
-    monkeypatch.setenv("MHC_FAULT", "enospc")
     with pytest.raises(IOFailure, match="need 105 bytes") as ei:
-        C.check_free_space(tmp_path, 100)
+        C.check_free_space(tmp_path, 100, hooks=Hooks.from_env({"MHC_FAULT": "enospc"}))
     assert ei.value.exit_code == 5 and ei.value.path == str(tmp_path)
 
 
-def test_eacces_fault_on_temp_dir(tmp_path, src, monkeypatch):
-    monkeypatch.setenv("MHC_FAULT", "eacces")
-    with pytest.raises(IOFailure, match="EACCES"), _ao(tmp_path / "out", src):
+def test_eacces_fault_on_temp_dir(tmp_path, src):
+    hooks = Hooks.from_env({"MHC_FAULT": "eacces"})
+    with pytest.raises(IOFailure, match="EACCES"), _ao(tmp_path / "out", src, hooks=hooks):
         pytest.fail("entered")
     assert _leftovers(tmp_path) == []
+
+
+def test_sigterm_handler_held_exactly_while_the_output_is(tmp_path, src, monkeypatch):
+    """Installed before the lock is taken, restored after a failed enter and after the block."""
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    seen = []
+    real_lock = C.try_lock
+
+    def lock(path):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return real_lock(path)
+
+    monkeypatch.setattr(C, "try_lock", lock)
+    hooks = Hooks.from_env({"MHC_FAULT": "eacces"})
+    with pytest.raises(IOFailure), _ao(tmp_path / "out", src, hooks=hooks):
+        pass
+    assert signal.getsignal(signal.SIGTERM) == before
+    _commit(tmp_path / "out", src)
+    assert signal.getsignal(signal.SIGTERM) == before
+    assert seen == [C._sigterm_to_interrupt] * 2  # already ours when the lock is created
 
 
 def test_clean_stale_only_removes_our_dead_dirs(tmp_path):
@@ -274,12 +296,13 @@ def test_clean_stale_only_removes_our_dead_dirs(tmp_path):
 
 
 _CRASH = textwrap.dedent("""
-    import sys
+    import os, sys
     from pathlib import Path
     from mhc_convert import commit as C
+    from mhc_convert.hooks import Hooks
     src, dst = Path(sys.argv[1]), Path(sys.argv[2])
     ao = C.AtomicOutput(dst, fingerprint=C.source_fingerprint(src), direction="enable",
-                        tool_version="t", overwrite=True)
+                        tool_version="t", overwrite=True, hooks=Hooks.from_env(os.environ))
     with ao as tmp:
         (tmp / "model.safetensors").write_bytes(b"new" * 1000)
         C.phase("mid-copy")
@@ -303,22 +326,22 @@ def test_sigkill_at_each_phase(tmp_path, src, at):
     assert left == [] or at in ("before-rename",), left
 
 
-def test_sigterm_inside_becomes_interrupted_and_cleans_up(tmp_path, src):
+def test_sigterm_inside_becomes_terminated_143_and_cleans_up(tmp_path, src):
     code = textwrap.dedent("""
         import os, signal, sys
         from pathlib import Path
         from mhc_convert import commit as C
-        from mhc_convert.errors import Interrupted
+        from mhc_convert.errors import Terminated
         src, dst = Path(sys.argv[1]), Path(sys.argv[2])
         try:
             with C.AtomicOutput(dst, fingerprint={}, direction="enable", tool_version="t") as tmp:
                 (tmp / "f").write_bytes(b"x")
                 os.kill(os.getpid(), signal.SIGTERM)
-        except Interrupted as e:
+        except Terminated as e:
             sys.exit(e.exit_code)
     """)
     r = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")],
                        env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True,
                        text=True)
-    assert r.returncode == 130, r.stderr
+    assert r.returncode == 143, r.stderr  # 128 + SIGTERM (DESIGN.md §6: 130 is SIGINT)
     assert not (tmp_path / "out").exists() and _leftovers(tmp_path) == []

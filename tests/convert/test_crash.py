@@ -9,10 +9,11 @@
 * ``mhc-convert clean PARENT`` leaves none of our temp/lock entries behind, and
 * a re-run of the conversion succeeds and verifies.
 
-Kill points are enumerated, not guessed: one in-process conversion per checkpoint with
-``MHC_PHASE_LOG`` lists every ``name:N`` the writer passes. Kills run 3 at a time (a thread pool
-of subprocesses); the checks run in this process meanwhile. ``MHC_CRASH_KILLS`` scales the number
-of kills per format (default 20: native = 10 single-file + 10 sharded, torch_dist 20, legacy 20).
+Kill points are enumerated, not guessed: one in-process conversion per checkpoint with a
+phase log (``Hooks.phase_log``, what ``MHC_PHASE_LOG`` sets) lists every ``name:N`` the writer
+passes. Kills run 3 at a time (a thread pool of subprocesses); the checks run in this process
+meanwhile. ``MHC_CRASH_KILLS`` scales the number of kills per format (default 20: native = 10
+single-file + 10 sharded, torch_dist 20, legacy 20).
 """
 
 from __future__ import annotations
@@ -33,8 +34,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from mhc_convert import commit, engine
+from mhc_convert import engine
 from mhc_convert.cli import app
+from mhc_convert.hooks import Hooks
 from mhc_convert.parity import load_model
 from mhc_model.model import HybridModel
 from tests.model.helpers import perturb_norms_, tiny_config
@@ -111,17 +113,11 @@ VARIANTS = [Variant("native-single", lambda p: make_native(p, False), KILLS // 2
 
 
 # ------------------------------------------------------------------------------ kill points
-def calibrate(src: Path, work: Path, monkeypatch) -> tuple[list[str], float]:
+def calibrate(src: Path, work: Path) -> tuple[list[str], float]:
     """Every ``name:N`` point an in-process conversion passes, in order, and the seconds from
     taking the lock to publishing (the window random kills aim at)."""
     log = work / "phases.log"
-    monkeypatch.setenv("MHC_PHASE_LOG", str(log))
-    commit._PHASE_COUNTS.clear()
-    try:
-        engine.enable(src, work / "calibration-out")
-    finally:
-        monkeypatch.delenv("MHC_PHASE_LOG")
-        commit._PHASE_COUNTS.clear()
+    engine.enable(src, work / "calibration-out", hooks=Hooks.from_env({"MHC_PHASE_LOG": str(log)}))
     rows = [line.split() for line in log.read_text().splitlines()]
     points = [r[0] for r in rows]
     assert points[0] == "after-lock:1" and points[-1] == "after-rename:1", points
@@ -205,8 +201,7 @@ def check_after_kill(src: Path, src_sha: dict, dst: Path, published: bool | None
 
 
 # ------------------------------------------------------------------------------ the test
-def test_sigkill_anywhere_leaves_source_intact_and_output_absent_or_valid(
-        tmp_path, monkeypatch):
+def test_sigkill_anywhere_leaves_source_intact_and_output_absent_or_valid(tmp_path):
     t0 = time.perf_counter()
     rng = random.Random(20261126)
     cases = []
@@ -214,7 +209,7 @@ def test_sigkill_anywhere_leaves_source_intact_and_output_absent_or_valid(
         work = tmp_path / v.name
         work.mkdir()
         src = v.make(work / "src")
-        points, window = calibrate(src, work, monkeypatch)
+        points, window = calibrate(src, work)
         n_random = max(1, round(v.kills * RANDOM_SHARE))
         for i, point in enumerate(pick(points, v.kills - n_random, v.priority, rng)):
             cases.append((v.name, src, work / f"k{i}" / "out", point, None,

@@ -28,6 +28,7 @@ from mhc_convert.adapters import adapter_for, detect_format
 from mhc_convert.distributed import DistContext, RemoteError, split_units
 from mhc_convert.errors import IOFailure
 from mhc_convert.formats.torch_dist import read_metadata
+from mhc_convert.hooks import Hooks
 from mhc_model import HybridModel
 from tests.model.helpers import tiny_config
 from tests.paths import MEGATRON_FIXTURE, ROOT
@@ -241,15 +242,18 @@ def test_dead_rank_is_detected_not_waited_for(store) -> None:
 
 
 def test_activation_needs_torchrun_or_opt_in(monkeypatch) -> None:
+    def hooks() -> Hooks:  # what the CLI entry reads (MHC_DISTRIBUTED -> Hooks.distributed)
+        return Hooks.from_env(os.environ)
+
     for var, val in zip(distributed.ENV, ("1", "2", "1", "127.0.0.1", "29500")):
         monkeypatch.setenv(var, val)
     monkeypatch.delenv("MHC_DISTRIBUTED", raising=False)
     # pytest's parent is not torchrun: a subprocess of a torchrun-launched trainer is not a rank
-    assert not distributed.wanted() and distributed.launched_rank() is None
+    assert not distributed.wanted(hooks()) and distributed.launched_rank(hooks()) is None
     monkeypatch.setenv("MHC_DISTRIBUTED", "1")
-    assert distributed.wanted() and distributed.launched_rank() == 1
+    assert distributed.wanted(hooks()) and distributed.launched_rank(hooks()) == 1
     monkeypatch.setenv("MHC_DISTRIBUTED", "0")
-    assert not distributed.wanted()
+    assert not distributed.wanted(hooks())
     monkeypatch.delenv("MASTER_PORT")
     monkeypatch.setenv("MHC_DISTRIBUTED", "1")
-    assert not distributed.wanted()
+    assert not distributed.wanted(hooks())

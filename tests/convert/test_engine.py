@@ -30,9 +30,9 @@ from mhc_convert.formats.torch_dist import read_torch_dist
 from mhc_convert.parity import load_model
 from mhc_model.model import HybridModel
 from tests.model.helpers import perturb_norms_, tiny_config, tokens
+from tests.paths import MEGATRON_FIXTURE
 
-FIXTURE = Path("/work/shared/fixtures-external/megatron-core-0.19.2/hybrid_tp1")
-needs_fixture = pytest.mark.skipif(not FIXTURE.is_dir(), reason="external fixture absent")
+FIXTURE = MEGATRON_FIXTURE  # committed in the repository: a missing copy fails, never skips
 ITER = "iter_0001000"
 HC_NAMES = ("mapping_proj.weight", "bias", "alpha_pre", "alpha_post", "alpha_res")
 MHC_ARG_FLAGS = ("enable_hyper_connections", "num_residual_streams")
@@ -173,7 +173,6 @@ def test_native_roundtrip_bitwise(tmp_path, shard_bytes, pattern, n, contract):
     assert leftovers(tmp_path) == []
 
 
-@needs_fixture
 @pytest.mark.parametrize("form", ["run", "iter"])
 def test_torch_dist_roundtrip_bitwise(tmp_path, form):
     run = copy_fixture(tmp_path)
@@ -204,7 +203,6 @@ def test_torch_dist_roundtrip_bitwise(tmp_path, form):
     assert leftovers(tmp_path) == []
 
 
-@needs_fixture
 def test_torch_dist_flags_follow_streams(tmp_path):
     run = copy_fixture(tmp_path)
     mhc_convert.enable(run, tmp_path / "on", streams=2, contract="learned")
@@ -243,7 +241,6 @@ def test_native_megatron_init_is_not_exact(tmp_path):
     assert logits_diff(src, tmp_path / "on") > PARITY_TOL
 
 
-@needs_fixture
 @pytest.mark.parametrize("n", [2, 4])
 @pytest.mark.parametrize("contract", ["mean", "learned"])
 def test_torch_dist_enable_parity(tmp_path, n, contract):
@@ -257,7 +254,6 @@ def test_torch_dist_enable_parity(tmp_path, n, contract):
 
 
 # ---------------------------------------------------------------------------- optimizer state
-@needs_fixture
 @pytest.mark.parametrize("contract", ["mean", "learned"])
 def test_torch_dist_optimizer_state(tmp_path, contract):
     run = copy_fixture(tmp_path)
@@ -358,7 +354,6 @@ def test_refuse_invalid_native(tmp_path, case):
         assert "mixed layout" in str(err)
 
 
-@needs_fixture
 def test_refuse_invalid_torch_dist(tmp_path):
     """An unknown key in a real Megatron checkpoint (injected by renaming one in .metadata)."""
     import pickle
@@ -409,7 +404,6 @@ def test_refuse_already_enabled(tmp_path):
     assert err.exit_code == 4
 
 
-@needs_fixture
 def test_refuse_already_enabled_torch_dist(tmp_path):
     run = copy_fixture(tmp_path)
     on = tmp_path / "on"

@@ -10,10 +10,13 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from typer.testing import CliRunner
 
 from mhc_convert import hashcopy
 from mhc_convert.cli import app
+from mhc_convert.hooks import Hooks
 from mhc_convert.manifest import verify_manifest
 from mhc_model.model import HybridModel
 from tests.model.helpers import perturb_norms_, tiny_config
@@ -55,13 +59,10 @@ def dist(tmp_path) -> Path:
     return tmp_path / "dist"
 
 
-@pytest.fixture
-def fresh_fault_counter(monkeypatch):
-    monkeypatch.setattr(hashcopy, "_written_total", 0)
-
-
-def convert(src: Path, dst: Path, *extra: str):
-    r = runner.invoke(app, ["enable", str(src), str(dst), "--quiet", *extra])
+def convert(src: Path, dst: Path, *extra: str, env: dict[str, str] | None = None):
+    """The CLI in-process; ``env``: the hook variables ``main`` would read (hooks.py)."""
+    r = runner.invoke(app, ["enable", str(src), str(dst), "--quiet", *extra],
+                      obj=Hooks.from_env(env or {}))
     errors = [line for line in r.output.splitlines() if line.startswith("mhc-convert: error")]
     return r.exit_code, errors, r.output
 
@@ -77,35 +78,29 @@ def assert_failed_cleanly(src: Path, sha: dict, dst: Path, code: int, errors: li
 
 # ------------------------------------------------------------------------------ fault hooks
 @pytest.mark.parametrize("offset", [10, 70_000, 150_000])
-def test_enospc_mid_write_exit5_need_vs_free_and_temp_removed(native, tmp_path, monkeypatch,
-                                                              fresh_fault_counter, offset):
+def test_enospc_mid_write_exit5_need_vs_free_and_temp_removed(native, tmp_path, offset):
     sha = tree_sha(native)
-    monkeypatch.setenv("MHC_FAULT", f"enospc@{offset}")
-    code, errors, out = convert(native, tmp_path / "out")
+    code, errors, out = convert(native, tmp_path / "out", env={"MHC_FAULT": f"enospc@{offset}"})
     msg = assert_failed_cleanly(native, sha, tmp_path / "out", code, errors, out)
     assert "ENOSPC" in msg and "temporary output removed" in msg
     m = re.search(r"need (\d+) bytes .* have (\d+) bytes .* free", msg)
     assert m, msg
     source_bytes = sum(p.stat().st_size for p in native.glob("*.safetensors"))
     assert 0.95 * source_bytes < int(m[1]) < 2 * source_bytes, msg  # + the new mHC params
-    monkeypatch.delenv("MHC_FAULT")
     assert convert(native, tmp_path / "out")[0] == 0  # nothing stale blocks the re-run
 
 
-def test_enospc_preflight_fault(native, tmp_path, monkeypatch):
+def test_enospc_preflight_fault(native, tmp_path):
     sha = tree_sha(native)
-    monkeypatch.setenv("MHC_FAULT", "enospc")
-    code, errors, out = convert(native, tmp_path / "out")
+    code, errors, out = convert(native, tmp_path / "out", env={"MHC_FAULT": "enospc"})
     msg = assert_failed_cleanly(native, sha, tmp_path / "out", code, errors, out)
     assert "need" in msg and "have 0 bytes free" in msg, msg
 
 
 @pytest.mark.parametrize("fault", ["eacces", "eacces@50000"])
-def test_eacces_fault_exit5_and_temp_removed(native, tmp_path, monkeypatch,
-                                             fresh_fault_counter, fault):
+def test_eacces_fault_exit5_and_temp_removed(native, tmp_path, fault):
     sha = tree_sha(native)
-    monkeypatch.setenv("MHC_FAULT", fault)
-    code, errors, out = convert(native, tmp_path / "out")
+    code, errors, out = convert(native, tmp_path / "out", env={"MHC_FAULT": fault})
     msg = assert_failed_cleanly(native, sha, tmp_path / "out", code, errors, out)
     assert "EACCES" in msg, msg
 
@@ -128,8 +123,9 @@ def tmpfs(path: Path, *opts: str):
     path.mkdir()
     r = subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(opts), "tmpfs", str(path)],
                        capture_output=True, text=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here (needs root/CAP_SYS_ADMIN): {r.stderr.strip()}")
+    if r.returncode != 0:  # a failure, not a skip: these are the only real-filesystem checks
+        pytest.fail(f"cannot mount a tmpfs at {path} (run the tests as root or with "
+                    f"CAP_SYS_ADMIN): {r.stderr.strip()}")
     try:
         yield path
     finally:
@@ -157,19 +153,48 @@ def test_real_enospc_mid_write_on_tmpfs(dist, tmp_path):
         assert list(mnt.iterdir()) == []
 
 
-def test_readonly_parent_chmod(native, tmp_path):
-    if os.geteuid() == 0:
-        pytest.skip("running as root: chmod 0555 does not stop root from writing "
-                    "(see test_readonly_parent_ro_mount for the read-only case as root)")
-    parent = tmp_path / "ro"
-    parent.mkdir()
-    parent.chmod(0o555)
-    try:
-        code, errors, out = convert(native, parent / "out")
-        assert code == 5 and len(errors) == 1 and "EACCES" in errors[0], out
-        assert list(parent.iterdir()) == []
-    finally:
-        parent.chmod(0o755)
+def _unprivileged(cmd: list[str]) -> list[str]:
+    """``cmd`` as an ordinary user. Root ignores permission bits, so as root it runs through
+    ``setpriv`` as nobody (no supplementary groups, no capabilities)."""
+    if os.geteuid() != 0:
+        return cmd
+    setpriv = shutil.which("setpriv")
+    assert setpriv, "running as root: this test needs setpriv (util-linux) to drop privileges"
+    return [setpriv, f"--reuid={NOBODY.pw_uid}", f"--regid={NOBODY.pw_gid}", "--clear-groups",
+            *cmd]
+
+
+NOBODY = pwd.getpwnam("nobody")
+
+
+def test_readonly_parent_chmod(native):
+    """A real EACCES: the destination's parent belongs to the converting user but is mode 0555.
+    As root the conversion runs as nobody (``_unprivileged``), so this runs either way; its
+    files live in a world-readable temp dir (pytest's tmp_path is root-only)."""
+    with tempfile.TemporaryDirectory(prefix="mhc-eacces-") as d:
+        base = Path(d)
+        base.chmod(0o755)
+        src = Path(shutil.copytree(native, base / "src"))
+        for p in [src, *src.rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        parent = base / "ro"
+        parent.mkdir()
+        if os.geteuid() == 0:
+            os.chown(parent, NOBODY.pw_uid, NOBODY.pw_gid)  # nobody owns it, and may not write
+        parent.chmod(0o555)
+        sha = tree_sha(src)
+        env = {**os.environ, "PYTHONPATH": str(ROOT), "HOME": d, "PYTHONDONTWRITEBYTECODE": "1"}
+        try:
+            r = subprocess.run(_unprivileged([sys.executable, "-m", "mhc_convert", "enable",
+                                              str(src), str(parent / "out"), "--quiet"]),
+                               env=env, capture_output=True, text=True, timeout=300)
+            errors = [line for line in r.stderr.splitlines()
+                      if line.startswith("mhc-convert: error")]
+            assert r.returncode == 5 and len(errors) == 1 and "EACCES" in errors[0], r.stderr
+            assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+            assert list(parent.iterdir()) == [] and tree_sha(src) == sha
+        finally:
+            parent.chmod(0o755)
 
 
 def test_readonly_parent_ro_mount(native, tmp_path):
@@ -204,6 +229,38 @@ def test_two_conversions_same_dst_one_wins_other_locked(native, tmp_path):
     assert verify_manifest(dst) == [] and ours(tmp_path) == []
 
 
+@pytest.mark.parametrize("at", ["after-lock", "after-tmpdir"])
+@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_signal_right_after_lock_or_tmpdir_cleans_up(native, tmp_path, at, sig, code):
+    """The real CLI, held just after it took the lock (or made its temp dir), gets SIGTERM or
+    SIGINT: it exits 143 / 130 (DESIGN.md §6) with one error line and leaves no lock, no temp
+    dir and no output (the SIGTERM handler must be in place before anything is created)."""
+    parent, hold = tmp_path / "p", tmp_path / "hold"
+    parent.mkdir()
+    sha = tree_sha(native)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MHC_HOLD_AT": at, "MHC_HOLD_FILE": str(hold)}
+    proc = subprocess.Popen([sys.executable, "-m", "mhc_convert", "enable", str(native),
+                             str(parent / "out"), "--quiet"], env=env, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not hold.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()
+            time.sleep(0.01)
+        assert any(p.name.endswith(".mhc-lock") for p in parent.iterdir())  # held right there
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        hold.unlink(missing_ok=True)
+        if proc.poll() is None:
+            proc.kill()
+    assert sorted(p.name for p in parent.iterdir()) == [], err  # no lock, temp dir, output
+    assert proc.returncode == code, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("mhc-convert: error:"), err
+    assert tree_sha(native) == sha
+
+
 # ------------------------------------------------------------------------------ manifest
 def manifest(d: Path) -> dict:
     return json.loads((d / "mhc-manifest.json").read_text())
@@ -211,7 +268,6 @@ def manifest(d: Path) -> dict:
 
 @pytest.mark.parametrize("mode", ["user", "kernel", "kernel-refused"])
 def test_digests_written_in_one_pass_match_fresh_hashes(native, tmp_path, monkeypatch, mode):
-    monkeypatch.setenv("MHC_COPY_MODE", mode.split("-")[0])
     if mode == "kernel-refused":  # e.g. cross-device on old kernels: falls back to user copy
         import errno
 
@@ -220,7 +276,7 @@ def test_digests_written_in_one_pass_match_fresh_hashes(native, tmp_path, monkey
         monkeypatch.setattr(os, "copy_file_range", refuse)
     monkeypatch.setattr(hashcopy, "CHUNK", 4096)  # many chunks: buffer rotation is exercised
     out = tmp_path / f"out-{mode}"
-    assert convert(native, out)[0] == 0
+    assert convert(native, out, env={"MHC_COPY_MODE": mode.split("-")[0]})[0] == 0
     m = manifest(out)
     assert m["version"] == 2 and m["hashed_at_commit"] == 0  # nothing re-read at commit
     for rel, rec in m["files"].items():

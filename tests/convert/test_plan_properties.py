@@ -3,7 +3,7 @@
 Source key sets are the mHC-off model's keys and shapes (``expected_model_shapes``), optionally
 with Megatron's factory splits, ``_extra_state/shard_*`` byte objects, the Megatron byte objects
 beside the model, and ``optimizer.state.<name>.`` copies. The expected enable output is derived
-here independently of ``mhc_convert.layout`` (the wrapper rule and the parameter shapes of §3).
+here independently of ``mhc_model.toggle.codec`` (the wrapper rule and the parameter shapes of §3).
 """
 
 from __future__ import annotations

@@ -42,8 +42,7 @@ from mhc_convert.view import OutItem
 from mhc_model.safe_unpickle import safe_pickle_load, safe_torch_load, safe_torch_save
 from tests.paths import MEGATRON_FIXTURE
 
-FIXTURE = MEGATRON_FIXTURE
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="external fixture absent")
+FIXTURE = MEGATRON_FIXTURE  # committed in the repository: a missing copy fails, never skips
 ITER = "iter_0001000"
 EMB = "embedding.word_embeddings.weight"
 A_LOG = "decoder.layers.0.mixer.A_log"
