@@ -229,36 +229,40 @@ def _global(module: str, name: str) -> bytes:
     return b"c" + f"{module}\n{name}\n".encode()
 
 
-# Found reviewing the allowlist while writing the opcode generator: 50 bytes that take
-# minutes and ~100 GB (frozenset(range(2**31-1))), and a bytearray of 2**31-1 zero bytes.
+# Found reviewing the allowlist while writing the opcode generator: frozenset/set/torch.Size
+# materialize an allowlisted range, bytearray(n) allocates n zero bytes. Sizes here are what
+# the unfixed code survives (~1 s, < 1 GB; tools/mutate.py runs these tests against it);
+# an index of 0x7fffffff instead of 0x00800000 takes minutes and ~100 GB.
+_BIG = b"J\x00\x00\x80\x00"  # BININT 2**23
 AMPLIFIERS = {
-    "frozenset_range": b"\x80\x02" + _global("builtins", "frozenset") + _global("builtins", "range")
-    + b"J\xff\xff\xff\x7f\x85R\x85R.",
+    "frozenset_range": b"\x80\x02" + _global("builtins", "frozenset")
+    + _global("builtins", "range") + _BIG + b"\x85R\x85R.",
     "set_range": b"\x80\x02" + _global("builtins", "set") + _global("builtins", "range")
-    + b"J\xff\xff\xff\x7f\x85R\x85R.",
+    + _BIG + b"\x85R\x85R.",
     "size_range": b"\x80\x02" + _global("torch", "Size") + _global("builtins", "range")
-    + b"J\xff\xff\xff\x7f\x85R\x85R.",
-    "bytearray_count": b"\x80\x02" + _global("builtins", "bytearray") + b"J\xff\xff\xff\x7f\x85R.",
+    + _BIG + b"\x85R\x85R.",
+    "bytearray_count": b"\x80\x02" + _global("builtins", "bytearray")
+    + b"J\x00\x00\x00\x10\x85R.",  # 2**28 bytes
 }
-
-
 # Found by test_fuzz_metadata_bytes (a flipped byte became LONG_BINPUT with a huge index; the
 # C unpickler grows its memo array to twice the index: MemoryError, or gigabytes zeroed when
-# the allocation succeeds). 9 bytes that made the C unpickler zero 16 GB; now instantaneous.
-MEMO_BOMB = b"\x80\x02Nr\x00\x00\x00\x40."
-# Found reviewing the pure-Python replacement: a tuple DAG of depth 64 (DUP, TUPLE2 x 64) used
-# as a dict key, a frozenset element, or inside set(...): hashing it walks 2**64 leaves.
+# the allocation succeeds). Index 2**26 here (the C unpickler: 1 GB, ~0.7 s); 2**30 made it
+# zero 16 GB. Now a dict entry.
+MEMO_BOMB = b"\x80\x02Nr\x00\x00\x00\x04."
+# Found reviewing the pure-Python replacement: a tuple DAG (DUP, TUPLE2 repeated) used as a
+# dict key, a frozenset element, or inside set(...): hashing it walks 2**depth leaves. Depth 27
+# here (plain pickle: ~2 s); depth 64 would never finish.
 HASH_BOMBS = {
-    "dict_key": b"\x80\x02}N" + b"2\x86" * 64 + b"Ns.",
-    "frozenset": b"\x80\x04(N" + b"2\x86" * 64 + b"\x91.",
-    "set_call": b"\x80\x02" + _global("builtins", "set") + b"]N" + b"2\x86" * 64 + b"a\x85R.",
+    "dict_key": b"\x80\x02}N" + b"2\x86" * 27 + b"Ns.",
+    "frozenset": b"\x80\x04(N" + b"2\x86" * 27 + b"\x91.",
+    "set_call": b"\x80\x02" + _global("builtins", "set") + b"]N" + b"2\x86" * 27 + b"a\x85R.",
 }
 
 
 def test_regression_memo_index_bomb_allocates_nothing():
     t0 = time.perf_counter()
     assert safe_pickle_load(MEMO_BOMB, source=MPATH) is None
-    assert time.perf_counter() - t0 < 0.1
+    assert time.perf_counter() - t0 < 0.2
 
 
 def test_regression_hash_bombs_are_refused():
