@@ -110,7 +110,8 @@ def _epilogue_time(x, W, b, al) -> float:
     a3 = [a.detach() for a in al]
 
     def epi():
-        return triton_coef.coef_epilogue(part, b.detach(), a3, N, N * C, ITERS, True, 1e-6)
+        return triton_coef.coef_epilogue(part, b.detach(), a3, N, N * C, ITERS, "deepseek",
+                                         1e-6)
 
     return _t(epi), _kernel_us(epi)[0]
 

@@ -1,15 +1,17 @@
-"""Train a small hybrid model, checkpoint it, and resume with mHC toggled (docs/toggling.md).
+"""Train a small hybrid model, checkpoint it, and resume with mHC toggled (README.md, "Toggling
+mHC mid-training"). Run it from the repository root inside .venv (`source .venv/bin/activate`).
 
-    # mHC-off run, checkpoints every 50 steps (native + Megatron torch_dist)
-    python examples/toggle_mhc.py --out runs/off --steps 100 --save-every 50
+    # mHC-off run, checkpoints every 10 steps (native + Megatron torch_dist)
+    python examples/toggle_mhc.py --out runs/off --steps 20 --save-every 10
     # in-process toggle: resume an mHC-off checkpoint into an mHC-on model
-    python examples/toggle_mhc.py --resume runs/off/native/iter_0000100 --mhc on \
-        --out runs/on --steps 100 --save-every 50
+    python examples/toggle_mhc.py --resume runs/off/native/iter_0000020 --mhc on \
+        --out runs/on-native --steps 20
     # offline toggle: convert, then resume as is
     mhc-convert enable runs/off/torch_dist runs/off-mhc
-    python examples/toggle_mhc.py --resume runs/off-mhc --out runs/on2 --steps 100
+    python examples/toggle_mhc.py --resume runs/off-mhc --out runs/on --steps 20
 
-Prints one line per step: ``iteration loss``.
+Prints one line per step: ``iteration loss``. Refuses up front (exit 2) to save where a
+checkpoint already is.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from mhc_model.config import (
     MLPConfig,
     MoEConfig,
 )
+from mhc_model.errors import ConvertError
 from mhc_model.train import TrainConfig, Trainer
 
 
@@ -46,7 +49,16 @@ def small_config(pattern: str, mhc: bool, streams: int) -> HybridConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    try:
+        return run(argv)
+    except ConvertError as e:  # one line, the error's exit code (as mhc-convert does)
+        print(f"toggle_mhc: error: {e.one_line()}", file=sys.stderr)
+        return e.exit_code
+
+
+def run(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                 epilog="See README.md, 'Toggling mHC mid-training'.")
     ap.add_argument("--out", required=True, help="directory for checkpoints")
     ap.add_argument("--steps", type=int, default=100)
     ap.add_argument("--save-every", type=int, default=0, help="0: save once, at the end")
@@ -77,10 +89,13 @@ def main(argv: list[str] | None = None) -> int:
         cfg = small_config(a.pattern, a.mhc == "on", a.streams)
         trainer = Trainer(HybridModel(cfg), TrainConfig(lr=a.lr, seed=a.seed))
     every = a.save_every or a.steps
+    start, end = trainer.iteration, trainer.iteration + a.steps
+    trainer.check_save(a.out, formats, [i for i in range(start + 1, end + 1)
+                                        if i % every == 0 or i == end])
     for _ in range(a.steps):
         loss = trainer.step()
         print(f"{trainer.iteration} {loss:.6f}", flush=True)
-        if trainer.iteration % every == 0 or _ == a.steps - 1:
+        if trainer.iteration % every == 0 or trainer.iteration == end:
             for fmt, path in trainer.save(a.out, formats).items():
                 print(f"saved {fmt}: {path}", file=sys.stderr)
     return 0

@@ -1,11 +1,11 @@
-"""enable / disable / inspect: plan over the lazy view, compute the few new tensors, write
-through the format adapter inside the atomic-commit protocol. No tensor data is decoded except
-the new parameters and, for disable, the hyper-connection parameters being checked."""
+"""enable / disable: plan over the lazy view, compute the few new tensors, write through the
+format adapter inside the atomic-commit protocol (``inspect`` lives in ``inspection``). No
+tensor data is decoded except the new parameters and, for disable, the hyper-connection
+parameters being checked."""
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 import time
 from collections.abc import Callable
@@ -15,11 +15,13 @@ from typing import Any
 
 import torch
 
-from mhc_convert import commit, distributed
-from mhc_convert.adapters import ReadOptions, detect
-from mhc_convert.errors import InvalidInputError, MixedLayoutError, VerificationError
+from mhc_convert import commit, distributed, targeting
+from mhc_convert.adapters import ReadOptions, open_checkpoint
+from mhc_convert.errors import InvalidInputError, VerificationError
 from mhc_convert.hooks import NO_HOOKS, Hooks
-from mhc_convert.validate import check_finite, naming_files
+from mhc_convert.inputs import check_regex, check_streams, existing, local_path
+from mhc_convert.inspection import InspectReport, inspect, iteration_of  # noqa: F401 (API)
+from mhc_convert.validate import check_finite, is_floating, naming_files
 from mhc_convert.view import CheckpointView, OutItem
 from mhc_model import __version__
 from mhc_model.config import HybridConfig, MHCConfig
@@ -29,7 +31,8 @@ from mhc_model.toggle.plan import Plan, make_plan
 from mhc_model.toggle.values import NewValues
 from mhc_model.toggle.verdict import check_disable
 
-ProgressFactory = Callable[[int], Callable[[int], None]]  # total bytes -> per-chunk callback
+# (total bytes, what is being done) -> per-chunk callback
+ProgressFactory = Callable[[int, str], Callable[[int], None]]
 
 
 @dataclass
@@ -42,6 +45,9 @@ class Report:
     plan: dict[str, int]
     tensors_written: int = 0
     bytes_total: int = 0
+    bytes_to_write: int = 0
+    iteration: int | str | None = None
+    optimizer: str = "none in the source"
     seconds: float = 0.0
     config: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
@@ -52,11 +58,38 @@ class Report:
         return asdict(self)
 
 
-def _open(src: Path, drop_optimizer: bool = False) -> tuple[str, Any, CheckpointView,
-                                                              HybridConfig]:
-    adapter = detect(src)
-    view = adapter.read(src, options=ReadOptions(drop_optimizer=drop_optimizer))
-    return adapter.name, adapter, view, adapter.config(view)
+def _open(src: Path, drop_optimizer: bool = False, iteration: int | None = None
+          ) -> tuple[str, Any, CheckpointView, HybridConfig, list[str]]:
+    adapter, view, note = open_checkpoint(src, iteration=iteration,
+                                          options=ReadOptions(drop_optimizer=drop_optimizer))
+    return adapter.name, adapter, view, adapter.config(view), [note] if note else []
+
+
+def _optimizer_fate(view: CheckpointView, plan: Plan, drop_optimizer: bool) -> str:
+    """What happens to the optimizer state, in words (dry-run summary, report)."""
+    present = view.meta.get("optimizer_present") or any(k.startswith("optimizer.")
+                                                        for k in view.entries)
+    if not present:
+        return "none in the source"
+    if drop_optimizer:
+        return "dropped (--drop-optimizer): resume with --no-load-optim"
+    carried = sum(r.src.startswith("optimizer.") for r in plan.renames)
+    if not carried:
+        return f"carried ({view.meta.get('optimizer_sharding') or 'format-specific'})"
+    added = sum(a.opt_state is not None for a in plan.adds)
+    dropped = sum(d.opt_state is not None for d in plan.drops)
+    return (f"carried: {carried} tensors ({', '.join(plan.opt_states)})"
+            + (f"; {added} new for the added parameters (fp32 copy = value, moments = 0)"
+               if added else "") + (f"; {dropped} dropped with the hyper-connections"
+                                    if dropped else ""))
+
+
+def _scan(view: CheckpointView, keys: list[str], progress: ProgressFactory | None) -> None:
+    """Refuse NaN/Inf (validate.check_finite), with a progress bar over the bytes read."""
+    entries = [view.entries[k] for k in keys if k in view.entries]
+    total = sum(e.nbytes for e in entries if e.kind == "tensor" and is_floating(e.dtype))
+    cb = progress(total, "checking for NaN/Inf") if progress else None
+    check_finite(view, keys, path=view.path, on_bytes=cb)
 
 
 def _plan_keys(view: CheckpointView, drop_optimizer: bool) -> dict[str, Any]:
@@ -87,7 +120,7 @@ def _plan_detail(plan: Plan) -> list[dict[str, str]]:
 def _write(src: Path, dst: Path, view, adapter, plan: Plan, items: list[OutItem],
            target: HybridConfig, *, direction: str, overwrite: bool, link: str,
            progress: ProgressFactory | None, hooks: Hooks = NO_HOOKS) -> int:
-    needed = sum(it.source.nbytes if it.source else _size(it.value) for it in items)
+    needed = _needed(items)
 
     def output() -> commit.AtomicOutput:
         commit.check_free_space(dst.parent, 0 if link == "hardlink" else needed, hooks=hooks)
@@ -97,7 +130,7 @@ def _write(src: Path, dst: Path, view, adapter, plan: Plan, items: list[OutItem]
                                    hooks=hooks)
 
     ctx = distributed.active()
-    cb = progress(needed) if progress and (ctx is None or ctx.is_main) else None
+    cb = progress(needed, "writing") if progress and (ctx is None or ctx.is_main) else None
     if ctx is not None:  # torchrun: each rank writes its share of the files (distributed.py)
         distributed.write_shared(ctx, output, lambda tmp, assign, pcb: adapter.write(
             tmp, view, items, target, link=link, progress=pcb, assign=assign),
@@ -110,38 +143,53 @@ def _write(src: Path, dst: Path, view, adapter, plan: Plan, items: list[OutItem]
     return needed
 
 
+def _needed(items: list[OutItem]) -> int:
+    return sum(it.source.nbytes if it.source else _size(it.value) for it in items)
+
+
 def _size(value) -> int:
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     return len(value)
 
 
-def enable(src: str | Path, dst: str | Path, *, streams: int = 4, convention: str = "deepseek",
-           contract: str = "mean", init: str = "exact", dry_run: bool = False,
+def enable(src: str | Path, dst: str | Path, *, streams: int = 4, target: str | None = None,
+           convention: str | None = None, contract: str | None = None, init: str = "exact",
+           dry_run: bool = False,
            overwrite: bool = False, passthrough: str | None = None, link: str = "copy",
            progress: ProgressFactory | None = None, drop_optimizer: bool = False,
-           allow_nonfinite: bool = False, hooks: Hooks = NO_HOOKS) -> Report:
+           allow_nonfinite: bool = False, iteration: int | None = None,
+           hooks: Hooks = NO_HOOKS) -> Report:
     """Convert an mHC-off checkpoint into the mHC-on wrapper layout, function-preserving
-    (``init="exact"``) or with Megatron's approximate init (``init="megatron"``).
+    (``init="exact"``) or with Megatron's approximate init (``init="megatron"``), for
+    ``target`` (``mhc_model.targets``; None: proven from the source, see ``targeting``), whose
+    convention and contract apply unless compatible ones are named.
     ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
     NaN/Inf in any carried tensor is refused unless ``allow_nonfinite``; the check (dry runs
-    included) reads every source tensor once before anything is written (validate.py)."""
+    included) reads every source tensor once before anything is written (validate.py).
+    ``iteration`` picks ``iter_XXXXXXX`` of a run directory instead of the tracker's."""
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    src, dst = existing(src, role="source"), local_path(dst, role="destination")
+    check_streams(streams)
+    check_regex(passthrough)
     commit.preflight(src, dst, overwrite=overwrite)
-    fmt, adapter, view, cfg = _open(src, drop_optimizer)
-    target = cfg.with_mhc(enable_hyper_connections=True, num_residual_streams=streams,
-                          mhc_convention=convention, mhc_output_contract=contract)
+    fmt, adapter, view, cfg, notes = _open(src, drop_optimizer, iteration)
+    choice = targeting.choose(cfg, view.meta.get("megatron_args"), name=target, streams=streams,
+                              convention=convention, contract=contract, path=view.path)
+    target = choice.cfg
     with naming_files(view):
         plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "enable", target,
                          passthrough=passthrough, path=str(view.path))
     if not allow_nonfinite:
-        check_finite(view, [r.src for r in plan.renames], path=view.path)
+        _scan(view, [r.src for r in plan.renames], progress)
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
-    new_value = NewValues(target, init)
+    new_value = NewValues(target, init, param_dtype=choice.param_dtype)
     items += [OutItem(a.dst, value=new_value(a)) for a in plan.adds]
     report = Report("enable", str(src), str(dst), fmt, dry_run, plan.summary(),
-                    config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
+                    config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan),
+                    notes=notes, bytes_to_write=_needed(items), iteration=iteration_of(view),
+                    optimizer=_optimizer_fate(view, plan, drop_optimizer))
+    report.notes.extend(choice.notes)
     _check(adapter, view, plan, cfg, target, report, drop_optimizer)
     if init != "exact":
         report.notes.append("init=megatron is only approximately function-preserving; run "
@@ -188,29 +236,31 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
             dry_run: bool = False, overwrite: bool = False, passthrough: str | None = None,
             link: str = "copy", progress: ProgressFactory | None = None,
             drop_optimizer: bool = False, allow_nonfinite: bool = False,
-            hooks: Hooks = NO_HOOKS) -> Report:
+            iteration: int | None = None, hooks: Hooks = NO_HOOKS) -> Report:
     """Convert an mHC-on checkpoint back to the plain layout. Exact only at a point where the
     streams provably stay identical (DESIGN.md §4); otherwise refuse unless ``allow_lossy``.
     ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
     NaN/Inf in any source tensor is refused unless ``allow_nonfinite``; the check (dry runs
     included) reads every source tensor once before anything is written (validate.py)."""
     t0 = time.perf_counter()
-    src, dst = Path(src), Path(dst)
+    src, dst = existing(src, role="source"), local_path(dst, role="destination")
+    check_regex(passthrough)
     commit.preflight(src, dst, overwrite=overwrite)
-    fmt, adapter, view, cfg = _open(src, drop_optimizer)
+    fmt, adapter, view, cfg, notes = _open(src, drop_optimizer, iteration)
     with naming_files(view):
         plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "disable", cfg,
                          passthrough=passthrough, path=str(view.path))
     if not allow_nonfinite:
-        check_finite(view, [r.src for r in plan.renames] + [d.src for d in plan.drops],
-                     path=view.path)
+        _scan(view, [r.src for r in plan.renames] + [d.src for d in plan.drops], progress)
     verdict = check_disable(cfg, {what: view.load(src)
                                   for src, what in plan.model_drops().items()})
     # mHC-off: the other mHC fields have no effect, so they return to their defaults (those of
     # Megatron's TransformerConfig too); then disable(enable(x)) restores x's config exactly
     target = dataclasses.replace(cfg, mhc=MHCConfig())
     report = Report("disable", str(src), str(dst), fmt, dry_run, plan.summary(),
-                    config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan))
+                    config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan),
+                    notes=notes, iteration=iteration_of(view),
+                    optimizer=_optimizer_fate(view, plan, drop_optimizer))
     _check(adapter, view, plan, cfg, target, report, drop_optimizer)
     report.notes.extend(verdict.notes)
     reset = {f.name: (getattr(cfg.mhc, f.name), getattr(target.mhc, f.name))
@@ -229,6 +279,7 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
     if verdict.folds and verdict.exact_with_folds:
         items = _fold_post(adapter, view, cfg, items, verdict.folds, plan, drop_optimizer)
+    report.bytes_to_write = _needed(items)
     if not dry_run:
         report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
                                     direction="disable", overwrite=overwrite, link=link,
@@ -240,55 +291,3 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
             report.parity = compare_checkpoints(src, dst, device="cpu", dtype="fp32")
     report.seconds = time.perf_counter() - t0
     return report
-
-
-@dataclass
-class InspectReport:
-    path: str
-    format: str
-    layout: str
-    pattern: str
-    num_layers: int
-    streams: int | None
-    convention: str | None
-    contract: str | None
-    iteration: int | None
-    optimizer: str
-    tensors: int
-    bytes: int
-    manifest: str
-    problems: list[str] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def inspect(path: str | Path, *, verify: bool = False) -> InspectReport:
-    path = Path(path)
-    fmt, _, view, cfg = _open(path)
-    keys = list(view.entries)
-    problems: list[str] = []
-    try:
-        wrapped = bool(K.layout_of(keys))
-    except MixedLayoutError as e:  # inspect reports what it sees; converting refuses it
-        wrapped = True
-        problems.append(e.message)
-    opt_states = sorted({k.split(".")[2] for k in keys if k.startswith("optimizer.state.")})
-    optimizer = view.meta.get("optimizer_sharding") or ("model-space " + ",".join(opt_states)
-                                                       if opt_states else "none")
-    manifest = "absent"
-    root = view.meta.get("run_dir") or view.path
-    if (Path(root) / "mhc-manifest.json").exists():
-        manifest = "present"
-        if verify:
-            mismatches = commit.verify_manifest(Path(root))
-            problems += mismatches
-            manifest = "verified" if not mismatches else "MISMATCH"
-    it = view.meta.get("iteration")
-    return InspectReport(
-        str(path), fmt, "mhc-on" if wrapped else "mhc-off", cfg.hybrid_layer_pattern,
-        cfg.num_layers, cfg.mhc.num_residual_streams if wrapped else None,
-        cfg.mhc.mhc_convention if wrapped else None,
-        cfg.mhc.mhc_output_contract if wrapped else None,
-        int(it) if isinstance(it, int | float) and not math.isnan(it) else None,
-        optimizer, len(keys), view.total_bytes, manifest, problems)

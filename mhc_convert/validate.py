@@ -19,7 +19,7 @@ is not the plain one DCP writes falls back to decoding that tensor whole through
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -89,13 +89,15 @@ def count_nonfinite(raw: torch.Tensor, dtype: str) -> tuple[int, int]:
 
 
 # ------------------------------------------------------------------------------------ public
-def check_finite(view: CheckpointView, keys: Iterable[str], *, path: str | Path) -> None:
+def check_finite(view: CheckpointView, keys: Iterable[str], *, path: str | Path,
+                 on_bytes: Callable[[int], None] | None = None) -> None:
     """Raise ``InvalidInputError`` naming the file and key of the first floating tensor among
     ``keys`` (model and optimizer space) that holds NaN or Inf, with the counts.
 
     Non-tensor entries and integer/bool tensors are skipped. Each tensor is streamed from the
     source once, in slices of at most ``SLICE`` bytes (see the module docstring for the cost).
-    ``path`` names the checkpoint when a stored piece has no file of its own."""
+    ``path`` names the checkpoint when a stored piece has no file of its own. ``on_bytes``
+    is called with the size of each slice scanned (a progress bar)."""
     for key in keys:
         entry = view.entries.get(key)
         if entry is None or entry.kind != "tensor" or not is_floating(entry.dtype):
@@ -105,6 +107,8 @@ def check_finite(view: CheckpointView, keys: Iterable[str], *, path: str | Path)
         for file, slices in view.byte_sources(entry):
             for raw in slices:
                 n, i = count_nonfinite(raw, entry.dtype)
+                if on_bytes is not None:
+                    on_bytes(raw.numel())
                 if (n or i) and not (nan or inf):
                     where = file
                 nan, inf = nan + n, inf + i

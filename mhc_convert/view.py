@@ -12,11 +12,12 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from mhc_convert.formats.byte_sources import tensor_slices
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not at import
+    import torch
 
 EntryKind = Literal["tensor", "bytes", "object"]
 
@@ -51,7 +52,7 @@ class OutItem:
 
 ProgressFn = Callable[[int], None]  # called with a number of bytes just processed
 # (file that holds them, raw uint8 slices) for every stored piece of an entry
-ByteSources = Callable[[Entry], Iterator[tuple[Path, Iterable[torch.Tensor]]]]
+ByteSources = Callable[[Entry], Iterator[tuple[Path, Iterable["torch.Tensor"]]]]
 
 
 @dataclass

@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.planner import ReadItem
 
 from mhc_model.config import HybridConfig
 from mhc_model.errors import ToggleError
-from mhc_model.megatron_args import config_from_megatron_args, megatron_args
+from mhc_model.megatron_args import MHC_META_KEY, config_from_megatron_args, megatron_args
 from mhc_model.safe_unpickle import safe_pickle_load, safe_torch_load
 from mhc_model.toggle.codec import disk_views, merge_splits
 from mhc_model.toggle.plan import plan_for_model
@@ -232,14 +232,15 @@ def read_common(path: str | Path) -> dict[str, Any]:
 def config_from_common(common: Mapping[str, Any]) -> HybridConfig:
     """Our stored config when present (it has fields Megatron args lack), with every mHC field
     that args carry taken from args: ``mhc-convert`` flips those, never our copy."""
-    from_args = config_from_megatron_args(common["args"])
+    meta = common.get(MHC_META_KEY)
+    from_args = config_from_megatron_args(common["args"], meta)
     if CONFIG_KEY not in common:
         return from_args
     ours = HybridConfig.from_dict(common[CONFIG_KEY])
     a, m = common["args"], from_args.mhc
     flips = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)
-             if hasattr(a, f.name) or f.name in ("enable_hyper_connections",
-                                                 "num_residual_streams")}
+             if hasattr(a, f.name) or (isinstance(meta, dict) and f.name in meta)
+             or f.name in ("enable_hyper_connections", "num_residual_streams")}
     return ours.with_mhc(**flips)
 
 

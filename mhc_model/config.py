@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from functools import cache, cached_property
 from typing import Any, Literal
 
+from mhc_model.conventions import CONVENTIONS
 from mhc_model.specs import LAYER_SPECS
 
 LAYER_SYMBOLS = {sym: spec.name for sym, spec in LAYER_SPECS.items()}
@@ -23,6 +24,7 @@ PIPE = "|"
 MTP_SEPARATOR = "/"
 
 DTYPES = ("float32", "bfloat16", "float16")
+CONTRACTS = ("mean", "learned")  # how the n streams end before the final norm (DESIGN.md §1)
 
 
 def parse_pattern(pattern: str) -> tuple[str, ...]:
@@ -253,7 +255,7 @@ class MHCConfig:
     num_residual_streams: int = 4
     mhc_sinkhorn_iterations: int = 20
     mhc_init_gating_factor: float = 0.01
-    mhc_convention: Literal["deepseek", "megatron_dsv4"] = "deepseek"
+    mhc_convention: str = "deepseek"  # a key of mhc_model.conventions.CONVENTIONS
     mhc_output_contract: Literal["mean", "learned"] = "mean"
     mhc_recompute_layer_num: int | None = None
     mhc_eps: float = 1e-6
@@ -269,8 +271,8 @@ class MHCConfig:
             raise ValueError(
                 f"mhc.mhc_init_gating_factor must be >= 0, got {self.mhc_init_gating_factor}"
             )
-        _check_choice("mhc", "mhc_convention", self.mhc_convention, ("deepseek", "megatron_dsv4"))
-        _check_choice("mhc", "mhc_output_contract", self.mhc_output_contract, ("mean", "learned"))
+        _check_choice("mhc", "mhc_convention", self.mhc_convention, tuple(CONVENTIONS))
+        _check_choice("mhc", "mhc_output_contract", self.mhc_output_contract, CONTRACTS)
 
 
 # config section (named by a LayerSpec) -> its validation; sections of unused layers are not

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from mhc_model import kernels
 from mhc_model.config import HybridConfig, MHCConfig
+from mhc_model.conventions import convention, head_eps_value
 
 
 def _logit(p: float) -> float:
@@ -42,11 +43,18 @@ def head_param_shapes(cfg: HybridConfig) -> dict[str, tuple[int, ...]]:
 
 def pre_bias_value(mhc: MHCConfig) -> float:
     """Bias that makes every H_pre entry exactly 1/n, so sum_j H_pre[j] = 1 (DESIGN.md §4).
-    deepseek adds eps after the sigmoid, so aim the sigmoid at 1/n - eps."""
+    Conventions with ``h_pre_eps`` add eps after the sigmoid, so aim the sigmoid at 1/n - eps."""
     n = mhc.num_residual_streams
-    if mhc.mhc_convention == "deepseek":
+    if convention(mhc.mhc_convention).h_pre_eps:
         return _logit(1.0 / n - mhc.mhc_eps)
     return _logit(1.0 / n)
+
+
+def head_eps(cfg: HybridConfig) -> float:
+    """eps of the learned output contract: the convention says whether it is ``mhc_eps``
+    (DeepSeek-V4) or the model's ``norm_eps`` (Megatron passes ``layernorm_epsilon``)."""
+    return head_eps_value(cfg.mhc.mhc_convention, mhc_eps=cfg.mhc.mhc_eps,
+                          layernorm_epsilon=cfg.norm_eps)
 
 
 def _xavier(shape: tuple[int, ...], seed: int) -> Tensor:
@@ -89,10 +97,11 @@ def exact_hc_tensors(
 
 
 def exact_head_tensors(cfg: HybridConfig) -> dict[str, Tensor]:
-    """Learned contract at the enable point: scale = 0 and base = logit(1/n - eps), so
-    pre_j = 1/n for every token and the head returns the stream mean."""
+    """Learned contract at the enable point: scale = 0 and base = logit(1/n - eps) with the
+    head's eps (``head_eps``), so pre_j = 1/n for every token and the head returns the stream
+    mean."""
     shapes = head_param_shapes(cfg)
-    n, eps = cfg.mhc.num_residual_streams, cfg.mhc.mhc_eps
+    n, eps = cfg.mhc.num_residual_streams, head_eps(cfg)
     return {
         "hc_head_fn": _xavier(shapes["hc_head_fn"], seed=0x6D48_4844),
         "hc_head_base": torch.full(shapes["hc_head_base"], _logit(1.0 / n - eps)),
@@ -106,6 +115,7 @@ class HyperConnection(nn.Module):
     def __init__(self, cfg: HybridConfig, layer_index: int, dtype: torch.dtype):
         super().__init__()
         self.mhc = cfg.mhc
+        self.convention = convention(cfg.mhc.mhc_convention)  # the record, resolved once
         shapes = hc_param_shapes(cfg)
         self.mapping_proj = nn.Linear(shapes["mapping_proj.weight"][1],
                                       shapes["mapping_proj.weight"][0], bias=False, dtype=dtype)
@@ -132,6 +142,6 @@ class HyperConnection(nn.Module):
             self.alpha_post,
             self.alpha_res,
             iters=self.mhc.mhc_sinkhorn_iterations,
-            convention=self.mhc.mhc_convention,
+            convention=self.convention,
             eps=self.mhc.mhc_eps,
         )

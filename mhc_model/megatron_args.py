@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mhc_model.config import _SUBCONFIGS, HybridConfig, MambaConfig
+from mhc_model.targets import target_of_args
 
 # our MHCConfig field -> every Megatron spelling (dsv4/dev first, then main)
 MHC_FLAG_SPELLINGS: dict[str, tuple[str, ...]] = {
@@ -124,7 +125,16 @@ def layer_pattern(args: Any) -> str:
                      "hybrid_override_pattern): not a hybrid model run, or args were stripped")
 
 
-def config_from_megatron_args(args: Any) -> HybridConfig:
+# Our own mHC metadata beside Megatron's args (never inside them: Megatron's args have no
+# convention or contract field): common_state["mhc"] in torch_dist, payload["mhc"] in legacy.
+MHC_META_KEY = "mhc"
+MHC_META_FIELDS = ("mhc_convention", "mhc_output_contract")
+
+
+def config_from_megatron_args(args: Any, meta: Any = None) -> HybridConfig:
+    """The model config a Megatron run's ``args`` describe. The convention and contract come
+    from our metadata (``MHC_META_KEY``) when present, else from args written by older
+    versions of this tool, else from the branch the args prove (``targets``)."""
     sub_kwargs: dict[str, dict[str, Any]] = {name: {} for name in _SUB}
     top: dict[str, Any] = {"hybrid_layer_pattern": layer_pattern(args)}
     for arg, (sub, ours) in _ARG_TABLE.items():
@@ -174,10 +184,12 @@ def config_from_megatron_args(args: Any) -> HybridConfig:
         value = read_mhc_flag(args, ours)
         if value is not None:
             sub_kwargs["mhc"][ours] = value
-    # Megatron dsv4/main apply H_res untransposed; dev (>= #4624) uses DeepSeek's transpose.
-    sub_kwargs["mhc"].setdefault("mhc_convention", getattr(args, "mhc_convention", "deepseek"))
-    if getattr(args, "mhc_output_contract", None) is not None:
-        sub_kwargs["mhc"]["mhc_output_contract"] = args.mhc_output_contract
+    meta = meta if isinstance(meta, dict) else {}
+    for name in MHC_META_FIELDS:
+        value = meta.get(name, getattr(args, name, None))
+        if value is not None:
+            sub_kwargs["mhc"][name] = value
+    sub_kwargs["mhc"].setdefault("mhc_convention", target_of_args(args).convention)
     subs = {name: cls(**sub_kwargs[name]) for name, cls in _SUB.items()}
     return HybridConfig(**top, **subs)
 
@@ -217,8 +229,6 @@ def megatron_args(cfg: HybridConfig, **extra: object) -> argparse.Namespace:
     ns.dist_ckpt_optim_fully_reshardable = True
     for name, value in mhc_flag_values(cfg).items():
         setattr(ns, MHC_FLAG_SPELLINGS[name][0], value)
-    ns.mhc_convention = cfg.mhc.mhc_convention
-    ns.mhc_output_contract = cfg.mhc.mhc_output_contract
     for k, v in extra.items():
         setattr(ns, k, v)
     return ns

@@ -76,7 +76,7 @@ class _Pre(torch.autograd.Function):
         with torch.enable_grad():
             H_pre, H_post, H_res = kernels.coefficients(
                 x, *params, iters=hc.mhc.mhc_sinkhorn_iterations,
-                convention=hc.mhc.mhc_convention, eps=hc.mhc.mhc_eps)
+                convention=hc.convention, eps=hc.mhc.mhc_eps)
             u = kernels.aggregate(x, H_pre)
         outs, grads = [], []
         for o, g in ((u, g_u), (H_post, g_post), (H_res, g_res)):

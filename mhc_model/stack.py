@@ -12,7 +12,13 @@ from torch import Tensor, nn
 
 from mhc_model import kernels, mhc_ref, recompute
 from mhc_model.config import HybridConfig
-from mhc_model.hyper_connection import HyperConnection, exact_head_tensors, head_param_shapes
+from mhc_model.conventions import convention
+from mhc_model.hyper_connection import (
+    HyperConnection,
+    exact_head_tensors,
+    head_eps,
+    head_param_shapes,
+)
 from mhc_model.layers import build_layer
 from mhc_model.layers.common import RMSNorm, torch_dtype
 
@@ -35,7 +41,7 @@ class HybridLayer(nn.Module):
         # the mapping math is fp32, and logit(1/n) is not representable in bf16, so a bf16
         # bias_pre would move sum(H_pre) off 1 by ~2e-3 and break the exact enable point.
         self.hyper_connection = HyperConnection(cfg, layer_index, torch.float32)
-        self.convention = cfg.mhc.mhc_convention
+        self.convention = convention(cfg.mhc.mhc_convention)  # the record, resolved once
         self.branch_dtype = torch_dtype(cfg)
 
     def branch(self, u_SBC: Tensor) -> Tensor:
@@ -119,7 +125,7 @@ class HybridStack(nn.Module):
         x_TNC = x_SBNC.reshape(S * B, n, C)
         if cfg.mhc.mhc_output_contract == "learned":
             h_TC = mhc_ref.contract_learned(x_TNC, self.hc_head_fn, self.hc_head_base,
-                                            self.hc_head_scale, cfg.mhc.mhc_eps)
+                                            self.hc_head_scale, head_eps(cfg))
         else:
             h_TC = mhc_ref.contract_mean(x_TNC)
         return h_TC.reshape(S, B, C)

@@ -4,7 +4,7 @@ both formats (native and Megatron ``torch_dist``), exact resume, and resume acro
 Exact resume rests on three things: the batch for step k is a pure function of (seed, k); the
 checkpoint carries parameters, Adam moments and step bit for bit; the torch RNG state is saved.
 
-Native checkpoint (the layout ``mhc-convert`` reads and writes, DESIGN.md §5)::
+Native checkpoint (the layout ``mhc-convert`` reads and writes)::
 
     config.json  model.safetensors  optimizer.safetensors  training_state.json
 
@@ -32,6 +32,8 @@ from torch import Tensor
 
 from mhc_model import checkpoint as dist_ckpt
 from mhc_model.config import HybridConfig
+from mhc_model.errors import UsageError
+from mhc_model.megatron_files import MARKER
 from mhc_model.model import CONFIG_NAME, HybridModel
 from mhc_model.shim import carried_and_new
 
@@ -102,6 +104,10 @@ class Trainer:
               formats: tuple[str, ...] = ("native", "torch_dist")) -> list[float]:
         """``steps`` steps; every ``save_every`` iterations a checkpoint per format under
         ``save_dir/native/iter_XXXXXXX`` and the torch_dist run dir ``save_dir/torch_dist``."""
+        if save_dir is not None and save_every:
+            self.check_save(save_dir, formats, [i for i in range(self.iteration + 1,
+                                                                 self.iteration + steps + 1)
+                                                if i % save_every == 0])
         losses = []
         for _ in range(steps):
             losses.append(self.step())
@@ -110,13 +116,33 @@ class Trainer:
         return losses
 
     # ---- checkpoints --------------------------------------------------------------------
+    @staticmethod
+    def save_paths(save_dir: str | Path, formats: tuple[str, ...], iteration: int
+                   ) -> dict[str, Path]:
+        """Where ``save`` puts iteration ``iteration``: one directory per format."""
+        name = dist_ckpt.iter_dir_name(iteration)
+        return {fmt: Path(save_dir) / fmt / name for fmt in formats}
+
+    def check_save(self, save_dir: str | Path, formats: tuple[str, ...],
+                   iterations: list[int]) -> None:
+        """Refuse, before any training step, to save where a checkpoint already is: a run
+        must not train for an hour and then fail to save (or overwrite another run's files)."""
+        for it in iterations:
+            for fmt, path in self.save_paths(save_dir, formats, it).items():
+                taken = path.exists() if fmt == "native" else (path / MARKER).exists()
+                if taken:
+                    raise UsageError(f"a checkpoint of iteration {it} is already there; save "
+                                     f"somewhere else (another --out) or remove it first",
+                                     path=path)
+
     def save(self, save_dir: str | Path, formats: tuple[str, ...] = ("native", "torch_dist")
              ) -> dict[str, Path]:
         out: dict[str, Path] = {}
         root = Path(save_dir)
+        self.check_save(root, formats, [self.iteration])
         if "native" in formats:
-            name = dist_ckpt.iter_dir_name(self.iteration)
-            out["native"] = self.save_native(root / "native" / name)
+            out["native"] = self.save_native(self.save_paths(root, ("native",),
+                                                             self.iteration)["native"])
         if "torch_dist" in formats:
             out["torch_dist"] = dist_ckpt.save_dist(
                 root / "torch_dist", self.model, self.optimizer, iteration=self.iteration,
@@ -131,8 +157,12 @@ class Trainer:
         return steps.pop() if steps else 0
 
     def save_native(self, directory: str | Path) -> Path:
-        """Write to a sibling temp dir, then rename: a directory with config.json is complete."""
+        """Write to a sibling temp dir, then rename: a directory with config.json is complete.
+        An existing ``directory`` is refused before anything is written."""
         final = Path(directory)
+        if final.exists():
+            raise UsageError("a checkpoint is already there; save somewhere else or remove it "
+                             "first", path=final)
         tmp = final.with_name(final.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.model.save_pretrained(tmp)
@@ -158,6 +188,8 @@ class Trainer:
         in-process toggle. mHC parameters a toggle adds start at the exact enable point with
         zero moments; a toggle off is allowed only where it is exact (``mhc_model.shim``)."""
         p = Path(path)
+        if not p.exists():
+            raise UsageError("no such file or directory", path=p)
         if (p / CONFIG_NAME).is_file():
             return cls._resume_native(p, config, tcfg, load_optimizer)
         return cls._resume_dist(p, config, tcfg, load_optimizer)
@@ -214,6 +246,8 @@ class Trainer:
 def checkpoint_config(path: str | Path) -> HybridConfig:
     """The model config a native or torch_dist checkpoint describes."""
     p = Path(path)
+    if not p.exists():
+        raise UsageError("no such file or directory", path=p)
     if (p / CONFIG_NAME).is_file():
         return HybridConfig.from_json((p / CONFIG_NAME).read_text())
     return dist_ckpt.dist_config(p)

@@ -9,11 +9,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from mhc_convert.view import CheckpointView, OutItem, ProgressFn
 from mhc_model.config import HybridConfig
-from mhc_model.toggle.plan import Plan
+
+if TYPE_CHECKING:
+    from mhc_model.toggle.plan import Plan
 
 MarkerWriter = Callable[[Path], None]
 # Distributed runs: (unit name, bytes) list -> the names this rank writes (distributed.py).

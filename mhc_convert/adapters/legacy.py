@@ -27,14 +27,15 @@ from typing import Any
 import torch
 
 from mhc_convert.adapters.base import DEFAULT_READ, ReadOptions
-from mhc_convert.adapters.megatron_args import flip_args, megatron_config
+from mhc_convert.adapters.detection import is_torch_legacy
+from mhc_convert.adapters.megatron_args import flip_args, megatron_config, with_mhc_meta
 from mhc_convert.errors import InvalidInputError, IOFailure
 from mhc_convert.formats import torch_legacy as tl
 from mhc_convert.formats.byte_sources import tensor_slices
 from mhc_convert.hashcopy import HashingFile, output_file
 from mhc_convert.view import CheckpointView, Entry, OutItem
 from mhc_model.config import HybridConfig
-from mhc_model.megatron_files import candidates
+from mhc_model.megatron_args import MHC_META_KEY
 from mhc_model.model import meta_model
 from mhc_model.toggle import codec as L
 from mhc_model.toggle.plan import Plan
@@ -88,7 +89,7 @@ class LegacyAdapter:
                     ".pt checkpoints; convert via torch_dist or pass --allow-lossy")
 
     def detects(self, path: Path) -> bool:
-        return any(any(c.glob("mp_rank_*")) for c in candidates(path))
+        return is_torch_legacy(path)
 
     # ---- read --------------------------------------------------------------------------
     def read(self, path: Path, *, options: ReadOptions = DEFAULT_READ) -> CheckpointView:
@@ -135,7 +136,7 @@ class LegacyAdapter:
             "ranks": ranks, "payloads": payloads, "offsets": offsets,
             "tp_size": max(r.tp for r in ranks) + 1, "pp_size": len(offsets),
             "drop_optimizer": options.drop_optimizer, "optimizer_present": has_opt,
-            "optimizer_sharding": f"legacy {kind}",
+            "optimizer_sharding": f"legacy {kind}", "megatron_args": payloads[0]["args"],
         }
 
         def loader(entry: Entry) -> Any:
@@ -166,7 +167,8 @@ class LegacyAdapter:
             if megatron_config(p["args"], r.path) != cfg:
                 raise InvalidInputError(f"args describe a different model than in "
                                         f"{ranks[0].rel}", path=r.path, key="args")
-        return megatron_config(payloads[0]["args"], ranks[0].path, view.entries)
+        return megatron_config(payloads[0]["args"], ranks[0].path, view.entries,
+                               payloads[0].get(MHC_META_KEY))
 
     # ---- checks that need the plan (engine calls this before any write) -----------------
     def check(self, view: CheckpointView, plan: Plan, cfg: HybridConfig,
@@ -211,7 +213,7 @@ class LegacyAdapter:
             order = _insert_in_reference_order([k for k, _ in carried], added, ref_new)
             values = {k: p["model"][src] for k, src in carried}
             values.update({k: new_values[k] for k in added})
-            out = dict(p)  # same key order; rng_state, scheduler, ... are the same objects
+            out = with_mhc_meta(p, target)  # same key order; rng_state, ... the same objects
             out["model"] = {_localize(k, stage_off): values[k] for k in order}
             out["args"] = flip_args(p["args"], target)
             if meta["drop_optimizer"]:

@@ -9,7 +9,13 @@ from typing import Any
 
 from mhc_convert.errors import InvalidInputError
 from mhc_model.config import HybridConfig
-from mhc_model.megatron_args import MHC_FLAG_SPELLINGS, config_from_megatron_args, mhc_flag_values
+from mhc_model.megatron_args import (
+    MHC_FLAG_SPELLINGS,
+    MHC_META_FIELDS,
+    MHC_META_KEY,
+    config_from_megatron_args,
+    mhc_flag_values,
+)
 from mhc_model.toggle.codec import head_key
 
 
@@ -30,21 +36,30 @@ def flip_args(args: Any, target: HybridConfig) -> Any:
         modules = getattr(new, "recompute_modules", None)
         if modules and "mhc" in modules:
             new.recompute_modules = [m for m in modules if m != "mhc"]
-    if target.mhc_on:
-        new.mhc_convention = target.mhc.mhc_convention
-        new.mhc_output_contract = target.mhc.mhc_output_contract
-    else:  # ours, not Megatron's: they describe the mHC-on layout; disable takes them out again
-        for name in ("mhc_convention", "mhc_output_contract"):
+    if not target.mhc_on:  # written into args by versions before 0.2; not Megatron fields
+        for name in MHC_META_FIELDS:
             if hasattr(new, name):
                 delattr(new, name)
     return new
 
 
-def megatron_config(args: Any, where: Path, keys=()) -> HybridConfig:
-    """The model config Megatron's args describe. The args do not record the output contract;
-    the learned head's keys do."""
+def with_mhc_meta(state: dict, target: HybridConfig) -> dict:
+    """A copy of a Megatron common state / legacy rank payload with our mHC metadata (the
+    convention and contract Megatron's args cannot hold) set for an mHC-on ``target``, or
+    removed for an mHC-off one, so that disable(enable(x)) is x."""
+    out = dict(state)
+    if target.mhc_on:
+        out[MHC_META_KEY] = {name: getattr(target.mhc, name) for name in MHC_META_FIELDS}
+    else:
+        out.pop(MHC_META_KEY, None)
+    return out
+
+
+def megatron_config(args: Any, where: Path, keys=(), meta: Any = None) -> HybridConfig:
+    """The model config Megatron's args (and our metadata beside them) describe. Megatron
+    records no output contract; the learned head's keys do."""
     try:
-        cfg = config_from_megatron_args(args)
+        cfg = config_from_megatron_args(args, meta)
     except (ValueError, TypeError, AttributeError) as e:
         raise InvalidInputError(f"cannot derive the model config from args: {e}", path=where) from e
     if cfg.mhc_on and head_key("hc_head_fn") in keys:

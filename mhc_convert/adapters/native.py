@@ -6,11 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 from mhc_convert.adapters.base import DEFAULT_READ, ReadOptions
+from mhc_convert.adapters.detection import is_native
 from mhc_convert.errors import InvalidInputError
-from mhc_convert.formats.native import OPTIMIZER_NAME, read_native, write_native
+from mhc_convert.formats.native import CONFIG_NAME, OPTIMIZER_NAME, read_native, write_native
 from mhc_convert.view import CheckpointView
 from mhc_model.config import HybridConfig
-from mhc_model.model import CONFIG_NAME
 from mhc_model.toggle import codec as K
 
 
@@ -19,10 +19,14 @@ class NativeAdapter:
     fold_refusal = None
 
     def detects(self, path: Path) -> bool:
-        return (path / CONFIG_NAME).exists()
+        return is_native(path)
 
     def read(self, path: Path, *, options: ReadOptions = DEFAULT_READ) -> CheckpointView:
-        return read_native(path)
+        view = read_native(path)
+        state = view.meta.get("training_state")  # a trainer's checkpoint knows its iteration
+        if isinstance(state, dict) and type(state.get("iteration")) is int:
+            view.meta.setdefault("iteration", state["iteration"])
+        return view
 
     def config(self, view: CheckpointView) -> HybridConfig:
         try:

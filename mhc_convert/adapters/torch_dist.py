@@ -4,17 +4,17 @@ common state (``megatron_args.flip_args``)."""
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 from mhc_convert.adapters.base import DEFAULT_READ, ReadOptions
-from mhc_convert.adapters.megatron_args import flip_args, megatron_config
+from mhc_convert.adapters.detection import is_torch_dist
+from mhc_convert.adapters.megatron_args import flip_args, megatron_config, with_mhc_meta
 from mhc_convert.errors import InvalidInputError
 from mhc_convert.formats import torch_dist as td
 from mhc_convert.formats import torch_dist_write as tdw
 from mhc_convert.view import CheckpointView, OutItem
 from mhc_model.config import HybridConfig
-from mhc_model.megatron_files import MARKER, METADATA, candidates
+from mhc_model.megatron_args import MHC_META_KEY
 
 
 class TorchDistAdapter:
@@ -22,7 +22,7 @@ class TorchDistAdapter:
     fold_refusal = None
 
     def detects(self, path: Path) -> bool:
-        return any((c / METADATA).exists() or (c / MARKER).exists() for c in candidates(path))
+        return is_torch_dist(path)
 
     def read(self, path: Path, *, options: ReadOptions = DEFAULT_READ) -> CheckpointView:
         """A dp_reshardable (bucket-keyed) optimizer is refused unless it is being dropped."""
@@ -36,6 +36,8 @@ class TorchDistAdapter:
                 "optimizer state is dp_reshardable (bucket-space) and cannot survive a parameter "
                 "change; re-save it with --dist-ckpt-optim-fully-reshardable, or pass "
                 "--drop-optimizer", path=view.path)
+        common = view.meta.get("common_state")
+        view.meta["megatron_args"] = common.get("args") if isinstance(common, dict) else None
         return view
 
     def config(self, view: CheckpointView) -> HybridConfig:
@@ -43,14 +45,15 @@ class TorchDistAdapter:
         if not isinstance(common, dict) or "args" not in common:
             raise InvalidInputError("common state carries no 'args'", path=view.path,
                                     key=view.meta.get("common_key"))
-        return megatron_config(common["args"], view.path, view.entries)
+        return megatron_config(common["args"], view.path, view.entries,
+                               common.get(MHC_META_KEY))
 
     def check(self, view, plan, cfg, target) -> None:
         """Nothing beyond the read-time refusals: the plan covers every stored key."""
 
     def write(self, tmp: Path, view: CheckpointView, items: list[OutItem], target: HybridConfig,
               *, link, progress, assign=None):
-        common = copy.copy(view.meta["common_state"])
+        common = with_mhc_meta(view.meta["common_state"], target)
         common["args"] = flip_args(common["args"], target)
         common_key = view.meta["common_key"]
         run_dir = view.meta.get("run_dir")

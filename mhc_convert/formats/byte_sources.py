@@ -10,16 +10,19 @@ import os
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mhc_convert.errors import InvalidInputError
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not at import
+    import torch
 
 SLICE = 64 * 1024 * 1024  # bytes streamed at once (a multiple of every element size)
 
 
 def pread_slices(path: Path, offset: int, length: int, key: str) -> Iterator[torch.Tensor]:
+    import torch
+
     buf = bytearray(min(SLICE, length))
     with open(path, "rb", buffering=0) as f:
         done = 0
@@ -38,6 +41,8 @@ def pread_slices(path: Path, offset: int, length: int, key: str) -> Iterator[tor
 
 
 def tensor_slices(t: torch.Tensor) -> Iterator[torch.Tensor]:
+    import torch
+
     flat = t.detach().reshape(-1)
     per = max(1, SLICE // max(1, t.element_size()))
     for i in range(0, flat.numel(), per):
@@ -93,6 +98,8 @@ def dcp_chunk_slices(path: Path, offset: int, length: int, nbytes: int,
         return None
 
     def gen() -> Iterator[torch.Tensor]:
+        import torch
+
         try:
             with zf.open(data[0]) as member:
                 buf = bytearray(min(SLICE, nbytes) or 1)

@@ -22,15 +22,14 @@ import json
 import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from mhc_convert.errors import InvalidInputError
 from mhc_convert.formats.byte_sources import pread_slices
 from mhc_convert.formats.safetensors_io import (
     TensorInfo,
     WriteItem,
+    is_tensor,
     load_tensor,
     loads_strict_json,
     read_header,
@@ -38,6 +37,9 @@ from mhc_convert.formats.safetensors_io import (
 )
 from mhc_convert.hashcopy import write_file
 from mhc_convert.view import CheckpointView, Entry, OutItem, ProgressFn
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not at import
+    import torch
 
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
@@ -236,7 +238,7 @@ def _write_item(item: OutItem, out_file: Path) -> WriteItem:
                                     path=out_file, key=item.key)
         loc = src.locator
         return WriteItem(item.key, src.dtype, src.shape, src=(loc.file, loc.offset, loc.length))
-    if not isinstance(item.value, torch.Tensor):
+    if not is_tensor(item.value):
         raise InvalidInputError("native output stores tensors only, got bytes", path=out_file,
                                 key=item.key)
     return WriteItem.from_tensor(item.key, item.value)
@@ -311,6 +313,6 @@ def write_native(
 def _nbytes(it: WriteItem) -> int:
     if it.src is not None:
         return it.src[2]
-    if isinstance(it.data, torch.Tensor):
+    if is_tensor(it.data):
         return it.data.numel() * it.data.element_size()
     return len(it.data or b"")

@@ -22,12 +22,13 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from mhc_convert.errors import InvalidInputError, IOFailure
 from mhc_convert.hashcopy import CHUNK, output_file  # noqa: F401  (CHUNK: copy granularity)
+
+if TYPE_CHECKING:  # torch is imported where tensors are made, not at import
+    import torch
 
 MAX_HEADER_SIZE = 100_000_000  # safetensors MAX_HEADER_SIZE (tensor.rs L10)
 METADATA_KEY = "__metadata__"
@@ -267,6 +268,8 @@ def load_tensor(path: str | Path, info: TensorInfo) -> torch.Tensor:
     if ST_DTYPES[info.st_dtype][0] is None:
         raise InvalidInputError(f"{info.st_dtype} cannot be decoded to a torch tensor",
                                 path=path, key=info.key)
+    import torch
+
     dtype = getattr(torch, info.dtype)
     if info.length == 0:
         return torch.empty(info.shape, dtype=dtype)
@@ -278,6 +281,8 @@ def tensor_to_bytes(t: torch.Tensor) -> bytes:
     """Raw little-endian C-order bytes of ``t`` (bf16/fp8 included: reinterpreted, not cast)."""
     if sys.byteorder != "little":  # pragma: no cover - no big-endian hosts in practice
         raise RuntimeError("safetensors output requires a little-endian host")
+    import torch
+
     if t.is_sparse or t.layout != torch.strided:
         raise ValueError("sparse or non-strided tensors cannot be stored in safetensors")
     flat = t.detach().to("cpu").contiguous().reshape(-1)
@@ -317,11 +322,17 @@ def _encode_header(items: Sequence[WriteItem], metadata: dict[str, str] | None) 
     return raw
 
 
+def is_tensor(x: object) -> bool:
+    """isinstance(x, torch.Tensor) without importing torch (a tensor exists only if it is)."""
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(x, torch.Tensor)
+
+
 def _check_item(it: WriteItem, path: Path) -> None:
     if (it.src is None) == (it.data is None):
         raise ValueError(f"{it.key}: exactly one of src/data must be set")
     need = nbytes_for(st_dtype_of(it.dtype), it.shape)
-    if isinstance(it.data, torch.Tensor):
+    if is_tensor(it.data):
         if str(it.data.dtype).removeprefix("torch.") != it.dtype.removeprefix("torch."):
             raise ValueError(f"{it.key}: tensor dtype {it.data.dtype} != declared {it.dtype}")
         if tuple(it.data.shape) != tuple(it.shape):

@@ -14,7 +14,7 @@ import os
 from torch import Tensor
 
 from mhc_model import mhc_ref
-from mhc_model.mhc_ref import Convention
+from mhc_model.conventions import Convention
 
 try:  # triton is optional (CPU-only machines, CI)
     from mhc_model.kernels import triton_mhc as _triton
@@ -45,7 +45,7 @@ def coefficients(
     alpha_res: Tensor,
     *,
     iters: int,
-    convention: Convention,
+    convention: str | Convention,
     eps: float = 1e-6,
 ) -> tuple[Tensor, Tensor, Tensor]:
     args = (x_TNC, weight_KD, bias_K, alpha_pre, alpha_post, alpha_res)
@@ -59,7 +59,8 @@ def aggregate(x_TNC: Tensor, H_pre_TN: Tensor) -> Tensor:
 
 
 def mix_post(
-    x_TNC: Tensor, H_res_TNN: Tensor, H_post_TN: Tensor, y_TC: Tensor, convention: Convention
+    x_TNC: Tensor, H_res_TNN: Tensor, H_post_TN: Tensor, y_TC: Tensor,
+    convention: str | Convention,
 ) -> Tensor:
     impl = _triton if use_triton(x_TNC, H_res_TNN, H_post_TN, y_TC) else mhc_ref
     return impl.mix_post(x_TNC, H_res_TNN, H_post_TN, y_TC, convention)

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mhc_model.conventions import convention
 from mhc_model.kernels.triton_sinkhorn import sinkhorn_bwd, sinkhorn_fwd
 
 # Tunables (the bench may override them).
@@ -95,12 +96,12 @@ def _proj_fwd_kernel(x_ptr, w_ptr, part_ptr, T, D, d_per_split,
 
 
 @triton.jit
-def _rms(ss, D, eps, DEEPSEEK: tl.constexpr):
-    # Eq. 15 without gamma; deepseek rsqrt(mean + eps), megatron_dsv4 1 / (rms + eps).
-    if DEEPSEEK:
-        r = 1.0 / tl.sqrt_rn(ss / D + eps)
-    else:
+def _rms(ss, D, eps, RMS_INV_NORM: tl.constexpr):
+    # Eq. 15 without gamma; rsqrt_mean: rsqrt(mean + eps), inv_norm: 1 / (rms + eps).
+    if RMS_INV_NORM:
         r = 1.0 / (tl.sqrt_rn(ss) / tl.sqrt_rn(D * 1.0) + eps)
+    else:
+        r = 1.0 / tl.sqrt_rn(ss / D + eps)
     return r
 
 
@@ -117,7 +118,8 @@ def _coef_fwd_kernel(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
                      pre_ptr, post_ptr, res_ptr, proj_ptr,
                      T, D, n_split, eps,
                      N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                     BT: tl.constexpr, ITERS: tl.constexpr, DEEPSEEK: tl.constexpr):
+                     BT: tl.constexpr, ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
+                     PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr):
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
     mt = t < T
@@ -147,7 +149,7 @@ def _coef_fwd_kernel(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
     tl.store(proj_ptr + t2 * KP + N + n2, p_post, mask=m2)
     tl.store(proj_ptr + t3 * KP + k_res, p_res, mask=m3)
     tl.store(proj_ptr + t * KP + K, ss, mask=mt)
-    r = _rms(ss, D, eps, DEEPSEEK)
+    r = _rms(ss, D, eps, RMS_INV_NORM)
     a_pre, a_post, a_res = _load_alphas(apre_ptr, apost_ptr, ares_ptr)
     # Eq. 16: h = r * proj * alpha + bias, per group [pre | post | res].
     b_pre = tl.load(bias_ptr + n2, mask=mn[None, :], other=0.0).to(tl.float32)
@@ -156,15 +158,15 @@ def _coef_fwd_kernel(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
     h_pre = r[:, None] * p_pre * a_pre + b_pre
     h_post = r[:, None] * p_post * a_post + b_post
     h_res = r[:, None, None] * p_res * a_res + b_res
-    # Eq. 17-18: H_pre = sigmoid (+eps in deepseek), H_post = 2 sigmoid.
+    # Eq. 17-18: H_pre = sigmoid (+eps with PRE_EPS), H_post = 2 sigmoid.
     H_pre = tl.sigmoid(h_pre)
-    if DEEPSEEK:
+    if PRE_EPS:
         H_pre = H_pre + eps
     H_post = 2.0 * tl.sigmoid(h_post)
     tl.store(pre_ptr + t2 * N + n2, H_pre, mask=m2)
     tl.store(post_ptr + t2 * N + n2, H_post, mask=m2)
     # Eq. 19: Sinkhorn-Knopp on the N x N logits, in registers.
-    M = sinkhorn_fwd(h_res, valid, eps, ITERS, DEEPSEEK)
+    M = sinkhorn_fwd(h_res, valid, eps, ITERS, SINKHORN_SOFTMAX)
     tl.store(res_ptr + t3 * (N * N) + i3 * N + j3, M, mask=m3)
 
 
@@ -174,8 +176,8 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, bias_ptr,
                      hist_ptr, dproj_ptr, coef_ptr, dbias_part_ptr, dalpha_part_ptr,
                      T, D, eps,
                      N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                     BT: tl.constexpr, ITERS: tl.constexpr, DEEPSEEK: tl.constexpr,
-                     DP_SPLIT: tl.constexpr):
+                     BT: tl.constexpr, ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
+                     RMS_INV_NORM: tl.constexpr, DP_SPLIT: tl.constexpr):
     pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
     mt = t < T
@@ -194,7 +196,7 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, bias_ptr,
     p_post = tl.load(proj_ptr + t2 * KP + N + n2, mask=m2, other=0.0)
     p_res = tl.load(proj_ptr + t3 * KP + k_res, mask=m3, other=0.0)
     ss = tl.load(proj_ptr + t * KP + K, mask=mt, other=0.0)
-    r = _rms(ss, D, eps, DEEPSEEK)
+    r = _rms(ss, D, eps, RMS_INV_NORM)
     a_pre, a_post, a_res = _load_alphas(apre_ptr, apost_ptr, ares_ptr)
     b_pre = tl.load(bias_ptr + n2, mask=mn[None, :], other=0.0).to(tl.float32)
     b_post = tl.load(bias_ptr + N + n2, mask=mn[None, :], other=0.0).to(tl.float32)
@@ -209,7 +211,7 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, bias_ptr,
     dh_post = tl.load(dpost_ptr + t2 * N + n2, mask=m2, other=0.0) * 2.0 * s_post * (1.0 - s_post)
     dH_res = tl.load(dres_ptr + t3 * (N * N) + i3 * N + j3, mask=m3, other=0.0)
     hist = hist_ptr + pid.to(tl.int64) * ((2 * ITERS) * BT * NP * NP)
-    dh_res = sinkhorn_bwd(h_res, dH_res, valid, hist, eps, ITERS, DEEPSEEK, BT, NP)
+    dh_res = sinkhorn_bwd(h_res, dH_res, valid, hist, eps, ITERS, SINKHORN_SOFTMAX, BT, NP)
     dh_pre = tl.where(m2, dh_pre, 0.0)
     dh_post = tl.where(m2, dh_post, 0.0)
     dh_res = tl.where(m3, dh_res, 0.0)
@@ -247,12 +249,12 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, bias_ptr,
     g_post = tl.sum(dh_post * p_post, axis=1)
     g_res = tl.sum(tl.sum(dh_res * p_res, axis=2), axis=1)
     dr = g_pre * a_pre + g_post * a_post + g_res * a_res
-    # d r / d x = c * x with c = -r^3 / D (deepseek) or -r^2 / (D rms) (megatron_dsv4).
-    if DEEPSEEK:
-        coef = -dr * r * r * r / D
-    else:
+    # d r / d x = c * x with c = -r^3 / D (rsqrt_mean) or -r^2 / (D rms) (inv_norm).
+    if RMS_INV_NORM:
         rms = tl.sqrt_rn(ss) / tl.sqrt_rn(D * 1.0)
         coef = tl.where(rms > 0.0, -dr * r * r / (D * tl.where(rms > 0.0, rms, 1.0)), 0.0)
+    else:
+        coef = -dr * r * r * r / D
     tl.store(coef_ptr + t, coef, mask=mt)
     # Per-program partials of d bias [KP] and d alpha [4]; summed by _finalize_kernel.
     db = dbias_part_ptr + pid * KP
@@ -416,20 +418,22 @@ def proj_forward(x_TD, w_KD, K, KP, bf16):
     return part
 
 
-def coef_epilogue(part, bias_K, alphas, N, D, iters, deepseek, eps):
-    """Launch (2): gates + Sinkhorn.  Returns H_pre, H_post, H_res and proj [T, KP]
-    (lane K: sum of squares over D)."""
+def coef_epilogue(part, bias_K, alphas, N, D, iters, conv, eps):
+    """Launch (2): gates + Sinkhorn under convention ``conv`` (name or record).  Returns H_pre,
+    H_post, H_res and proj [T, KP] (lane K: sum of squares over D)."""
     S, T, KP = part.shape
     dev = part.device
     BT = CONFIG["coef_bt"]
+    f = convention(conv).kernel_flags()
     H_pre = torch.empty((T, N), dtype=torch.float32, device=dev)
     H_post = torch.empty((T, N), dtype=torch.float32, device=dev)
     H_res = torch.empty((T, N, N), dtype=torch.float32, device=dev)
     proj = torch.empty((T, KP), dtype=torch.float32, device=dev)
     _coef_fwd_kernel[(triton.cdiv(T, BT),)](
         part, bias_K, *alphas, H_pre, H_post, H_res, proj, T, D, S, eps,
-        N=N, NP=_pow2(N), K=N * N + 2 * N, KP=KP, BT=BT, ITERS=iters, DEEPSEEK=deepseek,
-        num_warps=4)
+        N=N, NP=_pow2(N), K=N * N + 2 * N, KP=KP, BT=BT, ITERS=iters,
+        SINKHORN_SOFTMAX=f["SINKHORN_SOFTMAX"], PRE_EPS=f["PRE_EPS"],
+        RMS_INV_NORM=f["RMS_INV_NORM"], num_warps=4)
     return H_pre, H_post, H_res, proj
 
 
@@ -440,9 +444,8 @@ def _f32(g):
 class Coefficients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TNC, weight_KD, bias_K, alpha_pre, alpha_post, alpha_res,
-                iters, convention, eps):
-        if convention not in ("deepseek", "megatron_dsv4"):
-            raise ValueError(f"unknown mhc_convention {convention!r}")
+                iters, conv, eps):
+        conv = convention(conv)
         T, N, C = x_TNC.shape
         D = N * C
         K = N * N + 2 * N
@@ -456,18 +459,18 @@ class Coefficients(torch.autograd.Function):
         if not bias_K.is_contiguous():
             bias_K = bias_K.contiguous()
         alphas = (alpha_pre, alpha_post, alpha_res)
-        deepseek = convention == "deepseek"
         part = proj_forward(x_TD, w_KD, K, KP, bf16)
         H_pre, H_post, H_res, proj = coef_epilogue(part, bias_K, alphas, N, D, iters,
-                                                   deepseek, eps)
+                                                   conv, eps)
         ctx.save_for_backward(x_TD, w_KD, bias_K, alpha_pre, alpha_post, alpha_res, proj)
-        ctx.meta = (T, N, C, K, KP, bf16, iters, deepseek, eps)
+        ctx.meta = (T, N, C, K, KP, bf16, iters, conv, eps)
         return H_pre, H_post, H_res
 
     @staticmethod
     def backward(ctx, dH_pre, dH_post, dH_res):
         x_TD, w_KD, bias, a_pre, a_post, a_res, proj = ctx.saved_tensors
-        T, N, C, K, KP, bf16, iters, deepseek, eps = ctx.meta
+        T, N, C, K, KP, bf16, iters, conv, eps = ctx.meta
+        f = conv.kernel_flags()
         D = N * C
         dev = x_TD.device
         NP = _pow2(N)
@@ -502,7 +505,9 @@ class Coefficients(torch.autograd.Function):
         _coef_bwd_kernel[(G,)](dH_pre, dH_post, dH_res, proj, bias, a_pre, a_post, a_res,
                                hist, dproj, coef, dbias_part, dalpha_part, T, D, eps,
                                N=N, NP=NP, K=K, KP=KP, BT=BT, ITERS=iters,
-                               DEEPSEEK=deepseek, DP_SPLIT=presplit, num_warps=cwarps)
+                               SINKHORN_SOFTMAX=f["SINKHORN_SOFTMAX"],
+                               RMS_INV_NORM=f["RMS_INV_NORM"], DP_SPLIT=presplit,
+                               num_warps=cwarps)
         dx_TD = torch.empty_like(x_TD)
         _proj_bwd_kernel[(n_d, S)](x_TD, w_KD, dproj, coef, dx_TD, dw_part,
                                    T, D, t_per_split, K=K, KP=KP, BT=BTb, BD=BD,

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from mhc_model.conventions import Convention
+from mhc_model.conventions import convention as convention_record
 from mhc_model.kernels.triton_coef import Coefficients
 from mhc_model.kernels.triton_stream import Aggregate, MixPost
 
 
 def coefficients(x_TNC: Tensor, weight_KD: Tensor, bias_K: Tensor, alpha_pre: Tensor,
-                 alpha_post: Tensor, alpha_res: Tensor, *, iters: int, convention: str,
+                 alpha_post: Tensor, alpha_res: Tensor, *, iters: int,
+                 convention: str | Convention,
                  eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
     """(H_pre [T,N], H_post [T,N], H_res [T,N,N]) fp32, as ``mhc_ref.coefficients``."""
     return Coefficients.apply(x_TNC, weight_KD, bias_K, alpha_pre, alpha_post, alpha_res,
-                              int(iters), convention, float(eps))
+                              int(iters), convention_record(convention), float(eps))
 
 
 def aggregate(x_TNC: Tensor, H_pre_TN: Tensor) -> Tensor:
@@ -28,6 +31,7 @@ def aggregate(x_TNC: Tensor, H_pre_TN: Tensor) -> Tensor:
 
 
 def mix_post(x_TNC: Tensor, H_res_TNN: Tensor, H_post_TN: Tensor, y_TC: Tensor,
-             convention: str) -> Tensor:
+             convention: str | Convention) -> Tensor:
     """x' [T,N,C] = mix(H_res, x) + H_post * y, as ``mhc_ref.mix_post``."""
-    return MixPost.apply(x_TNC, H_res_TNN, H_post_TN, y_TC, convention)
+    return MixPost.apply(x_TNC, H_res_TNN, H_post_TN, y_TC,
+                         convention_record(convention))

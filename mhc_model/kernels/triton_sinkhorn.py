@@ -4,9 +4,10 @@ NP is N rounded up to a power of two; ``valid`` [1, NP, NP] masks the real N x N
 Padded entries are kept at exactly 0 and every denominator carries +eps, so padding never
 produces NaN and never leaks into the real block.
 
-Conventions (DESIGN.md section 1):
-  deepseek       M = softmax_row(L) + eps; col; (iters - 1) x {row, col}   -> 2*iters - 1 steps
-  megatron_dsv4  M = exp(L - rowmax);       iters x {row, col}             -> 2*iters steps
+Forms (``Convention.sinkhorn``, DESIGN.md section 1), selected by the constexpr SOFTMAX:
+  softmax_first (SOFTMAX)  M = softmax_row(L) + eps; col; (iters - 1) x {row, col}
+                                                                    -> 2*iters - 1 steps
+  exp_rowmax               M = exp(L - rowmax);       iters x {row, col}  -> 2*iters steps
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ def _softmax(E):
 
 
 @triton.jit
-def sinkhorn_fwd(L, valid, eps, ITERS: tl.constexpr, DEEPSEEK: tl.constexpr):
+def sinkhorn_fwd(L, valid, eps, ITERS: tl.constexpr, SOFTMAX: tl.constexpr):
     Lm, mx, E = _init(L, valid)
-    if DEEPSEEK:
+    if SOFTMAX:
         M = tl.where(valid, _softmax(E) + eps, 0.0)
         M = M / (tl.sum(M, axis=1, keep_dims=True) + eps)
         for _ in range(ITERS - 1):
@@ -58,7 +59,7 @@ def _norm_bwd(G, Min, valid, eps, AXIS: tl.constexpr):
 
 
 @triton.jit
-def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, DEEPSEEK: tl.constexpr,
+def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, SOFTMAX: tl.constexpr,
                  BT: tl.constexpr, NP: tl.constexpr):
     """Gradient of the unrolled iteration w.r.t. the logits L.
 
@@ -70,7 +71,7 @@ def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, DEEPSEEK: tl.cons
     off = (tl.arange(0, BT)[:, None, None] * (NP * NP) + tl.arange(0, NP)[None, :, None] * NP
            + tl.arange(0, NP)[None, None, :])
     Lm, mx, E = _init(L, valid)
-    if DEEPSEEK:
+    if SOFTMAX:
         # steps: col, then (ITERS - 1) x {row, col}
         P = _softmax(E)
         M = tl.where(valid, P + eps, 0.0)
@@ -97,7 +98,7 @@ def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, DEEPSEEK: tl.cons
         s = base + 2 * (pairs - 1 - k)
         G = _norm_bwd(G, tl.load(hist + (s + 1) * (BT * NP * NP) + off), valid, eps, 1)
         G = _norm_bwd(G, tl.load(hist + s * (BT * NP * NP) + off), valid, eps, 2)
-    if DEEPSEEK:
+    if SOFTMAX:
         G = _norm_bwd(G, tl.load(hist + off), valid, eps, 1)
         # M0 = softmax(L) + eps: softmax backward, row-wise.
         dL = P * (G - tl.sum(G * P, axis=2, keep_dims=True))

@@ -2,7 +2,7 @@
 
 aggregate   u = sum_j H_pre[j] x_j                        (F_pre, paper Eq. 3 / 14)
 mix_post    x'[i] = sum_j Hm[i,j] x_j + H_post[i] y       (F_post,res, Eq. 3)
-            Hm = H_res^T (deepseek) or H_res (megatron_dsv4)
+            Hm = H_res^T (MIX_T: Convention.mix_transposed) or H_res
 
 All arithmetic is fp32 in registers; streams are read and written once in their own dtype.
 Backward kernels run one program per token and loop over C so the reductions over C that
@@ -16,6 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mhc_model.conventions import convention
 from mhc_model.kernels.triton_coef import _pow2
 
 
@@ -60,7 +61,7 @@ def _agg_bwd_kernel(x_ptr, h_ptr, du_ptr, dx_ptr, dh_ptr, C, N: tl.constexpr,
 
 @triton.jit
 def _mix_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, C, N: tl.constexpr,
-                    NP: tl.constexpr, BC: tl.constexpr, DEEPSEEK: tl.constexpr):
+                    NP: tl.constexpr, BC: tl.constexpr, MIX_T: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, NP)[:, None, None]
     j = tl.arange(0, NP)[None, :, None]
@@ -68,7 +69,7 @@ def _mix_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, C, N: tl.constex
     mi = i < N
     mj = j < N
     mc = c < C
-    if DEEPSEEK:  # noqa: SIM108 (constexpr branch); Hm[i, j] = H[j, i]
+    if MIX_T:  # noqa: SIM108 (constexpr branch); Hm[i, j] = H[j, i]
         hoff = j * N + i
     else:
         hoff = i * N + j
@@ -83,13 +84,13 @@ def _mix_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, C, N: tl.constex
 @triton.jit
 def _mix_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr,
                     dy_ptr, C, N: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
-                    DEEPSEEK: tl.constexpr):
+                    MIX_T: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, NP)[:, None, None]
     j = tl.arange(0, NP)[None, :, None]
     mi = i < N
     mj = j < N
-    if DEEPSEEK:  # noqa: SIM108 (constexpr branch)
+    if MIX_T:  # noqa: SIM108 (constexpr branch)
         hoff = j * N + i
     else:
         hoff = i * N + j
@@ -166,9 +167,8 @@ class Aggregate(torch.autograd.Function):
 
 class MixPost(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_TNC, H_res_TNN, H_post_TN, y_TC, convention):
-        if convention not in ("deepseek", "megatron_dsv4"):
-            raise ValueError(f"unknown mhc_convention {convention!r}")
+    def forward(ctx, x_TNC, H_res_TNN, H_post_TN, y_TC, conv):
+        mix_t = convention(conv).mix_transposed
         x = x_TNC.contiguous()
         hr = H_res_TNN.float().contiguous()
         hp = H_post_TN.float().contiguous()
@@ -177,18 +177,17 @@ class MixPost(torch.autograd.Function):
         NP = _pow2(N)
         out = torch.empty_like(x)
         BC, warps = _bc(C, NP, "mix_fwd", True)
-        deepseek = convention == "deepseek"
         if T > 0:
             _mix_fwd_kernel[(T, triton.cdiv(C, BC))](x, hr, hp, y, out, C, N=N, NP=NP, BC=BC,
-                                                     DEEPSEEK=deepseek, num_warps=warps)
+                                                     MIX_T=mix_t, num_warps=warps)
         ctx.save_for_backward(x, hr, hp, y)
-        ctx.meta = (deepseek, H_res_TNN.dtype, H_post_TN.dtype)
+        ctx.meta = (mix_t, H_res_TNN.dtype, H_post_TN.dtype)
         return out
 
     @staticmethod
     def backward(ctx, g_TNC):
         x, hr, hp, y = ctx.saved_tensors
-        deepseek, hr_dtype, hp_dtype = ctx.meta
+        mix_t, hr_dtype, hp_dtype = ctx.meta
         T, N, C = x.shape
         NP = _pow2(N)
         g = g_TNC.contiguous()
@@ -199,5 +198,5 @@ class MixPost(torch.autograd.Function):
         BC, warps = _bc(C, NP, "mix_bwd", True)
         if T > 0:
             _mix_bwd_kernel[(T,)](x, hr, hp, y, g, dx, dhr, dhp, dy, C, N=N, NP=NP, BC=BC,
-                                  DEEPSEEK=deepseek, num_warps=warps)
+                                  MIX_T=mix_t, num_warps=warps)
         return dx, dhr.to(hr_dtype), dhp.to(hp_dtype), dy, None

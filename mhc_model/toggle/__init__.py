@@ -7,6 +7,20 @@ Three routes apply the same ``Plan``: ``mhc_convert.engine`` to a lazy checkpoin
 to a DCP load; so "both toggle routes give identical state" holds by construction.
 """
 
-from mhc_model.toggle.plan import Add, Drop, Plan, Rename, make_plan, plan_for_model
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mhc_model.toggle.plan import Add, Drop, Plan, Rename, make_plan, plan_for_model
 
 __all__ = ["Add", "Drop", "Plan", "Rename", "make_plan", "plan_for_model"]
+
+
+def __getattr__(name: str) -> Any:
+    """The planner is imported on first use: ``codec`` alone (key strings) needs no torch."""
+    if name in __all__:
+        from mhc_model.toggle import plan
+
+        return getattr(plan, name)
+    raise AttributeError(f"module 'mhc_model.toggle' has no attribute {name!r}")

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
-
-from torch import Tensor
+from typing import TYPE_CHECKING
 
 from mhc_model.errors import MixedLayoutError
 from mhc_model.specs import LAYER_SPECS, Splits
+
+if TYPE_CHECKING:  # annotations only: the codec works on key strings
+    from torch import Tensor
 
 LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
 INNER = "inner_layer"

@@ -19,10 +19,13 @@ from mhc_model.toggle.plan import NEW_PARAM_OPT_STATE, Add, ParamId
 
 
 class NewValues:
-    """``values(add)`` -> the tensor for one planned ``Add`` of ``target``'s mHC parameters."""
+    """``values(add)`` -> the tensor for one planned ``Add`` of ``target``'s mHC parameters.
+    ``param_dtype``: the dtype of the model values (fp32 in ``mhc_model``; a target that keeps
+    mHC parameters in the params dtype gets them rounded); optimizer states are fp32."""
 
-    def __init__(self, target: HybridConfig, init: str = "exact"):
-        self.target, self.init = target, init
+    def __init__(self, target: HybridConfig, init: str = "exact",
+                 param_dtype: torch.dtype = torch.float32):
+        self.target, self.init, self.param_dtype = target, init, param_dtype
         self._drawn: dict[tuple[str, int | None], dict[str, Tensor]] = {}
 
     def param(self, what: ParamId) -> Tensor:
@@ -34,7 +37,9 @@ class NewValues:
         return self._drawn[kind, layer][name]
 
     def __call__(self, add: Add) -> Tensor:
-        if add.opt_state is None or NEW_PARAM_OPT_STATE[add.opt_state] == "value":
+        if add.opt_state is None:
+            return self.param(add.what).to(self.param_dtype).contiguous()
+        if NEW_PARAM_OPT_STATE[add.opt_state] == "value":  # the fp32 master copy
             return self.param(add.what).float().contiguous()
         return torch.zeros(add.shape, dtype=torch.float32)  # fresh Adam moments
 

@@ -2,9 +2,10 @@
 
 Streams that start identical stay identical, and each equals the mHC-off residual, when at every
 layer: all alpha = 0 (no token-dependent mapping), H_post is one constant c for all streams, and
-the mixing matrix gives every stream gain 1 (deepseek: column sums of H_res, applied as H^T;
-megatron_dsv4: row sums). The aggregate's scale sum_j H_pre[j] is absorbed by the layer's
-scale-invariant pre-norm, and the learned head's (with hc_head_scale = 0) by the final norm.
+the mixing matrix gives every stream gain 1 (``conventions.stream_gain``: column sums of H_res
+where the mix applies H^T, row sums otherwise). The aggregate's scale sum_j H_pre[j] is absorbed
+by the layer's scale-invariant pre-norm, and the learned head's (with hc_head_scale = 0) by
+the final norm.
 A constant H_post = c != 1 is not a pure rename: it folds into the layer's output
 projections (y = F(u) is linear in them), W <- c W. ``Verdict.folds`` lists those layers; the
 fold is exact to the rounding of c W in the params dtype. Adam's moments cannot follow a
@@ -22,6 +23,7 @@ from torch import Tensor
 
 from mhc_model import mhc_ref
 from mhc_model.config import HybridConfig
+from mhc_model.conventions import convention, stream_gain
 from mhc_model.errors import ToggleError
 from mhc_model.toggle.codec import HEAD_PREFIX, hc_key, mhc_param_id
 from mhc_model.toggle.shapes import hc_keys
@@ -47,6 +49,7 @@ class Verdict:
 
 def check_disable(cfg: HybridConfig, values: dict[tuple[str, int | None, str], Tensor]) -> Verdict:
     n = cfg.mhc.num_residual_streams
+    conv = convention(cfg.mhc.mhc_convention)
     problems: list[str] = []
     notes: list[str] = []
     pre_sums = []
@@ -57,8 +60,7 @@ def check_disable(cfg: HybridConfig, values: dict[tuple[str, int | None, str], T
             problems.append(f"layer {i}: alpha != 0 (token-dependent mappings)")
             continue
         bias = values[("hc", i, "bias")].float()
-        h_pre = torch.sigmoid(bias[:n]) + (cfg.mhc.mhc_eps if cfg.mhc.mhc_convention == "deepseek"
-                                          else 0.0)
+        h_pre = torch.sigmoid(bias[:n]) + (cfg.mhc.mhc_eps if conv.h_pre_eps else 0.0)
         pre_sums.append(h_pre.sum().item())
         h_post = 2 * torch.sigmoid(bias[n:2 * n])
         if (h_post - h_post[0]).abs().max().item() > POST_TOL:
@@ -67,7 +69,7 @@ def check_disable(cfg: HybridConfig, values: dict[tuple[str, int | None, str], T
             folds[i] = h_post[0].item()
         H = mhc_ref.sinkhorn(bias[2 * n:].reshape(1, n, n), cfg.mhc.mhc_sinkhorn_iterations,
                              cfg.mhc.mhc_convention, cfg.mhc.mhc_eps)[0]
-        gain = H.sum(0) if cfg.mhc.mhc_convention == "deepseek" else H.sum(1)
+        gain = stream_gain(conv, H)
         if (gain - 1).abs().max().item() > GAIN_TOL:
             problems.append(f"layer {i}: stream gains {gain.tolist()} are not 1")
     if cfg.mhc.mhc_output_contract == "learned":

@@ -114,7 +114,10 @@ def test_roundtrip_bitwise_and_args(tp1, on_mean, on_learned, tmp_path, contract
     assert (on / TRACKER).read_text() == (run / TRACKER).read_text()
     assert mid["args"].enable_hyper_connections is True
     assert mid["args"].num_residual_streams == 4
-    assert mid["args"].mhc_output_contract == contract
+    # our metadata sits beside Megatron's args, never in them (not Megatron fields)
+    assert mid["mhc"]["mhc_output_contract"] == contract
+    assert not hasattr(mid["args"], "mhc_output_contract")
+    assert not hasattr(mid["args"], "mhc_convention")
     assert mid["iteration"] == 100 and mid["checkpoint_version"] == 3.0
     assert ("decoder.hc_head_fn" in mid["model"]) == (contract == "learned")
     back = tmp_path / "back"

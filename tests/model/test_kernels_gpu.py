@@ -19,10 +19,11 @@ import torch
 
 from mhc_model import kernels as K
 from mhc_model import mhc_ref as R
+from mhc_model.conventions import CONVENTIONS
 
 pytestmark = pytest.mark.gpu
 
-CONVS = ["deepseek", "megatron_dsv4"]
+CONVS = list(CONVENTIONS)  # every row of the table
 DTYPES = [torch.bfloat16, torch.float32]
 NS = [2, 4, 6]
 CS = [1000, 256]
@@ -126,10 +127,11 @@ def test_coefficients_few_iters(conv, iters):
     _check_coefficients(_coef_inputs(4, 1000, torch.float32, gen), iters, conv)
 
 
-def test_coefficients_many_tokens_split_paths():
+@pytest.mark.parametrize("conv", CONVS)
+def test_coefficients_many_tokens_split_paths(conv):
     # T spanning many token blocks exercises both split-reduction layouts (over D and T).
     gen = torch.Generator(device="cuda").manual_seed(11)
-    _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001), 20, "deepseek")
+    _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001), 20, conv)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from mhc_model import mhc_ref
+from mhc_model.conventions import CONVENTIONS as TABLE
 
-CONVENTIONS = ["deepseek", "megatron_dsv4"]
+CONVENTIONS = list(TABLE)
 
 
 @pytest.mark.parametrize("convention", CONVENTIONS)
@@ -94,4 +95,122 @@ def test_contract_learned_at_exact_point_is_mean():
     eps = 1e-6
     base = torch.full((n,), float(torch.logit(torch.tensor(1 / n - eps, dtype=torch.float64))))
     out = mhc_ref.contract_learned(x, torch.randn(n, n * C), base, torch.zeros(1), eps)
+    torch.testing.assert_close(out, x.mean(1), atol=1e-6, rtol=1e-6)
+
+
+def _naive_coefficients(x, W, b, alphas, iters, eps, *, softmax_first, pre_eps, inv_norm):
+    """Per-token, per-entry loops in float64, written from DESIGN.md §1's table (no torch
+    reductions over the mapping, no shared code with mhc_ref)."""
+    import math
+
+    T, n, C = x.shape
+    K = n * n + 2 * n
+    pre, post, res = [], [], []
+    for t in range(T):
+        xf = [float(v) for v in x[t].reshape(-1)]
+        ss = sum(v * v for v in xf)
+        r = (1.0 / (math.sqrt(ss) / math.sqrt(len(xf)) + eps) if inv_norm
+             else 1.0 / math.sqrt(ss / len(xf) + eps))
+        proj = [sum(float(W[k, d]) * xf[d] for d in range(len(xf))) for k in range(K)]
+        scale = [alphas[0]] * n + [alphas[1]] * n + [alphas[2]] * (n * n)
+        h = [r * proj[k] * scale[k] + float(b[k]) for k in range(K)]
+        sig = [1.0 / (1.0 + math.exp(-v)) for v in h]
+        pre.append([s + (eps if pre_eps else 0.0) for s in sig[:n]])
+        post.append([2.0 * s for s in sig[n:2 * n]])
+        L = [[h[2 * n + i * n + j] for j in range(n)] for i in range(n)]
+
+        def rows(M):
+            return [[M[i][j] / (sum(M[i]) + eps) for j in range(n)] for i in range(n)]
+
+        def cols(M):
+            cs = [sum(M[i][j] for i in range(n)) for j in range(n)]
+            return [[M[i][j] / (cs[j] + eps) for j in range(n)] for i in range(n)]
+
+        if softmax_first:
+            M = []
+            for i in range(n):
+                e = [math.exp(v - max(L[i])) for v in L[i]]
+                M.append([v / sum(e) + eps for v in e])
+            M = cols(M)
+            steps = iters - 1
+        else:
+            M = [[math.exp(v - max(L[i])) for v in L[i]] for i in range(n)]
+            steps = iters
+        for _ in range(steps):
+            M = cols(rows(M))
+        res.append(M)
+    f64 = torch.float64
+    return torch.tensor(pre, dtype=f64), torch.tensor(post, dtype=f64), torch.tensor(res, dtype=f64)
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("rms", [1.0, 0.02])
+@pytest.mark.parametrize("n", [2, 3])
+def test_coefficients_match_a_naive_loop(convention, rms, n):
+    """Every table row against loops driven by its fields; rms 0.02 is where the RMS forms
+    differ most (the +eps sits outside vs inside the square root)."""
+    conv = TABLE[convention]
+    g = torch.Generator().manual_seed(10 * n)
+    T, C, iters, eps = 4, 5, 7, 1e-6
+    x = rms * torch.randn(T, n, C, generator=g)
+    W = torch.randn(n * n + 2 * n, n * C, generator=g) / (n * C) ** 0.5
+    b = 0.5 * torch.randn(n * n + 2 * n, generator=g)
+    alphas = (0.7, 1.3, 0.9)
+    got = mhc_ref.coefficients(x, W, b, *(torch.tensor([a]) for a in alphas), iters=iters,
+                               convention=convention, eps=eps)
+    want = _naive_coefficients(x.double(), W.double(), b.double(), alphas, iters, eps,
+                               softmax_first=conv.sinkhorn == "softmax_first",
+                               pre_eps=conv.h_pre_eps, inv_norm=conv.rms_factor == "inv_norm")
+    for a, w in zip(got, want):
+        torch.testing.assert_close(a.double(), w, atol=2e-6, rtol=2e-6)
+
+
+def test_megatron_dev_combines_deepseek_sinkhorn_with_the_norm_rms():
+    """megatron_dev = deepseek's Sinkhorn, H^T mix and +eps on H_pre, megatron_dsv4's RMS."""
+    logits = torch.randn(8, 4, 4, generator=torch.Generator().manual_seed(0)) * 3
+    assert torch.equal(mhc_ref.sinkhorn(logits, 5, "megatron_dev"),
+                       mhc_ref.sinkhorn(logits, 5, "deepseek"))
+    x = 0.02 * torch.randn(4, 32)
+    assert torch.equal(mhc_ref.rms_factor(x, "megatron_dev"),
+                       mhc_ref.rms_factor(x, "megatron_dsv4"))
+    assert not torch.allclose(mhc_ref.rms_factor(x, "megatron_dev"),
+                              mhc_ref.rms_factor(x, "deepseek"), rtol=1e-4, atol=0)
+    g = torch.Generator().manual_seed(1)
+    xs, H = torch.randn(3, 3, 5, generator=g), torch.rand(3, 3, 3, generator=g)
+    post, y = torch.rand(3, 3, generator=g), torch.randn(3, 5, generator=g)
+    assert torch.equal(mhc_ref.mix_post(xs, H, post, y, "megatron_dev"),
+                       mhc_ref.mix_post(xs, H, post, y, "deepseek"))
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_exact_pre_bias_sums_to_one(convention, n):
+    """At the exact enable point sum_j H_pre[j] = 1 under each convention's H_pre eps."""
+    from mhc_model.hyper_connection import exact_hc_tensors
+    from tests.model.helpers import tiny_config
+
+    cfg = tiny_config("-", mhc=True, n=n, convention=convention)
+    p = exact_hc_tensors(cfg, 0)
+    x = torch.randn(6, n, cfg.hidden_size)
+    H_pre, H_post, _ = mhc_ref.coefficients(
+        x, p["mapping_proj.weight"], p["bias"], p["alpha_pre"], p["alpha_post"], p["alpha_res"],
+        iters=20, convention=convention)
+    torch.testing.assert_close(H_pre.sum(-1), torch.ones(6), atol=2e-7, rtol=0)
+    torch.testing.assert_close(H_post, torch.ones(6, n))
+
+
+@pytest.mark.parametrize("convention", CONVENTIONS)
+def test_learned_head_exact_point_uses_the_convention_eps(convention):
+    """exact_head_tensors and the stack's head use the same eps (mhc_eps for deepseek, the
+    model's norm_eps for the Megatron conventions), so the head returns the stream mean."""
+    from mhc_model.hyper_connection import exact_head_tensors, head_eps
+    from tests.model.helpers import tiny_config
+
+    cfg = tiny_config("-", mhc=True, n=4, convention=convention, contract="learned")
+    want = cfg.mhc.mhc_eps if TABLE[convention].head_eps == "mhc_eps" else cfg.norm_eps
+    assert head_eps(cfg) == want
+    p = exact_head_tensors(cfg)
+    x = torch.randn(10, 4, cfg.hidden_size)
+    out = mhc_ref.contract_learned(x, p["hc_head_fn"], p["hc_head_base"], p["hc_head_scale"],
+                                   head_eps(cfg))
     torch.testing.assert_close(out, x.mean(1), atol=1e-6, rtol=1e-6)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mhc_model import HybridModel, exact_enable_
+from mhc_model.conventions import CONVENTIONS as TABLE
 from tests.model.helpers import (
     ALL_PATTERNS,
     off_to_on,
@@ -14,7 +15,7 @@ from tests.model.helpers import (
     tokens,
 )
 
-CONVENTIONS = ["deepseek", "megatron_dsv4"]
+CONVENTIONS = list(TABLE)
 CONTRACTS = ["mean", "learned"]
 
 

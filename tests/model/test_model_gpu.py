@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from mhc_model import HybridModel, exact_enable_
+from mhc_model.conventions import CONVENTIONS
 from tests.model.helpers import off_to_on, perturb_norms_, tiny_config, tokens
 
 pytestmark = pytest.mark.gpu
@@ -21,7 +22,7 @@ def _grads(cfg, monkeypatch, kernels: str):
                                      if p.grad is not None}
 
 
-@pytest.mark.parametrize("convention", ["deepseek", "megatron_dsv4"])
+@pytest.mark.parametrize("convention", list(CONVENTIONS))
 def test_fused_equals_reference_fp32(monkeypatch, convention):
     cfg = tiny_config("M-*E-", mhc=True, convention=convention, contract="learned")
     la, ga = _grads(cfg, monkeypatch, "")
