@@ -17,8 +17,10 @@ files, ``git ls-files``), never to this working tree, so an interrupted run leav
 restore; each mutated file is restored in the copy (try/finally) before the next mutant. The
 tests run with this interpreter and ``PYTHONPATH`` set to the copy (checked: ``mhc_model``
 must import from the copy). A mutant is killed when its tests fail (pytest exit 1), error in
-collection (2), or time out; "no tests ran" (exit 4/5) is an error of the mutant list.
-Exit status: 0 when every mutant is killed, 1 otherwise.
+collection (2), or time out; "no tests ran" (exit 4/5) is an error of the mutant list. First
+the union of the targeted tests runs once unmutated (the baseline): if it fails, no verdict
+would mean anything, and the run stops with exit 2.
+Exit status: 0 when every mutant is killed, 1 otherwise, 2 when the baseline fails.
 """
 
 from __future__ import annotations
@@ -61,19 +63,37 @@ MUTANTS: list[Mutant] = [
            "deepseek Sinkhorn runs one {row, col} round too many",
            ("tests/model/test_mhc_conventions.py",)),
     Mutant("sinkhorn-dsv4-iters", "mhc_model/mhc_ref.py",
-           "        for _ in range(iters):\n", "        for _ in range(iters - 1):\n",
-           "megatron_dsv4 Sinkhorn runs one {row, col} round too few",
+           "    for _ in range(iters):\n", "    for _ in range(iters - 1):\n",
+           "exp_rowmax (megatron_dsv4) Sinkhorn runs one {row, col} round too few",
            ("tests/model/test_mhc_conventions.py",)),
     Mutant("mix-transpose", "mhc_model/mhc_ref.py",
-           'eq = "tji,tjc->tic" if convention == "deepseek" else "tij,tjc->tic"',
-           'eq = "tij,tjc->tic" if convention == "deepseek" else "tji,tjc->tic"',
+           'eq = "tji,tjc->tic" if _resolve(convention).mix_transposed else "tij,tjc->tic"',
+           'eq = "tij,tjc->tic" if _resolve(convention).mix_transposed else "tji,tjc->tic"',
            "mix applies H where the convention says H^T (and vice versa)",
            ("tests/model/test_mhc_math.py::test_mix_transpose_convention",
             "tests/model/test_mhc_conventions.py")),
-    Mutant("rms-factor-eps-inside", "mhc_model/mhc_ref.py",
-           "        return 1.0 / (rms + eps)\n",
-           "        return torch.rsqrt(xf_TK.square().mean(dim=-1, keepdim=True) + eps)\n",
-           "megatron_dsv4 RMS factor replaced by the deepseek one",
+    Mutant("rms-factor-inv-norm", "mhc_model/mhc_ref.py",
+           "    return 1.0 / (rms + eps)\n",
+           "    return torch.rsqrt(xf_TK.square().mean(dim=-1, keepdim=True) + eps)\n",
+           "inv_norm RMS factor (megatron_dev, megatron_dsv4) replaced by rsqrt_mean",
+           ("tests/model/test_mhc_conventions.py",)),
+    # the Convention table (mhc_model/conventions.py): one field of one row changed
+    Mutant("table-dev-rms", "mhc_model/conventions.py",
+           '            rms_factor="inv_norm",\n            head_eps="layernorm_epsilon",\n'
+           '            params_dtype_rule="fp32",\n',
+           '            rms_factor="rsqrt_mean",\n            head_eps="layernorm_epsilon",\n'
+           '            params_dtype_rule="fp32",\n',
+           "megatron_dev row: RMS factor rsqrt_mean (deepseek's) instead of inv_norm",
+           ("tests/model/test_mhc_conventions.py",)),
+    Mutant("table-dsv4-mix", "mhc_model/conventions.py",
+           '            sinkhorn="exp_rowmax",\n            mix_transposed=False,\n',
+           '            sinkhorn="exp_rowmax",\n            mix_transposed=True,\n',
+           "megatron_dsv4 row: mix applies H^T",
+           ("tests/model/test_mhc_conventions.py",)),
+    Mutant("table-dsv4-pre-eps", "mhc_model/conventions.py",
+           '            mix_transposed=False,\n            h_pre_eps=False,\n',
+           '            mix_transposed=False,\n            h_pre_eps=True,\n',
+           "megatron_dsv4 row: H_pre gets + eps",
            ("tests/model/test_mhc_conventions.py",)),
     # ------------------------------------------------------------ Megatron factory splits
     Mutant("mamba-split-in_proj-BC", "mhc_model/specs.py",
@@ -155,11 +175,19 @@ MUTANTS: list[Mutant] = [
            "disable leaves enable_hyper_connections=True in args",
            ("tests/convert/test_engine.py::test_torch_dist_roundtrip_bitwise",
             "tests/convert/test_legacy_engine.py::test_roundtrip_bitwise_and_args")),
-    Mutant("megatron-args-convention", "mhc_model/megatron_args.py",
-           "    ns.mhc_convention = cfg.mhc.mhc_convention\n",
-           '    ns.mhc_convention = "deepseek"\n',
-           "megatron_args() records the deepseek convention for every model",
+    Mutant("megatron-args-sinkhorn", "mhc_model/megatron_args.py",
+           "        setattr(ns, MHC_FLAG_SPELLINGS[name][0], value)\n",
+           "        setattr(ns, MHC_FLAG_SPELLINGS[name][0],\n"
+           "                20 if name == 'mhc_sinkhorn_iterations' else value)\n",
+           "megatron_args() records 20 Sinkhorn iterations whatever the model uses",
            ("tests/model/test_megatron_args_roundtrip.py", "tests/model/test_config.py")),
+    Mutant("meta-convention-dropped", "mhc_convert/adapters/megatron_args.py",
+           "        out[MHC_META_KEY] = {name: getattr(target.mhc, name) for name in "
+           "MHC_META_FIELDS}\n",
+           "        out[MHC_META_KEY] = {name: getattr(target.mhc, name) for name in "
+           "MHC_META_FIELDS\n                             if name != 'mhc_convention'}\n",
+           "enable stops recording the convention beside Megatron's args",
+           ("tests/convert/test_convention_recorded.py",)),
     # ------------------------------------------------------------------------- planner
     Mutant("plan-optimizer-not-renamed", "mhc_model/toggle/plan.py",
            '        if p.segment in ("plain", "inner"):\n'
@@ -253,6 +281,8 @@ def main() -> int:
     ap.add_argument("--fallback", action="store_true",
                     help="rerun a survivor against the CPU suite (-x) before calling it alive")
     ap.add_argument("--list", action="store_true")
+    ap.add_argument("--no-baseline", action="store_true",
+                    help="skip the unmutated run of the targeted tests")
     ap.add_argument("--tests", nargs="+", help="run the selected mutants against these tests "
                     "instead of their own (e.g. to see whether older tests kill them)")
     args = ap.parse_args()
@@ -271,6 +301,15 @@ def main() -> int:
         copy = Path(tmp) / "repo"
         scratch_copy(copy)
         check_copy_is_imported(copy)
+        if not args.no_baseline:  # a test that fails unmutated would "kill" every mutant
+            tests = tuple(dict.fromkeys(t for m in mutants for t in m.tests))
+            verdict, by, dt = run_pytest(copy, tests, 1800)
+            print(f"  baseline (unmutated, {len(tests)} test paths): "
+                  f"{'passed' if verdict == 'survived' else 'FAILED ' + by} ({dt:.0f} s)",
+                  flush=True)
+            if verdict != "survived":
+                print("mutate.py: the targeted tests fail without any mutant; fix that first")
+                return 2
         for m in mutants:
             edits = [(m.file, m.original, m.replacement), *m.extra]
             saved: list[tuple[Path, str]] = []

@@ -17,9 +17,17 @@ import torch
 from mhc_model import mhc_ref
 
 EPS = 1e-6
+# DESIGN.md §1, restated here on purpose (not read from mhc_model.conventions): per convention
+# (Sinkhorn form, mix applies H^T, H_pre gets + eps, RMS factor form).
+TABLE = {
+    "deepseek": ("softmax_first", True, True, "rsqrt_mean"),
+    "megatron_dev": ("softmax_first", True, True, "inv_norm"),
+    "megatron_dsv4": ("exp_rowmax", False, False, "inv_norm"),
+}
+CONVENTIONS = sorted(TABLE)
 
 
-def naive_sinkhorn(L: list[list[float]], iters: int, convention: str) -> list[list[float]]:
+def naive_sinkhorn(L: list[list[float]], iters: int, form: str) -> list[list[float]]:
     n = len(L)
 
     def rows(M):
@@ -29,7 +37,7 @@ def naive_sinkhorn(L: list[list[float]], iters: int, convention: str) -> list[li
         s = [sum(M[i][j] for i in range(n)) for j in range(n)]
         return [[M[i][j] / (s[j] + EPS) for j in range(n)] for i in range(n)]
 
-    if convention == "deepseek":  # softmax per row + eps, a column step, (iters-1) x {row, col}
+    if form == "softmax_first":  # softmax per row + eps, a column step, (iters-1) x {row, col}
         M = []
         for r in L:
             e = [math.exp(v - max(r)) for v in r]
@@ -38,7 +46,7 @@ def naive_sinkhorn(L: list[list[float]], iters: int, convention: str) -> list[li
         for _ in range(iters - 1):
             M = cols(rows(M))
         return M
-    M = [[math.exp(v - max(r)) for v in r] for r in L]  # megatron_dsv4: iters x {row, col}
+    M = [[math.exp(v - max(r)) for v in r] for r in L]  # exp_rowmax: iters x {row, col}
     for _ in range(iters):
         M = cols(rows(M))
     return M
@@ -46,6 +54,7 @@ def naive_sinkhorn(L: list[list[float]], iters: int, convention: str) -> list[li
 
 def naive_site(x, W, b, alphas, iters, convention, y):
     """(H_pre, H_post, H_res, x') per token, every step a scalar loop."""
+    sink, transposed, pre_eps, rms = TABLE[convention]
     T, n, C = x.shape
     X, Wd, bd = x.double().tolist(), W.double().tolist(), b.double().tolist()
     Y = y.double().tolist()
@@ -55,20 +64,20 @@ def naive_site(x, W, b, alphas, iters, convention, y):
     for t in range(T):
         xf = [v for s in X[t] for v in s]
         D = len(xf)
-        if convention == "deepseek":
+        if rms == "rsqrt_mean":
             r = 1.0 / math.sqrt(sum(v * v for v in xf) / D + EPS)
         else:
             r = 1.0 / (math.sqrt(sum(v * v for v in xf)) / math.sqrt(D) + EPS)
         scale = [a_pre] * n + [a_post] * n + [a_res] * (n * n)
         h = [r * sum(Wd[k][d] * xf[d] for d in range(D)) * scale[k] + bd[k]
              for k in range(n * n + 2 * n)]
-        pre = [sig(h[j]) + (EPS if convention == "deepseek" else 0.0) for j in range(n)]
+        pre = [sig(h[j]) + (EPS if pre_eps else 0.0) for j in range(n)]
         post = [2.0 * sig(h[n + j]) for j in range(n)]
         H = naive_sinkhorn([[h[2 * n + i * n + j] for j in range(n)] for i in range(n)],
-                           iters, convention)
+                           iters, sink)
         mixed = []
         for i in range(n):
-            coef = [H[j][i] if convention == "deepseek" else H[i][j] for j in range(n)]
+            coef = [H[j][i] if transposed else H[i][j] for j in range(n)]
             mixed.append([sum(coef[j] * X[t][j][c] for j in range(n)) + post[i] * Y[t][c]
                           for c in range(C)])
         out.append((pre, post, H, mixed))
@@ -85,7 +94,7 @@ def _inputs(n, C, T=4, seed=0):
     return x, W, b, alphas, y
 
 
-@pytest.mark.parametrize("convention", ["deepseek", "megatron_dsv4"])
+@pytest.mark.parametrize("convention", CONVENTIONS)
 @pytest.mark.parametrize("iters", [1, 2, 3, 20])
 @pytest.mark.parametrize("n,C", [(2, 3), (4, 8)])
 def test_site_matches_naive(convention, iters, n, C):
@@ -108,7 +117,7 @@ def test_site_matches_naive(convention, iters, n, C):
                                atol=5e-6, rtol=0)
 
 
-@pytest.mark.parametrize("convention", ["deepseek", "megatron_dsv4"])
+@pytest.mark.parametrize("convention", CONVENTIONS)
 def test_site_matches_naive_for_tiny_streams(convention):
     """Streams of RMS ~1e-6, where the conventions' RMS factors part ways (eps inside the
     square root vs added to the norm: r ~ 1e3 vs ~5e5): at O(1) streams they agree to 1e-6."""
@@ -120,6 +129,12 @@ def test_site_matches_naive_for_tiny_streams(convention):
     for got, k in ((H_pre, 0), (H_post, 1), (H_res, 2)):
         want = torch.tensor([r[k] for r in ref], dtype=torch.float64)
         torch.testing.assert_close(got.double(), want, atol=2e-6, rtol=0)
+
+
+def test_table_covers_every_convention():
+    from mhc_model.conventions import CONVENTIONS as RECORDS
+
+    assert set(TABLE) == set(RECORDS)
 
 
 def test_inputs_are_far_from_the_exact_point():
