@@ -163,6 +163,12 @@ MUTANTS: list[Mutant] = [
            '        pass  # _check_types("config", self)  # sub-configs',
            "HybridConfig stops type-checking its own fields (fuzz finding)",
            ("tests/fuzz/test_fuzz_config.py::test_regression_config_field_types",)),
+    Mutant("hf-config-recursion", "mhc_convert/adapters/__init__.py",
+           "    except (OSError, ValueError, RecursionError):",
+           "    except (OSError, ValueError):",
+           "format detection lets deeply nested config.json raise RecursionError (fuzz finding)",
+           ("tests/fuzz/test_fuzz_config.py"
+            "::test_regression_deeply_nested_config_is_invalid_input",)),
     # ------------------------------------------------------------ Megatron args flags
     Mutant("flip-args-streams", "mhc_convert/adapters/megatron_args.py",
            "            setattr(new, name, value)\n",

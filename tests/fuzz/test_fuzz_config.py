@@ -96,3 +96,15 @@ def test_regression_config_field_types(name, tmp_path):
     with pytest.raises(InvalidInputError, match="invalid model config: .* must be"):
         engine.enable(SRC, tmp_path / "out", allow_nonfinite=True)  # a real (not dry) run
     assert not (tmp_path / "out").exists()
+
+
+# Found by test_fuzz_config_structured after the merge of the Hugging Face detection
+# (adapters._hf_config): 3000-deep nested arrays made its plain json.loads raise RecursionError,
+# which escaped detection.
+DEEP = b"[" * 3000 + b"]" * 3000
+
+
+def test_regression_deeply_nested_config_is_invalid_input(tmp_path):
+    (SRC / "config.json").write_bytes(DEEP)
+    with pytest.raises(InvalidInputError, match="not valid JSON"):
+        engine.inspect(SRC)
