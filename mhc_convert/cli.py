@@ -21,7 +21,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
-import click
 import typer
 from typer.core import TyperCommand, TyperGroup
 
@@ -301,13 +300,15 @@ def _command(*examples: str) -> Callable[[Callable[..., Any]], Any]:
 
 
 # ------------------------------------------------------------------------------ conversions
+def _hooks(ctx: typer.Context) -> Hooks:
+    """The hooks ``main`` read (tests: ``CliRunner().invoke(app, obj=Hooks(...))``), else none."""
+    return ctx.obj if isinstance(ctx.obj, Hooks) else NO_HOOKS
+
+
 def _convert(command: str, kwargs: dict[str, Any], *, as_json: bool, quiet: bool,
-             dry_run: bool, list_keys: bool) -> None:
+             dry_run: bool, list_keys: bool, hooks: Hooks = NO_HOOKS) -> None:
     from mhc_convert import distributed
 
-    # the hooks ``main`` read (tests: ``CliRunner().invoke(app, obj=Hooks(...))``), else none
-    ctx = click.get_current_context(silent=True)
-    hooks = ctx.obj if ctx is not None and isinstance(ctx.obj, Hooks) else NO_HOOKS
     main = not distributed.launched_rank(hooks)  # under torchrun only rank 0 prints (errors: all)
     with ui.Activity(enabled=main and not (quiet or as_json)) as activity:
         activity.step("loading torch")
@@ -384,6 +385,7 @@ def _paths(src: Path, dst: Path, passthrough: str | None, streams: int | None = 
           "mhc-convert enable run/ run-mhc/ --streams 4 --contract learned",
           "mhc-convert enable run/ run-mhc/ --iteration 2000 --dry-run")
 def enable(
+    ctx: typer.Context,
     src: Annotated[Path, typer.Argument(metavar="SRC", help="mHC-off checkpoint directory "
                                         "(or run directory).")],
     dst: Annotated[Path, typer.Argument(metavar="DST", help="Output directory (must not "
@@ -416,12 +418,14 @@ def enable(
                             overwrite=overwrite, passthrough=passthrough, link=link.value,
                             drop_optimizer=drop_optimizer, allow_nonfinite=allow_nonfinite,
                             iteration=iteration),
-             as_json=as_json, quiet=quiet, dry_run=dry_run, list_keys=list_keys)
+             as_json=as_json, quiet=quiet, dry_run=dry_run, list_keys=list_keys,
+             hooks=_hooks(ctx))
 
 
 @_command("mhc-convert disable ckpt-mhc/ ckpt/",
           "mhc-convert disable ckpt-mhc/ ckpt/ --allow-lossy --json")
 def disable(
+    ctx: typer.Context,
     src: Annotated[Path, typer.Argument(metavar="SRC", help="mHC-on checkpoint directory "
                                         "(or run directory).")],
     dst: Annotated[Path, typer.Argument(metavar="DST", help="Output directory (must not "
@@ -442,7 +446,8 @@ def disable(
                              overwrite=overwrite, passthrough=passthrough, link=link.value,
                              drop_optimizer=drop_optimizer, allow_nonfinite=allow_nonfinite,
                              iteration=iteration),
-             as_json=as_json, quiet=quiet, dry_run=dry_run, list_keys=list_keys)
+             as_json=as_json, quiet=quiet, dry_run=dry_run, list_keys=list_keys,
+             hooks=_hooks(ctx))
 
 
 # ----------------------------------------------------------------------------- read-only

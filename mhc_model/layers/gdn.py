@@ -18,6 +18,8 @@ Forward (Megatron ``GatedDeltaNet``, tensor/context-parallel size 1):
 from __future__ import annotations
 
 import functools
+import importlib.util
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +42,43 @@ def _fla_chunk_gated_delta_rule():
     except Exception:  # ImportError, or a broken CUDA/triton install
         return None
     return chunk_gated_delta_rule
+
+
+@functools.lru_cache(maxsize=1)
+def fla_backward_refusal() -> str | None:
+    """Why fla's chunked kernel cannot train here, or None. fla-core guards its own gated
+    ``chunk_bwd_dqkwg``: Triton >= 3.4.0 and < 3.7.1 on Hopper gives wrong gradients, so fla
+    raises there unless tilelang provides the kernel (fla ``ops/common/chunk_o.py``). We read
+    fla's own flags rather than re-deriving them, so a newer fla's guard is honoured too."""
+    try:
+        from fla import utils as fla_utils
+    except Exception:  # fla absent or broken: the reference runs anyway
+        return None
+    broken = (getattr(fla_utils, "IS_NVIDIA_HOPPER", False)
+              and getattr(fla_utils, "TRITON_ABOVE_3_4_0", False)
+              and not getattr(fla_utils, "TRITON_ABOVE_3_7_1", True))
+    if not broken or importlib.util.find_spec("tilelang") is not None:
+        return None
+    import triton
+
+    return (f"fla's gated delta rule backward is wrong on Hopper with Triton {triton.__version__} "
+            f"(< 3.7.1; fla refuses it): GDN layers train with the reference chunked kernel")
+
+
+def _fla_allowed(*tensors: Tensor) -> bool:
+    """fla's forward is always correct; its backward only where ``fla_backward_refusal`` is
+    None. When a gradient will be needed and fla cannot give it, warn once, use the reference."""
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return True
+    why = fla_backward_refusal()
+    if why is not None:
+        _warn_once(why)
+    return why is None
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
 def l2norm(x: Tensor, eps: float = L2NORM_EPS) -> Tensor:
@@ -87,7 +126,8 @@ class GatedDeltaNet(nn.Module):
                     beta_BSH: Tensor, dtype: torch.dtype) -> Tensor:
         if fast_kernels_allowed(q_BSHK) and dtype != torch.float32:
             kernel = _fla_chunk_gated_delta_rule()
-            if kernel is not None:  # fla refuses fp32 q/k/v; it runs in the params dtype
+            if kernel is not None and _fla_allowed(q_BSHK, k_BSHK, v_BSHV, g_BSH, beta_BSH):
+                # fla refuses fp32 q/k/v; it runs in the params dtype
                 o_BSHV, _ = kernel(q_BSHK.to(dtype), k_BSHK.to(dtype), v_BSHV.to(dtype),
                                    g=g_BSH, beta=beta_BSH.to(dtype), initial_state=None,
                                    output_final_state=False, use_qk_l2norm_in_kernel=False)

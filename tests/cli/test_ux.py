@@ -42,7 +42,8 @@ def test_help_conventions():
     enable = cli("enable", "-h", code=0).stdout
     assert enable.startswith("Usage: mhc-convert enable [OPTIONS] SRC DST\n")
     assert "<mean|learned>" in enable and "<exact|megatron>" in enable
-    assert "<deepseek|megatron_dsv4>" in enable and "<copy|hardlink|reflink>" in enable
+    assert "<deepseek|megatron_dev|megatron_dsv4>" in enable and "<copy|hardlink|reflink>" in enable
+    assert "<native|megatron-dev|megatron-dsv4>" in enable
     assert "Exit codes:" in enable and "--iteration N" in enable and "--list-keys" in enable
     verify = cli("verify", "-h", code=0).stdout
     assert verify.startswith("Usage: mhc-convert verify [OPTIONS] A B\n")

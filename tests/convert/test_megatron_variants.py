@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fixtures.legacy_writer import make_rank_payload, save_rank
+from fixtures.legacy_writer import write_single_rank_run
 from mhc_convert import engine
 from mhc_convert.errors import InvalidInputError
 from mhc_model.megatron_args import config_from_megatron_args, megatron_args
@@ -39,14 +39,7 @@ def test_args_without_any_pattern_are_refused_not_defaulted():
 
 
 def _legacy_run(root: Path, args: dict) -> Path:
-    model = HybridModel(CFG)
-    payload = make_rank_payload({k: v.detach() for k, v in model.state_dict().items()},
-                                optimizer=None, args_overrides=args)
-    d = root / "run" / "iter_0000100" / "mp_rank_00"
-    d.mkdir(parents=True)
-    save_rank(d / "model_optim_rng.pt", payload)
-    (root / "run" / "latest_checkpointed_iteration.txt").write_text("100")
-    return root / "run"
+    return write_single_rank_run(root, HybridModel(CFG).state_dict(), args)
 
 
 def test_legacy_run_without_pattern_exits_3_naming_args(tmp_path):

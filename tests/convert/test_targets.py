@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fixtures.legacy_writer import make_rank_payload, save_rank
+from fixtures.legacy_writer import write_single_rank_run
 from mhc_convert import engine
 from mhc_convert.errors import InvalidInputError, UsageError
 from mhc_convert.formats.torch_legacy import safe_load_rank
@@ -41,13 +41,7 @@ def _run(root: Path, markers: dict, dtype: str = "float32") -> Path:
     perturb_norms_(model, 0)
     args = {**_args(cfg), **markers, "params_dtype": getattr(torch, dtype),
             "bf16": dtype == "bfloat16", "layernorm_epsilon": 1e-5}
-    payload = make_rank_payload({k: v.detach() for k, v in model.state_dict().items()},
-                                optimizer=None, args_overrides=args)
-    d = root / "run" / "iter_0000100" / "mp_rank_00"
-    d.mkdir(parents=True)
-    save_rank(d / "model_optim_rng.pt", payload)
-    (root / "run" / "latest_checkpointed_iteration.txt").write_text("100")
-    return root / "run"
+    return write_single_rank_run(root, model.state_dict(), args)
 
 
 def test_dev_args_give_the_dev_target_learned_head_with_layernorm_eps(tmp_path):
