@@ -19,7 +19,7 @@ demo: $(STAMP)
 	$(BIN)/python examples/demo.py
 
 test: $(STAMP)
-	$(BIN)/ruff check mhc_model mhc_convert tests fixtures bench examples
+	$(BIN)/ruff check mhc_model mhc_convert tests fixtures bench examples tools
 	$(BIN)/python -m pytest tests
 
 fixtures: $(STAMP)

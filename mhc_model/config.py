@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cache, cached_property
 from typing import Any, Literal
 
 from mhc_model.conventions import CONVENTIONS
@@ -42,6 +45,38 @@ def parse_pattern(pattern: str) -> tuple[str, ...]:
     if not symbols:
         raise ValueError(f"hybrid_layer_pattern={pattern!r}: no layers")
     return symbols
+
+
+@cache
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_ok(value: Any, hint: Any) -> bool:
+    """``value`` is of the annotated type, strictly: no bool for an int, no float for an int,
+    only finite floats. A config read from JSON or Megatron args carries any JSON/pickle value;
+    a list where an int belongs would otherwise reach the planner (as an unhashable key) and
+    ``inf`` would reach ``json.dumps(allow_nan=False)`` at write time."""
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return any(type(value) is type(a) for a in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint is float:
+        return type(value) in (int, float) and math.isfinite(value)
+    if hint in (bool, int, str):
+        return type(value) is hint
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+def _check_types(owner: str, obj: Any) -> None:
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not _type_ok(value, _hints(type(obj))[f.name]):
+            raise ValueError(f"{owner}.{f.name} must be {f.type}, got {type(value).__name__} "
+                             f"{value!r:.60}")
 
 
 def _check_positive(owner: str, **values: int | float | None) -> None:
@@ -285,6 +320,9 @@ class HybridConfig:
     mhc: MHCConfig = field(default_factory=MHCConfig)
 
     def __post_init__(self) -> None:
+        _check_types("config", self)  # sub-configs: their class (then their fields below)
+        for name in _SUBCONFIGS:
+            _check_types(name, getattr(self, name))
         _check_positive("config", hidden_size=self.hidden_size, vocab_size=self.vocab_size,
                         norm_eps=self.norm_eps, init_std=self.init_std)
         _check_choice("config", "params_dtype", self.params_dtype, DTYPES)

@@ -67,7 +67,33 @@ _ARG_TABLE: dict[str, tuple[str | None, str]] = {
 _SUB = _SUBCONFIGS  # sub-config name -> dataclass
 
 
+_ATOMS = (str, int, float, bool, type(None))
+
+
+def _show(value: Any) -> str:
+    """A value from a checkpoint's args for an error message: repr only for plain atoms (a
+    tuple shared through the pickle memo is a DAG whose repr is exponentially long)."""
+    return repr(value)[:60] if isinstance(value, _ATOMS) else f"<{type(value).__name__}>"
+
+
+def _typed(args: Any, name: str, kinds: tuple[type, ...], default: Any = None) -> Any:
+    """``getattr(args, name, default)``, refused unless of one of ``kinds`` (exactly: a bool
+    is not an int here) or None. Args come from a checkpoint: a tensor where a flag belongs
+    raises on truthiness, a list times an int allocates, inf breaks int()."""
+    value = getattr(args, name, default)
+    if value is not None and type(value) not in kinds:
+        raise ValueError(f"megatron args: {name}={_show(value)} is not "
+                         f"{' or '.join(k.__name__ for k in kinds)}")
+    return value
+
+
+def _flag(args: Any, name: str) -> bool:
+    return bool(_typed(args, name, (bool,), False))
+
+
 def _dtype_name(value: Any) -> str:
+    if not isinstance(value, (str, torch.dtype)):
+        raise ValueError(f"megatron args: params_dtype={_show(value)} is not a dtype")
     text = str(value).replace("torch.", "")
     aliases = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "half": "float16",
                "float": "float32"}
@@ -78,6 +104,9 @@ def read_mhc_flag(args: Any, field: str) -> Any:
     """The value of an mHC flag under whichever spelling ``args`` carries (None if absent).
     Two spellings with different values are a contradiction, not a choice."""
     found = {name: getattr(args, name) for name in MHC_FLAG_SPELLINGS[field] if hasattr(args, name)}
+    for name, v in found.items():
+        if not isinstance(v, _ATOMS):
+            raise ValueError(f"megatron args: {name}={_show(v)} is not a flag value")
     values = {repr(v) for v in found.values()}
     if len(values) > 1:
         raise ValueError(f"args carry contradictory mHC flags {found}")
@@ -115,34 +144,41 @@ def config_from_megatron_args(args: Any, meta: Any = None) -> HybridConfig:
         (sub_kwargs[sub] if sub else top)[ours] = value
     if getattr(args, "rotary_base", None) is not None:  # one Megatron flag for every rope
         sub_kwargs["mla"]["rotary_base"] = args.rotary_base
-    vocab = getattr(args, "padded_vocab_size", None) or getattr(args, "vocab_size", None)
+    vocab = _typed(args, "padded_vocab_size", (int,)) or _typed(args, "vocab_size", (int,))
     if vocab is None:
         raise ValueError("megatron args: neither padded_vocab_size nor vocab_size is set")
-    top["vocab_size"] = int(vocab)
-    norm = getattr(args, "normalization", "RMSNorm")
+    top["vocab_size"] = vocab
+    norm = _typed(args, "normalization", (str,), "RMSNorm")
     if norm != "RMSNorm":
-        raise ValueError(f"megatron args: normalization={norm!r} is not supported (RMSNorm only)")
-    if getattr(args, "group_query_attention", False) and getattr(args, "num_query_groups", None):
-        sub_kwargs["attention"]["num_query_groups"] = args.num_query_groups
-    pos = getattr(args, "position_embedding_type", "rope")
+        raise ValueError(f"megatron args: normalization={_show(norm)} is not supported "
+                         "(RMSNorm only)")
+    groups = _typed(args, "num_query_groups", (int,))
+    if _flag(args, "group_query_attention") and groups:
+        sub_kwargs["attention"]["num_query_groups"] = groups
+    pos = _typed(args, "position_embedding_type", (str,), "rope")
     if pos not in ("rope", "none"):
-        raise ValueError(f"megatron args: position_embedding_type={pos!r} is not supported")
+        raise ValueError(f"megatron args: position_embedding_type={_show(pos)} is not "
+                         "supported")
     sub_kwargs["attention"]["position_embedding_type"] = pos
-    if getattr(args, "swiglu", False):
+    if _flag(args, "swiglu"):
         sub_kwargs["mlp"]["activation"] = "swiglu"
-    elif getattr(args, "squared_relu", False):
+    elif _flag(args, "squared_relu"):
         sub_kwargs["mlp"]["activation"] = "squared_relu"
     else:
         raise ValueError("megatron args: only squared_relu or swiglu MLPs are supported")
-    heads = getattr(args, "mamba_num_heads", None)
+    heads = _typed(args, "mamba_num_heads", (int,))
     if heads is not None and getattr(args, "mamba_expand", None) is None:
         # Megatron derives d_inner = heads * head_dim; express it as our expand factor.
-        d_inner = heads * sub_kwargs["mamba"].get("head_dim", MambaConfig.head_dim)
-        sub_kwargs["mamba"]["expand"] = d_inner // top["hidden_size"]
-    top["tie_word_embeddings"] = not getattr(args, "untie_embeddings_and_output_weights", False)
+        head_dim = sub_kwargs["mamba"].get("head_dim", MambaConfig.head_dim)
+        hidden = top.get("hidden_size")
+        if type(head_dim) is not int or type(hidden) is not int or hidden <= 0:
+            raise ValueError(f"megatron args: mamba_num_heads needs integer mamba_head_dim and "
+                             f"hidden_size > 0, got {_show(head_dim)} and {_show(hidden)}")
+        sub_kwargs["mamba"]["expand"] = heads * head_dim // hidden
+    top["tie_word_embeddings"] = not _flag(args, "untie_embeddings_and_output_weights")
     if getattr(args, "params_dtype", None) is not None:
         top["params_dtype"] = _dtype_name(args.params_dtype)
-    elif getattr(args, "bf16", False):
+    elif _flag(args, "bf16"):
         top["params_dtype"] = "bfloat16"
     for ours in MHC_FLAG_SPELLINGS:
         value = read_mhc_flag(args, ours)

@@ -117,6 +117,77 @@ def _latin1_encode(obj: str, encoding: str = "latin1") -> bytes:
     return obj.encode("latin1")
 
 
+_MAX_RANGE = 1 << 16  # a DCP Metadata pickles no range at all; a long one is an attack
+
+
+def _bounded_range(*args: Any) -> range:
+    """``range``, refused when long: ``frozenset(range(2**31))`` is a 50-byte pickle that
+    takes minutes and ~100 GB to unpickle (set/frozenset/torch.Size materialize it)."""
+    r = range(*args)
+    if len(r) > _MAX_RANGE:
+        raise pickle.UnpicklingError(f"range of {len(r)} elements is not allowed")
+    return r
+
+
+def _no_int_bytearray(*args: Any) -> bytearray:
+    """``bytearray``, but not ``bytearray(n)``: a pickled bytearray always carries its
+    content (protocol 2: ``bytearray(str, 'latin-1')``); a count allocates n zero bytes."""
+    if args and not isinstance(args[0], (str, bytes, bytearray)):
+        raise pickle.UnpicklingError("bytearray from a count or iterable is not allowed")
+    return bytearray(*args)
+
+
+_MAX_KEY_NODES = 1 << 16  # a real key (a MetadataIndex: fqn + offsets) has a handful
+_ATOMS = (str, int, bytes, float, bool, type(None))
+
+
+def _children(x: Any) -> list[Any]:
+    if isinstance(x, (tuple, list, set, frozenset)):
+        return list(x)
+    if isinstance(x, dict):
+        return [*x.keys(), *x.values()]
+    if isinstance(x, (*_ATOMS, type)) or not hasattr(x, "__dict__"):
+        return []
+    return list(vars(x).values())  # dataclass instances hash their fields
+
+
+def _check_key(obj: Any) -> None:
+    """Refuse a dict key or set element whose hash would visit over ``_MAX_KEY_NODES``
+    objects. Tuples shared through the memo form a DAG: 60 ``DUP, TUPLE2`` pairs build a
+    tuple whose hash walks 2**60 leaves (tuple hashes are not cached), so a few hundred bytes
+    of ``.metadata`` would hang the reader. Counted per occurrence, memoized per object."""
+    if type(obj) in _ATOMS:
+        return
+    weight: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[Any, bool]] = [(obj, False)]
+    while stack:
+        x, expanded = stack.pop()
+        if expanded:
+            on_path.discard(id(x))
+            w = 1 + sum(weight.get(id(k), 1) for k in _children(x))
+            if w > _MAX_KEY_NODES:
+                raise pickle.UnpicklingError(f"a {type(obj).__name__} used as a key or set "
+                                             f"element expands to over {_MAX_KEY_NODES} objects")
+            weight[id(x)] = w
+        elif id(x) not in weight and id(x) not in on_path:  # on_path: a cycle, counted once
+            on_path.add(id(x))
+            stack.append((x, True))
+            stack.extend((k, False) for k in _children(x))
+
+
+def _checked_collection(kind: type, pairs: bool = False) -> Any:
+    """``set``/``frozenset``/``OrderedDict`` called by REDUCE: check what they will hash."""
+    def build(*args: Any) -> Any:
+        if args and isinstance(args[0], (list, tuple)):
+            for item in args[0]:
+                _check_key(item[0] if pairs and isinstance(item, (tuple, list)) and item
+                           else item)
+        return kind(*args)
+    build.__name__ = kind.__name__
+    return build
+
+
 def _metadata_table() -> dict[tuple[str, str], Any]:
     table: dict[tuple[str, str], Any] = {}
     for mod, names in (
@@ -139,13 +210,14 @@ def _metadata_table() -> dict[tuple[str, str], Any]:
         ("torch", "device"): torch.device,
         # torch.layout pickles through this helper (a dict lookup by name, no code from input).
         ("torch.serialization", "_get_layout"): torch.serialization._get_layout,
-        ("collections", "OrderedDict"): __import__("collections").OrderedDict,
-        ("builtins", "set"): set,
-        ("builtins", "frozenset"): frozenset,
+        ("collections", "OrderedDict"): _checked_collection(
+            __import__("collections").OrderedDict, pairs=True),
+        ("builtins", "set"): _checked_collection(set),
+        ("builtins", "frozenset"): _checked_collection(frozenset),
         ("builtins", "slice"): slice,
         ("builtins", "complex"): complex,
-        ("builtins", "bytearray"): bytearray,
-        ("builtins", "range"): range,
+        ("builtins", "bytearray"): _no_int_bytearray,
+        ("builtins", "range"): _bounded_range,
         ("_codecs", "encode"): _latin1_encode,
     })
     for name, cls in STANDINS.items():
@@ -158,14 +230,52 @@ def _metadata_table() -> dict[tuple[str, str], Any]:
 _METADATA_TABLE = _metadata_table()
 
 
-class SafeUnpickler(pickle.Unpickler):
-    """``pickle.Unpickler`` whose ``find_class`` resolves only ``_METADATA_TABLE``. Persistent
-    ids are refused by the base class (no ``persistent_load``)."""
+class SafeUnpickler(pickle._Unpickler):  # type: ignore[name-defined]
+    """The pure-Python unpickler, whose ``find_class`` resolves only ``_METADATA_TABLE``.
+    Persistent ids are refused by the base class (no ``persistent_load``).
+
+    Not the C ``pickle.Unpickler``: its memo is an array grown to twice any PUT index, so the
+    9 bytes ``PROTO 2, NONE, LONG_BINPUT 2**30, STOP`` make it allocate and zero 16 GB. Here the
+    memo is a dict, and every dict key and set element goes through ``_check_key`` before it
+    is hashed. The price: about 9x the C unpickler's time (12 ms for the fixture's 54 kB)."""
+
+    dispatch = dict(pickle._Unpickler.dispatch)  # type: ignore[attr-defined]
 
     def __init__(self, file: Any, *, source: str | Path, key: str | None = None):
         super().__init__(file)
         self.source = str(source)
         self.key = key
+
+    # Between MARK and SETITEMS/DICT/ADDITEMS/FROZENSET, ``self.stack`` holds the marked items.
+    def _load_setitem(self) -> None:
+        _check_key(self.stack[-2])
+        super().load_setitem()
+
+    def _load_setitems(self) -> None:
+        for k in self.stack[::2]:
+            _check_key(k)
+        super().load_setitems()
+
+    def _load_dict(self) -> None:
+        for k in self.stack[::2]:
+            _check_key(k)
+        super().load_dict()
+
+    def _load_additems(self) -> None:
+        for k in self.stack:
+            _check_key(k)
+        super().load_additems()
+
+    def _load_frozenset(self) -> None:
+        for k in self.stack:
+            _check_key(k)
+        super().load_frozenset()
+
+    dispatch[pickle.SETITEM[0]] = _load_setitem
+    dispatch[pickle.SETITEMS[0]] = _load_setitems
+    dispatch[pickle.DICT[0]] = _load_dict
+    dispatch[pickle.ADDITEMS[0]] = _load_additems
+    dispatch[pickle.FROZENSET[0]] = _load_frozenset
 
     def find_class(self, module: str, name: str) -> Any:
         try:
@@ -230,8 +340,9 @@ def safe_torch_load(
     except (Exception, RecursionError) as exc:
         text = str(exc)
         m = _GLOBAL_RE.search(text)
-        if m:
-            msg = f"refused pickle global '{m.group(1)}' (not in the allowlist)"
+        if m:  # torch strips "builtins." from the name it reports; put it back
+            name = m.group(1) if "." in m.group(1) else f"builtins.{m.group(1)}"
+            msg = f"refused pickle global '{name}' (not in the allowlist)"
         else:
             first = next((ln.strip() for ln in text.splitlines() if ln.strip()), type(exc).__name__)
             msg = f"cannot decode torch.save data safely ({type(exc).__name__}: {first[:300]})"

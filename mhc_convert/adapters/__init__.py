@@ -71,7 +71,7 @@ def _hf_config(path: Path) -> dict | None:
         if (path / detection.CONFIG_NAME).stat().st_size > _MAX_CONFIG:
             return None
         doc = json.loads((path / detection.CONFIG_NAME).read_text("utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: deeply nested JSON
         return None  # the native reader reports what is wrong with it
     if not isinstance(doc, dict) or "hybrid_layer_pattern" in doc:
         return None

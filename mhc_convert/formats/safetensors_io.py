@@ -137,8 +137,10 @@ def loads_strict_json(text: str | bytes, path: Path) -> Any:
             object_pairs_hook=_no_duplicates(path),
             parse_constant=_reject_constant(path),
         )
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise InvalidInputError(f"not valid JSON ({e})", path=path) from None
+    # ValueError, not just JSONDecodeError: CPython refuses an integer literal of over 4300
+    # digits (int_max_str_digits) with a bare ValueError from inside the scanner.
+    except (ValueError, RecursionError) as e:
+        raise InvalidInputError(f"not valid JSON ({str(e)[:200]})", path=path) from None
 
 
 def _is_uint(x: Any) -> bool:

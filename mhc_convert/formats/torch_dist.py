@@ -126,8 +126,9 @@ def _check_file(iter_dir: Path, rel: Any, mpath: Path, key: str) -> int:
 def _validate(md: Any, iter_dir: Path, mpath: Path) -> dict[str, Entry]:
     """Type-check every field of the unpickled ``Metadata`` (BUILD can set anything) and turn it
     into entries. Each chunk must have storage, in bounds, inside an existing data file."""
-    if not isinstance(md, Metadata) or not isinstance(md.state_dict_metadata, dict) \
-            or not isinstance(md.storage_data, dict):
+    if not isinstance(md, Metadata) or not isinstance(getattr(md, "state_dict_metadata", None),
+                                                      dict) \
+            or not isinstance(getattr(md, "storage_data", None), dict):
         raise InvalidInputError("not a torch.distributed.checkpoint Metadata", path=mpath)
     storage: dict[MetadataIndex, _StorageInfo] = {}
     sizes: dict[str, int] = {}
@@ -136,9 +137,13 @@ def _validate(md: Any, iter_dir: Path, mpath: Path) -> dict[str, Entry]:
         if not isinstance(idx, MetadataIndex) or not isinstance(key, str) \
                 or not isinstance(info, _StorageInfo):
             raise InvalidInputError("malformed storage_data entry", path=mpath)
-        if type(info.offset) is not int or type(info.length) is not int \
-                or info.offset < 0 or info.length < 0:
+        offset, length = getattr(info, "offset", None), getattr(info, "length", None)
+        if type(offset) is not int or type(length) is not int or offset < 0 or length < 0:
             raise InvalidInputError("negative or non-integer storage offset", path=mpath, key=key)
+        if not isinstance(getattr(info, "relative_path", None), str):  # before hashing it
+            kind = type(getattr(info, "relative_path", None)).__name__  # no repr: may be a DAG
+            raise InvalidInputError(f"storage path is a {kind}, not a string", path=mpath,
+                                    key=key)
         if info.relative_path not in sizes:
             sizes[info.relative_path] = _check_file(iter_dir, info.relative_path, mpath, key)
         if info.offset + info.length > sizes[info.relative_path]:
@@ -222,8 +227,9 @@ def read_torch_dist(path: str | Path) -> CheckpointView:
     entries = _validate(md, iter_dir, mpath)
     try:
         marker = json.loads(_read_small(iter_dir / MARKER_FN).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
-        raise InvalidInputError(f"invalid JSON: {e}", path=iter_dir / MARKER_FN) from None
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise InvalidInputError(f"invalid JSON: {str(e)[:200]}", path=iter_dir / MARKER_FN) \
+            from None
     if not isinstance(marker, dict) or marker.get("sharded_backend") != "torch_dist":
         raise InvalidInputError("sharded_backend is not 'torch_dist'", path=iter_dir / MARKER_FN)
     tracker = (run_dir / TRACKER_FN).read_text("utf-8") if run_dir else None
@@ -244,6 +250,10 @@ def read_torch_dist(path: str | Path) -> CheckpointView:
         iteration = common["iteration"]
     content = common.get("content_metadata")  # absent before megatron-core 0.13
     declared = content.get("distrib_optim_sharding_type") if isinstance(content, dict) else None
+    if declared is not None and not isinstance(declared, str):
+        raise InvalidInputError(f"content_metadata.distrib_optim_sharding_type is a "
+                                f"{type(declared).__name__}, not a string", path=iter_dir,
+                                key=common_key)
     opt_keys = [k for k in entries if k.startswith("optimizer.")]
     if any(_BUCKET_RE.search(k) for k in opt_keys):
         sharding = "dp_reshardable"  # bucket-keyed: whatever content_metadata claims
