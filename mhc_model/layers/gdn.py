@@ -6,12 +6,12 @@ with a ``GatedDeltaNet`` ``self_attention`` under the TE spec:
 Forward (Megatron ``GatedDeltaNet``, tensor/context-parallel size 1):
 
     q, k, v, z, b, a = split(in_proj(rmsnorm(u)))   rows [query | key | value | z | beta | alpha]
-    q, k, v = split(silu(causal_depthwise_conv(q|k|v)))
+    q, k, v = split(act(causal_depthwise_conv(q|k|v)))     act: the run's activation_func
     q, k    = l2norm(q), l2norm(k) per key head, then repeat_interleave to the value heads (GQA)
     g       = -exp(A_log) * softplus(a + dt_bias)        (log-space decay, fp32)
     beta    = sigmoid(b)
     o       = gated_delta_rule(q, k, v, g, beta, scale = key_head_dim ** -0.5)
-    y       = rmsnorm_per_head(o) * out_norm.weight * silu(z)
+    y       = rmsnorm_per_head(o) * out_norm.weight * act(z)  (SiLU with SwiGLU, else relu^2)
     out     = out_proj(y)
 """
 
@@ -84,6 +84,10 @@ def _warn_once(message: str) -> None:
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 
+def _squared_relu(x: Tensor) -> Tensor:
+    return F.relu(x).square()
+
+
 def l2norm(x: Tensor, eps: float = L2NORM_EPS) -> Tensor:
     """x / sqrt(sum(x^2) + eps) over the last dim, fp32 (fla's l2norm convention)."""
     xf = x.float()
@@ -124,6 +128,10 @@ class GatedDeltaNet(nn.Module):
         self.A_log = nn.Parameter(a_log_init(Hv).to(dtype))
         self.out_norm = RMSNorm(self.value_head_dim, cfg.norm_eps, dtype)
         self.out_proj = Linear(self.v_dim, C, dtype, std=output_std(cfg))
+        # Megatron's GDN applies ``config.activation_func`` to the conv output and the output
+        # gate (dev ``ssm/gated_delta_net/gdn.py`` ~493, ``common.py`` ~389): SiLU in a SwiGLU
+        # run, squared ReLU in a squared-ReLU run (arguments.py ~2240-2248).
+        self.act = F.silu if cfg.mlp.activation == "swiglu" else _squared_relu
 
     def _delta_rule(self, q_BSHK: Tensor, k_BSHK: Tensor, v_BSHV: Tensor, g_BSH: Tensor,
                     beta_BSH: Tensor, dtype: torch.dtype) -> Tensor:
@@ -146,7 +154,7 @@ class GatedDeltaNet(nn.Module):
         qkv_BSD, z_BSV, b_BSH, a_BSH = torch.split(
             proj_BSD, [self.conv_dim, self.v_dim, Hv, Hv], dim=-1
         )
-        qkv_BSD = causal_conv1d_silu(qkv_BSD, self.conv1d.weight, None)
+        qkv_BSD = causal_conv1d_silu(qkv_BSD, self.conv1d.weight, None, act=self.act)
         q_BSD, k_BSD, v_BSV = torch.split(qkv_BSD, [self.qk_dim, self.qk_dim, self.v_dim], dim=-1)
 
         # Unit-norm q and k per key head keep the delta rule's (I - beta k k^T) a contraction.
@@ -161,9 +169,9 @@ class GatedDeltaNet(nn.Module):
         beta_BSH = torch.sigmoid(b_BSH.float())
         o_BSHV = self._delta_rule(q_BSHK, k_BSHK, v_BSHV, g_BSH, beta_BSH, dtype)
 
-        # Per-head RMSNorm (out_norm, hidden = value_head_dim), then the SiLU output gate.
+        # Per-head RMSNorm (out_norm, hidden = value_head_dim), then the output gate.
         z_BSHV = z_BSV.unflatten(-1, (Hv, self.value_head_dim)).float()
-        y_BSHV = self.out_norm(o_BSHV.float()) * F.silu(z_BSHV)
+        y_BSHV = self.out_norm(o_BSHV.float()) * self.act(z_BSHV)
         y_SBV = y_BSHV.flatten(-2).to(dtype).transpose(0, 1)
         return self.out_proj(y_SBV).to(u_SBC.dtype)
 

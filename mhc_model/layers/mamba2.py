@@ -49,14 +49,15 @@ def _mamba_chunk_scan_combined():
     return mamba_chunk_scan_combined
 
 
-def causal_conv1d_silu(x_BSD: Tensor, weight_D1W: Tensor, bias_D: Tensor | None) -> Tensor:
-    """Causal depthwise conv over the sequence + SiLU, in fp32, returned in x's dtype.
-    Left-padding by W-1 makes output t see only inputs t-W+1..t."""
+def causal_conv1d_silu(x_BSD: Tensor, weight_D1W: Tensor, bias_D: Tensor | None,
+                       act=F.silu) -> Tensor:
+    """Causal depthwise conv over the sequence + ``act`` (SiLU unless given), in fp32, returned
+    in x's dtype. Left-padding by W-1 makes output t see only inputs t-W+1..t."""
     W = weight_D1W.shape[-1]
     xf_BDS = F.pad(x_BSD.float().transpose(1, 2), (W - 1, 0))
     bias = None if bias_D is None else bias_D.float()
     y_BDS = F.conv1d(xf_BDS, weight_D1W.float(), bias, groups=weight_D1W.shape[0])
-    return F.silu(y_BDS).transpose(1, 2).to(x_BSD.dtype)
+    return act(y_BDS).transpose(1, 2).to(x_BSD.dtype)
 
 
 def dt_bias_init(num_heads: int) -> Tensor:

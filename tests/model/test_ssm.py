@@ -15,7 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mhc_model.config import GDNConfig, HybridConfig, MambaConfig
+from mhc_model.config import GDNConfig, HybridConfig, MambaConfig, MLPConfig
 from mhc_model.layers.delta_rule import chunk_gated_delta_rule_ref
 from mhc_model.layers.gdn import GDNLayer
 from mhc_model.layers.mamba2 import Mamba2Layer
@@ -242,7 +242,7 @@ def _rms(x, w, eps):
     return x * torch.rsqrt(x.square().mean(-1, keepdim=True) + eps) * w
 
 
-def _causal_conv_silu(x_bsd, w, bias):
+def _causal_conv_silu(x_bsd, w, bias, act=F.silu):
     s = x_bsd.shape[1]
     out = torch.zeros_like(x_bsd)
     for t in range(s):
@@ -252,7 +252,7 @@ def _causal_conv_silu(x_bsd, w, bias):
                 out[:, t] += x_bsd[:, src] * w[:, 0, j]
     if bias is not None:
         out = out + bias
-    return F.silu(out)
+    return act(out)
 
 
 def test_mamba_layer_matches_naive_composition():
@@ -281,9 +281,16 @@ def test_mamba_layer_matches_naive_composition():
     assert_close64(out, ref, tol=1e-6)  # the scans run in fp32
 
 
-def test_gdn_layer_matches_naive_composition():
+# Megatron's GDN uses the run's activation_func for the conv and the output gate (SiLU with
+# SwiGLU, relu^2 with squared ReLU; dev ssm/gated_delta_net/gdn.py, common.py).
+_GDN_ACT = {"swiglu": F.silu, "squared_relu": lambda x: F.relu(x).square()}
+
+
+@pytest.mark.parametrize("activation", sorted(_GDN_ACT))
+def test_gdn_layer_matches_naive_composition(activation):
     torch.manual_seed(0)
-    cfg = gdn_cfg()
+    cfg = gdn_cfg(mlp=MLPConfig(ffn_hidden_size=256, activation=activation))
+    act = _GDN_ACT[activation]
     layer = GDNLayer(cfg).double()
     with torch.no_grad():
         for p in (layer.self_attention.in_proj.layer_norm_weight,
@@ -296,7 +303,7 @@ def test_gdn_layer_matches_naive_composition():
     h = _rms(u, sd[a + "in_proj.layer_norm_weight"], cfg.norm_eps) @ sd[a + "in_proj.weight"].T
     h = h.transpose(0, 1)  # [b, s, 136]
     qkv, z, b, al = h[..., :96], h[..., 96:128], h[..., 128:132], h[..., 132:]
-    qkv = _causal_conv_silu(qkv, sd[a + "conv1d.weight"], None)
+    qkv = _causal_conv_silu(qkv, sd[a + "conv1d.weight"], None, act=act)
     q = qkv[..., :32].unflatten(-1, (2, 16))
     k = qkv[..., 32:64].unflatten(-1, (2, 16))
     v = qkv[..., 64:].unflatten(-1, (4, 8))
@@ -305,7 +312,7 @@ def test_gdn_layer_matches_naive_composition():
     q, k = q[:, :, [0, 0, 1, 1]], k[:, :, [0, 0, 1, 1]]  # value head j uses key head j // 2
     g = -sd[a + "A_log"].exp() * F.softplus(al + sd[a + "dt_bias"])
     o, _ = naive_gated_delta(q, k, v, g, torch.sigmoid(b), scale=16**-0.5)
-    y = _rms(o, sd[a + "out_norm.weight"], cfg.norm_eps) * F.silu(z.unflatten(-1, (4, 8)))
+    y = _rms(o, sd[a + "out_norm.weight"], cfg.norm_eps) * act(z.unflatten(-1, (4, 8)))
     ref = (y.flatten(-2) @ sd[a + "out_proj.weight"].T).transpose(0, 1)
     out = layer(u)
     assert out.shape == u.shape and out.dtype == u.dtype
