@@ -39,7 +39,7 @@ from mhc_model.megatron_files import candidates
 from mhc_model.model import meta_model
 from mhc_model.toggle import codec as L
 from mhc_model.toggle.plan import Plan
-from mhc_model.toggle.shapes import expected_model_shapes, mhc_param_shapes
+from mhc_model.toggle.shapes import stored_shape
 
 _ADVICE = "pass --drop-optimizer to discard the optimizer state (resume with --no-load-optim)"
 
@@ -61,10 +61,6 @@ def _localize(key: str, offset: int) -> str:
 def _globalize(key: str, offset: int) -> str:
     m = L.LAYER_RE.match(key)
     return f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m and offset else key
-
-
-def _is_extra(key: str) -> bool:
-    return L.SHARD_RE.sub(r"\1", key).endswith("." + L.EXTRA_STATE)
 
 
 def _load(rank: tl.RankFile) -> dict:
@@ -300,7 +296,7 @@ def _entries(ranks, payloads, offsets, iter_dir: Path) -> dict[str, Entry]:
             nbytes = sum(v.numel() * v.element_size() for v in values)
             entries[key] = Entry(key, "tensor", str(values[0].dtype).replace("torch.", ""),
                                  shape, nbytes, locator)  # type: ignore[arg-type]
-        elif _is_extra(key):  # TransformerEngine _extra_state: BytesIO, tensor or None
+        elif L.is_extra_state(key):  # TransformerEngine _extra_state: BytesIO, tensor or None
             entries[key] = Entry(key, "object", None, (), 0, locator)
         else:
             bad = next(type(v).__name__ for v in values if not isinstance(v, torch.Tensor))
@@ -312,13 +308,10 @@ def _entries(ranks, payloads, offsets, iter_dir: Path) -> dict[str, Entry]:
 def _check_tp_shapes(view: CheckpointView, cfg: HybridConfig) -> None:
     """Each TP copy is the full tensor (replicated) or a slice; slices must concatenate to the
     configured shape along one dim (Megatron's column/row-parallel split)."""
-    expected = dict(expected_model_shapes(cfg))
-    if cfg.mhc_on:
-        expected.update(mhc_param_shapes(cfg))
     payloads = view.meta["payloads"]
     for key, e in view.entries.items():
-        want = expected.get(L.unwrap(key))
-        if e.kind != "tensor" or want is None:
+        want = stored_shape(cfg, key) if e.kind == "tensor" else None
+        if want is None:
             continue  # unknown keys are the planner's to judge
         shapes = [tuple(payloads[c.rank]["model"][c.key].shape) for c in e.locator]
         if all(s == want for s in shapes):
@@ -396,7 +389,7 @@ def _remap_rank_optimizer(view: CheckpointView, target: HybridConfig, ri: int,
                                 f"param groups); {_ADVICE}", path=r.path, key="optimizer")
     off = meta["offsets"][r.pp or 0]
     file_params = [_globalize(k, off) for k, v in p["model"].items()
-                   if isinstance(v, torch.Tensor) and not _is_extra(k)]
+                   if isinstance(v, torch.Tensor) and not L.is_extra_state(k)]
     ref_old, ref_new = param_order(cfg), param_order(target)
     mine = set(file_params)
     if [k for k in ref_old if k in mine] != file_params:
