@@ -42,7 +42,7 @@ from mhc_model.errors import ToggleError
 from mhc_model.megatron_args import MHC_META_KEY, config_from_megatron_args, megatron_args
 from mhc_model.megatron_files import COMMON_PT
 from mhc_model.safe_unpickle import safe_pickle_load, safe_torch_load
-from mhc_model.toggle.codec import Source, disk_views, model_sources
+from mhc_model.toggle.codec import Source, disk_views, head_key, model_sources
 from mhc_model.toggle.plan import plan_for_model
 from mhc_model.toggle.values import values_for
 from mhc_model.toggle.verdict import check_disable_exact
@@ -251,7 +251,15 @@ def config_from_common(common: Mapping[str, Any]) -> HybridConfig:
 
 
 def dist_config(path: str | Path) -> HybridConfig:
-    return config_from_common(read_common(path))
+    """The config of a torch_dist checkpoint. Megatron records no output contract: without
+    our stored config, the learned head's keys (``decoder.hc_head_*``) say it is learned."""
+    common = read_common(path)
+    cfg = config_from_common(common)
+    if cfg.mhc_on and CONFIG_KEY not in common and not isinstance(common.get(MHC_META_KEY), dict):
+        md = SafeFileSystemReader(str(resolve(path))).read_metadata()
+        if head_key("hc_head_fn") in md.state_dict_metadata:
+            cfg = cfg.with_mhc(mhc_output_contract="learned")
+    return cfg
 
 
 def _stored_sources(md: Metadata, cfg: HybridConfig) -> dict[str, Source]:

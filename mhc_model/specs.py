@@ -93,6 +93,27 @@ def _gdn_splits(cfg: Any) -> Splits:
     }
 
 
+def _gated(cfg: Any, ffn: int) -> tuple[tuple[str, int], ...] | None:
+    """A gated (swiglu) fc1 holds [gate | up]; a TP shard holds its slice of each."""
+    return (("gate", ffn), ("up", ffn)) if cfg.mlp.activation == "swiglu" else None
+
+
+def _mlp_tp_parts(cfg: Any) -> Splits:
+    parts = _gated(cfg, cfg.mlp.ffn_hidden_size)
+    return {"mlp.linear_fc1.weight": parts} if parts else {}
+
+
+def _moe_tp_parts(cfg: Any) -> Splits:
+    moe, out = cfg.moe, {}
+    experts = _gated(cfg, moe.moe_ffn_hidden_size)
+    if experts:
+        out.update({f"mlp.experts.linear_fc1.weight{e}": experts for e in range(moe.num_experts)})
+    shared = moe.shared_expert_ffn_hidden_size and _gated(cfg, moe.shared_expert_ffn_hidden_size)
+    if shared:
+        out["mlp.shared_experts.linear_fc1.weight"] = shared
+    return out
+
+
 @dataclass(frozen=True)
 class LayerSpec:
     """``sections``: the config sections the layer reads (validated when the symbol is used).
@@ -100,7 +121,9 @@ class LayerSpec:
     on an exact disable (y = F(u) is linear in them; MoE experts are numbered).
     ``splits``: Megatron's factory splits on disk. ``aliases``: Megatron's other spellings of
     a layer-relative key (accepted, kept as spelled on disk, our name for checks and loading).
-    ``stacks``: stored tensors that stand for several model tensors. ``branches``: Megatron
+    ``stacks``: stored tensors that stand for several model tensors. ``tp_parts``: tensors
+    whose tensor-parallel shard (along dim 0) holds a slice of each of several row blocks
+    rather than one contiguous block (the factory splits, a gated fc1). ``branches``: Megatron
     branches whose pattern grammar accepts the symbol."""
 
     symbol: str
@@ -112,6 +135,7 @@ class LayerSpec:
     splits: Callable[[Any], Splits] = _no_splits
     aliases: Aliases = ()
     stacks: Callable[[Any], Stacks] = _no_stacks
+    tp_parts: Callable[[Any], Splits] = _no_splits
     branches: tuple[str, ...] = BRANCHES
 
     def canonical(self, rel: str) -> str:
@@ -131,9 +155,11 @@ _ATTN_PROJ = (r"self_attention\.linear_proj\.weight",)
 
 LAYER_SPECS: dict[str, LayerSpec] = {s.symbol: s for s in (
     LayerSpec("M", "mamba", "mhc_model.layers.mamba2", "Mamba2Layer", ("mamba",),
-              (r"mixer\.out_proj\.weight",), _mamba_splits, _MAMBA_ALIASES),
+              (r"mixer\.out_proj\.weight",), _mamba_splits, _MAMBA_ALIASES,
+              tp_parts=_mamba_splits),
     LayerSpec("G", "gdn", "mhc_model.layers.gdn", "GDNLayer", ("gdn",),
-              (r"self_attention\.out_proj\.weight",), _gdn_splits, _GDN_ALIASES),
+              (r"self_attention\.out_proj\.weight",), _gdn_splits, _GDN_ALIASES,
+              tp_parts=_gdn_splits),
     LayerSpec("*", "attention", "mhc_model.layers.attention", "AttentionLayer", ("attention",),
               _ATTN_PROJ, aliases=_ATTN_ALIASES),
     LayerSpec("D", "dsa", "mhc_model.layers.dsa", "DSALayer", ("mla", "attention_heads"),
@@ -141,11 +167,11 @@ LAYER_SPECS: dict[str, LayerSpec] = {s.symbol: s for s in (
     LayerSpec("+", "mla", "mhc_model.layers.mla", "MLALayer", ("mla", "attention_heads"),
               _ATTN_PROJ, branches=("main",)),
     LayerSpec("-", "mlp", "mhc_model.layers.mlp", "MLPLayer", ("mlp",),
-              (r"mlp\.linear_fc2\.weight",), aliases=_MLP_ALIASES),
+              (r"mlp\.linear_fc2\.weight",), aliases=_MLP_ALIASES, tp_parts=_mlp_tp_parts),
     LayerSpec("E", "moe", "mhc_model.layers.moe", "MoELayer", ("mlp", "moe"),
               (r"mlp\.experts\.linear_fc2\.weight\d+",
                r"mlp\.shared_experts\.linear_fc2\.weight"),
-              aliases=_MOE_ALIASES, stacks=_moe_stacks),
+              aliases=_MOE_ALIASES, stacks=_moe_stacks, tp_parts=_moe_tp_parts),
 )}
 
 

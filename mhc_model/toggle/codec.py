@@ -213,6 +213,16 @@ def stacked(cfg, key: str) -> tuple[str, ...] | None:
     return tuple(f"decoder.layers.{layer}.{inner}{template.format(i)}" for i in range(count))
 
 
+def tp_parts(cfg, key: str) -> tuple[tuple[str, int], ...] | None:
+    """The row blocks a dim-0 tensor-parallel shard of the stored ``key`` (either layout) holds
+    a slice of each (``LayerSpec.tp_parts``), or None when a shard is one contiguous block."""
+    parts = _split_layer_key(key)
+    symbol = layer_symbol(cfg, parts[0]) if parts else None
+    if symbol is None:
+        return None
+    return LAYER_SPECS[symbol].tp_parts(cfg).get(canonical(symbol, parts[2]))
+
+
 def canonical_key(cfg, key: str) -> str:
     """A full layer key (either layout) with its layer-relative part in our spelling
     (``decoder.layers.0.mixer.conv1d_weight`` -> ``...mixer.conv1d.weight``)."""
