@@ -5,7 +5,7 @@ keys, and both give the same bits.
 
 The families are checked here against an independent table of Megatron's spellings (not the
 project's ``LayerSpec`` rows): each stored tensor must land, unchanged, in the model tensor(s)
-it stands for."""
+it stands for. Legacy TP slices are merged back as Megatron cut them (``legacy_tp``)."""
 
 from __future__ import annotations
 
@@ -15,11 +15,18 @@ import pytest
 import torch
 
 from mhc_convert.adapters import detect
+from mhc_convert.adapters.legacy_tp import merge_tp
+from mhc_convert.errors import InvalidInputError
 from mhc_convert.parity import load_model
 from mhc_model import checkpoint as C
 from mhc_model.model import HybridModel
+from mhc_model.toggle import codec as K
+from mhc_model.toggle.shapes import expected_model_shapes
 from tests.convert.test_engine import bits_equal
 from tests.convert.test_megatron_fixtures import ALL, EXTERNAL, _id, _info
+from tests.model.helpers import tiny_config
+
+CFG = tiny_config("M*-E")
 
 # Megatron spelling (layer-relative, after any inner_layer.) -> ours; "{e}": an expert index,
 # "[e]": row e of a stacked tensor
@@ -104,3 +111,36 @@ def test_load_dist_toggle_on_matches_the_converter(tmp_path, name):
     C.load_dist(path, on)
     bad = [k for k, v in on.state_dict().items() if not bits_equal(v, want[k])]
     assert not bad, bad
+
+
+def _shard(full: torch.Tensor, parts, tp: int) -> list[torch.Tensor]:
+    """Megatron's column-parallel shard of a tensor of row blocks: rank r holds its slice of
+    every block, blocks in order."""
+    out, blocks, start = [], [], 0
+    for _, rows in parts:
+        blocks.append(full[start:start + rows])
+        start += rows
+    for r in range(tp):
+        out.append(torch.cat([b.chunk(tp)[r] for b in blocks]))
+    return out
+
+
+@pytest.mark.parametrize("tp", [2, 4])
+def test_merge_tp_reassembles_row_blocks(tp):
+    key = "decoder.layers.0.mixer.in_proj.weight"
+    full = torch.randn(expected_model_shapes(CFG)[key])
+    parts = K.split_table(CFG, "M")["mixer.in_proj.weight"]
+    assert K.tp_parts(CFG, key) == parts
+    assert torch.equal(merge_tp(CFG, key, _shard(full, parts, tp), path="x"), full)
+    out_proj = "decoder.layers.0.mixer.out_proj.weight"
+    w = torch.randn(expected_model_shapes(CFG)[out_proj])
+    assert torch.equal(merge_tp(CFG, out_proj, list(w.chunk(tp, dim=1)), path="x"), w)
+    gated = tiny_config("M*-E").replace(mlp=CFG.mlp.__class__(ffn_hidden_size=48,
+                                                              activation="swiglu"))
+    fc1 = "decoder.layers.2.mlp.linear_fc1.weight"
+    w = torch.randn(expected_model_shapes(gated)[fc1])
+    got = merge_tp(gated, fc1, _shard(w, (("gate", 48), ("up", 48)), tp), path="x")
+    assert torch.equal(got, w)
+    norm = "decoder.final_norm.weight"
+    with pytest.raises(InvalidInputError, match="different values"):
+        merge_tp(CFG, norm, [torch.ones(32), torch.zeros(32)], path="x")

@@ -100,6 +100,9 @@ def test_enable_default_proves_the_target(enabled, branch, name):
     assert report.config["mhc_convention"] == CONVENTION[branch]
     assert report.config["mhc_output_contract"] == "learned"
     assert engine.inspect(out).layout == "mhc-on"
+    # dsv4's TransformerConfig refuses mHC with MoE layers: said, not hidden
+    refused = branch == DSV4 and "E" in _info(branch, name)["pattern"]
+    assert any("will not load" in n for n in report.notes) == refused, report.notes
 
 
 def _legacy_files(root: Path) -> dict[str, dict]:
