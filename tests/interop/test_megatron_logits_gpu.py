@@ -69,12 +69,14 @@ ON = [
     ("dev", "mstar_moe_tp2_on_bf16"),
     ("dev", "mstar_moe_pp2_on_bf16_localnames"),
     ("dev", "mstar_moe_legacy_on"),
+    # fails (H200, 2026-12-01: 6.4e-2): Megatron's GDN applies config.activation_func (squared
+    # ReLU in these fixtures) to its conv and output gate, ours SiLU (bench/results log)
     ("dev", "gdn_dsa_on_bf16"),
     ("dsv4", "mstar_tp1_on"),
     ("dsv4", "mstar_tp2_on_bf16"),
     ("dsv4", "mstar_pp2_on_bf16_localnames"),
     ("dsv4", "mstar_legacy_on"),
-    ("dsv4", "gdn_on_bf16"),
+    ("dsv4", "gdn_on_bf16"),  # fails likewise (6.6e-2)
 ]
 # (b) mHC-off checkpoints written by Megatron, enabled by mhc_convert, loaded back into Megatron.
 OFF = [
@@ -82,6 +84,8 @@ OFF = [
     ("dev", "mstar_moe_pp2_off_bf16_localnames"),
     ("dev", "mstar_moe_legacy_off"),
     ("dev", "gdn_dsa_off_bf16"),
+    # fails (2.6e-5): dsv4 stores mHC parameters in bf16 here and the exact-init logit -ln 3
+    # rounds (with the fp32 value: 4.6e-7)
     ("dsv4", "gdn_off_bf16"),
 ]
 _DSV4_MOE = ("dsv4's TransformerConfig refuses mHC together with MoE layers: there is no Megatron "
