@@ -218,8 +218,7 @@ def _fold_post(adapter, view: CheckpointView, cfg: HybridConfig, items: list[Out
     for it in items:
         m = K.LAYER_RE.match(it.key)
         layer = int(m.group(1)) if m and not it.key.startswith("optimizer.") else None
-        if layer in folds and any(re.fullmatch(rx, K.canonical(m.group(2))) for rx in
-                                  LAYER_SPECS[cfg.layer_symbols[layer]].output_projections):
+        if layer in folds and _is_output_projection(cfg, it.key):
             w = view.load(it.source.key)
             out.append(OutItem(it.key, value=(w.double() * folds[layer]).to(w.dtype)))
             folded.add(layer)
@@ -230,6 +229,16 @@ def _fold_post(adapter, view: CheckpointView, cfg: HybridConfig, items: list[Out
         raise InvalidInputError(f"no output projection found to fold H_post into at layer(s) "
                                 f"{missing}", path=view.path)
     return out
+
+
+def _is_output_projection(cfg: HybridConfig, key: str) -> bool:
+    """Whether the stored layer key holds an output projection of its layer (in our names:
+    every model tensor a stacked one stands for, or its canonical spelling)."""
+    layer = int(K.LAYER_RE.match(key).group(1))
+    prefix = f"decoder.layers.{layer}."
+    names = K.stacked(cfg, key) or (K.canonical_key(cfg, key),)
+    rxs = LAYER_SPECS[cfg.layer_symbols[layer]].output_projections
+    return all(any(re.fullmatch(rx, n[len(prefix):]) for rx in rxs) for n in names)
 
 
 def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,

@@ -27,12 +27,12 @@ BF16_FACTOR = 2.0
 
 
 def model_state_from_view(view: CheckpointView, cfg: HybridConfig) -> dict[str, torch.Tensor]:
-    """Model tensors only (no optimizer, _extra_state or Megatron byte objects), with factory
-    splits concatenated back in Megatron's order and Megatron's spellings made ours."""
+    """Model tensors only (no optimizer, _extra_state or Megatron byte objects), under our
+    names (``codec.model_sources``): factory splits concatenated back in Megatron's order,
+    stacked experts unstacked, Megatron's other spellings made ours."""
     keys = [k for k, e in view.entries.items()
-            if e.kind == "tensor" and not k.startswith("optimizer.") and K.EXTRA_STATE not in k
+            if e.kind == "tensor" and not k.startswith("optimizer.") and not K.is_extra_state(k)
             and not K.MEGATRON_OPAQUE_RE.match(k)]
-    state: dict[str, torch.Tensor] = {}
     for key, parts in K.merge_splits(keys, cfg).items():
         base, _, part = key.rpartition(".")
         found = K.layer_splits(cfg, base) if len(parts) == 1 else None
@@ -40,8 +40,21 @@ def model_state_from_view(view: CheckpointView, cfg: HybridConfig) -> dict[str, 
             have = sorted(k.rpartition(".")[2] for k in keys if k.rpartition(".")[0] == base)
             raise InvalidInputError(f"incomplete factory split: have {have}, need "
                                     f"{[p for p, _ in found[1]]}", path=view.path, key=base)
-        state[K.canonical_key(key)] = (view.load(parts[0]) if len(parts) == 1 else
-                                       torch.cat([view.load(p) for p in parts], dim=0))
+    try:
+        sources = K.model_sources(keys, cfg)
+    except InvalidInputError as e:
+        raise type(e)(e.message, path=view.path, key=e.key) from None
+    stacks: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor] = {}
+    for name, src in sources.items():
+        if src.index is not None:  # one row of a stacked tensor (loaded once)
+            if src.parts[0] not in stacks:
+                stacks[src.parts[0]] = view.load(src.parts[0])
+            state[name] = stacks[src.parts[0]][src.index].clone()
+        elif len(src.parts) == 1:
+            state[name] = view.load(src.parts[0])
+        else:
+            state[name] = torch.cat([view.load(p) for p in src.parts], dim=0)
     return state
 
 

@@ -51,6 +51,11 @@ def choose(cfg: HybridConfig, args: Any, *, name: str | None, streams: int,
         raise UsageError(f"--target {tgt.name} always builds decoder.hc_head_* (the learned "
                          f"contract): a --contract {contract} checkpoint would not load there; "
                          f"use --target native for it")
+    refused = sorted(set(cfg.layer_symbols) & set(tgt.unsupported_with_mhc))
+    if refused:
+        notes.append(f"Megatron {tgt.branch} will not load this mHC-on checkpoint: "
+                     f"{tgt.unsupported_reason} (pattern symbols {', '.join(refused)}); "
+                     f"mhc_model loads and trains it")
     try:
         out = cfg.with_mhc(enable_hyper_connections=True, num_residual_streams=streams,
                            mhc_convention=convention or tgt.convention,

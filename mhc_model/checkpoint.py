@@ -40,8 +40,9 @@ from torch.distributed.checkpoint.planner import ReadItem
 from mhc_model.config import HybridConfig
 from mhc_model.errors import ToggleError
 from mhc_model.megatron_args import MHC_META_KEY, config_from_megatron_args, megatron_args
+from mhc_model.megatron_files import COMMON_PT
 from mhc_model.safe_unpickle import safe_pickle_load, safe_torch_load
-from mhc_model.toggle.codec import disk_views, merge_splits
+from mhc_model.toggle.codec import Source, disk_views, head_key, model_sources
 from mhc_model.toggle.plan import plan_for_model
 from mhc_model.toggle.values import values_for
 from mhc_model.toggle.verdict import check_disable_exact
@@ -223,7 +224,12 @@ def _load(iter_dir: Path, dest: dict[str, Any], rename: Mapping[str, str]) -> di
 
 
 def read_common(path: str | Path) -> dict[str, Any]:
-    out = _load(resolve(path), {COMMON_KEY: None}, {})[COMMON_KEY]
+    """The common state: the ``common_state`` item (megatron-core >= 0.19) or ``common.pt``."""
+    iter_dir = resolve(path)
+    if (iter_dir / COMMON_PT).is_file():
+        out = [safe_torch_load(iter_dir / COMMON_PT, source=iter_dir / COMMON_PT)]
+    else:
+        out = _load(iter_dir, {COMMON_KEY: None}, {})[COMMON_KEY]
     if not isinstance(out, list) or len(out) != 1 or not isinstance(out[0], dict):
         raise ValueError(f"{path}: {COMMON_KEY} is not a one-element list holding a dict")
     return out[0]
@@ -245,32 +251,78 @@ def config_from_common(common: Mapping[str, Any]) -> HybridConfig:
 
 
 def dist_config(path: str | Path) -> HybridConfig:
-    return config_from_common(read_common(path))
+    """The config of a torch_dist checkpoint. Megatron records no output contract: without
+    our stored config, the learned head's keys (``decoder.hc_head_*``) say it is learned."""
+    common = read_common(path)
+    cfg = config_from_common(common)
+    if cfg.mhc_on and CONFIG_KEY not in common and not isinstance(common.get(MHC_META_KEY), dict):
+        md = SafeFileSystemReader(str(resolve(path))).read_metadata()
+        if head_key("hc_head_fn") in md.state_dict_metadata:
+            cfg = cfg.with_mhc(mhc_output_contract="learned")
+    return cfg
 
 
-def _stored_model_names(md: Metadata, cfg: HybridConfig) -> set[str]:
-    """Model-space names present on disk (a complete factory split counts as its base key)."""
-    return set(merge_splits((k for k, v in md.state_dict_metadata.items()
-                             if isinstance(v, TensorStorageMetadata)
-                             and not k.startswith("optimizer.")), cfg))
+def _stored_sources(md: Metadata, cfg: HybridConfig) -> dict[str, Source]:
+    """Model-space names present on disk (our names: splits merged, stacks expanded, aliases
+    resolved) -> where each is stored."""
+    return model_sources((k for k, v in md.state_dict_metadata.items()
+                          if isinstance(v, TensorStorageMetadata)
+                          and not k.startswith("optimizer.")), cfg)
+
+
+class _Destinations:
+    """The DCP destination dict: model-named views into the live tensors (a factory split is a
+    set of row views), mapped to the stored names; a stacked stored tensor is loaded once into
+    a temporary and its rows copied into place afterwards (``finish``)."""
+
+    def __init__(self, cfg: HybridConfig, md: Metadata):
+        self.cfg, self.md = cfg, md
+        self.dest: dict[str, Any] = {}
+        self.rename: dict[str, str] = {}
+        self.rows: list[tuple[Tensor, str, int]] = []
+
+    def add(self, name: str, t: Tensor, src: Source, prefix: str = "") -> None:
+        """``prefix``: the optimizer namespace of a moment. KeyError(stored name) when a stored
+        item is absent."""
+        missing = [prefix + p for p in src.parts if prefix + p not in self.md.state_dict_metadata]
+        if missing:
+            raise KeyError(missing[0])
+        if src.index is not None:
+            stored = prefix + src.parts[0]
+            if stored not in self.dest:
+                sm = self.md.state_dict_metadata[stored]
+                self.dest[stored] = torch.empty(tuple(sm.size), dtype=sm.properties.dtype)
+            self.rows.append((t, stored, src.index))
+            return
+        views = disk_views(self.cfg, name, t)
+        if len(views) != len(src.parts):
+            raise ValueError(f"{name!r} is stored as {list(src.parts)}, not as {len(views)} "
+                             f"items")
+        for (k, v), stored in zip(views.items(), src.parts):
+            self.dest[prefix + k], self.rename[prefix + k] = v, prefix + stored
+
+    def finish(self) -> None:
+        for t, stored, i in self.rows:
+            t.copy_(self.dest[stored][i])
 
 
 @torch.no_grad()
 def load_dist(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
               *, strict: bool = True, restore_rng: bool = False) -> dict[str, Any]:
-    """Load model (and optimizer) state in place from a torch_dist checkpoint of either layout.
+    """Load model (and optimizer) state in place from a torch_dist checkpoint of either layout,
+    ours or Megatron's (its spellings, splits and stacked experts: ``codec.model_sources``).
     Returns the common state (``iteration``, ``args``, ...)."""
     cfg: HybridConfig = model.config
     iter_dir = resolve(path)
     md = SafeFileSystemReader(str(iter_dir)).read_metadata()
-    stored = _stored_model_names(md, cfg)
+    sources = _stored_sources(md, cfg)
+    stored = set(sources)
     plan = plan_for_model(dict.fromkeys(stored), cfg)  # the toggle, when layouts differ
     source_of = {r.dst: r.src for r in plan.renames} if plan else {k: k for k in stored}
     common = read_common(iter_dir)
 
     own = model.state_dict(keep_vars=True)
-    dest: dict[str, Tensor] = {}
-    rename: dict[str, str] = {}
+    dest = _Destinations(cfg, md)
     fills: dict[str, Tensor] = values_for(plan.adds, cfg) if plan else {}
     new_names: set[str] = set()
     for name, t in own.items():
@@ -282,8 +334,7 @@ def load_dist(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
             if strict:
                 raise KeyError(f"{iter_dir}: no stored value for {name!r}")
             continue
-        for k, v in disk_views(cfg, name, t.detach()).items():
-            dest[k], rename[k] = v, src + k[len(name):]
+        dest.add(name, t.detach(), sources[src])
     consumed = {source_of[n] for n in own if n in source_of}
     extra = sorted(stored - consumed)
     if plan is not None and plan.drops:  # disable: the mHC tensors must allow an exact drop
@@ -300,16 +351,16 @@ def load_dist(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
         for name, p in model.named_parameters():
             if name in new_names:
                 continue  # fresh zero moments (DESIGN.md §5)
-            src = source_of[name]
             st = optimizer.state[p]
             for s in MOMENTS:
-                for k, v in disk_views(cfg, name, st[s]).items():
-                    d = f"optimizer.state.{s}.{k}"
-                    dest[d], rename[d] = v, f"optimizer.state.{s}.{src}{k[len(name):]}"
-                    if rename[d] not in md.state_dict_metadata:
-                        raise KeyError(f"{iter_dir}: no optimizer state {rename[d]!r}; load "
-                                       "with optimizer=None to start the optimizer afresh")
-    _load(iter_dir, dest, rename)
+                prefix = f"optimizer.state.{s}."
+                try:
+                    dest.add(name, st[s], sources[source_of[name]], prefix)
+                except KeyError as e:
+                    raise KeyError(f"{iter_dir}: no optimizer state {e.args[0]!r}; load with "
+                                   "optimizer=None to start the optimizer afresh") from None
+    _load(iter_dir, dest.dest, dest.rename)
+    dest.finish()
     for name in new_names:
         own[name].copy_(fills[name])
     if optimizer is not None:

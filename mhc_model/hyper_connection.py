@@ -119,10 +119,12 @@ class HyperConnection(nn.Module):
         shapes = hc_param_shapes(cfg)
         self.mapping_proj = nn.Linear(shapes["mapping_proj.weight"][1],
                                       shapes["mapping_proj.weight"][0], bias=False, dtype=dtype)
-        self.bias = nn.Parameter(torch.empty(shapes["bias"], dtype=dtype))
+        # Megatron's registration order (its state dict and optimizer index order: alpha_pre,
+        # alpha_post, alpha_res, bias, mapping_proj.weight; dev hyper_connection.py ~250-261)
         self.alpha_pre = nn.Parameter(torch.empty(1, dtype=dtype))
         self.alpha_post = nn.Parameter(torch.empty(1, dtype=dtype))
         self.alpha_res = nn.Parameter(torch.empty(1, dtype=dtype))
+        self.bias = nn.Parameter(torch.empty(shapes["bias"], dtype=dtype))
         self.layer_index = layer_index
         self.reset_parameters(cfg, init="megatron")
 

@@ -43,10 +43,10 @@ def _pre_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: 
     into the layout of ``module.config``."""
     cfg: HybridConfig = module.config
     mine = {k[len(prefix):]: k for k in state_dict if k.startswith(prefix)}
-    for rel, k in mine.items():  # Megatron's other spellings (KEY_ALIASES) -> ours
-        if K.canonical_key(rel) != rel:
-            state_dict[prefix + K.canonical_key(rel)] = state_dict.pop(k)
-    mine = {K.canonical_key(rel): prefix + K.canonical_key(rel) for rel in mine}
+    for rel, k in mine.items():  # Megatron's other spellings (LayerSpec.aliases) -> ours
+        if K.canonical_key(cfg, rel) != rel:
+            state_dict[prefix + K.canonical_key(cfg, rel)] = state_dict.pop(k)
+    mine = {K.canonical_key(cfg, rel): prefix + K.canonical_key(cfg, rel) for rel in mine}
     plan = plan_for_model({rel: None for rel in mine}, cfg)
     if plan is None:
         return

@@ -28,6 +28,9 @@ class Target:
     contracts: tuple[str, ...]  # the contracts a checkpoint for this target may use
     branch: str | None  # the Megatron branch whose code loads it (None: mhc_model)
     markers: tuple[str, ...] = ()  # args fields only this branch writes
+    # pattern symbols this branch's TransformerConfig refuses together with mHC, and why
+    unsupported_with_mhc: tuple[str, ...] = ()
+    unsupported_reason: str = ""
 
     def __post_init__(self) -> None:
         assert self.convention in CONVENTIONS and set(self.contracts) <= set(CONTRACTS)
@@ -39,7 +42,11 @@ TARGETS: dict[str, Target] = {t.name: t for t in (
            markers=("dsa_indexer_rope_interleaved", "linear_attention_type",
                     "moe_n_hash_layers")),
     Target("megatron-dsv4", "megatron_dsv4", "learned", ("learned",), "dsv4",
-           markers=("csa_compress_ratio_for_c", "csa_compress_ratio_for_h")),
+           markers=("csa_compress_ratio_for_c", "csa_compress_ratio_for_h"),
+           # dsv4 transformer_config.py: "enable_hyper_connections is not yet supported with
+           # MoE layers" (research/megatron-interop.md §1)
+           unsupported_with_mhc=("E",), unsupported_reason="its TransformerConfig refuses "
+           "enable_hyper_connections with MoE layers"),
 )}
 
 

@@ -7,7 +7,8 @@ copies: one per TP rank of the pipeline stage that holds it. Megatron numbers la
 layers after those of stages < s), so the planner sees ``decoder.layers.{global}`` and the
 writer maps back. TP-sharded tensors have no single global shape in a legacy file, so for
 TP > 1 the planner gets shape None and ``check`` validates every copy against the config
-(replicated: the full shape; sharded: the per-rank slices concatenate to it along one dim).
+(``legacy_tp``: replicated, the full shape; sharded, slices that concatenate to it), and
+loading a tensor merges its slices.
 
 Everything in a rank file that is not ``model`` is carried unchanged (iteration, rng_state,
 opt_param_scheduler, checkpoint_version, ...) except ``args`` (mHC flags flipped) and the
@@ -28,6 +29,7 @@ import torch
 
 from mhc_convert.adapters.base import DEFAULT_READ, ReadOptions
 from mhc_convert.adapters.detection import is_torch_legacy
+from mhc_convert.adapters.legacy_tp import check_tp_shapes, merge_tp
 from mhc_convert.adapters.megatron_args import flip_args, megatron_config, with_mhc_meta
 from mhc_convert.errors import InvalidInputError, IOFailure
 from mhc_convert.formats import torch_legacy as tl
@@ -39,7 +41,6 @@ from mhc_model.megatron_args import MHC_META_KEY
 from mhc_model.model import meta_model
 from mhc_model.toggle import codec as L
 from mhc_model.toggle.plan import Plan
-from mhc_model.toggle.shapes import expected_model_shapes, mhc_param_shapes
 
 _ADVICE = "pass --drop-optimizer to discard the optimizer state (resume with --no-load-optim)"
 
@@ -61,10 +62,6 @@ def _localize(key: str, offset: int) -> str:
 def _globalize(key: str, offset: int) -> str:
     m = L.LAYER_RE.match(key)
     return f"decoder.layers.{int(m.group(1)) + offset}.{m.group(2)}" if m and offset else key
-
-
-def _is_extra(key: str) -> bool:
-    return L.SHARD_RE.sub(r"\1", key).endswith("." + L.EXTRA_STATE)
 
 
 def _load(rank: tl.RankFile) -> dict:
@@ -139,25 +136,24 @@ class LegacyAdapter:
             "optimizer_sharding": f"legacy {kind}", "megatron_args": payloads[0]["args"],
         }
 
+        config: list[HybridConfig] = []  # read on the first merge (the view comes first)
+
         def loader(entry: Entry) -> Any:
             values = [payloads[c.rank]["model"][c.key] for c in entry.locator]
             if entry.kind != "tensor" or len(values) == 1:
                 return values[0]
-            # Only replicated tensors (the hyper-connection params the engine checks) can be
-            # read as one tensor; slices of a TP-sharded one cannot.
-            if all(v.shape == values[0].shape and torch.equal(v, values[0]) for v in values):
-                return values[0]
-            raise InvalidInputError(f"the {len(values)} TP ranks hold different values "
-                                    f"(sharded or inconsistent); cannot read it as one tensor",
-                                    path=iter_dir, key=entry.key)
+            if not config:
+                config.append(self.config(view))
+            return merge_tp(config[0], entry.key, values, path=iter_dir)
 
         def sources(entry: Entry):
             for c in entry.locator:
                 yield ranks[c.rank].path, tensor_slices(payloads[c.rank]["model"][c.key])
 
-        return CheckpointView("torch_legacy", iter_dir, entries, meta, loader, sources,
+        view = CheckpointView("torch_legacy", iter_dir, entries, meta, loader, sources,
                               locate=lambda entry: ranks[entry.locator[0].rank].path
                               if entry.locator else None)
+        return view
 
     # ---- config ------------------------------------------------------------------------
     def config(self, view: CheckpointView) -> HybridConfig:
@@ -175,7 +171,7 @@ class LegacyAdapter:
               target: HybridConfig) -> None:
         view.meta["checked"] = (plan, cfg)  # write() remaps with what was validated here
         if view.meta["tp_size"] > 1:
-            _check_tp_shapes(view, cfg)
+            check_tp_shapes(view, cfg)
         if view.meta["drop_optimizer"]:
             return
         for r in view.meta["ranks"]:
@@ -210,7 +206,8 @@ class LegacyAdapter:
             carried = sorted(((k, src) for k, src in per_rank[ri] if src is not None),
                              key=lambda ks: src_pos[ks[1]])
             added = [k for k, src in per_rank[ri] if src is None]
-            order = _insert_in_reference_order([k for k, _ in carried], added, ref_new)
+            order = _insert_in_reference_order([k for k, _ in carried], added, ref_new,
+                                               lambda k: L.canonical_key(target, k))
             values = {k: p["model"][src] for k, src in carried}
             values.update({k: new_values[k] for k in added})
             out = with_mhc_meta(p, target)  # same key order; rng_state, ... the same objects
@@ -300,35 +297,13 @@ def _entries(ranks, payloads, offsets, iter_dir: Path) -> dict[str, Entry]:
             nbytes = sum(v.numel() * v.element_size() for v in values)
             entries[key] = Entry(key, "tensor", str(values[0].dtype).replace("torch.", ""),
                                  shape, nbytes, locator)  # type: ignore[arg-type]
-        elif _is_extra(key):  # TransformerEngine _extra_state: BytesIO, tensor or None
+        elif L.is_extra_state(key):  # TransformerEngine _extra_state: BytesIO, tensor or None
             entries[key] = Entry(key, "object", None, (), 0, locator)
         else:
             bad = next(type(v).__name__ for v in values if not isinstance(v, torch.Tensor))
             raise InvalidInputError(f"model entry is a {bad}, not a tensor",
                                     path=ranks[ri0].path, key=cs[0][1])
     return entries
-
-
-def _check_tp_shapes(view: CheckpointView, cfg: HybridConfig) -> None:
-    """Each TP copy is the full tensor (replicated) or a slice; slices must concatenate to the
-    configured shape along one dim (Megatron's column/row-parallel split)."""
-    expected = dict(expected_model_shapes(cfg))
-    if cfg.mhc_on:
-        expected.update(mhc_param_shapes(cfg))
-    payloads = view.meta["payloads"]
-    for key, e in view.entries.items():
-        want = expected.get(L.unwrap(key))
-        if e.kind != "tensor" or want is None:
-            continue  # unknown keys are the planner's to judge
-        shapes = [tuple(payloads[c.rank]["model"][c.key].shape) for c in e.locator]
-        if all(s == want for s in shapes):
-            continue
-        if all(len(s) == len(want) for s in shapes) and any(
-                all(s[:d] + s[d + 1:] == want[:d] + want[d + 1:] for s in shapes)
-                and sum(s[d] for s in shapes) == want[d] for d in range(len(want))):
-            continue
-        raise InvalidInputError(f"TP slices {[list(s) for s in shapes]} do not form the "
-                                f"configured shape {list(want)}", path=view.path, key=key)
 
 
 def _add_ranks(view: CheckpointView, key: str) -> list[int]:
@@ -357,17 +332,18 @@ def _place(view: CheckpointView, items: list[OutItem]) -> list[list[tuple[str, s
     return out
 
 
-def _insert_in_reference_order(carried: list[str], added: list[str],
-                               ref: tuple[str, ...]) -> list[str]:
+def _insert_in_reference_order(carried: list[str], added: list[str], ref: tuple[str, ...],
+                               ours=lambda k: k) -> list[str]:
     """Carried keys keep the source order (so disable(enable(x)) restores it exactly); each new
     key goes right after the last present key that precedes it in our model's parameter order
-    (and after that key's trailing _extra_state), i.e. where Megatron's module would put it."""
+    (and after that key's trailing _extra_state), i.e. where Megatron's module would put it.
+    ``ours``: a stored key -> our name (the names ``ref`` holds)."""
     pos = {k: i for i, k in enumerate(ref)}
     out = list(carried)
     for a in sorted(added, key=lambda k: pos.get(k, len(pos))):
         mine, idx = pos.get(a, len(pos)), 0
         for j, k in enumerate(out):
-            p = pos.get(k)
+            p = pos.get(ours(k))
             if (p is not None and p < mine) or (p is None and idx == j and j > 0):
                 idx = j + 1
         out.insert(idx, a)
@@ -395,8 +371,12 @@ def _remap_rank_optimizer(view: CheckpointView, target: HybridConfig, ri: int,
         raise InvalidInputError(f"cannot derive the optimizer's parameter order ({len(groups)} "
                                 f"param groups); {_ADVICE}", path=r.path, key="optimizer")
     off = meta["offsets"][r.pp or 0]
-    file_params = [_globalize(k, off) for k, v in p["model"].items()
-                   if isinstance(v, torch.Tensor) and not _is_extra(k)]
+    # in our names (Megatron's other spellings, e.g. local-spec norms, made ours): the order
+    # is compared with our model's, and the remap itself only needs names to be consistent
+    stored = {_globalize(k, off): k for k, v in p["model"].items()
+              if isinstance(v, torch.Tensor) and not L.is_extra_state(k)}
+    ours = {k: L.canonical_key(cfg, k) for k in stored}
+    file_params = list(ours.values())
     ref_old, ref_new = param_order(cfg), param_order(target)
     mine = set(file_params)
     if [k for k in ref_old if k in mine] != file_params:
@@ -405,8 +385,9 @@ def _remap_rank_optimizer(view: CheckpointView, target: HybridConfig, ri: int,
                "its model keys are not in the model's parameter order")
         raise InvalidInputError(f"cannot derive the optimizer's parameter order ({why}); "
                                 f"{_ADVICE}", path=r.path, key="optimizer")
-    renames = {rn.src: rn.dst for rn in plan.renames if rn.src in mine}
-    dropped = [d.src for d in plan.drops if d.src in mine]
+    renames = {ours[rn.src]: L.canonical_key(target, rn.dst) for rn in plan.renames
+               if rn.src in ours}
+    dropped = [d.src for d in plan.drops if d.src in stored]
     adds = [a.dst for a in plan.adds if ri in _add_ranks(view, a.dst)]
     outs = set(renames.values()) | set(adds)
     new_order = [k for k in ref_new if k in outs]
@@ -416,9 +397,9 @@ def _remap_rank_optimizer(view: CheckpointView, target: HybridConfig, ri: int,
                                 f"order; {_ADVICE}", path=r.path, key=missing[0])
     values = {k: new_values[k] for k in adds}
     if meta["tp_size"] == 1:  # full tensors: remap checks each carried moment's shape too
-        values.update({dst: p["model"][_localize(src, off)] for src, dst in renames.items()})
+        values.update({renames[ours[g]]: p["model"][k] for g, k in stored.items()
+                       if ours[g] in renames})
     return tl.remap_index_optimizer(p["optimizer"], file_params, new_order, values,
                                     renames=renames, dropped=dropped, path=r.path)
-
 
 __all__ = ["Copy", "LegacyAdapter", "param_order"]

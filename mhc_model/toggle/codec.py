@@ -2,20 +2,23 @@
 
 mHC off: ``decoder.layers.N.X``; mHC on: ``decoder.layers.N.inner_layer.X`` plus
 ``decoder.layers.N.hyper_connection.*`` and, with the learned contract, ``decoder.hc_head_*``.
-Around those: Megatron's other spellings of a layer key (``KEY_ALIASES``), its factory splits
-(``in_proj.weight.z`` ...: the rows of one model tensor stored as several items), ``/shard_*``
-byte objects, the optimizer namespace ``optimizer.state.<name>.<model key>`` and the byte
-objects Megatron keeps beside the model. ``layout_of`` is the one layout detector.
+Around those, per layer symbol (``LayerSpec``): Megatron's other spellings of a layer key
+(``aliases``), its factory splits (``in_proj.weight.z`` ...: the rows of one model tensor stored
+as several items), its stacks (``mlp.experts.experts.linear_fc1.weight``: one stored tensor for
+E model tensors); and ``_extra_state[/shard_*]`` byte objects, the optimizer namespace
+``optimizer.state.<name>.<model key>`` and the byte objects Megatron keeps beside the model.
+``layout_of`` is the one layout detector.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from mhc_model.errors import MixedLayoutError
-from mhc_model.specs import LAYER_SPECS, Splits
+from mhc_model.errors import InvalidInputError, MixedLayoutError
+from mhc_model.specs import LAYER_SPECS, Splits, Stacks
 
 if TYPE_CHECKING:  # annotations only: the codec works on key strings
     from torch import Tensor
@@ -34,22 +37,30 @@ OPT_RE = re.compile(r"^optimizer\.state\.([A-Za-z0-9_]+)\.(.+)$")
 SHARD_RE = re.compile(r"^(.*?)(/shard_[0-9._]+)$")
 EXTRA_STATE = "_extra_state"
 # Byte objects Megatron keeps beside the model: carried unchanged, except common_state whose
-# args the converter rewrites.
-MEGATRON_OPAQUE_RE = re.compile(r"^(rng_state|common_state)(/shard_[0-9._]+)?$")
-
-# Other spellings of a layer-relative key that Megatron writes. megatron-core 0.19 holds the
-# Mamba conv as direct parameters (``mixer.conv1d_weight``) in its module state dict (legacy
-# ``.pt`` files), while torch_dist stores ``mixer.conv1d.weight``. Either is accepted and kept
-# as spelled; checks and model loading use the canonical name.
-KEY_ALIASES = {
-    "mixer.conv1d_weight": "mixer.conv1d.weight",
-    "mixer.conv1d_bias": "mixer.conv1d.bias",
-}
+# args the converter rewrites (rng_state/shard_<pp>.<tp>_<PP>.<TP>, rerun_state_machine_state/
+# shard_<rank>_<ranks> in megatron-core >= 0.13).
+MEGATRON_OPAQUE_RE = re.compile(
+    r"^(rng_state|common_state|rerun_state_machine_state)(/shard_[0-9._]+)?$")
 
 
-def canonical(rel: str) -> str:
-    """Layer-relative key -> the name our model uses."""
-    return KEY_ALIASES.get(rel, rel)
+def layer_symbol(cfg, layer: int) -> str | None:
+    """The pattern symbol of layer ``layer`` (None beyond the configured layers)."""
+    return cfg.layer_symbols[layer] if 0 <= layer < cfg.num_layers else None
+
+
+def canonical(symbol: str | None, rel: str) -> str:
+    """A layer-relative key of a ``symbol`` layer in Megatron's spelling -> our name
+    (``LayerSpec.aliases``; e.g. Mamba ``norm.weight`` -> ``mixer.in_proj.layer_norm_weight``)."""
+    return LAYER_SPECS[symbol].canonical(rel) if symbol is not None else rel
+
+
+def _split_layer_key(key: str) -> tuple[int, str, str] | None:
+    """decoder.layers.N[.inner_layer].X -> (N, "inner_layer." or "", X); None otherwise."""
+    m = LAYER_RE.match(key)
+    if not m:
+        return None
+    inner = INNER + "." if m.group(2).startswith(INNER + ".") else ""
+    return int(m.group(1)), inner, m.group(2)[len(inner):]
 
 
 def wrap(key: str) -> str:
@@ -138,10 +149,11 @@ def layer_splits(cfg, key: str) -> tuple[str, tuple[tuple[str, int], ...]] | Non
     """(layer-relative canonical base, parts) when the model ``key`` (either layout) is
     stored by Megatron as a factory split; None otherwise."""
     m = LAYER_RE.match(unwrap(key))
-    if not m or int(m.group(1)) >= cfg.num_layers:
+    symbol = layer_symbol(cfg, int(m.group(1))) if m else None
+    if symbol is None:
         return None
-    rel = canonical(m.group(2))
-    splits = split_table(cfg, cfg.layer_symbols[int(m.group(1))]).get(rel)
+    rel = canonical(symbol, m.group(2))
+    splits = split_table(cfg, symbol).get(rel)
     return (rel, splits) if splits else None
 
 
@@ -182,12 +194,84 @@ def merge_splits(keys: Iterable[str], cfg) -> dict[str, list[str]]:
     return out
 
 
-def canonical_key(key: str) -> str:
+def stack_table(cfg, symbol: str) -> Stacks:
+    """Stored keys of a symbol's layer that stand for several model tensors
+    (``LayerSpec.stacks``)."""
+    return LAYER_SPECS[symbol].stacks(cfg)
+
+
+def stacked(cfg, key: str) -> tuple[str, ...] | None:
+    """The model keys (same layout) a stored stacked tensor stands for, in stack order (row i
+    is the i-th); None when ``key`` is not one."""
+    parts = _split_layer_key(key)
+    symbol = layer_symbol(cfg, parts[0]) if parts else None
+    if symbol is None:
+        return None
+    layer, inner, rel = parts
+    found = stack_table(cfg, symbol).get(rel)
+    if found is None:
+        return None
+    template, count = found
+    return tuple(f"decoder.layers.{layer}.{inner}{template.format(i)}" for i in range(count))
+
+
+def tp_parts(cfg, key: str) -> tuple[tuple[str, int], ...] | None:
+    """The row blocks a dim-0 tensor-parallel shard of the stored ``key`` (either layout) holds
+    a slice of each (``LayerSpec.tp_parts``), or None when a shard is one contiguous block."""
+    parts = _split_layer_key(key)
+    symbol = layer_symbol(cfg, parts[0]) if parts else None
+    if symbol is None:
+        return None
+    return LAYER_SPECS[symbol].tp_parts(cfg).get(canonical(symbol, parts[2]))
+
+
+def canonical_key(cfg, key: str) -> str:
     """A full layer key (either layout) with its layer-relative part in our spelling
     (``decoder.layers.0.mixer.conv1d_weight`` -> ``...mixer.conv1d.weight``)."""
-    m = LAYER_RE.match(key)
-    if not m:
+    parts = _split_layer_key(key)
+    if parts is None:
         return key
-    inner = INNER + "." if m.group(2).startswith(INNER + ".") else ""
-    suffix = m.group(2)[len(inner):]
-    return f"decoder.layers.{m.group(1)}.{inner}{canonical(suffix)}"
+    layer, inner, rel = parts
+    return f"decoder.layers.{layer}.{inner}{canonical(layer_symbol(cfg, layer), rel)}"
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where a model tensor is stored: one key, the rows of a factory split (``parts``, in
+    split order, concatenated along dim 0), or row ``index`` of a stacked tensor."""
+
+    parts: tuple[str, ...]
+    index: int | None = None
+
+
+def model_sources(keys: Iterable[str], cfg) -> dict[str, Source]:
+    """Stored (model-space) keys -> our model keys (same layout) and where each is stored.
+    Complete factory splits merge, stacks expand, aliases become our names. Two stored keys
+    for one model key are an error."""
+    out: dict[str, Source] = {}
+    for base, parts in merge_splits(keys, cfg).items():
+        names = stacked(cfg, base)
+        found = ({n: Source((base,), i) for i, n in enumerate(names)} if names is not None
+                 else {canonical_key(cfg, base): Source(tuple(parts))})
+        for name, src in found.items():
+            if name in out:
+                raise InvalidInputError(f"stored twice: {out[name].parts[0]!r} and "
+                                        f"{src.parts[0]!r} are both {name!r}", key=src.parts[0])
+            out[name] = src
+    return out
+
+
+def is_extra_state(key: str) -> bool:
+    """``<module>._extra_state`` with or without Megatron's ``/shard_*`` suffix."""
+    return SHARD_RE.sub(r"\1", key).endswith("." + EXTRA_STATE)
+
+
+def extra_state_module(key: str) -> str:
+    """``a.b._extra_state/shard_0_1`` -> ``a.b``."""
+    return SHARD_RE.sub(r"\1", key)[: -len(EXTRA_STATE) - 1]
+
+
+def is_non_layer_module(module: str) -> bool:
+    """A module of Megatron's model outside the layers (``output_layer`` even when tied: the
+    module, and its ``_extra_state``, exist without its weight)."""
+    return any(k.startswith(module + ".") for k in NON_LAYER_KEYS)

@@ -19,7 +19,13 @@ from typing import Literal
 from mhc_model.config import HybridConfig
 from mhc_model.errors import AlreadyInLayoutError, InvalidInputError
 from mhc_model.toggle import codec as K
-from mhc_model.toggle.shapes import expected_model_shapes, hc_keys, mhc_param_shapes
+from mhc_model.toggle.shapes import (
+    expected_model_shapes,
+    hc_keys,
+    layer_owns_module,
+    mhc_param_shapes,
+    stored_layer_shape,
+)
 
 Direction = Literal["enable", "disable"]
 Shape = tuple[int, ...] | None  # None for byte objects (or unknown, e.g. TP-sharded legacy)
@@ -79,7 +85,8 @@ class Plan:
         return {d.src: d.what for d in self.drops if d.opt_state is None}
 
 
-Segment = Literal["plain", "inner", "hc", "head", "global", "opaque", "passthrough"]
+# extra: a non-layer module's _extra_state (carried); opaque: Megatron's byte objects
+Segment = Literal["plain", "inner", "hc", "head", "global", "extra", "opaque", "passthrough"]
 
 
 @dataclass(frozen=True)
@@ -87,7 +94,7 @@ class _Parsed:
     opt_state: str | None
     layer: int | None
     segment: Segment
-    rel: str  # layer-relative suffix (after the wrapper segment) or the full model key
+    rel: str  # layer-relative suffix as stored (after the wrapper segment) or the full key
 
 
 def _shape_error(shape, want, key, path) -> InvalidInputError:
@@ -95,35 +102,22 @@ def _shape_error(shape, want, key, path) -> InvalidInputError:
                              f"(expected {list(want)})", path=path, key=key)
 
 
-def _check_layer_suffix(cfg, symbol, rel, shape, expected, key, path) -> None:
-    """rel must be a key of this symbol's layer, a factory split of one, or an _extra_state."""
-    base_m = K.SHARD_RE.match(rel)
-    if base_m:
-        rel_noshard = base_m.group(1)
-        if not rel_noshard.endswith("." + K.EXTRA_STATE):
-            raise InvalidInputError("'/shard_*' suffix on a non-_extra_state key", path=path,
-                                    key=key)
-        rel = rel_noshard
-    if rel.endswith("." + K.EXTRA_STATE):
-        module = rel[: -len(K.EXTRA_STATE) - 1]
-        if not any(s.startswith(module + ".") for s in expected):
+def _check_layer_suffix(cfg, symbol, rel, shape, key, path) -> None:
+    """rel must be a key of this symbol's layer in one of Megatron's spellings (ours, an alias,
+    a factory split part, a stack: ``shapes.stored_layer_shape``) or an ``_extra_state`` of one
+    of its modules."""
+    if K.SHARD_RE.match(rel) and not K.is_extra_state(rel):
+        raise InvalidInputError("'/shard_*' suffix on a non-_extra_state key", path=path, key=key)
+    if K.is_extra_state(rel):
+        if not layer_owns_module(cfg, symbol, K.extra_state_module(rel)):
             raise InvalidInputError(f"unknown _extra_state for layer symbol {symbol!r}",
                                     path=path, key=key)
         return
-    if rel in expected:
-        if shape is not None and tuple(shape) != expected[rel]:
-            raise _shape_error(shape, expected[rel], key, path)
-        return
-    base, _, part = rel.rpartition(".")
-    splits = K.split_table(cfg, symbol).get(base)
-    if splits is not None and base in expected:
-        rows = dict(splits).get(part)
-        if rows is not None:
-            want = (rows, *expected[base][1:])
-            if shape is not None and tuple(shape) != want:
-                raise _shape_error(shape, want, key, path)
-            return
-    raise InvalidInputError(f"not a key of a {symbol!r} layer", path=path, key=key)
+    want = stored_layer_shape(cfg, symbol, rel)
+    if want is None:
+        raise InvalidInputError(f"not a key of a {symbol!r} layer", path=path, key=key)
+    if shape is not None and tuple(shape) != want:
+        raise _shape_error(shape, want, key, path)
 
 
 def _parse(key: str, shape: Shape, cfg: HybridConfig, expected: dict, passthrough, path,
@@ -137,6 +131,9 @@ def _parse(key: str, shape: Shape, cfg: HybridConfig, expected: dict, passthroug
         return _Parsed(opt_state, None, "global", model_key)
     if model_key.startswith(K.HEAD_PREFIX):
         return _Parsed(opt_state, None, "head", model_key[len(K.HEAD_PARENT):])
+    if (opt_state is None and not K.LAYER_RE.match(key) and K.is_extra_state(key)
+            and K.is_non_layer_module(K.extra_state_module(key))):
+        return _Parsed(None, None, "extra", key)
     layer_m = K.LAYER_RE.match(model_key)
     if layer_m and (int(layer_m.group(1)) < cfg.num_layers or not strict):
         i, rest = int(layer_m.group(1)), layer_m.group(2)
@@ -148,20 +145,13 @@ def _parse(key: str, shape: Shape, cfg: HybridConfig, expected: dict, passthroug
         segment: Segment = "plain"
         if rest.startswith(K.INNER + "."):
             segment, rest = "inner", rest[len(K.INNER) + 1:]
-        rest = K.canonical(rest)
         if strict:
-            _check_layer_suffix(cfg, cfg.layer_symbols[i], rest, shape, expected_layer(i, expected),
-                                key, path)
+            _check_layer_suffix(cfg, cfg.layer_symbols[i], rest, shape, key, path)
         return _Parsed(opt_state, i, segment, rest)
     if not strict or (passthrough is not None and passthrough.search(key)):
         return _Parsed(opt_state, None, "passthrough", key)
     raise InvalidInputError("unknown key (not part of the configured model; pass "
                             "--passthrough REGEX to carry it unchanged)", path=path, key=key)
-
-
-def expected_layer(i: int, expected: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[int, ...]]:
-    prefix = f"decoder.layers.{i}."
-    return {k[len(prefix):]: s for k, s in expected.items() if k.startswith(prefix)}
 
 
 def make_plan(
@@ -235,16 +225,20 @@ def plan_for_model(keys: Mapping[str, Shape], cfg: HybridConfig, *,
 
 
 def _check_missing(parsed: dict[str, _Parsed], expected: dict, cfg: HybridConfig, path) -> None:
-    """Every model key of the config must be present (whole, or as all its factory splits)."""
-    present = set()
+    """Every model key of the config must be stored exactly once (whole, as all its factory
+    splits, as a row of a stack, or under an alias)."""
+    present = []
     for p in parsed.values():
         if p.opt_state is not None:
             continue
         if p.segment == "global":
-            present.add(p.rel)
-        elif p.segment in ("plain", "inner"):
-            present.add(f"decoder.layers.{p.layer}.{p.rel}")
-    merged = K.merge_splits(present, cfg)
+            present.append(p.rel)
+        elif p.segment in ("plain", "inner") and not K.is_extra_state(p.rel):
+            present.append(f"decoder.layers.{p.layer}.{p.rel}")
+    try:
+        merged = K.model_sources(present, cfg)
+    except InvalidInputError as e:
+        raise type(e)(e.message, path=path, key=e.key) from None
     missing = [key for key in expected if key not in merged]
     if missing:
         raise InvalidInputError(f"{len(missing)} model key(s) of the configured model are "

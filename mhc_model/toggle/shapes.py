@@ -1,6 +1,8 @@
 """Keys and shapes of a model, without building it: each layer kind's keys are read off its
 module on the meta device (``LayerSpec``), once per (symbol, config); the non-layer keys and the
-mHC parameters are fixed by the config (DESIGN.md §2, §3)."""
+mHC parameters are fixed by the config (DESIGN.md §2, §3). ``stored_layer_shape`` and
+``stored_shape`` give the shape Megatron stores for a key in any of its spellings (an alias, a
+factory split part, a stack), read off the same tables, for the planner and the adapters."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ from mhc_model.config import HybridConfig
 from mhc_model.hyper_connection import hc_param_shapes, head_param_shapes
 from mhc_model.layers.common import allocatable, no_initialisers
 from mhc_model.specs import layer_spec
+from mhc_model.toggle import codec as K
 from mhc_model.toggle.codec import hc_key, head_key
 
 Shapes = dict[str, tuple[int, ...]]
@@ -59,3 +62,49 @@ def mhc_param_shapes(cfg: HybridConfig) -> Shapes:
         out.update(hc_keys(i, cfg))
     out.update(head_keys(cfg))
     return out
+
+
+def stored_layer_shape(cfg: HybridConfig, symbol: str, rel: str) -> tuple[int, ...] | None:
+    """The shape Megatron stores for the layer-relative key ``rel`` of a ``symbol`` layer: ours
+    or an alias of ours (the model shape), a factory split part ([rows, *rest]) or a stack
+    ([count, *shape]); None when ``rel`` is none of these."""
+    expected = layer_key_shapes(cfg.with_mhc(enable_hyper_connections=False), symbol)
+    rel = K.canonical(symbol, rel)
+    if rel in expected:
+        return expected[rel]
+    stack = K.stack_table(cfg, symbol).get(rel)
+    if stack is not None:
+        template, count = stack
+        shapes = {expected.get(template.format(i)) for i in range(count)}
+        if len(shapes) == 1 and None not in shapes:
+            return (count, *shapes.pop())
+        return None
+    base, _, part = rel.rpartition(".")
+    rows = dict(K.split_table(cfg, symbol).get(base, ())).get(part)
+    if rows is not None and base in expected:
+        return (rows, *expected[base][1:])
+    return None
+
+
+def layer_owns_module(cfg: HybridConfig, symbol: str, module: str) -> bool:
+    """Whether ``module`` (layer-relative) is a module of a ``symbol`` layer in any spelling:
+    a prefix of one of its keys, of a stored stack, or an alias of ``module.weight`` (the
+    owner of an ``_extra_state``: Megatron's linears, e.g. SequentialMLP's
+    ``mlp.experts.local_experts.K.linear_fc1``)."""
+    expected = layer_key_shapes(cfg.with_mhc(enable_hyper_connections=False), symbol)
+    names = [*expected, *K.stack_table(cfg, symbol)]
+    return (any(n.startswith(module + ".") for n in names)
+            or K.canonical(symbol, module + ".weight") in expected)
+
+
+def stored_shape(cfg: HybridConfig, key: str) -> tuple[int, ...] | None:
+    """The shape Megatron stores for a full model key of either layout (layer keys in any
+    spelling, mHC parameters when ``cfg`` is mHC-on, the non-layer keys); None: not a key."""
+    key = K.unwrap(key)
+    m = K.LAYER_RE.match(key)
+    if K.is_mhc_param(key):
+        return mhc_param_shapes(cfg).get(key) if cfg.mhc_on else None
+    if m:
+        symbol = K.layer_symbol(cfg, int(m.group(1)))
+        return stored_layer_shape(cfg, symbol, m.group(2)) if symbol else None
+    return expected_model_shapes(cfg).get(key)

@@ -88,3 +88,19 @@ def test_fold_refuses_optimizer_state_without_drop(tmp_path):
     report = mhc_convert.disable(tmp_path / "on2", tmp_path / "back", drop_optimizer=True)
     assert any("folded" in note for note in report.notes)
     assert compare_checkpoints(tmp_path / "on2", tmp_path / "back")["max_abs"] <= 1e-5
+
+
+@pytest.mark.parametrize(("key", "folds"), [
+    ("decoder.layers.3.mlp.experts.experts.linear_fc2.weight", True),  # torch_dist stack
+    ("decoder.layers.3.mlp.experts.local_experts.2.linear_fc2.weight", True),  # SequentialMLP
+    ("decoder.layers.3.mlp.experts.linear_fc2.weight1", True),
+    ("decoder.layers.3.mlp.shared_experts.linear_fc2.weight", True),
+    ("decoder.layers.3.mlp.experts.experts.linear_fc1.weight", False),
+    ("decoder.layers.3.pre_mlp_layernorm.weight", False),
+    ("decoder.layers.0.mixer.out_proj.weight", True),
+    ("decoder.layers.0.norm.weight", False),
+])
+def test_output_projections_in_megatron_spellings(key, folds):
+    from mhc_convert.engine import _is_output_projection
+
+    assert _is_output_projection(tiny_config(PATTERN), key) is folds

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -54,6 +53,7 @@ from mhc_model.config import HybridConfig, MHCConfig
 from mhc_model.hyper_connection import head_eps
 from mhc_model.mhc_ref import aggregate, contract_learned, rms_factor, sinkhorn
 from mhc_model.stack import HybridLayer
+from tests.megatron_env import megatron_trees
 
 OURS = {"dev": "megatron_dev", "dsv4": "megatron_dsv4"}
 TOL = 1e-6
@@ -61,22 +61,6 @@ C = 32
 S, B = 5, 3
 ITERS = 20
 LN_EPS = 1e-5  # Megatron's default layernorm_epsilon, set explicitly on both sides
-
-
-def _trees() -> dict[str, Path | None]:
-    trees: dict[str, Path | None] = {"dev": None, "dsv4": None}
-    for branch in trees:
-        path = os.environ.get(f"MHC_MEGATRON_SRC_{branch.upper()}")
-        if path:
-            trees[branch] = Path(path)
-    path = os.environ.get("MHC_MEGATRON_SRC")
-    if path:
-        branch = os.environ.get("MHC_MEGATRON_BRANCH", "")
-        if branch not in trees:  # a misconfigured oracle fails loudly, never skips
-            pytest.fail(f"MHC_MEGATRON_SRC is set: set MHC_MEGATRON_BRANCH to one of "
-                        f"{sorted(trees)}, got {branch!r}", pytrace=False)
-        trees[branch] = trees[branch] or Path(path)
-    return trees
 
 
 def _drop_megatron() -> None:
@@ -88,7 +72,7 @@ def _drop_megatron() -> None:
 def megatron(request):
     """(branch, Megatron's hyper_connection module, its TransformerConfig class)."""
     branch = request.param
-    tree = _trees()[branch]
+    tree = megatron_trees()[branch]
     if tree is None:
         pytest.skip(f"no Megatron {branch} tree (set MHC_MEGATRON_SRC_{branch.upper()}, or "
                     f"MHC_MEGATRON_SRC with MHC_MEGATRON_BRANCH={branch})")
