@@ -59,6 +59,9 @@ BRANCH_DIRS = {"dev": EXTERNAL / "megatron-dev-d48bd6be",
 WORKER = ROOT / "fixtures" / "megatron" / "logits.py"
 OURS = {"dev": "megatron_dev", "dsv4": "megatron_dsv4"}
 TOL = 1e-5
+# Targets that hold mHC parameters in bf16 (dsv4 in a bf16 run) cannot hold the exact point;
+# the same bound as the converter's verify test for them (tests/convert/test_megatron_fixtures.py)
+BF16_HELD_TOL = 5e-5
 BF16_SANITY = 0.05  # bf16: |ours - Megatron| <= 5 % of max |logits| (the numbers are reported)
 BATCH, SEQ, SEED = 2, 32, 1234
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -69,14 +72,14 @@ ON = [
     ("dev", "mstar_moe_tp2_on_bf16"),
     ("dev", "mstar_moe_pp2_on_bf16_localnames"),
     ("dev", "mstar_moe_legacy_on"),
-    # fails (H200, 2026-12-01: 6.4e-2): Megatron's GDN applies config.activation_func (squared
-    # ReLU in these fixtures) to its conv and output gate, ours SiLU (bench/results log)
+    # Megatron's GDN applies config.activation_func (squared ReLU in these fixtures) to its conv
+    # and output gate; ours did SiLU (6.4e-2 on the H200 before the fix, bench/results log)
     ("dev", "gdn_dsa_on_bf16"),
     ("dsv4", "mstar_tp1_on"),
     ("dsv4", "mstar_tp2_on_bf16"),
     ("dsv4", "mstar_pp2_on_bf16_localnames"),
     ("dsv4", "mstar_legacy_on"),
-    ("dsv4", "gdn_on_bf16"),  # fails likewise (6.6e-2)
+    ("dsv4", "gdn_on_bf16"),  # likewise (6.6e-2 before the fix)
 ]
 # (b) mHC-off checkpoints written by Megatron, enabled by mhc_convert, loaded back into Megatron.
 OFF = [
@@ -84,8 +87,9 @@ OFF = [
     ("dev", "mstar_moe_pp2_off_bf16_localnames"),
     ("dev", "mstar_moe_legacy_off"),
     ("dev", "gdn_dsa_off_bf16"),
-    # fails (2.6e-5): dsv4 stores mHC parameters in bf16 here and the exact-init logit -ln 3
-    # rounds (with the fp32 value: 4.6e-7)
+    # dsv4 stores mHC parameters in bf16 here: the exact-init logit -ln 3 rounds (sum H_pre =
+    # 0.99779, absorbed by the pre-norms only up to their eps), which the enable report says;
+    # measured 2.6e-5 (with the fp32 value: 4.6e-7). Bound: BF16_HELD_TOL
     ("dsv4", "gdn_off_bf16"),
 ]
 _DSV4_MOE = ("dsv4's TransformerConfig refuses mHC together with MoE layers: there is no Megatron "
@@ -271,7 +275,8 @@ def test_enabled_checkpoint_in_megatron(oracle, branch, name):
     diff = _max_abs(on, off)
     _report(dict(test="b", branch=branch, fixture=name, dtype="fp32", max_abs=diff,
                  logits_max_abs=off.abs().max().item(), device=DEVICE))
-    assert diff <= TOL, f"Megatron mHC-on on the enabled checkpoint differs by {diff:.3g}"
+    tol = BF16_HELD_TOL if (branch == "dsv4" and "bf16" in name) else TOL
+    assert diff <= tol, f"Megatron mHC-on on the enabled checkpoint differs by {diff:.3g}"
 
 
 def test_fixture_lists_are_complete():
