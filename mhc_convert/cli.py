@@ -18,6 +18,7 @@ from mhc_convert import (
     ui,
 )
 from mhc_convert.cli_app import (
+    _WATCH,
     Contract,
     Convention,
     DropOptOpt,
@@ -34,6 +35,7 @@ from mhc_convert.cli_app import (
     QuietOpt,
     Target,
     _command,
+    _exit_now,
     _run,
     app,
 )
@@ -195,4 +197,18 @@ def main() -> None:
     """The process entry (``mhc-convert``, ``python -m mhc_convert``, ``torchrun -m
     mhc_convert``): the only place the test/fault hooks are read from the environment."""
 
-    app(obj=Hooks.from_env(os.environ))
+    _WATCH.process_entry = True
+    hooks = Hooks.from_env(os.environ)
+    try:
+        app(obj=hooks)
+    except SystemExit as e:
+        if e.code in (0, None) or _WATCH.reported_code is None:
+            raise
+        from mhc_convert import distributed
+
+        if distributed.launched_rank(hooks) is None:
+            raise
+        # Under torchrun the failure is decided, reported and cleaned up: leave now, before
+        # interpreter teardown (slow with torch loaded), or torchrun's SIGTERM to the ranks
+        # still alive replaces their exit code with a signal's.
+        _exit_now(_WATCH.reported_code)

@@ -99,9 +99,11 @@ class _SignalWatch:
         self.read_fd: int | None = None
         self.seen: set[int] = set()
         self.reported = False
+        self.reported_code: int | None = None
+        self.process_entry = False  # set by cli.main: we own the process and its exit code
 
     def __enter__(self) -> _SignalWatch:
-        self.seen, self.reported = set(), False
+        self.seen, self.reported, self.reported_code = set(), False, None
         if sys.platform == "win32" or not _is_main_thread():
             return self
         self.read_fd, self.write_fd = os.pipe()
@@ -114,7 +116,14 @@ class _SignalWatch:
     def __exit__(self, *exc: object) -> None:
         if self.read_fd is None:
             return
-        signal.signal(signal.SIGTERM, self.old_term)
+        if self.reported_code is not None and self.process_entry:
+            # The failure is decided, reported and cleaned up: a SIGTERM during the rest of the
+            # process's life (torchrun terminates the other ranks as soon as one exits) must
+            # not replace its exit code with a signal's.
+            code = self.reported_code
+            signal.signal(signal.SIGTERM, lambda signum, frame: _exit_now(code))
+        else:
+            signal.signal(signal.SIGTERM, self.old_term)
         signal.set_wakeup_fd(self.old_fd)
         os.close(self.read_fd)
         os.close(self.write_fd)
@@ -129,6 +138,13 @@ class _SignalWatch:
 
 
 _WATCH = _SignalWatch()
+
+
+def _exit_now(code: int) -> None:
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
 
 
 def _is_main_thread() -> bool:
@@ -177,7 +193,7 @@ def _fail(exc: ConvertError, *, as_json: bool) -> int:
     if isinstance(exc, Interrupted) and _WATCH.terminated():
         msg = exc.message.replace("interrupted", "terminated (SIGTERM)", 1)
         code, exc = TERMINATED, Interrupted(msg, path=exc.path, key=exc.key)
-    _WATCH.reported = True
+    _WATCH.reported, _WATCH.reported_code = True, code
     if as_json:
         print(json.dumps({"ok": False, "error": type(exc).__name__, "exit_code": code,
                           "message": exc.one_line(), "path": exc.path, "key": exc.key}))
