@@ -81,8 +81,10 @@ def _launch() -> _Launch | None:
     if not all(env.get(v) for v in ENV):
         return None
     try:
-        cmdline = Path(f"/proc/{os.getppid()}/cmdline").read_bytes()
-        by_torchrun = any(name in cmdline for name in _LAUNCHERS)
+        argv = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+        # whole arguments only: `torchrun`, `.../torchrun`, `-m torch.distributed.run` (a
+        # substring test would take `pytest test_checkpoint_torchrun.py` for a launcher)
+        by_torchrun = any(a.rsplit(b"/", 1)[-1] in _LAUNCHERS for a in argv[:3])
     except OSError:
         by_torchrun = True  # cannot tell (no /proc): trust the environment
     return _Launch(int(env["RANK"]), env.get("TORCHELASTIC_RESTART_COUNT", "0"), by_torchrun)
