@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from mhc_convert.manifest import pid_alive
+
 log = logging.getLogger("mhc_convert")
 
 
@@ -153,13 +155,7 @@ def _writer_alive(d: Path) -> bool:
         return False
     if host != socket.gethostname():
         return True  # another machine's: cannot tell, do not call it stale
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return pid_alive(pid)
 
 
 def _lock_held(lock: Path) -> bool:
