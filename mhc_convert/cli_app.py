@@ -278,7 +278,8 @@ class _StderrHandler(logging.StreamHandler):
 
     @stream.setter
     def stream(self, value) -> None:
-        pass
+        """logging.StreamHandler assigns ``self.stream`` in __init__; the stream is always the
+        current ``sys.stderr`` (the getter), so the assignment is deliberately ignored."""
 
 
 def _logging(log_level: LogLevel | None, verbose: int) -> None:
