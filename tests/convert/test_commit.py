@@ -269,7 +269,7 @@ def test_sigterm_handler_held_exactly_while_the_output_is(tmp_path, src, monkeyp
     monkeypatch.setattr(C, "try_lock", lock)
     hooks = Hooks.from_env({"MHC_FAULT": "eacces"})
     with pytest.raises(IOFailure), _ao(tmp_path / "out", src, hooks=hooks):
-        pass
+        ...  # entering the output raises: the injected EACCES on its lock
     assert signal.getsignal(signal.SIGTERM) == before
     _commit(tmp_path / "out", src)
     assert signal.getsignal(signal.SIGTERM) == before
