@@ -186,6 +186,22 @@ class _Command(TyperCommand):
         return [p[1:-1] if p.startswith("{") and p.endswith("}") else p
                 for p in super().collect_usage_pieces(ctx)]
 
+    def get_params(self, ctx):
+        """The root's logging options are accepted after the subcommand too (``mhc-convert
+        inspect SRC -v``), as users of git/hf expect: the very option objects of the root
+        (one definition); ``invoke`` takes their values back out."""
+        root = ctx.parent.command.params if ctx.parent is not None else []
+        return [*super().get_params(ctx), *(p for p in root if p.name in _LOG_PARAMS)]
+
+    def invoke(self, ctx):
+        level, verbose = (ctx.params.pop(name, None) for name in _LOG_PARAMS)
+        if level is not None or verbose:
+            _logging(LogLevel(level) if level is not None else None, verbose or 0)
+        return super().invoke(ctx)
+
+
+_LOG_PARAMS = ("log_level", "verbose")
+
 
 def _fail(exc: ConvertError, *, as_json: bool) -> int:
     """Report ``exc`` (one line on stderr, or one JSON document on stdout); its exit code."""

@@ -104,6 +104,13 @@ def test_verbose_logs_each_step(src):
     assert f"mhc-convert: INFO: reading {src}" in result.stderr
 
 
+@pytest.mark.parametrize("args", [("-v",), ("--verbose",), ("--log-level", "info")])
+def test_logging_options_after_the_subcommand(src, args):
+    result = cli("inspect", src, *args, code=0)
+    assert f"mhc-convert: INFO: reading {src}" in result.stderr
+    assert "INFO" not in cli("inspect", src, code=0).stderr  # the default is back next time
+
+
 # ---------------------------------------------------------------------------- run dirs
 def test_run_directory_says_which_iteration(tmp_path, run):
     doc = cli_json("enable", run / "torch_dist", tmp_path / "latest", code=0)
