@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import enum
 import io
+import itertools
+import math
 import os
 import pickle
 import re
@@ -341,13 +343,19 @@ def _check_grid(iter_dir: Path, ranks: list[RankFile]) -> None:
                                 "pipeline/expert suffixes)", path=iter_dir)
     sizes = [max(v) + 1 for v in zip(*[(r.tp, r.pp or 0, r.ep or 0) for r in ranks])]
     have = {(r.tp, r.pp or 0, r.ep or 0) for r in ranks}
-    missing = [rank_dirname(t, p if ranks[0].pp is not None else None,
-                            e if ranks[0].ep is not None else None)
-               for p in range(sizes[1]) for e in range(sizes[2]) for t in range(sizes[0])
-               if (t, p, e) not in have]
-    if missing:
+    n_missing = math.prod(sizes) - len(have)
+    if n_missing:
+        # Lazily, and only the first few: a hostile ``mp_rank_1000000000`` implies a grid of 1e9
+        # cells, and the present ones are few, so the first missing cells come at once.
+        cells = ((t, p, e) for p in range(sizes[1]) for e in range(sizes[2])
+                 for t in range(sizes[0]))
+        first = [rank_dirname(t, p if ranks[0].pp is not None else None,
+                              e if ranks[0].ep is not None else None)
+                 for t, p, e in itertools.islice((c for c in cells if c not in have), 4)]
+        more = f" and {n_missing - len(first)} more" if n_missing > len(first) else ""
         raise InvalidInputError(f"incomplete rank grid (TP={sizes[0]} PP={sizes[1]} "
-                                f"EP={sizes[2]}); missing {', '.join(missing)}", path=iter_dir)
+                                f"EP={sizes[2]}); missing {', '.join(first)}{more}",
+                                path=iter_dir)
 
 
 def check_ranks_against_args(ranks: list[RankFile], args: Any, *, path: str | Path) -> None:

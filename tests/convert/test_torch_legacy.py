@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import shutil
 import sys
+import time
 from argparse import Namespace
 from pathlib import Path
 
@@ -99,6 +100,17 @@ def test_hole_in_rank_grid_is_refused(tp2pp2):
     with pytest.raises(InvalidInputError, match=r"missing mp_rank_01_001$") as e:
         list_rank_files(iter_dir)
     assert e.value.exit_code == 3 and str(iter_dir) in str(e.value)
+
+
+def test_huge_rank_number_is_refused_at_once(tp2pp2):
+    """A hostile ``mp_rank_1000000000_000`` implies a 1e9-cell grid: named, not enumerated."""
+    _, iter_dir = tp2pp2
+    shutil.copytree(iter_dir / "mp_rank_00_000", iter_dir / "mp_rank_1000000000_000")
+    t0 = time.perf_counter()
+    with pytest.raises(InvalidInputError, match=r"TP=1000000001 PP=2 EP=1\); missing mp_rank_02_000"
+                       r", mp_rank_03_000, mp_rank_04_000, mp_rank_05_000 and 1999999993 more$"):
+        list_rank_files(iter_dir)
+    assert time.perf_counter() - t0 < 5
 
 
 def test_unexpected_files_are_listed(tp2pp2):
