@@ -35,6 +35,7 @@ import torch.distributed.checkpoint.filesystem as _dcp_fs
 import torch.distributed.checkpoint.metadata as _dcp_md
 import torch.distributed.checkpoint.planner as _dcp_planner
 
+from mhc_model import pickle_guard
 from mhc_model.errors import InvalidInputError
 
 
@@ -324,6 +325,8 @@ def safe_torch_load(
     ``data`` is the blob itself or a file path. Refusals and corrupt input raise
     ``InvalidInputError`` naming ``source``/``key`` and, where torch names it, the global."""
     stream: Any = io.BytesIO(data) if isinstance(data, (bytes, bytearray, memoryview)) else data
+    if (why := pickle_guard.refusal(data)) is not None:
+        raise InvalidInputError(why, path=source, key=key)
     try:
         if not megatron_globals:
             return torch.load(stream, map_location="cpu", weights_only=True)

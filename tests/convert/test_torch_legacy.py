@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import shutil
 import sys
 import time
@@ -363,3 +364,21 @@ def test_hostile_marker_path_is_real(tmp_path):
         pkl = next(n for n in z.namelist() if n.endswith("data.pkl"))
         pickle.loads(z.read(pkl))  # noqa: S301 - deliberate, proves the fixture is live
     assert Path(marker).exists()
+
+
+class _Bomb:
+    def __reduce__(self):
+        return (bytearray, (1 << 40,))  # torch's weights_only allowlist admits bytearray
+
+
+def test_legacy_rank_file_refused(tmp_path):
+    path = tmp_path / "model_optim_rng.pt"
+    path.write_bytes(_torch_bytes({"model": {"w": torch.zeros(2)}, "bomb": _Bomb()}))
+    with pytest.raises(InvalidInputError, match=r"model_optim_rng\.pt: pickle calls bytearray"):
+        safe_load_rank(path)
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
