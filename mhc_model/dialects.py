@@ -6,11 +6,11 @@ boundaries, each part after ``/`` is one multi-token-prediction depth and all of
 the same string. Branches differ only in the layer symbols they accept and in which symbols are
 "MLA-like" (may not share a part with standard attention ``*``):
 
-| branch | symbols | MLA-like (never with ``*``) | source |
+| branch | symbols | MLA-like (never with ``*``) | ``hybrid_layer_allocation.py`` |
 |---|---|---|---|
-| main | ``M G * D + - E`` | ``D +`` | main ``hybrid_layer_allocation.py`` ``Symbols``, ``_validate_pattern`` |
-| dev | ``M G * D C H W - E`` | ``D C H W`` | dev (d48bd6be) ``hybrid_layer_allocation.py:14-30, 300-305`` |
-| dsv4 | ``M G * D C H - E`` | ``D C H`` | dsv4 (26b830a6) ``hybrid_layer_allocation.py:14-27, 297-302`` |
+| main | ``M G * D + - E`` | ``D +`` | main ``Symbols``, ``_validate_pattern`` |
+| dev | ``M G * D C H W - E`` | ``D C H W`` | dev (d48bd6be) ``:14-30, 300-305`` |
+| dsv4 | ``M G * D C H - E`` | ``D C H`` | dsv4 (26b830a6) ``:14-27, 297-302`` |
 
 ``split_pattern`` follows Megatron's ``parse_hybrid_pattern`` (all three branches share its
 structure): no ``/`` -> the whole string is the main part (it may be empty); otherwise the main
