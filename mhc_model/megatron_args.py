@@ -154,8 +154,11 @@ def config_from_megatron_args(args: Any, meta: Any = None) -> HybridConfig:
     versions of this tool, else from the branch the args prove (``targets``)."""
     sub_kwargs: dict[str, dict[str, Any]] = {name: {} for name in _SUB}
     top: dict[str, Any] = {"hybrid_layer_pattern": layer_pattern(args)}
-    # the grammar of the branch that wrote the args (or a C/H/W/+ pattern from the wrong one)
-    check_pattern_for(top["hybrid_layer_pattern"], dialect_of_args(args))
+    # the grammar of the branch the args prove (a C/H/W/+ pattern from the wrong one is
+    # refused); args proving no branch may be ours (mhc_model mixes '*' with D), so main's
+    # grammar (dialect_of_args) is not imposed on them
+    if target_of_args(args).branch is not None:
+        check_pattern_for(top["hybrid_layer_pattern"], dialect_of_args(args))
     for arg, (sub, ours) in _ARG_TABLE.items():
         value = getattr(args, arg, None)
         if value is None:
