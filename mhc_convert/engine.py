@@ -28,8 +28,8 @@ from mhc_model.config import HybridConfig, MHCConfig
 from mhc_model.specs import LAYER_SPECS
 from mhc_model.toggle import codec as K
 from mhc_model.toggle.plan import Plan, make_plan
-from mhc_model.toggle.values import NewValues
-from mhc_model.toggle.verdict import check_disable
+from mhc_model.toggle.values import NewValues, reshape_values
+from mhc_model.toggle.verdict import check_disable, check_mtp_norms, mtp_norm_keys
 
 # (total bytes, what is being done) -> per-chunk callback
 ProgressFactory = Callable[[int, str], Callable[[int], None]]
@@ -110,6 +110,16 @@ def _check(adapter, view: CheckpointView, plan: Plan, cfg: HybridConfig,
                             "--no-load-optim")
 
 
+def _reshaped(view: CheckpointView, plan: Plan) -> list[OutItem]:
+    """The MTP input projections in the target layout (``toggle.plan.Reshape``)."""
+    return [OutItem(dst, value=v) for rs in plan.reshapes
+            for dst, v in reshape_values(rs, [view.load(s) for s in rs.srcs]).items()]
+
+
+def _mtp_norms(view: CheckpointView, cfg: HybridConfig) -> dict[str, torch.Tensor]:
+    return {k: view.load(k) for k in mtp_norm_keys(cfg)}
+
+
 def _plan_detail(plan: Plan) -> list[dict[str, str]]:
     rows = [{"op": "rename", "src": r.src, "dst": r.dst} for r in plan.renames if r.src != r.dst]
     rows += [{"op": "add", "dst": a.dst} for a in plan.adds]
@@ -159,7 +169,7 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, target: str | 
            overwrite: bool = False, passthrough: str | None = None, link: str = "copy",
            progress: ProgressFactory | None = None, drop_optimizer: bool = False,
            allow_nonfinite: bool = False, iteration: int | None = None,
-           hooks: Hooks = NO_HOOKS) -> Report:
+           hooks: Hooks = NO_HOOKS, allow_lossy: bool = False) -> Report:
     """Convert an mHC-off checkpoint into the mHC-on wrapper layout, function-preserving
     (``init="exact"``) or with Megatron's approximate init (``init="megatron"``), for
     ``target`` (``mhc_model.targets``; None: proven from the source, see ``targeting``), whose
@@ -167,7 +177,9 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, target: str | 
     ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
     NaN/Inf in any carried tensor is refused unless ``allow_nonfinite``; the check (dry runs
     included) reads every source tensor once before anything is written (validate.py).
-    ``iteration`` picks ``iter_XXXXXXX`` of a run directory instead of the tracker's."""
+    ``iteration`` picks ``iter_XXXXXXX`` of a run directory instead of the tracker's.
+    With MTP, an enable keeps the MTP logits only where the norms before each depth are
+    uniform (``verdict.check_mtp_norms``); otherwise it is refused unless ``allow_lossy``."""
     t0 = time.perf_counter()
     src, dst = existing(src, role="source"), local_path(dst, role="destination")
     check_streams(streams)
@@ -185,11 +197,18 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, target: str | 
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
     new_value = NewValues(target, init, param_dtype=choice.param_dtype)
     items += [OutItem(a.dst, value=new_value(a)) for a in plan.adds]
+    items += _reshaped(view, plan)
+    mtp_loss = check_mtp_norms(cfg, _mtp_norms(view, cfg)) if cfg.mtp_num_depths else None
+    if mtp_loss and not allow_lossy:
+        raise VerificationError(f"enable would change what the model computes: {mtp_loss}; "
+                                f"pass --allow-lossy to enable anyway", path=view.path)
     report = Report("enable", str(src), str(dst), fmt, dry_run, plan.summary(),
                     config=target.to_dict()["mhc"], plan_detail=_plan_detail(plan),
                     notes=notes, bytes_to_write=_needed(items), iteration=iteration_of(view),
                     optimizer=_optimizer_fate(view, plan, drop_optimizer))
     report.notes.extend(choice.notes)
+    if mtp_loss:
+        report.notes.append(f"LOSSY: {mtp_loss}")
     _check(adapter, view, plan, cfg, target, report, drop_optimizer)
     if init != "exact":
         report.notes.append("init=megatron is only approximately function-preserving; run "
@@ -262,7 +281,8 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     if not allow_nonfinite:
         _scan(view, [r.src for r in plan.renames] + [d.src for d in plan.drops], progress)
     verdict = check_disable(cfg, {what: view.load(src)
-                                  for src, what in plan.model_drops().items()})
+                                  for src, what in plan.model_drops().items()},
+                            _mtp_norms(view, cfg))
     # mHC-off: the other mHC fields have no effect, so they return to their defaults (those of
     # Megatron's TransformerConfig too); then disable(enable(x)) restores x's config exactly
     target = dataclasses.replace(cfg, mhc=MHCConfig())
@@ -286,6 +306,7 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
                                     f"reported)", path=view.path)
         report.notes.append(f"LOSSY: {verdict.reason}")
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
+    items += _reshaped(view, plan)
     if verdict.folds and verdict.exact_with_folds:
         items = _fold_post(adapter, view, cfg, items, verdict.folds, plan, drop_optimizer)
     report.bytes_to_write = _needed(items)

@@ -15,7 +15,7 @@ from mhc_model.config import HybridConfig
 from mhc_model.conventions import convention as convention_record
 from mhc_model.conventions import mhc_params_dtype
 from mhc_model.hyper_connection import pre_bias_value
-from mhc_model.targets import TARGETS, Target, target_of_args
+from mhc_model.targets import TARGETS, Target, check_pattern_for, target_of_args
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,13 @@ def choose(cfg: HybridConfig, args: Any, *, name: str | None, streams: int,
         raise UsageError(f"--target {tgt.name} always builds decoder.hc_head_* (the learned "
                          f"contract): a --contract {contract} checkpoint would not load there; "
                          f"use --target native for it")
+    if tgt.branch is not None:  # the target branch's own pattern grammar (mhc_model.dialects)
+        try:
+            check_pattern_for(cfg.hybrid_layer_pattern, tgt.branch)
+        except ValueError as e:
+            err = UsageError if name is not None else InvalidInputError
+            raise err(f"--target {tgt.name}: {e}", **({} if name is not None else
+                                                      {"path": path, "key": "args"})) from None
     refused = sorted(set(cfg.layer_symbols) & set(tgt.unsupported_with_mhc))
     if refused:
         notes.append(f"Megatron {tgt.branch} will not load this mHC-on checkpoint: "

@@ -318,6 +318,9 @@ def load_dist(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimiz
     sources = _stored_sources(md, cfg)
     stored = set(sources)
     plan = plan_for_model(dict.fromkeys(stored), cfg)  # the toggle, when layouts differ
+    if plan is not None and plan.reshapes:  # an MTP projection built from two stored tensors
+        raise ToggleError(f"{path}: toggling mHC on an MTP checkpoint reshapes "
+                          f"{plan.reshapes[0].srcs[0]}; convert it with mhc-convert first")
     source_of = {r.dst: r.src for r in plan.renames} if plan else {k: k for k in stored}
     common = read_common(iter_dir)
 

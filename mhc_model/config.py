@@ -17,34 +17,30 @@ from functools import cache, cached_property
 from typing import Any, Literal
 
 from mhc_model.conventions import CONVENTIONS
+from mhc_model.dialects import ParsedPattern, split_pattern
 from mhc_model.specs import LAYER_SPECS
 
 LAYER_SYMBOLS = {sym: spec.name for sym, spec in LAYER_SPECS.items()}
-PIPE = "|"
-MTP_SEPARATOR = "/"
 
 DTYPES = ("float32", "bfloat16", "float16")
 CONTRACTS = ("mean", "learned")  # how the n streams end before the final norm (DESIGN.md §1)
 
 
-def parse_pattern(pattern: str) -> tuple[str, ...]:
-    """Megatron's ``hybrid_layer_pattern`` -> one symbol per layer. ``|`` is a pipeline-stage
-    boundary and carries no layer; an MTP part after ``/`` is not supported yet."""
-    if MTP_SEPARATOR in pattern:
-        raise ValueError(
-            f"hybrid_layer_pattern={pattern!r}: multi-token-prediction layers (the part after "
-            f"'/') are not supported yet; convert the main decoder pattern only"
-        )
-    bad = sorted({c for c in pattern if c not in LAYER_SYMBOLS and c != PIPE})
-    if bad:
-        raise ValueError(
-            f"hybrid_layer_pattern={pattern!r}: unknown symbol(s) {bad}; valid symbols are "
-            f"{sorted(LAYER_SYMBOLS)} and '|'"
-        )
-    symbols = tuple(c for c in pattern if c != PIPE)
-    if not symbols:
+def split_layer_pattern(pattern: str) -> ParsedPattern:
+    """Megatron's ``hybrid_layer_pattern`` -> main part (``|`` marks pipeline-stage boundaries
+    and carries no layer), MTP part and depth count, structured as Megatron's
+    ``parse_hybrid_pattern`` does (``mhc_model.dialects``), over the symbols ``mhc_model``
+    implements. Which branch's grammar a checkpoint must also satisfy is checked where the
+    branch is known (``targets.check_pattern_for``)."""
+    parsed = split_pattern(pattern, frozenset(LAYER_SYMBOLS))
+    if not parsed.main_symbols:
         raise ValueError(f"hybrid_layer_pattern={pattern!r}: no layers")
-    return symbols
+    return parsed
+
+
+def parse_pattern(pattern: str) -> tuple[str, ...]:
+    """The main decoder's symbols, one per layer (``split_layer_pattern``)."""
+    return split_layer_pattern(pattern).main_symbols
 
 
 @cache
@@ -326,15 +322,35 @@ class HybridConfig:
         _check_positive("config", hidden_size=self.hidden_size, vocab_size=self.vocab_size,
                         norm_eps=self.norm_eps, init_std=self.init_std)
         _check_choice("config", "params_dtype", self.params_dtype, DTYPES)
-        used = {s for sym in set(self.layer_symbols) for s in LAYER_SPECS[sym].sections}
+        used = {s for sym in set(self.site_symbols) for s in LAYER_SPECS[sym].sections}
         for section, check in _SECTION_CHECKS.items():  # fixed order: the first error wins
             if section in used:
                 check(self)
         self.mhc.validate()
 
     @cached_property
+    def parsed_pattern(self) -> ParsedPattern:
+        return split_layer_pattern(self.hybrid_layer_pattern)
+
+    @property
     def layer_symbols(self) -> tuple[str, ...]:
-        return parse_pattern(self.hybrid_layer_pattern)
+        """The main decoder's layers."""
+        return self.parsed_pattern.main_symbols
+
+    @property
+    def mtp_symbols(self) -> tuple[str, ...]:
+        """One MTP depth's inner layers (empty without MTP)."""
+        return self.parsed_pattern.mtp_symbols
+
+    @property
+    def mtp_num_depths(self) -> int:
+        return self.parsed_pattern.mtp_depths
+
+    @property
+    def site_symbols(self) -> tuple[str, ...]:
+        """Every layer of the model in site order: the decoder's, then depth 0's MTP layers,
+        depth 1's, ... (one mHC site each; ``toggle.codec.site_prefix``)."""
+        return self.layer_symbols + self.mtp_symbols * self.mtp_num_depths
 
     @property
     def num_layers(self) -> int:

@@ -96,14 +96,15 @@ def exact_hc_tensors(
     }
 
 
-def exact_head_tensors(cfg: HybridConfig) -> dict[str, Tensor]:
+def exact_head_tensors(cfg: HybridConfig, depth: int | None = None) -> dict[str, Tensor]:
     """Learned contract at the enable point: scale = 0 and base = logit(1/n - eps) with the
     head's eps (``head_eps``), so pre_j = 1/n for every token and the head returns the stream
-    mean."""
+    mean. ``depth``: the head of that MTP depth (its own random ``fn``); None: the decoder's."""
     shapes = head_param_shapes(cfg)
     n, eps = cfg.mhc.num_residual_streams, head_eps(cfg)
+    seed = 0x6D48_4844 + (0 if depth is None else 1 + depth)
     return {
-        "hc_head_fn": _xavier(shapes["hc_head_fn"], seed=0x6D48_4844),
+        "hc_head_fn": _xavier(shapes["hc_head_fn"], seed=seed),
         "hc_head_base": torch.full(shapes["hc_head_base"], _logit(1.0 / n - eps)),
         "hc_head_scale": torch.zeros(shapes["hc_head_scale"]),
     }

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mhc_model.config import _SUBCONFIGS, HybridConfig, MambaConfig
-from mhc_model.targets import target_of_args
+from mhc_model.targets import check_pattern_for, dialect_of_args, target_of_args
 
 # our MHCConfig field -> every Megatron spelling (dsv4/dev first, then main)
 MHC_FLAG_SPELLINGS: dict[str, tuple[str, ...]] = {
@@ -119,10 +119,27 @@ def layer_pattern(args: Any) -> str:
     the first, which then wins (dev ``arguments.py`` ~776-788). A run with neither has no
     pattern we could honestly assume."""
     for name in ("hybrid_layer_pattern", "hybrid_override_pattern"):
-        if getattr(args, name, None) is not None:
-            return getattr(args, name)
+        pattern = _typed(args, name, (str,))
+        if pattern is not None:
+            return _with_legacy_mtp(args, pattern)
     raise ValueError("megatron args carry no hybrid_layer_pattern (nor the pre-0.16 "
                      "hybrid_override_pattern): not a hybrid model run, or args were stripped")
+
+
+def _with_legacy_mtp(args: Any, pattern: str) -> str:
+    """The unified ``main/mtp/mtp`` pattern. Runs before the unified syntax recorded the MTP
+    layers as ``mtp_hybrid_override_pattern`` x ``mtp_num_layers``; dev's ``validate_args``
+    rewrites that into the unified pattern (``arguments.py`` ~808-820), as done here. One
+    shared MTP layer applied at every depth (``mtp_use_repeated_layer``) has no per-depth keys
+    and is refused."""
+    if _flag(args, "mtp_use_repeated_layer"):
+        raise ValueError("megatron args: mtp_use_repeated_layer (one MTP layer shared by every "
+                         "depth) is not supported")
+    legacy = _typed(args, "mtp_hybrid_override_pattern", (str,))
+    depths = _typed(args, "mtp_num_layers", (int,))
+    if legacy is not None and depths and "/" not in pattern:
+        pattern = pattern + "/" + "/".join([legacy] * depths)
+    return pattern
 
 
 # Our own mHC metadata beside Megatron's args (never inside them: Megatron's args have no
@@ -137,6 +154,11 @@ def config_from_megatron_args(args: Any, meta: Any = None) -> HybridConfig:
     versions of this tool, else from the branch the args prove (``targets``)."""
     sub_kwargs: dict[str, dict[str, Any]] = {name: {} for name in _SUB}
     top: dict[str, Any] = {"hybrid_layer_pattern": layer_pattern(args)}
+    # the grammar of the branch the args prove (a C/H/W/+ pattern from the wrong one is
+    # refused); args proving no branch may be ours (mhc_model mixes '*' with D), so main's
+    # grammar (dialect_of_args) is not imposed on them
+    if target_of_args(args).branch is not None:
+        check_pattern_for(top["hybrid_layer_pattern"], dialect_of_args(args))
     for arg, (sub, ours) in _ARG_TABLE.items():
         value = getattr(args, arg, None)
         if value is None:

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from mhc_model.config import HybridConfig
 from mhc_model.layers.common import allocatable, no_initialisers, torch_dtype
+from mhc_model.mtp import MTPBlock
 from mhc_model.shim import register_layout_shim
 from mhc_model.stack import HybridStack
 
@@ -50,6 +51,8 @@ class HybridModel(nn.Module):
         self.config = cfg
         self.embedding = Embedding(cfg)
         self.decoder = HybridStack(cfg)
+        if cfg.mtp_num_depths:  # Megatron's order: embedding, decoder, mtp, output_layer
+            self.mtp = MTPBlock(cfg)
         if not cfg.tie_word_embeddings:
             self.output_layer = OutputLayer(cfg)
         # load_state_dict accepts the mHC-off and mHC-on layouts (see mhc_model.shim)
@@ -60,10 +63,22 @@ class HybridModel(nn.Module):
             return self.embedding.word_embeddings.weight
         return self.output_layer.weight
 
+    def _logits(self, h_SBC: Tensor) -> Tensor:
+        return (h_SBC @ self.output_weight().t()).transpose(0, 1)
+
     def forward(self, input_ids: Tensor) -> Tensor:
-        h_SBC = self.decoder(self.embedding(input_ids))
-        logits_SBV = h_SBC @ self.output_weight().t()
-        return logits_SBV.transpose(0, 1)
+        """Main logits [B, S, V] (the MTP depths are not run: ``forward_mtp``)."""
+        return self._logits(self.decoder(self.embedding(input_ids)))
+
+    def forward_mtp(self, input_ids: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """(main logits [B, S, V], one [B, S, V] per MTP depth): depth d's logits at position
+        t predict token t + d + 2, through the shared output layer, as Megatron's
+        ``process_mtp_loss`` computes them (dev ``multi_token_prediction.py`` ~1790-1808)."""
+        h_SBC, streams = self.decoder.forward_streams(self.embedding(input_ids))
+        if not self.config.mtp_num_depths:
+            return self._logits(h_SBC), []
+        outs = self.mtp(input_ids, h_SBC if streams is None else streams, self.embedding)
+        return self._logits(h_SBC), [self._logits(o) for o in outs]
 
     # ---- native checkpoints ------------------------------------------------------------
     def save_pretrained(self, directory: str | os.PathLike, *,

@@ -26,8 +26,8 @@ from mhc_model.config import HybridConfig
 from mhc_model.errors import ToggleError
 from mhc_model.toggle import codec as K
 from mhc_model.toggle.plan import plan_for_model
-from mhc_model.toggle.values import values_for
-from mhc_model.toggle.verdict import check_disable_exact
+from mhc_model.toggle.values import reshape_values, values_for
+from mhc_model.toggle.verdict import check_disable_exact, check_mtp_norms, mtp_norm_keys
 
 __all__ = ["ToggleError", "carried_and_new", "register_layout_shim", "source_is_on"]
 
@@ -50,13 +50,24 @@ def _pre_hook(module: nn.Module, state_dict: dict, prefix: str, local_metadata: 
     plan = plan_for_model({rel: None for rel in mine}, cfg)
     if plan is None:
         return
+    norms = {k: state_dict[mine[k]] for k in mtp_norm_keys(cfg) if k in mine}
     if plan.drops:  # disable: only at a point where the streams provably stay identical
-        check_disable_exact(cfg, {src: state_dict[mine[src]] for src in plan.model_drops()})
+        check_disable_exact(cfg, {src: state_dict[mine[src]] for src in plan.model_drops()},
+                            norms)
+    elif cfg.mtp_num_depths and len(norms) == len(mtp_norm_keys(cfg)):
+        why = check_mtp_norms(cfg, norms)
+        if why:  # the in-process enable is the exact one, or none
+            raise ToggleError(f"cannot load an mHC-off state dict into this mHC-on model "
+                              f"exactly: {why}")
     values = {r.src: state_dict.pop(mine[r.src]) for r in plan.renames}
+    reshaped: dict[str, torch.Tensor] = {}
+    for rs in plan.reshapes:
+        reshaped.update(reshape_values(rs, [state_dict.pop(mine[s]) for s in rs.srcs]))
     for d in plan.drops:
         del state_dict[mine[d.src]]
     for r in plan.renames:
         state_dict[prefix + r.dst] = values[r.src]
+    state_dict.update({prefix + k: v for k, v in reshaped.items()})
     for dst, value in values_for(plan.adds, cfg).items():
         state_dict.setdefault(prefix + dst, value)
 
@@ -74,8 +85,13 @@ def carried_and_new(model: nn.Module, ckpt_keys: Iterable[str]) -> tuple[dict[st
     plan = plan_for_model(dict.fromkeys(keys), model.config)
     source_of = {r.dst: r.src for r in plan.renames} if plan else {k: k for k in keys}
     added = {a.dst for a in plan.adds} if plan else set()
+    reshaped = {d for r in plan.reshapes for d in r.dsts} if plan else set()
     carried, new = {}, []
     for name, _ in model.named_parameters():
+        if name in reshaped:  # a new tensor made from old ones: no one key holds its state
+            raise ToggleError(f"{name} is made from other checkpoint tensors when toggling "
+                              f"mHC (MTP input projection); toggle the checkpoint with "
+                              f"mhc-convert first")
         if name in source_of:
             carried[name] = source_of[name]
         elif name in added:

@@ -65,30 +65,35 @@ class HybridLayer(nn.Module):
 
 
 class HybridStack(nn.Module):
-    """Megatron's ``decoder``: layers, optional learned contract head, final norm."""
+    """Megatron's ``decoder``: layers, optional learned contract head, final norm.
 
-    def __init__(self, cfg: HybridConfig):
+    ``symbols``/``site_offset``/``inner``: the stack inside an MTP depth (Megatron builds it
+    as a ``HybridStack`` with ``is_mtp_layer=True`` and ``post_layer_norm=False``: no final
+    norm, no head, streams in and out; dev ``multi_token_prediction.py`` ~2027-2039,
+    ``hybrid_block.py`` ~742-746, 885-889, 1020-1031). ``site_offset``: the global index of its
+    first layer (``HybridConfig.site_symbols``), which seeds the layers' mHC init."""
+
+    def __init__(self, cfg: HybridConfig, symbols: tuple[str, ...] | None = None, *,
+                 site_offset: int = 0, inner: bool = False):
         super().__init__()
         self.cfg = cfg
         dtype = torch_dtype(cfg)
-        inner = [build_layer(sym, cfg) for sym in cfg.layer_symbols]
+        symbols = cfg.layer_symbols if symbols is None else symbols
+        inner_layers = [build_layer(sym, cfg) for sym in symbols]
         if cfg.mhc_on:
             self.layers = nn.ModuleList(
-                HybridLayer(cfg, i, layer) for i, layer in enumerate(inner)
+                HybridLayer(cfg, site_offset + i, layer) for i, layer in enumerate(inner_layers)
             )
-            if cfg.mhc.mhc_output_contract == "learned":
-                shapes = head_param_shapes(cfg)
-                init = exact_head_tensors(cfg)
-                for name, shape in shapes.items():
-                    # Megatron keeps these as bare Parameters on the stack: decoder.hc_head_*
-                    self.register_parameter(name, nn.Parameter(init[name].float().reshape(shape)))
+            if cfg.mhc.mhc_output_contract == "learned" and not inner:
+                register_head(self, cfg, None)
         else:
-            self.layers = nn.ModuleList(inner)
-        self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
-        self._block_ends = block_end_plan(cfg.num_layers, cfg.mhc.mhc_recompute_layer_num)
+            self.layers = nn.ModuleList(inner_layers)
+        if not inner:
+            self.final_norm = RMSNorm(cfg.hidden_size, cfg.norm_eps, dtype)
+        self._block_ends = block_end_plan(len(symbols), cfg.mhc.mhc_recompute_layer_num)
 
     # ---- mHC off: plain pre-norm residual layers -------------------------------------------
-    def _forward_plain(self, h_SBC: Tensor) -> Tensor:
+    def run_plain(self, h_SBC: Tensor) -> Tensor:
         dtype = torch_dtype(self.cfg)
         resid = h_SBC.float() if self.cfg.fp32_residual_connection else h_SBC
         for layer in self.layers:
@@ -106,12 +111,10 @@ class HybridStack(nn.Module):
             x_TNC = recompute.layer_forward(layer, x_TNC, S, B, cache, idx)
         return x_TNC.reshape(S, B, N, C)
 
-    def _forward_mhc(self, h_SBC: Tensor) -> Tensor:
-        cfg = self.cfg
-        n = cfg.mhc.num_residual_streams
-        S, B, C = h_SBC.shape
-        x_SBNC = mhc_ref.expand(h_SBC.reshape(S * B, C), n).reshape(S, B, n, C)
-        use_recompute = cfg.mhc.mhc_recompute_layer_num is not None and torch.is_grad_enabled()
+    def run_streams(self, x_SBNC: Tensor) -> Tensor:
+        """The n-stream residual through every layer (mHC on)."""
+        use_recompute = (self.cfg.mhc.mhc_recompute_layer_num is not None
+                         and torch.is_grad_enabled())
         start = 0
         for l, end in enumerate(self._block_ends):
             if not end:
@@ -122,14 +125,38 @@ class HybridStack(nn.Module):
                 for layer in self.layers[start:l + 1]:
                     x_SBNC = layer(x_SBNC)
             start = l + 1
-        x_TNC = x_SBNC.reshape(S * B, n, C)
-        if cfg.mhc.mhc_output_contract == "learned":
-            h_TC = mhc_ref.contract_learned(x_TNC, self.hc_head_fn, self.hc_head_base,
-                                            self.hc_head_scale, head_eps(cfg))
-        else:
-            h_TC = mhc_ref.contract_mean(x_TNC)
-        return h_TC.reshape(S, B, C)
+        return x_SBNC
+
+    def forward_streams(self, h_SBC: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(final-normed hidden [S, B, C], the pre-contraction streams [S, B, n, C] or None
+        with mHC off): Megatron hands the streams to MTP (dev ``hybrid_block.py`` ~1029-1053)."""
+        if not self.cfg.mhc_on:
+            return self.final_norm(self.run_plain(h_SBC)), None
+        n = self.cfg.mhc.num_residual_streams
+        S, B, C = h_SBC.shape
+        x_SBNC = mhc_ref.expand(h_SBC.reshape(S * B, C), n).reshape(S, B, n, C)
+        x_SBNC = self.run_streams(x_SBNC)
+        return self.final_norm(contract(self, self.cfg, x_SBNC)), x_SBNC
 
     def forward(self, h_SBC: Tensor) -> Tensor:
-        h = self._forward_mhc(h_SBC) if self.cfg.mhc_on else self._forward_plain(h_SBC)
-        return self.final_norm(h)
+        return self.forward_streams(h_SBC)[0]
+
+
+def register_head(module: nn.Module, cfg: HybridConfig, depth: int | None) -> None:
+    """The learned contract's ``hc_head_{fn,base,scale}`` as bare parameters of ``module``
+    (Megatron: ``decoder.hc_head_*``, ``mtp.layers.{d}.hc_head_*``), at the exact point."""
+    init = exact_head_tensors(cfg, depth)
+    for name, shape in head_param_shapes(cfg).items():
+        module.register_parameter(name, nn.Parameter(init[name].float().reshape(shape)))
+
+
+def contract(module: nn.Module, cfg: HybridConfig, x_SBNC: Tensor) -> Tensor:
+    """The n streams -> one [S, B, C] (mean, or the learned head held by ``module``)."""
+    S, B, n, C = x_SBNC.shape
+    x_TNC = x_SBNC.reshape(S * B, n, C)
+    if cfg.mhc.mhc_output_contract == "learned":
+        h_TC = mhc_ref.contract_learned(x_TNC, module.hc_head_fn, module.hc_head_base,
+                                        module.hc_head_scale, head_eps(cfg))
+    else:
+        h_TC = mhc_ref.contract_mean(x_TNC)
+    return h_TC.reshape(S, B, C)

@@ -18,6 +18,7 @@ from typing import Any
 
 from mhc_model.config import CONTRACTS
 from mhc_model.conventions import CONVENTIONS
+from mhc_model.dialects import ParsedPattern, parse_for_branch
 
 
 @dataclass(frozen=True)
@@ -64,3 +65,19 @@ def target_of_args(args: Any) -> Target:
         raise ValueError(f"megatron args carry fields of several branches "
                          f"({', '.join(t.name for t in found)}); pass --target")
     return found[0] if found else TARGETS["native"]
+
+
+def dialect_of_args(args: Any) -> str:
+    """The Megatron branch whose pattern grammar (``mhc_model.dialects``) a run's ``args``
+    were written under: the branch its fields prove, else ``main`` (args without dev/dsv4
+    fields come from main or a megatron-core release, which share main's grammar)."""
+    return target_of_args(args).branch or "main"
+
+
+def check_pattern_for(pattern: str, branch: str) -> ParsedPattern:
+    """``pattern`` read by Megatron ``branch``'s parser; ``ValueError`` naming the branch
+    where that parser refuses it (e.g. ``W`` for dsv4, ``+`` for dev)."""
+    try:
+        return parse_for_branch(pattern, branch)
+    except ValueError as e:
+        raise ValueError(f"Megatron {branch}'s pattern grammar refuses it: {e}") from None

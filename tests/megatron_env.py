@@ -2,8 +2,9 @@
 
   MHC_MEGATRON_SRC_DEV=/path    a tree holding ``megatron/`` of Megatron-LM's ``dev`` branch
   MHC_MEGATRON_SRC_DSV4=/path   the same for the ``dsv4`` branch
+  MHC_MEGATRON_SRC_MAIN=/path   the same for the ``main`` branch (the pattern-grammar oracle)
   MHC_MEGATRON_SRC=/path        one tree of either branch, named by
-  MHC_MEGATRON_BRANCH=dev|dsv4  (required with MHC_MEGATRON_SRC)
+  MHC_MEGATRON_BRANCH=dev|dsv4|main  (required with MHC_MEGATRON_SRC)
 
 A per-branch variable wins over MHC_MEGATRON_SRC for its branch; a branch whose tree is not given
 is skipped by the tests, a misconfigured one fails them.
@@ -16,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-BRANCHES = ("dev", "dsv4")
+BRANCHES = ("dev", "dsv4", "main")
 
 
 def megatron_trees() -> dict[str, Path | None]:

@@ -24,12 +24,24 @@ if TYPE_CHECKING:  # annotations only: the codec works on key strings
     from torch import Tensor
 
 LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# A layer inside MTP depth d: mtp.layers.{d}.mtp_model_layer.layers.{k}.X (mhc_model.mtp)
+MTP_SITE_RE = re.compile(r"^mtp\.layers\.(\d+)\.mtp_model_layer\.layers\.(\d+)\.(.+)$")
+# Any layer of either kind: (prefix up to the layer number and its dot, rest)
+SITE_RE = re.compile(r"^(decoder\.layers\.\d+\.|mtp\.layers\.\d+\.mtp_model_layer\.layers\.\d+\.)"
+                     r"(.+)$")
+MTP_DEPTH_RE = re.compile(r"^mtp\.layers\.(\d+)\.(.+)$")
 INNER = "inner_layer"
 HC = "hyper_connection"
 HEAD_PREFIX = "decoder.hc_head_"
 HEAD_PARENT = "decoder."  # hc_head_* are parameters of the decoder (HybridStack)
+HEAD_NAME_PREFIX = "hc_head_"
 NON_LAYER_KEYS = ("embedding.word_embeddings.weight", "decoder.final_norm.weight",
                   "output_layer.weight")
+# An MTP depth's own keys besides its layers and head (both layouts), and its input
+# projection in each layout (mhc_model.mtp): eh_proj [C, 2C] = [e_proj | h_proj] by columns
+MTP_NORMS = ("enorm.weight", "hnorm.weight", "final_layernorm.weight")
+MTP_PROJ_OFF = ("eh_proj.weight",)
+MTP_PROJ_ON = ("e_proj.weight", "h_proj.weight")
 
 # optimizer.state.<name>.<model key> (Megatron fully_reshardable model space; native too)
 OPT_RE = re.compile(r"^optimizer\.state\.([A-Za-z0-9_]+)\.(.+)$")
@@ -43,9 +55,37 @@ MEGATRON_OPAQUE_RE = re.compile(
     r"^(rng_state|common_state|rerun_state_machine_state)(/shard_[0-9._]+)?$")
 
 
-def layer_symbol(cfg, layer: int) -> str | None:
-    """The pattern symbol of layer ``layer`` (None beyond the configured layers)."""
-    return cfg.layer_symbols[layer] if 0 <= layer < cfg.num_layers else None
+def layer_symbol(cfg, layer: int | None) -> str | None:
+    """The pattern symbol of site ``layer`` (``HybridConfig.site_symbols``: the decoder's
+    layers, then the MTP depths'); None beyond the configured ones."""
+    if layer is None:
+        return None
+    sites = cfg.site_symbols
+    return sites[layer] if 0 <= layer < len(sites) else None
+
+
+def site_prefix(cfg, site: int) -> str:
+    """The key prefix of site ``site``: ``decoder.layers.N.`` or, past the decoder, MTP depth
+    d's layer k ``mtp.layers.d.mtp_model_layer.layers.k.``."""
+    if site < cfg.num_layers:
+        return f"decoder.layers.{site}."
+    d, k = divmod(site - cfg.num_layers, len(cfg.mtp_symbols))
+    return f"mtp.layers.{d}.mtp_model_layer.layers.{k}."
+
+
+def site_of(cfg, key: str) -> tuple[int | None, str, str] | None:
+    """(site, prefix, rest) of a layer key of either kind; site None when the layer is not
+    one of ``cfg``'s; None for a key that is not a layer key."""
+    m = LAYER_RE.match(key)
+    if m:
+        i = int(m.group(1))
+        return (i if i < cfg.num_layers else None), f"decoder.layers.{i}.", m.group(2)
+    m = MTP_SITE_RE.match(key)
+    if m:
+        d, k, P = int(m.group(1)), int(m.group(2)), len(cfg.mtp_symbols)
+        site = cfg.num_layers + d * P + k if d < cfg.mtp_num_depths and k < P else None
+        return site, f"mtp.layers.{d}.mtp_model_layer.layers.{k}.", m.group(3)
+    return None
 
 
 def canonical(symbol: str | None, rel: str) -> str:
@@ -54,27 +94,45 @@ def canonical(symbol: str | None, rel: str) -> str:
     return LAYER_SPECS[symbol].canonical(rel) if symbol is not None else rel
 
 
-def _split_layer_key(key: str) -> tuple[int, str, str] | None:
-    """decoder.layers.N[.inner_layer].X -> (N, "inner_layer." or "", X); None otherwise."""
-    m = LAYER_RE.match(key)
-    if not m:
+def _split_layer_key(cfg, key: str) -> tuple[int | None, str, str, str] | None:
+    """<site prefix>[inner_layer.]X -> (site, prefix, "inner_layer." or "", X); None for a key
+    that is not a layer key."""
+    found = site_of(cfg, key)
+    if found is None:
         return None
-    inner = INNER + "." if m.group(2).startswith(INNER + ".") else ""
-    return int(m.group(1)), inner, m.group(2)[len(inner):]
+    site, prefix, rest = found
+    inner = INNER + "." if rest.startswith(INNER + ".") else ""
+    return site, prefix, inner, rest[len(inner):]
 
 
 def wrap(key: str) -> str:
-    """decoder.layers.N.X -> decoder.layers.N.inner_layer.X (other keys unchanged)."""
-    m = LAYER_RE.match(key)
-    return f"decoder.layers.{m.group(1)}.{INNER}.{m.group(2)}" if m else key
+    """<layer prefix>X -> <layer prefix>inner_layer.X, for decoder and MTP layers (other keys
+    unchanged)."""
+    m = SITE_RE.match(key)
+    return f"{m.group(1)}{INNER}.{m.group(2)}" if m else key
 
 
 def unwrap(key: str) -> str:
-    """decoder.layers.N.inner_layer.X -> decoder.layers.N.X (other keys unchanged)."""
-    m = LAYER_RE.match(key)
+    """<layer prefix>inner_layer.X -> <layer prefix>X (other keys unchanged)."""
+    m = SITE_RE.match(key)
     if m and m.group(2).startswith(INNER + "."):
-        return f"decoder.layers.{m.group(1)}.{m.group(2)[len(INNER) + 1:]}"
+        return f"{m.group(1)}{m.group(2)[len(INNER) + 1:]}"
     return key
+
+
+def mtp_depth_key(key: str) -> tuple[int, str] | None:
+    """(depth, name) of an MTP depth's own key (``mtp.layers.d.enorm.weight``, its input
+    projection, its ``hc_head_*``), None for any other key (its layers included)."""
+    if MTP_SITE_RE.match(key):
+        return None
+    m = MTP_DEPTH_RE.match(key)
+    return (int(m.group(1)), m.group(2)) if m else None
+
+
+def is_head_key(key: str) -> bool:
+    """``decoder.hc_head_*`` or an MTP depth's ``mtp.layers.d.hc_head_*``."""
+    found = mtp_depth_key(key)
+    return key.startswith(HEAD_PREFIX) or bool(found and found[1].startswith(HEAD_NAME_PREFIX))
 
 
 def split_opt(key: str) -> tuple[str | None, str]:
@@ -88,28 +146,40 @@ def opt_key(state: str | None, key: str) -> str:
 
 
 def is_mhc_param(key: str) -> bool:
-    """A hyper-connection parameter or the learned contract head (exist only with mHC on)."""
-    m = LAYER_RE.match(key)
-    return key.startswith(HEAD_PREFIX) or bool(m and m.group(2).startswith(HC + "."))
+    """A hyper-connection parameter or a learned contract head (exist only with mHC on)."""
+    m = SITE_RE.match(key)
+    return is_head_key(key) or bool(m and m.group(2).startswith(HC + "."))
 
 
-def hc_key(layer: int, name: str) -> str:
-    return f"decoder.layers.{layer}.{HC}.{name}"
+def hc_key(layer: int, name: str, cfg=None) -> str:
+    """Site ``layer``'s hyper-connection parameter ``name`` (an MTP site needs ``cfg``)."""
+    prefix = f"decoder.layers.{layer}." if cfg is None else site_prefix(cfg, layer)
+    return f"{prefix}{HC}.{name}"
 
 
-def head_key(name: str) -> str:
-    """``hc_head_fn`` -> ``decoder.hc_head_fn``."""
-    return HEAD_PARENT + name
+def head_key(name: str, depth: int | None = None) -> str:
+    """``hc_head_fn`` -> ``decoder.hc_head_fn`` (depth None) or ``mtp.layers.d.hc_head_fn``."""
+    return HEAD_PARENT + name if depth is None else f"mtp.layers.{depth}.{name}"
 
 
-def mhc_param_id(key: str) -> tuple[str, int | None, str]:
-    """A model key of an mHC parameter -> ("hc", layer, name) or ("head", None, name)."""
+def mhc_param_id(key: str, cfg=None) -> tuple[str, int | None, str]:
+    """A model key of an mHC parameter -> ("hc", site, name) or ("head", depth or None, name)
+    (an MTP layer's key needs ``cfg`` for its site number)."""
     if key.startswith(HEAD_PREFIX):
         return ("head", None, key[len(HEAD_PARENT):])
-    m = LAYER_RE.match(key)
+    found = mtp_depth_key(key)
+    if found and found[1].startswith(HEAD_NAME_PREFIX):
+        return ("head", found[0], found[1])
+    m = SITE_RE.match(key)
     if not m or not m.group(2).startswith(HC + "."):
         raise ValueError(f"{key!r} is not an mHC parameter key")
-    return ("hc", int(m.group(1)), m.group(2)[len(HC) + 1:])
+    if LAYER_RE.match(key):
+        site = int(LAYER_RE.match(key).group(1))
+    else:
+        site = site_of(cfg, key)[0] if cfg is not None else None
+        if site is None:
+            raise ValueError(f"{key!r} is not an mHC parameter of the configured MTP layers")
+    return ("hc", site, m.group(2)[len(HC) + 1:])
 
 
 def layout_of(keys: Iterable[str], prefix: str = "") -> bool | None:
@@ -122,10 +192,15 @@ def layout_of(keys: Iterable[str], prefix: str = "") -> bool | None:
         if not key.startswith(prefix):
             continue
         rel = split_opt(key[len(prefix):])[1]
-        if rel.startswith(HEAD_PREFIX):
+        found = mtp_depth_key(rel)
+        if is_head_key(rel) or (found and found[1] in MTP_PROJ_ON):
             on = True
             continue
-        m = LAYER_RE.match(rel)
+        if found and found[1] in MTP_PROJ_OFF:
+            off = True
+            plain.append(key)
+            continue
+        m = SITE_RE.match(rel)
         if m:
             if m.group(2).startswith((INNER + ".", HC + ".")):
                 on = True
@@ -148,11 +223,11 @@ def split_table(cfg, symbol: str) -> Splits:
 def layer_splits(cfg, key: str) -> tuple[str, tuple[tuple[str, int], ...]] | None:
     """(layer-relative canonical base, parts) when the model ``key`` (either layout) is
     stored by Megatron as a factory split; None otherwise."""
-    m = LAYER_RE.match(unwrap(key))
-    symbol = layer_symbol(cfg, int(m.group(1))) if m else None
+    found = site_of(cfg, unwrap(key))
+    symbol = layer_symbol(cfg, found[0]) if found else None
     if symbol is None:
         return None
-    rel = canonical(symbol, m.group(2))
+    rel = canonical(symbol, found[2])
     splits = split_table(cfg, symbol).get(rel)
     return (rel, splits) if splits else None
 
@@ -203,36 +278,36 @@ def stack_table(cfg, symbol: str) -> Stacks:
 def stacked(cfg, key: str) -> tuple[str, ...] | None:
     """The model keys (same layout) a stored stacked tensor stands for, in stack order (row i
     is the i-th); None when ``key`` is not one."""
-    parts = _split_layer_key(key)
+    parts = _split_layer_key(cfg, key)
     symbol = layer_symbol(cfg, parts[0]) if parts else None
     if symbol is None:
         return None
-    layer, inner, rel = parts
+    _, prefix, inner, rel = parts
     found = stack_table(cfg, symbol).get(rel)
     if found is None:
         return None
     template, count = found
-    return tuple(f"decoder.layers.{layer}.{inner}{template.format(i)}" for i in range(count))
+    return tuple(f"{prefix}{inner}{template.format(i)}" for i in range(count))
 
 
 def tp_parts(cfg, key: str) -> tuple[tuple[str, int], ...] | None:
     """The row blocks a dim-0 tensor-parallel shard of the stored ``key`` (either layout) holds
     a slice of each (``LayerSpec.tp_parts``), or None when a shard is one contiguous block."""
-    parts = _split_layer_key(key)
+    parts = _split_layer_key(cfg, key)
     symbol = layer_symbol(cfg, parts[0]) if parts else None
     if symbol is None:
         return None
-    return LAYER_SPECS[symbol].tp_parts(cfg).get(canonical(symbol, parts[2]))
+    return LAYER_SPECS[symbol].tp_parts(cfg).get(canonical(symbol, parts[3]))
 
 
 def canonical_key(cfg, key: str) -> str:
     """A full layer key (either layout) with its layer-relative part in our spelling
     (``decoder.layers.0.mixer.conv1d_weight`` -> ``...mixer.conv1d.weight``)."""
-    parts = _split_layer_key(key)
+    parts = _split_layer_key(cfg, key)
     if parts is None:
         return key
-    layer, inner, rel = parts
-    return f"decoder.layers.{layer}.{inner}{canonical(layer_symbol(cfg, layer), rel)}"
+    site, prefix, inner, rel = parts
+    return f"{prefix}{inner}{canonical(layer_symbol(cfg, site), rel)}"
 
 
 @dataclass(frozen=True)

@@ -24,6 +24,7 @@ from mhc_model.toggle.shapes import (
     hc_keys,
     layer_owns_module,
     mhc_param_shapes,
+    mtp_proj_shapes,
     stored_layer_shape,
 )
 
@@ -63,6 +64,18 @@ class Drop:
 
 
 @dataclass(frozen=True)
+class Reshape:
+    """An MTP depth's input projection between the layouts (``mhc_model.mtp``): enable splits
+    ``eh_proj.weight [C, 2C]`` by columns into ``e_proj.weight``, ``h_proj.weight`` [C, C];
+    disable joins them back (``values.reshape_values``). Exact both ways, optimizer states too
+    (Adam's state is elementwise)."""
+
+    srcs: tuple[str, ...]
+    dsts: tuple[str, ...]
+    opt_state: str | None
+
+
+@dataclass(frozen=True)
 class Plan:
     direction: Direction
     renames: tuple[Rename, ...]
@@ -70,15 +83,20 @@ class Plan:
     drops: tuple[Drop, ...]
     opt_states: tuple[str, ...]
     passthrough: tuple[str, ...] = field(default=())
+    reshapes: tuple[Reshape, ...] = field(default=())
 
     @property
     def output_keys(self) -> list[str]:
-        return [r.dst for r in self.renames] + [a.dst for a in self.adds]
+        return ([r.dst for r in self.renames] + [a.dst for a in self.adds]
+                + [d for r in self.reshapes for d in r.dsts])
 
     def summary(self) -> dict[str, int]:
         moved = sum(r.src != r.dst for r in self.renames)
-        return {"renamed": moved, "unchanged": len(self.renames) - moved,
-                "added": len(self.adds), "dropped": len(self.drops)}
+        out = {"renamed": moved, "unchanged": len(self.renames) - moved,
+               "added": len(self.adds), "dropped": len(self.drops)}
+        if self.reshapes:
+            out["reshaped"] = len(self.reshapes)
+        return out
 
     def model_drops(self) -> dict[str, ParamId]:
         """Source key -> parameter id of every dropped model value (what the verdict reads)."""
@@ -86,7 +104,8 @@ class Plan:
 
 
 # extra: a non-layer module's _extra_state (carried); opaque: Megatron's byte objects
-Segment = Literal["plain", "inner", "hc", "head", "global", "extra", "opaque", "passthrough"]
+Segment = Literal["plain", "inner", "hc", "head", "global", "extra", "opaque", "passthrough",
+                  "mtp_proj"]
 
 
 @dataclass(frozen=True)
@@ -95,6 +114,8 @@ class _Parsed:
     layer: int | None
     segment: Segment
     rel: str  # layer-relative suffix as stored (after the wrapper segment) or the full key
+    # (for "mtp_proj": the depth-relative name; for "head": the head parameter's name, and
+    # ``layer`` its MTP depth or None for the decoder's)
 
 
 def _shape_error(shape, want, key, path) -> InvalidInputError:
@@ -131,22 +152,36 @@ def _parse(key: str, shape: Shape, cfg: HybridConfig, expected: dict, passthroug
         return _Parsed(opt_state, None, "global", model_key)
     if model_key.startswith(K.HEAD_PREFIX):
         return _Parsed(opt_state, None, "head", model_key[len(K.HEAD_PARENT):])
-    if (opt_state is None and not K.LAYER_RE.match(key) and K.is_extra_state(key)
+    depth = K.mtp_depth_key(model_key)
+    if depth is not None and (depth[0] < cfg.mtp_num_depths or not strict):
+        d, name = depth
+        if K.is_head_key(model_key):
+            return _Parsed(opt_state, d, "head", name)
+        if name in K.MTP_PROJ_ON + K.MTP_PROJ_OFF:
+            want = mtp_proj_shapes(cfg, on=name in K.MTP_PROJ_ON)[name]
+            if strict and shape is not None and tuple(shape) != want:
+                raise _shape_error(shape, want, key, path)
+            return _Parsed(opt_state, d, "mtp_proj", name)
+    if (opt_state is None and not K.SITE_RE.match(key) and K.is_extra_state(key)
             and K.is_non_layer_module(K.extra_state_module(key))):
         return _Parsed(None, None, "extra", key)
-    layer_m = K.LAYER_RE.match(model_key)
-    if layer_m and (int(layer_m.group(1)) < cfg.num_layers or not strict):
-        i, rest = int(layer_m.group(1)), layer_m.group(2)
+    found = K.site_of(cfg, model_key)
+    if model_key in expected and found is None:  # an MTP depth's norms
+        if strict and shape is not None and tuple(shape) != expected[model_key]:
+            raise _shape_error(shape, expected[model_key], key, path)
+        return _Parsed(opt_state, None, "global", model_key)
+    if found and (found[0] is not None or not strict):
+        i, rest = found[0], found[2]
         if rest.startswith(K.HC + "."):
             name = rest[len(K.HC) + 1:]
-            if strict and K.hc_key(i, name) not in hc_keys(i, cfg):
+            if strict and K.hc_key(i, name, cfg) not in hc_keys(i, cfg):
                 raise InvalidInputError("unknown hyper_connection parameter", path=path, key=key)
             return _Parsed(opt_state, i, "hc", name)
         segment: Segment = "plain"
         if rest.startswith(K.INNER + "."):
             segment, rest = "inner", rest[len(K.INNER) + 1:]
         if strict:
-            _check_layer_suffix(cfg, cfg.layer_symbols[i], rest, shape, key, path)
+            _check_layer_suffix(cfg, cfg.site_symbols[i], rest, shape, key, path)
         return _Parsed(opt_state, i, segment, rest)
     if not strict or (passthrough is not None and passthrough.search(key)):
         return _Parsed(opt_state, None, "passthrough", key)
@@ -174,7 +209,7 @@ def make_plan(
     parsed = {k: _parse(k, s, cfg, expected, rx, path, strict) for k, s in keys.items()}
     try:
         source_on = K.layout_of(k for k, p in parsed.items()
-                                if p.segment in ("plain", "inner", "hc", "head"))
+                                if p.segment in ("plain", "inner", "hc", "head", "mtp_proj"))
     except InvalidInputError as e:
         raise type(e)(e.message, path=path, key=e.key) from None
     if direction == "enable" and source_on:
@@ -190,9 +225,14 @@ def make_plan(
                                 f"parameters (known: {sorted(NEW_PARAM_OPT_STATE)})", path=path)
     renames, drops, adds = [], [], []
     for key, p in parsed.items():
-        if p.segment in ("hc", "head"):
-            drops.append(Drop(key, (p.segment, p.layer, p.rel), p.opt_state))
+        if p.segment == "hc":
+            drops.append(Drop(key, K.mhc_param_id(K.split_opt(key)[1], cfg), p.opt_state))
             continue
+        if p.segment == "head":
+            drops.append(Drop(key, ("head", p.layer, p.rel), p.opt_state))
+            continue
+        if p.segment == "mtp_proj":
+            continue  # planned per depth below (_mtp_reshapes)
         if p.segment in ("plain", "inner"):
             model_key = K.split_opt(key)[1]
             dst = K.wrap(model_key) if direction == "enable" else K.unwrap(model_key)
@@ -203,15 +243,37 @@ def make_plan(
     if direction == "enable":
         for state in (None, *opt_states):
             for k, shape in mhc_param_shapes(target).items():
-                adds.append(Add(K.opt_key(state, k), K.mhc_param_id(k), state, shape))
+                adds.append(Add(K.opt_key(state, k), K.mhc_param_id(k, target), state, shape))
     plan = Plan(direction, tuple(renames), tuple(adds), tuple(drops), opt_states,
-                tuple(k for k, p in parsed.items() if p.segment == "passthrough"))
+                tuple(k for k, p in parsed.items() if p.segment == "passthrough"),
+                _mtp_reshapes(parsed, direction, path))
     outs = plan.output_keys
     if len(set(outs)) != len(outs):
         seen: set[str] = set()
         dup = sorted({k for k in outs if k in seen or seen.add(k)})
         raise InvalidInputError(f"output key collision: {dup[:5]}", path=path, key=dup[0])
     return plan
+
+
+def _mtp_reshapes(parsed: dict[str, _Parsed], direction: Direction, path) -> tuple[Reshape, ...]:
+    """One ``Reshape`` per (optimizer state, MTP depth): the input projection of the source
+    layout into the target's; a depth holding only part of it is refused."""
+    have: dict[tuple[str | None, int], dict[str, str]] = {}
+    for key, p in parsed.items():
+        if p.segment == "mtp_proj":
+            have.setdefault((p.opt_state, p.layer), {})[p.rel] = key
+    src_names, dst_names = ((K.MTP_PROJ_OFF, K.MTP_PROJ_ON) if direction == "enable"
+                            else (K.MTP_PROJ_ON, K.MTP_PROJ_OFF))
+    out = []
+    for (state, d), names in sorted(have.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+        if set(names) != set(src_names):
+            first = next(iter(names.values()))
+            raise InvalidInputError(f"MTP depth {d}'s input projection is stored as "
+                                    f"{sorted(names)}; expected {list(src_names)}",
+                                    path=path, key=first)
+        dsts = tuple(K.opt_key(state, f"mtp.layers.{d}.{n}") for n in dst_names)
+        out.append(Reshape(tuple(names[n] for n in src_names), dsts, state))
+    return tuple(out)
 
 
 def plan_for_model(keys: Mapping[str, Shape], cfg: HybridConfig, *,
@@ -234,7 +296,12 @@ def _check_missing(parsed: dict[str, _Parsed], expected: dict, cfg: HybridConfig
         if p.segment == "global":
             present.append(p.rel)
         elif p.segment in ("plain", "inner") and not K.is_extra_state(p.rel):
-            present.append(f"decoder.layers.{p.layer}.{p.rel}")
+            present.append(K.site_prefix(cfg, p.layer) + p.rel)
+        elif p.segment == "mtp_proj" and p.rel in K.MTP_PROJ_OFF:
+            present.append(f"mtp.layers.{p.layer}.{p.rel}")
+        elif p.segment == "mtp_proj" and p.rel == K.MTP_PROJ_ON[0]:
+            # mHC-on: e_proj + h_proj hold eh_proj (a lone half is refused by _mtp_reshapes)
+            present.append(f"mtp.layers.{p.layer}.{K.MTP_PROJ_OFF[0]}")
     try:
         merged = K.model_sources(present, cfg)
     except InvalidInputError as e:

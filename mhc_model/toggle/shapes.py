@@ -38,29 +38,60 @@ def expected_model_shapes(cfg: HybridConfig) -> Shapes:
         out.update({f"decoder.layers.{i}.{k}": s
                     for k, s in layer_key_shapes(cfg, symbol).items()})
     out["decoder.final_norm.weight"] = (C,)
+    out.update(mtp_depth_shapes(cfg))
     if not cfg.tie_word_embeddings:
         out["output_layer.weight"] = (V, C)
     return out
 
 
+def mtp_proj_shapes(cfg: HybridConfig, on: bool) -> dict[str, tuple[int, ...]]:
+    """An MTP depth's input projection(s), by depth-relative name (``mhc_model.mtp``)."""
+    C = cfg.hidden_size
+    names = K.MTP_PROJ_ON if on else K.MTP_PROJ_OFF
+    return {n: (C, C) if on else (C, 2 * C) for n in names}
+
+
+def mtp_depth_shapes(cfg: HybridConfig) -> Shapes:
+    """The MTP depths' keys of the mHC-off model (norms, ``eh_proj``, layers), model order."""
+    C, out = cfg.hidden_size, {}
+    P = len(cfg.mtp_symbols)
+    for d in range(cfg.mtp_num_depths):
+        pre = f"mtp.layers.{d}."
+        out[pre + "enorm.weight"] = out[pre + "hnorm.weight"] = (C,)
+        out.update({pre + n: s for n, s in mtp_proj_shapes(cfg, on=False).items()})
+        for k, symbol in enumerate(cfg.mtp_symbols):
+            site = K.site_prefix(cfg, cfg.num_layers + d * P + k)
+            out.update({site + rel: s for rel, s in layer_key_shapes(cfg, symbol).items()})
+        out[pre + "final_layernorm.weight"] = (C,)
+    return out
+
+
 def hc_keys(layer: int, cfg: HybridConfig) -> Shapes:
-    """One layer's ``hyper_connection.*`` keys for ``cfg``'s stream count."""
-    return {hc_key(layer, name): shape for name, shape in hc_param_shapes(cfg).items()}
+    """One site's ``hyper_connection.*`` keys for ``cfg``'s stream count (a decoder layer, or
+    past the decoder an MTP layer: ``HybridConfig.site_symbols``)."""
+    return {hc_key(layer, name, cfg): shape for name, shape in hc_param_shapes(cfg).items()}
 
 
-def head_keys(cfg: HybridConfig) -> Shapes:
-    """``decoder.hc_head_*`` when ``cfg`` is mHC-on with the learned contract, else none."""
+def head_keys(cfg: HybridConfig, depth: int | None = None) -> Shapes:
+    """``decoder.hc_head_*`` (depth None) or MTP depth ``depth``'s ``hc_head_*`` when ``cfg``
+    is mHC-on with the learned contract, else none."""
     if not cfg.mhc_on or cfg.mhc.mhc_output_contract != "learned":
         return {}
-    return {head_key(name): shape for name, shape in head_param_shapes(cfg).items()}
+    return {head_key(name, depth): shape for name, shape in head_param_shapes(cfg).items()}
 
 
 def mhc_param_shapes(cfg: HybridConfig) -> Shapes:
-    """Every mHC parameter an mHC-on model of ``cfg`` holds, by model key, in model order."""
+    """Every mHC parameter an mHC-on model of ``cfg`` holds, by model key: the decoder's sites
+    and head, then each MTP depth's sites and head."""
     out: Shapes = {}
     for i in range(cfg.num_layers):
         out.update(hc_keys(i, cfg))
     out.update(head_keys(cfg))
+    P = len(cfg.mtp_symbols)
+    for d in range(cfg.mtp_num_depths):
+        for k in range(P):
+            out.update(hc_keys(cfg.num_layers + d * P + k, cfg))
+        out.update(head_keys(cfg, d))
     return out
 
 
@@ -101,10 +132,13 @@ def stored_shape(cfg: HybridConfig, key: str) -> tuple[int, ...] | None:
     """The shape Megatron stores for a full model key of either layout (layer keys in any
     spelling, mHC parameters when ``cfg`` is mHC-on, the non-layer keys); None: not a key."""
     key = K.unwrap(key)
-    m = K.LAYER_RE.match(key)
+    found = K.site_of(cfg, key)
     if K.is_mhc_param(key):
         return mhc_param_shapes(cfg).get(key) if cfg.mhc_on else None
-    if m:
-        symbol = K.layer_symbol(cfg, int(m.group(1)))
-        return stored_layer_shape(cfg, symbol, m.group(2)) if symbol else None
+    if found:
+        symbol = K.layer_symbol(cfg, found[0])
+        return stored_layer_shape(cfg, symbol, found[2]) if symbol else None
+    depth = K.mtp_depth_key(key)
+    if depth and depth[0] < cfg.mtp_num_depths and depth[1] in K.MTP_PROJ_ON:
+        return mtp_proj_shapes(cfg, on=True)[depth[1]] if cfg.mhc_on else None
     return expected_model_shapes(cfg).get(key)

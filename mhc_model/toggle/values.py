@@ -15,7 +15,7 @@ from torch import Tensor
 
 from mhc_model.config import HybridConfig
 from mhc_model.hyper_connection import exact_hc_tensors, exact_head_tensors
-from mhc_model.toggle.plan import NEW_PARAM_OPT_STATE, Add, ParamId
+from mhc_model.toggle.plan import NEW_PARAM_OPT_STATE, Add, ParamId, Reshape
 
 
 class NewValues:
@@ -29,11 +29,11 @@ class NewValues:
         self._drawn: dict[tuple[str, int | None], dict[str, Tensor]] = {}
 
     def param(self, what: ParamId) -> Tensor:
-        kind, layer, name = what
+        kind, layer, name = what  # layer: the site, or for a head its MTP depth (None: decoder)
         if (kind, layer) not in self._drawn:
             self._drawn[kind, layer] = (
                 exact_hc_tensors(self.target, layer, init=self.init) if kind == "hc"
-                else exact_head_tensors(self.target))
+                else exact_head_tensors(self.target, layer))
         return self._drawn[kind, layer][name]
 
     def __call__(self, add: Add) -> Tensor:
@@ -48,3 +48,20 @@ def values_for(adds: Iterable[Add], target: HybridConfig, init: str = "exact") -
     """Destination key -> value for every add (model values and optimizer states)."""
     values = NewValues(target, init)
     return {a.dst: values(a) for a in adds}
+
+
+def reshape_values(reshape: Reshape, srcs: list[Tensor]) -> dict[str, Tensor]:
+    """The planned ``Reshape`` on its source tensors (in ``reshape.srcs`` order): eh_proj's
+    columns [:C] are e_proj (they multiply enorm(e), the first half of the concatenation in
+    Megatron's ``_concat_embeddings``), [C:] h_proj; disable concatenates them back. Copies of
+    the same bits, so enable then disable is bitwise the identity."""
+    if len(srcs) == 1:  # enable: [C, 2C] -> two [C, C]
+        (w,) = srcs
+        C = w.shape[0]
+        if w.shape != (C, 2 * C):
+            raise ValueError(f"{reshape.srcs[0]}: shape {list(w.shape)} is not [C, 2C]")
+        return {reshape.dsts[0]: w[:, :C].contiguous(), reshape.dsts[1]: w[:, C:].contiguous()}
+    e, h = srcs
+    if e.shape != h.shape or e.dtype != h.dtype:
+        raise ValueError(f"{reshape.srcs[0]} and {reshape.srcs[1]} differ in shape or dtype")
+    return {reshape.dsts[0]: torch.cat((e, h), dim=1).contiguous()}

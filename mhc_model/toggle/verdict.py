@@ -25,7 +25,7 @@ from mhc_model import mhc_ref
 from mhc_model.config import HybridConfig
 from mhc_model.conventions import convention, stream_gain
 from mhc_model.errors import ToggleError
-from mhc_model.toggle.codec import HEAD_PREFIX, hc_key, mhc_param_id
+from mhc_model.toggle.codec import hc_key, is_head_key, mhc_param_id
 from mhc_model.toggle.shapes import hc_keys
 
 GAIN_TOL = 1e-5  # |stream gain - 1|; Sinkhorn's +eps makes it ~1e-6 below 1 at the exact point
@@ -47,14 +47,44 @@ class Verdict:
         return not self.reason
 
 
-def check_disable(cfg: HybridConfig, values: dict[tuple[str, int | None, str], Tensor]) -> Verdict:
+def mtp_norm_keys(cfg: HybridConfig) -> list[str]:
+    """The norms that stand between MTP inputs with mHC off and not with mHC on
+    (``mhc_model.mtp``): the decoder's final norm (before depth 0) and each depth's
+    ``final_layernorm`` but the last's (before the next depth). None without MTP."""
+    if not cfg.mtp_num_depths:
+        return []
+    return ["decoder.final_norm.weight"] + [f"mtp.layers.{d}.final_layernorm.weight"
+                                            for d in range(cfg.mtp_num_depths - 1)]
+
+
+def check_mtp_norms(cfg: HybridConfig, norms: Mapping[str, Tensor]) -> str | None:
+    """Why toggling mHC changes the MTP logits, or None when it does not. With mHC off an MTP
+    depth reads ``hnorm(g * x / rms(x))``, with mHC on ``hnorm(x)`` (g: the weight of the norm
+    before it): equal for every token iff g is one positive constant (RMSNorm is
+    scale-invariant, up to its eps); no weight change can absorb a non-uniform g, whose effect
+    depends on each token. The main logits are unaffected either way."""
+    bad = []
+    for key in mtp_norm_keys(cfg):
+        g = norms[key].float()
+        if not (bool((g == g[0]).all()) and g[0].item() > 0):
+            bad.append(f"{key} (min {g.min().item():.4g}, max {g.max().item():.4g})")
+    if not bad:
+        return None
+    return (f"MTP logits change: Megatron's mHC-on MTP reads the streams before the norm(s) "
+            f"{', '.join(bad)} that its mHC-off MTP reads after, and they are not one positive "
+            f"constant (the main logits are preserved)")
+
+
+def check_disable(cfg: HybridConfig, values: dict[tuple[str, int | None, str], Tensor],
+                  norms: Mapping[str, Tensor] | None = None) -> Verdict:
+    """``norms``: the ``mtp_norm_keys`` weights (required with MTP)."""
     n = cfg.mhc.num_residual_streams
     conv = convention(cfg.mhc.mhc_convention)
     problems: list[str] = []
     notes: list[str] = []
     pre_sums = []
     folds: dict[int, float] = {}
-    for i in range(cfg.num_layers):
+    for i in range(len(cfg.site_symbols)):
         alphas = [values[("hc", i, f"alpha_{g}")].float() for g in ("pre", "post", "res")]
         if any(a.abs().max().item() != 0.0 for a in alphas):
             problems.append(f"layer {i}: alpha != 0 (token-dependent mappings)")
@@ -73,9 +103,14 @@ def check_disable(cfg: HybridConfig, values: dict[tuple[str, int | None, str], T
         if (gain - 1).abs().max().item() > GAIN_TOL:
             problems.append(f"layer {i}: stream gains {gain.tolist()} are not 1")
     if cfg.mhc.mhc_output_contract == "learned":
-        scale = values[("head", None, "hc_head_scale")].float()
-        if scale.abs().max().item() != 0.0:
-            problems.append("hc_head_scale != 0 (token-dependent output contract)")
+        for depth in (None, *range(cfg.mtp_num_depths)):
+            scale = values[("head", depth, "hc_head_scale")].float()
+            if scale.abs().max().item() != 0.0:
+                where = "" if depth is None else f" of MTP depth {depth}"
+                problems.append(f"hc_head_scale{where} != 0 (token-dependent output contract)")
+    mtp = check_mtp_norms(cfg, norms or {}) if cfg.mtp_num_depths else None
+    if mtp:
+        problems.append(mtp)
     if pre_sums:
         notes.append(f"sum H_pre in [{min(pre_sums):.6f}, {max(pre_sums):.6f}] (absorbed by the "
                      f"pre-norms)")
@@ -94,22 +129,23 @@ def source_config(cfg: HybridConfig, values: Mapping[str, Tensor]) -> HybridConf
     settings are not in a state dict, so they come from ``cfg.mhc``."""
     k = values[hc_key(0, "bias")].numel()  # bias has n^2 + 2n entries
     n = round(math.sqrt(k + 1) - 1)
-    learned = any(key.startswith(HEAD_PREFIX) for key in values)
+    learned = any(is_head_key(key) for key in values)
     return cfg.with_mhc(enable_hyper_connections=True, num_residual_streams=n,
                         mhc_output_contract="learned" if learned else "mean")
 
 
-def check_disable_exact(cfg: HybridConfig, values: Mapping[str, Tensor]) -> list[str]:
+def check_disable_exact(cfg: HybridConfig, values: Mapping[str, Tensor],
+                        norms: Mapping[str, Tensor] | None = None) -> list[str]:
     """Raise ``ToggleError`` unless dropping these mHC parameters (model keys, e.g.
     ``decoder.layers.3.hyper_connection.bias``) from a model with ``cfg``'s architecture is a
     pure, exact drop (the in-process routes cannot fold H_post). Returns the verdict's notes."""
-    need = [k for i in range(cfg.num_layers) for k in hc_keys(i, cfg)]
+    need = [k for i in range(len(cfg.site_symbols)) for k in hc_keys(i, cfg)]
     missing = [k for k in need if k not in values]
     if missing:
         raise ToggleError(f"mHC-on state dict lacks hyper-connection parameters {missing[:3]}; "
                           "cannot decide whether disabling mHC is exact")
-    verdict = check_disable(source_config(cfg, values),
-                            {mhc_param_id(k): v for k, v in values.items()})
+    src = source_config(cfg, values)
+    verdict = check_disable(src, {mhc_param_id(k, src): v for k, v in values.items()}, norms)
     if not verdict.exact:
         reason = verdict.reason or ("a constant H_post != 1 must be folded into the output "
                                     "projections: `mhc-convert disable` does that offline")

@@ -17,9 +17,16 @@ from tests.paths import MEGATRON_FIXTURE
 
 def test_pattern_grammar():
     assert parse_pattern("M-M*|-E") == ("M", "-", "M", "*", "-", "E")
-    with pytest.raises(ValueError, match="multi-token-prediction"):
-        parse_pattern("M*M*/MM")
-    with pytest.raises(ValueError, match=r"unknown symbol\(s\) \['X'\]"):
+    assert parse_pattern("M*M*/MM/MM") == ("M", "*", "M", "*")
+    cfg = HybridConfig(hybrid_layer_pattern="M*|-E/*-/*-")
+    assert (cfg.layer_symbols, cfg.mtp_symbols, cfg.mtp_num_depths) == (
+        ("M", "*", "-", "E"), ("*", "-"), 2)
+    assert cfg.site_symbols == ("M", "*", "-", "E", "*", "-", "*", "-")
+    with pytest.raises(ValueError, match="every MTP part must be the same"):
+        parse_pattern("M*/M/-")
+    with pytest.raises(ValueError, match=r"symbol\(s\) \['\|'\] are not valid"):
+        parse_pattern("M*/M|-")
+    with pytest.raises(ValueError, match=r"symbol\(s\) \['X'\] are not valid"):
         parse_pattern("M*X")
     with pytest.raises(ValueError, match="no layers"):
         parse_pattern("||")

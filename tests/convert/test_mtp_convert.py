@@ -1,0 +1,44 @@
+"""mhc-convert on native checkpoints with MTP depths: enable/disable round trip bitwise (the
+MTP input projection split and joined), main logits kept, and the refusal where the norm before
+an MTP depth is not uniform (``verdict.check_mtp_norms``) unless ``allow_lossy``.
+Megatron-written MTP fixtures (torch_dist) are not covered yet."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import mhc_convert
+from mhc_convert.errors import VerificationError
+from mhc_model import HybridConfig, HybridModel
+
+CFG = HybridConfig(hybrid_layer_pattern="M*-E/*-/*-", hidden_size=32, vocab_size=64)
+
+
+def test_enable_disable_round_trip_bitwise(tmp_path):
+    model = HybridModel(CFG)
+    model.save_pretrained(tmp_path / "off")
+    report = mhc_convert.enable(tmp_path / "off", tmp_path / "on")
+    assert report.plan["reshaped"] == 2
+    on = HybridModel.from_pretrained(tmp_path / "on")
+    assert on.config.mtp_num_depths == 2 and on.config.mhc_on
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert (model(ids) - on(ids)).abs().max().item() <= 1e-5
+    mhc_convert.disable(tmp_path / "on", tmp_path / "back")
+    a = load_file(str(tmp_path / "off" / "model.safetensors"))
+    b = load_file(str(tmp_path / "back" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_non_uniform_final_norm_refused_unless_lossy(tmp_path):
+    model = HybridModel(CFG)
+    with torch.no_grad():
+        model.decoder.final_norm.weight.mul_(torch.linspace(0.9, 1.1, 32))
+    model.save_pretrained(tmp_path / "off")
+    with pytest.raises(VerificationError, match="MTP logits change"):
+        mhc_convert.enable(tmp_path / "off", tmp_path / "on")
+    assert not (tmp_path / "on").exists()
+    report = mhc_convert.enable(tmp_path / "off", tmp_path / "on", allow_lossy=True)
+    assert any(n.startswith("LOSSY: MTP logits change") for n in report.notes)
