@@ -33,6 +33,7 @@ import torch
 
 from mhc_convert.errors import InvalidInputError, IOFailure
 from mhc_convert.formats.legacy_optim import remap_index_optimizer  # noqa: F401 (re-export)
+from mhc_model import pickle_guard
 from mhc_model.megatron_files import TRACKER, iter_dir_name, read_tracker
 
 RANK_FILE = "model_optim_rng.pt"
@@ -161,6 +162,8 @@ def safe_load_rank(path: str | Path, *, mmap: bool = False) -> dict:
     back to unrestricted unpickling: a refused global is an attack or an unknown class, and
     either way no code from the file runs."""
     path = Path(path)
+    if (why := pickle_guard.refusal(path)) is not None:
+        raise InvalidInputError(why, path=path)
     try:
         # torch's allowlist is process-global and leaving ``safe_globals`` removes what it
         # added: add only what is absent, so we never unregister another module's globals.
