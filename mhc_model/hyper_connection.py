@@ -147,3 +147,15 @@ class HyperConnection(nn.Module):
             convention=self.convention,
             eps=self.mhc.mhc_eps,
         )
+
+    def pre(self, x_TNC: Tensor) -> tuple[Tensor, Tensor, Tensor, object]:
+        """(u = H_pre x, H_post, H_res, link) for ``kernels.site_post``.  The fused path runs
+        the whole site as one pair of Functions (``kernels.triton_site``); the reference path
+        calls this module (so its hooks see the mappings) and ``kernels.aggregate``."""
+        args = (x_TNC, self.mapping_proj.weight, self.bias, self.alpha_pre, self.alpha_post,
+                self.alpha_res)
+        if kernels.use_triton(*args):
+            return kernels.site_pre(*args, iters=self.mhc.mhc_sinkhorn_iterations,
+                                    convention=self.convention, eps=self.mhc.mhc_eps)
+        H_pre, H_post, H_res = self(x_TNC)
+        return kernels.aggregate(x_TNC, H_pre), H_post, H_res, None
