@@ -16,11 +16,11 @@ pip install -q --no-index --no-deps --target /tmp/site ../whl/*.whl && : > /tmp/
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   cat "$MLM/dev/COMMIT" "$MLM/dsv4/COMMIT"
 } > "$OUT/device.txt" 2>&1
-TESTS=(tests --ignore=tests/cli --ignore=tests/test_readme.py -m gpu -o addopts= -q -rs -p no:cacheprovider -n 6)
+TESTS=(${TEST_PATHS:-tests} --ignore=tests/cli --ignore=tests/test_readme.py -m gpu -o addopts= -q -rs -p no:cacheprovider -n ${NPROC:-6})
 step() { case ",$STEPS," in *",$1,"*) return 0;; *) return 1;; esac; }
 t0=$SECONDS
 if step tests; then
-  PYTHONPATH=$ROOT timeout 90 python3 -m pytest "${TESTS[@]}" > "$OUT/tests_plain.log" 2>&1
+  PYTHONPATH=$ROOT timeout ${T_TESTS:-90} python3 -m pytest "${TESTS[@]}" > "$OUT/tests_plain.log" 2>&1
   echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/tests_plain.log"
 fi
 t0=$SECONDS
@@ -32,13 +32,13 @@ if step extra; then
 fi
 t0=$SECONDS
 if step kernels; then
-  PYTHONPATH=$ROOT timeout 90 python3 bench/kernels.py --sweep --diag --out "$OUT/kernels_h200.md" \
+  PYTHONPATH=$ROOT timeout ${T_KERNELS:-90} python3 bench/kernels.py ${KERNEL_ARGS:---sweep} --diag --out "$OUT/kernels_h200.md" \
     > "$OUT/kernels.log" 2>&1
   echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/kernels.log"
 fi
 t0=$SECONDS
 if step overhead; then
-  PYTHONPATH=/tmp/site:$ROOT MHC_MEGATRON_SRC=$MLM/dev timeout 200 python3 bench/overhead.py \
+  PYTHONPATH=/tmp/site:$ROOT MHC_MEGATRON_SRC=$MLM/dev timeout ${T_OVERHEAD:-200} python3 bench/overhead.py \
     --out "$OUT/overhead_h200.md" > "$OUT/overhead.log" 2>&1
   echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/overhead.log"
 fi

@@ -291,6 +291,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--diag", action="store_true", help="print compiled-kernel statistics")
+    ap.add_argument("--ops", default=None, help="comma-separated subset of the ops (and no "
+                    "epilogue / host-time lines)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -316,7 +318,7 @@ def main():
     tri = _ops(triton_mhc, x, W, b, al, H_pre, H_post, H_res, y)
     ref = _ops(R, x, W, b, al, H_pre, H_post, H_res, y)
     breakdown = []
-    for op in tri:
+    for op in (args.ops.split(",") if args.ops else tri):
         for impl, ops in (("triton", tri), ("eager ref", ref)):
             fn, inputs, bf, bb = ops[op]
             tf, tb, kf, kb, pf, pb = _fwd_bwd(fn, inputs)
@@ -332,6 +334,14 @@ def main():
                         breakdown.append(f"| {op} {d} | `{k[:60]}` | {v:.1f} |")
     lines += ["", "Triton path, GPU kernels per call:", "", "| op | kernel | µs |",
               "|---|---|---|", *breakdown]
+    if args.ops:
+        print("\n".join(lines), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        if args.diag:
+            print("\n".join(_compiled_stats()), flush=True)
+        return
     te, ke = _epilogue_time(x, W, b, al)
     lines += ["", f"Coefficient epilogue alone (RMS + alpha/bias + gates + {ITERS}-iter Sinkhorn, "
               f"from the projection partials): {te * 1e6:.1f} µs bench, {ke:.1f} µs kern "

@@ -59,7 +59,9 @@ def head_eps(cfg: HybridConfig) -> float:
 
 def _xavier(shape: tuple[int, ...], seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
-    w = torch.empty(shape, dtype=torch.float32)
+    # on the CPU whatever the default device: a pure function of the config (the converter's
+    # values), drawn from a CPU generator
+    w = torch.empty(shape, dtype=torch.float32, device="cpu")
     nn.init.xavier_uniform_(w, generator=g)
     return w
 

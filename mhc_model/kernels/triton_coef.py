@@ -265,7 +265,10 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
               else _f32(dH_res))
     BT, cwarps = CONFIG["coef_bwd"]
     G = triton.cdiv(T, BT)
-    BTb, BD, warps, stages, dw_t, waves = CONFIG["proj_bwd"]
+    agg, extra = du_TC is not None, dx_extra is not None
+    BTb, BD, warps, stages, dw_t, waves = CONFIG["proj_bwd_site" if agg or extra else "proj_bwd"]
+    if agg and C % BD:
+        raise ValueError(f"C = {C} is not a multiple of the tile {BD}: see agg_fold_ok")
     n_d = triton.cdiv(D, BD)
     n_t = triton.cdiv(T, BTb)
     S = max(1, min(n_t, round(waves * _sm_count(dev) / n_d)))
@@ -293,7 +296,6 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
                            RMS_INV_NORM=f["RMS_INV_NORM"], DP_SPLIT=presplit,
                            num_warps=cwarps)
     dx_TD = torch.empty_like(x_TD)
-    agg, extra = du_TC is not None, dx_extra is not None
     _proj_bwd_kernel[(n_d, S)](x_TD, w_KD, dproj, coef, dx_TD, dw_part,
                                du_TC if agg else x_TD, H_pre if agg else coef,
                                dx_extra if extra else x_TD, T, D, C, N, t_per_split,

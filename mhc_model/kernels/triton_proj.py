@@ -33,9 +33,12 @@ import triton.language as tl
 #   finalize: (BLOCK of dW elements, BG rows of partials per step, warps).
 CONFIG = {
     "proj_fwd": (128, 128, 8, 3),
-    "waves": 1,
-    "proj_bwd": (64, 128, 4, 3, True, 2),
+    "waves": 8,  # H200 sweep 2026-12-01: 111 us at 8 vs 119 at 1 (wave quantisation, 132 SMs)
+    "proj_bwd": (64, 128, 4, 3, True, 4),  # same sweep: waves 4 203 us vs 2 210 us
     "proj_bwd_presplit": True,
+    # the site's projection backward (AGG / EXTRA terms): 8 warps, or the two extra [BT, BD]
+    # operands spill at 4 (H200, 2026-12-01: 255 registers, 110 spills, 1104 us vs 182 us)
+    "proj_bwd_site": (64, 128, 8, 3, True, 4),
     "coef_bt": 16,
     "coef_bwd": (16, 2),
     "finalize": (2048, 256, 8),
@@ -111,7 +114,8 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
     dx = dproj @ W + coef * x is stored per tile; the dW partial of the stripe is
     accumulated over the split's tokens ([BD, KP] as dW^T when DW_T) and stored once; with
     a single T split the partial is dW itself, stored in the weight dtype.
-    AGG: dx[t, j*C + c] += H_pre[t, j] * du[t, c] (the aggregate's backward, du [T, C]);
+    AGG: dx[t, j*C + c] += H_pre[t, j] * du[t, c] (the aggregate's backward, du [T, C];
+    needs C % BD == 0, see ``agg_fold_ok``);
     EXTRA: dx += dx_extra [T, D] (another consumer's gradient of x); both summed in fp32 and
     rounded once."""
     pid_d = tl.program_id(0)
@@ -171,12 +175,13 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
                 acc = tl.dot(tl.trans(dp), xf, acc, input_precision="ieee")
         dx += cf[:, None] * xf
         if AGG:
-            j_d = offs_d // C  # stream of each column of the [T, N*C] view
-            c_d = offs_d - j_d * C
-            du = tl.load(du_ptr + offs_t.to(tl.int64)[:, None] * C + c_d[None, :],
-                         mask=mask_x, other=0.0).to(tl.float32)
-            hp = tl.load(hpre_ptr + offs_t[:, None] * N + j_d[None, :], mask=mask_x, other=0.0)
-            dx += hp * du
+            # C % BD == 0 (host): the tile lies in one stream j, so du loads are contiguous
+            j = (pid_d * BD) // C
+            c0 = pid_d * BD - j * C
+            du = tl.load(du_ptr + offs_t.to(tl.int64)[:, None] * C + c0
+                         + tl.arange(0, BD)[None, :], mask=mask_x, other=0.0).to(tl.float32)
+            hp = tl.load(hpre_ptr + offs_t * N + j, mask=mask_t, other=0.0)
+            dx += hp[:, None] * du
         if EXTRA:
             dx += tl.load(dxe_ptr + x_off, mask=mask_x, other=0.0).to(tl.float32)
         tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask_x)
@@ -241,3 +246,9 @@ def proj_forward(x_TD, w_KD, K, KP, bf16):
                                K=K, KP=KP, BT=BT, BD=BD, SPLIT_BF16=bf16,
                                num_warps=warps, num_stages=stages)
     return part
+
+
+def agg_fold_ok(C: int, site: bool = True) -> bool:
+    """Whether the projection backward can add the aggregate's dx (AGG): its C tiles must not
+    straddle two streams."""
+    return C % CONFIG["proj_bwd_site" if site else "proj_bwd"][1] == 0

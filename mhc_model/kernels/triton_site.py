@@ -12,7 +12,8 @@ plus up to three nC gradients alive at once.  Here
 
 and SitePre's backward first reduces dH_pre = sum_c x_j du (one read of x and du), then runs
 the coefficient backward with the aggregate's dx (H_pre[j] du) and the mix's dx added inside
-the projection backward's single pass over x (``triton_proj._proj_bwd_kernel`` AGG / EXTRA).
+the projection backward's single pass over x (``triton_proj._proj_bwd_kernel`` AGG / EXTRA;
+when C is not a multiple of its tile the aggregate's dx is added to the mix's first).
 Order is guaranteed by the graph: SitePre's outputs H_post / H_res feed SitePost, so SitePost's
 backward has run before SitePre's.  Same math as ``mhc_ref`` (coefficients, aggregate,
 mix_post); the sums are fp32 and rounded once, where autograd rounds each partial dx.
@@ -24,6 +25,7 @@ import torch
 
 from mhc_model.conventions import convention
 from mhc_model.kernels.triton_coef import coef_backward, coef_forward
+from mhc_model.kernels.triton_proj import agg_fold_ok
 from mhc_model.kernels.triton_stream import agg_backward, agg_forward, mix_backward, mix_forward
 
 
@@ -56,14 +58,17 @@ class SitePre(torch.autograd.Function):
         T, N, C = ctx.meta[:3]
         link = ctx.link
         dx_mix, link.dx, link.x = link.dx, None, None
+        dH_pre = fold = None
         if du_TC is not None:
             du_TC = du_TC.contiguous()
-            _, dH_pre = agg_backward(saved[0].view(T, N, C), H_pre, du_TC, False, True)
-        else:
-            dH_pre = None
+            fold = agg_fold_ok(C)
+            dx_agg, dH_pre = agg_backward(saved[0].view(T, N, C), H_pre, du_TC, not fold, True)
+            if not fold:  # C tiles would straddle streams: add the aggregate's dx to the mix's
+                dx_mix = dx_agg if dx_mix is None else dx_mix.add_(dx_agg)
         dx_extra = None if dx_mix is None else dx_mix.reshape(T, N * C)
-        grads = coef_backward(saved, ctx.meta, dH_pre, dH_post, dH_res, du_TC=du_TC,
-                              H_pre=H_pre if du_TC is not None else None, dx_extra=dx_extra)
+        grads = coef_backward(saved, ctx.meta, dH_pre, dH_post, dH_res,
+                              du_TC=du_TC if fold else None, H_pre=H_pre if fold else None,
+                              dx_extra=dx_extra)
         return (*grads, None, None, None, None)
 
 

@@ -179,14 +179,16 @@ def test_dispatch_env_reference(monkeypatch):
 
 @pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("C", CS)
 @pytest.mark.parametrize("N", NS)
-def test_site_pre_post(N, dtype, conv):
+def test_site_pre_post(N, C, dtype, conv):
     """The fused site (coefficients + aggregate, then the mix, stream gradient written once
     by the projection backward) against the three reference functions in fp32 on the same
     inputs upcast.  u and y are independent ends (cotangent of u given, y a leaf), so every
-    term of dx (coefficients, aggregate, mix) is checked without a branch's rounding."""
-    C = 1000
-    gen = torch.Generator(device="cuda").manual_seed(17 * N)
+    term of dx (coefficients, aggregate, mix) is checked without a branch's rounding.
+    C = 256 folds the aggregate's dx into the projection backward; C = 1000 is not a multiple
+    of its tile and adds it to the mix's dx first."""
+    gen = torch.Generator(device="cuda").manual_seed(17 * N + C)
     ins = _coef_inputs(N, C, dtype, gen)
     y = torch.randn(T, C, generator=gen, device="cuda").to(dtype).requires_grad_()
     g_u = torch.randn(T, C, generator=gen, device="cuda").to(dtype)
