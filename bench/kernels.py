@@ -18,7 +18,7 @@ import torch
 from triton.testing import do_bench
 
 from mhc_model import mhc_ref as R
-from mhc_model.kernels import triton_coef, triton_mhc, triton_stream
+from mhc_model.kernels import triton_coef, triton_mhc, triton_proj, triton_stream
 
 T, N, C = 8192, 4, 4096
 ITERS = 20
@@ -94,7 +94,19 @@ def _ops(impl, x, W, b, al, H_pre, H_post, H_res, y, conv="deepseek"):
     def coef(x_, W_, b_, a0, a1, a2):
         return impl.coefficients(x_, W_, b_, a0, a1, a2, iters=ITERS, convention=conv)
 
+    def site(x_, W_, b_, a0, a1, a2, y_):
+        # one whole site with y a leaf: (u, x') = (H_pre x, mix(H_res, x) + H_post y)
+        if impl is triton_mhc:
+            u, hp, hr, link = impl.site_pre(x_, W_, b_, a0, a1, a2, iters=ITERS, convention=conv)
+            return u, impl.site_post(x_, hr, hp, y_, conv, link)
+        hpre, hp, hr = impl.coefficients(x_, W_, b_, a0, a1, a2, iters=ITERS, convention=conv)
+        return impl.aggregate(x_, hpre), impl.mix_post(x_, hr, hp, y_, conv)
+
     return {
+        # bytes as implemented (C-units): fwd coef 4 + aggregate 5 + mix 9; bwd mix 14 +
+        # dH_pre pass 5 + projection backward with the aggregate and mix dx folded in 13
+        # (the unfused chain moves 8 + 9 + 14 and autograd's two nC sums 24)
+        "site": (site, [x, W, b, *al, y], 2 * (4 * N + 2), 2 * (8 * N)),
         "coefficients": (coef, [x, W, b, *al], 2 * N, 2 * 2 * N),
         "aggregate": (impl.aggregate, [x, H_pre], 2 * (N + 1), 2 * (2 * N + 1)),
         "mix_post": (lambda a, c, d, e: impl.mix_post(a, c, d, e, conv), [x, H_res, H_post, y],
@@ -105,8 +117,8 @@ def _ops(impl, x, W, b, al, H_pre, H_post, H_res, y, conv="deepseek"):
 def _epilogue_time(x, W, b, al) -> float:
     """Coefficient epilogue alone: RMS, alpha/bias, gates and 20 Sinkhorn iterations."""
     K = N * N + 2 * N
-    KP = max(16, triton_coef._pow2(K))
-    part = triton_coef.proj_forward(x.detach().reshape(T, N * C), W.detach(), K, KP, True)
+    KP = max(16, triton_proj._pow2(K))
+    part = triton_proj.proj_forward(x.detach().reshape(T, N * C), W.detach(), K, KP, True)
     a3 = [a.detach() for a in al]
 
     def epi():
@@ -118,21 +130,17 @@ def _epilogue_time(x, W, b, al) -> float:
 
 # (name, (op, direction), config dict, overrides): every candidate is timed as the kernel
 # sum of its op direction; the first entry of each group is the shipped default.
-# proj_bwd = (BT, BD, warps, stages, DW_T, waves); the last proj_bwd row is the previous
-# kernel (fp32 dproj split per tile, dW = dproj^T @ x on mma.sync, no T split).
-_PB = [(64, 128, 4, 3, True, 2), (128, 64, 4, 3, True, 2), (64, 64, 4, 3, True, 4),
-       (64, 128, 4, 4, True, 2), (128, 128, 8, 3, True, 2), (64, 128, 4, 3, True, 1)]
-_STREAM = [(4096, 4), (8192, 4), (2048, 4)]
+# proj_bwd = (BT, BD, warps, stages, DW_T, waves).
+# H200 sweep (issue 16): the grid's wave quantisation (132 SMs) of the projection kernels,
+# and wider / narrower C tiles and more warps for the mix backward.
+_PB = [(64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 1), (64, 128, 4, 3, True, 3),
+       (64, 128, 4, 3, True, 4), (128, 128, 8, 3, True, 2)]
+_MIX = [(4096, 4), (4096, 8), (8192, 8), (2048, 4)]
 SWEEP = [
-    ("proj_fwd", ("coefficients", 0), triton_coef.CONFIG,
-     [{"proj_fwd": c} for c in [(128, 128, 8, 3), (128, 128, 8, 4)]]),
-    ("proj_bwd", ("coefficients", 1), triton_coef.CONFIG,
-     [{"proj_bwd": c} for c in _PB]
-     + [{"proj_bwd": (64, 64, 4, 3, False, 1), "proj_bwd_presplit": False}]),
-    ("coef_bwd", ("coefficients", 1), triton_coef.CONFIG,
-     [{"coef_bwd": c} for c in [(16, 2), (16, 1), (16, 4), (32, 4)]]),
-    ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, [{"mix_bwd": c} for c in _STREAM]),
-    ("agg_bwd", ("aggregate", 1), triton_stream.CONFIG, [{"agg_bwd": c} for c in _STREAM]),
+    ("proj_fwd", ("coefficients", 0), triton_proj.CONFIG,
+     [{"waves": w} for w in (1, 2, 4, 8)] + [{"proj_fwd": (64, 128, 4, 3), "waves": 4}]),
+    ("proj_bwd", ("coefficients", 1), triton_proj.CONFIG, [{"proj_bwd": c} for c in _PB]),
+    ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, [{"mix_bwd": c} for c in _MIX]),
 ]
 
 
@@ -222,7 +230,7 @@ def _host_reference_us(reps: int) -> list[float]:
     outs = [torch.empty(k, device=dev) for k in (16, 16, 4)]
 
     def launch():
-        triton_coef._finalize_kernel[(1,)](part, outs[0], part, outs[1], part, outs[2], 1, 16, 1,
+        triton_proj._finalize_kernel[(1,)](part, outs[0], part, outs[1], part, outs[2], 1, 16, 1,
                                            K=8, KP=16, BLOCK=16, BG=16, num_warps=4)
 
     def empty():
@@ -260,8 +268,9 @@ def _host_reference_us(reps: int) -> list[float]:
 def _compiled_stats() -> list[str]:
     """Registers / spills / shared memory / wgmma use of every compiled coefficient kernel."""
     out = []
-    for name in ("_proj_bwd_kernel", "_coef_bwd_kernel", "_proj_fwd_kernel", "_finalize_kernel"):
-        fn = getattr(triton_coef, name)
+    for mod, name in ((triton_proj, "_proj_bwd_kernel"), (triton_coef, "_coef_bwd_kernel"),
+                      (triton_proj, "_proj_fwd_kernel"), (triton_proj, "_finalize_kernel")):
+        fn = getattr(mod, name)
         for caches in getattr(fn, "device_caches", {}).values():
             for k in caches[0].values():
                 try:
@@ -282,6 +291,8 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--diag", action="store_true", help="print compiled-kernel statistics")
+    ap.add_argument("--ops", default=None, help="comma-separated subset of the ops (and no "
+                    "epilogue / host-time lines)")
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -307,7 +318,7 @@ def main():
     tri = _ops(triton_mhc, x, W, b, al, H_pre, H_post, H_res, y)
     ref = _ops(R, x, W, b, al, H_pre, H_post, H_res, y)
     breakdown = []
-    for op in tri:
+    for op in (args.ops.split(",") if args.ops else tri):
         for impl, ops in (("triton", tri), ("eager ref", ref)):
             fn, inputs, bf, bb = ops[op]
             tf, tb, kf, kb, pf, pb = _fwd_bwd(fn, inputs)
@@ -323,6 +334,14 @@ def main():
                         breakdown.append(f"| {op} {d} | `{k[:60]}` | {v:.1f} |")
     lines += ["", "Triton path, GPU kernels per call:", "", "| op | kernel | µs |",
               "|---|---|---|", *breakdown]
+    if args.ops:
+        print("\n".join(lines), flush=True)
+        if args.out:
+            with open(args.out, "w") as f:
+                f.write("\n".join(lines) + "\n")
+        if args.diag:
+            print("\n".join(_compiled_stats()), flush=True)
+        return
     te, ke = _epilogue_time(x, W, b, al)
     lines += ["", f"Coefficient epilogue alone (RMS + alpha/bias + gates + {ITERS}-iter Sinkhorn, "
               f"from the projection partials): {te * 1e6:.1f} µs bench, {ke:.1f} µs kern "

@@ -1,47 +1,69 @@
-"""Forward+backward step time and peak memory of mHC on vs off, in one run, on one GPU.
+"""Forward+backward step time and peak memory of mHC on vs off, ours and peers, in one run.
 
-Stacks (bf16, 8192 tokens, n = 4, deepseek convention):
+Stacks (bf16, 8192 tokens, n = 4, deepseek convention for ours):
   * nemotron: Nemotron-H-8B-like, hidden 4096, the first 8 layers of the preset pattern
     (``M-M-M-M*``: Mamba2 d_state 128 / head dim 64 / 8 groups, squared-ReLU MLP 21504,
-    GQA attention 32 heads / 8 groups);
-  * swiglu: 4 SwiGLU MLP layers, hidden 4096, F 14336 (the configuration DESIGN.md §7 quotes
-    for eager PyTorch 2.08x, torch.compile 1.40x, lucidrains 3.63x).
-Rows: mHC off; mHC on with the fused Triton kernels; the same with MHC_KERNELS=reference
-(eager paper-exact PyTorch); fused with ``mhc_recompute_layer_num``.
+    GQA attention 32 heads / 8 groups); the Mamba2 scan of every row is named in the table
+    (mamba-ssm's Triton SSD kernel when importable, else our PyTorch SSD);
+  * swiglu: 4 SwiGLU MLP layers, hidden 4096, F 14336 (DESIGN.md section 7).
+Rows: mHC off (first and last: the ratios use their mean, the drift is printed); ours fused
+(Triton), fused with block recompute at the paper's optimum, our eager reference, the
+reference under torch.compile; Megatron dev's ``HyperConnectionModule`` fused and native
+(when ``MHC_MEGATRON_SRC`` names a tree; ``bench/peers.py``); TileKernels when tilelang imports.
+Memory: peak allocated above the weights (activations + gradients) and its floor
+(``bench/memfloor.py``: the plain stack's peak plus the bytes mHC must keep, counted).
 
-    python bench/overhead.py [--out results.md] [--iters 5]
+    python bench/overhead.py [--out results.md] [--iters 5] [--stacks swiglu,nemotron]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import math
 import os
+import sys
 import time
 
 import torch
 
-from mhc_model import HybridConfig, HybridModel
-from mhc_model.config import AttentionConfig, MambaConfig, MHCConfig, MLPConfig
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import memfloor  # noqa: E402
+import peers  # noqa: E402
+
+from mhc_model import HybridConfig, HybridModel  # noqa: E402
+from mhc_model.config import AttentionConfig, MambaConfig, MHCConfig, MLPConfig  # noqa: E402
+from mhc_model.layers import mamba2  # noqa: E402
+
+N_STREAMS = 4
 
 
 def stacks() -> dict[str, HybridConfig]:
     common = dict(hidden_size=4096, vocab_size=1024, params_dtype="bfloat16")
     return {
+        "swiglu": HybridConfig(hybrid_layer_pattern="----", **common,
+                               mlp=MLPConfig(ffn_hidden_size=14336, activation="swiglu")),
         "nemotron": HybridConfig(
             hybrid_layer_pattern="M-M-M-M*", **common,
             attention=AttentionConfig(num_attention_heads=32, num_query_groups=8),
             mlp=MLPConfig(ffn_hidden_size=21504, activation="squared_relu"),
             mamba=MambaConfig(d_state=128, head_dim=64, num_groups=8, expand=2, chunk_size=128),
         ),
-        "swiglu": HybridConfig(hybrid_layer_pattern="----", **common,
-                               mlp=MLPConfig(ffn_hidden_size=14336, activation="swiglu")),
     }
 
 
-def measure(cfg: HybridConfig, ids: torch.Tensor, iters: int, kernels: str) -> tuple[float, float]:
-    os.environ["MHC_KERNELS"] = kernels
+def paper_block(num_layers: int, n: int) -> tuple[int, float]:
+    """Integer minimiser of the paper's recompute memory n*L/L_r + (n+2)*L_r (Eq. 20 gives the
+    real optimum sqrt(nL/(n+2))); Megatron's compute_optimal_block_size truncates the real one,
+    which for 4 layers is 1, a block size that keeps every stream and saves nothing."""
+    real = math.sqrt(n * num_layers / (n + 2))
+    cands = {max(1, math.floor(real)), math.ceil(real)}
+    return min(cands, key=lambda b: (n * num_layers / b + (n + 2) * b, b)), real
+
+
+def measure(build, ids: torch.Tensor, iters: int) -> tuple[float, float]:
     torch.manual_seed(0)
-    model = HybridModel(cfg).cuda()
+    model = build()
     torch.cuda.synchronize()
     base_mem = torch.cuda.memory_allocated()
     for _ in range(2):
@@ -62,48 +84,108 @@ def measure(cfg: HybridConfig, ids: torch.Tensor, iters: int, kernels: str) -> t
     return start.elapsed_time(end) / iters, peak
 
 
+def rows(base: HybridConfig):
+    """(label, config, context manager factory, model transform, floor kind)."""
+    n = N_STREAMS
+    on = MHCConfig(enable_hyper_connections=True, num_residual_streams=n)
+    lr, real = paper_block(base.num_layers, n)
+    rc = MHCConfig(enable_hyper_connections=True, num_residual_streams=n,
+                   mhc_recompute_layer_num=lr)
+    null = contextlib.nullcontext
+    out = [("mHC off (first)", base, null, None, None),
+           ("ours fused (Triton)", base.replace(mhc=on), null, None, ("fused", None)),
+           (f"ours fused, recompute L_r={lr} (paper optimum, real {real:.2f})",
+            base.replace(mhc=rc), null, None, ("fused", lr)),
+           ("ours eager reference", base.replace(mhc=on), peers.mhc_reference, None, None),
+           ("ours reference, torch.compile", base.replace(mhc=on),
+            peers.mhc_reference_compiled, None, None)]
+    if peers.megatron_tree():
+        for fused in (True, False):
+            out.append((f"Megatron dev HyperConnectionModule, {'fused' if fused else 'native'}",
+                        base.replace(mhc=on), null,
+                        lambda m, f=fused: peers.megatron_sites(m, f), None))
+    out.append(("mHC off (last)", base, null, None, None))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--stacks", default="swiglu,nemotron")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     ids = torch.randint(0, 1024, (1, args.tokens), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(0))
-    try:
-        import mamba_ssm  # noqa: F401
-        mamba_path = "mamba-ssm"
-    except ImportError:
-        mamba_path = "our PyTorch SSD reference (mamba-ssm not installed)"
-    lines = [f"# mHC step-time overhead on {torch.cuda.get_device_name()}", "",
-             f"torch {torch.__version__}, {args.tokens} tokens, bf16, n = 4, deepseek convention, "
-             f"forward+backward, mean of {args.iters} steps after 2 warm-up steps; "
-             f"Mamba2 scan: {mamba_path}. Peak = activation memory above the weights.", "",
-             "| stack | config | ms/step | ratio | peak GiB | mem ratio |",
-             "|---|---|---|---|---|---|"]
-    for name, base in stacks().items():
-        rows = [("mHC off", base, "")]
-        on = MHCConfig(enable_hyper_connections=True, num_residual_streams=4)
-        rows.append(("mHC on, fused", base.replace(mhc=on), ""))
-        rows.append(("mHC on, eager reference", base.replace(mhc=on), "reference"))
-        for lr in (2,):
-            rc = MHCConfig(enable_hyper_connections=True, num_residual_streams=4,
-                           mhc_recompute_layer_num=lr)
-            rows.append((f"mHC on, fused, recompute L_r={lr}", base.replace(mhc=rc), ""))
-        off_t = off_m = None
-        for label, cfg, kern in rows:
+    probe = torch.empty(1, device="cuda")
+    scan = ("mamba-ssm Triton SSD" if mamba2.fast_kernels_allowed(probe)
+            and mamba2._mamba_chunk_scan_combined() is not None else "our PyTorch SSD")
+    import triton
+
+    tree = peers.megatron_tree()
+    mlm = (f"Megatron tree {tree} ({peers.megatron_commit(tree)})" if tree
+           else "Megatron rows skipped (MHC_MEGATRON_SRC unset)")
+    tl_note = peers.tilelang_status() or "tilelang and tile_kernels import"
+    lines = [f"# mHC step-time and memory overhead on {torch.cuda.get_device_name()}", "",
+             f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}; "
+             f"{args.tokens} tokens, bf16, n = {N_STREAMS}, forward+backward, mean of "
+             f"{args.iters} steps after 2 warm-up steps, one process. {mlm}. "
+             f"TileKernels row: skipped, {tl_note}. Peak = allocated memory above the weights "
+             "(activations + gradients). Ratios against the mean of the two mHC-off rows.", "",
+             "| stack | Mamba2 scan | config | ms/step | time ratio | peak GiB | mem ratio | "
+             "floor GiB | peak / floor |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    notes = []
+    for name in args.stacks.split(","):
+        base = stacks()[name]
+        stack_scan = scan if "M" in base.hybrid_layer_pattern else "-"
+        results = []
+        for label, cfg, ctx, transform, floor_kind in rows(base):
             t0 = time.perf_counter()
-            ms, peak = measure(cfg, ids, args.iters, kern)
-            off_t = off_t or ms
-            off_m = off_m or peak
-            lines.append(f"| {name} | {label} | {ms:.1f} | {ms / off_t:.3f} | {peak:.2f} | "
-                         f"{peak / off_m:.3f} |")
-            print(lines[-1], f"({time.perf_counter() - t0:.0f}s)", flush=True)
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "w") as f:
-            f.write(text)
+
+            def build(cfg=cfg, transform=transform):
+                try:  # initialise on the GPU: a CPU init of ~1e9 bf16 values takes ~15 s
+                    with torch.device("cuda"):
+                        m = HybridModel(cfg)
+                except Exception as e:  # noqa: BLE001 (any build problem: the CPU way)
+                    print(f"GPU-side build failed ({type(e).__name__}: {e}); building on CPU")
+                    m = HybridModel(cfg).cuda()
+                return transform(m) if transform else m
+
+            try:
+                with ctx():
+                    ms, peak = measure(build, ids, args.iters)
+            except Exception as e:  # a peer that fails is reported, the run goes on
+                print(f"| {name} | {label} | failed: {type(e).__name__}: {str(e)[:300]}",
+                      flush=True)
+                results.append((label, None, None, floor_kind))
+                continue
+            results.append((label, ms, peak, floor_kind))
+            print(f"{name} | {label} | {ms:.1f} ms | {peak:.2f} GiB "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        offs = [r for r in results if r[0].startswith("mHC off") and r[1] is not None]
+        off_t = sum(r[1] for r in offs) / len(offs)
+        off_m = sum(r[2] for r in offs) / len(offs)
+        for label, ms, peak, floor_kind in results:
+            if ms is None:
+                lines.append(f"| {name} | {stack_scan} | {label} | failed | | | | | |")
+                continue
+            fl = fs = ""
+            if floor_kind is not None:
+                f = memfloor.floor(base, N_STREAMS, args.tokens, off_m, recompute=floor_kind[1])
+                fl, fs = f"{f.total_gib:.2f}", f"{peak / f.total_gib:.3f}"
+                notes.append(f"- {name}, {label}: {f.describe()}")
+            lines.append(f"| {name} | {stack_scan} | {label} | {ms:.1f} | {ms / off_t:.3f} | "
+                         f"{peak:.2f} | {peak / off_m:.3f} | {fl} | {fs} |")
+        drift = offs[-1][1] / offs[0][1] - 1 if len(offs) == 2 else float("nan")
+        notes.append(f"- {name}: mHC-off drift last vs first {100 * drift:+.1f}% time, "
+                     f"{100 * (offs[-1][2] / offs[0][2] - 1):+.1f}% memory.")
+        text = "\n".join(lines + ["", "Memory floor (the plain peak measured in this run plus "
+                                         "what mHC must keep, bench/memfloor.py):", "", *notes])
+        print(text + "\n", flush=True)
+        if args.out:  # after every stack, so a cut run keeps the stacks it finished
+            with open(args.out, "w") as f:
+                f.write(text + "\n")
 
 
 if __name__ == "__main__":

@@ -59,7 +59,9 @@ def head_eps(cfg: HybridConfig) -> float:
 
 def _xavier(shape: tuple[int, ...], seed: int) -> Tensor:
     g = torch.Generator().manual_seed(seed)
-    w = torch.empty(shape, dtype=torch.float32)
+    # on the CPU whatever the default device: a pure function of the config (the converter's
+    # values), drawn from a CPU generator
+    w = torch.empty(shape, dtype=torch.float32, device="cpu")
     nn.init.xavier_uniform_(w, generator=g)
     return w
 
@@ -148,3 +150,15 @@ class HyperConnection(nn.Module):
             convention=self.convention,
             eps=self.mhc.mhc_eps,
         )
+
+    def pre(self, x_TNC: Tensor) -> tuple[Tensor, Tensor, Tensor, object]:
+        """(u = H_pre x, H_post, H_res, link) for ``kernels.site_post``.  The fused path runs
+        the whole site as one pair of Functions (``kernels.triton_site``); the reference path
+        calls this module (so its hooks see the mappings) and ``kernels.aggregate``."""
+        args = (x_TNC, self.mapping_proj.weight, self.bias, self.alpha_pre, self.alpha_post,
+                self.alpha_res)
+        if kernels.use_triton(*args):
+            return kernels.site_pre(*args, iters=self.mhc.mhc_sinkhorn_iterations,
+                                    convention=self.convention, eps=self.mhc.mhc_eps)
+        H_pre, H_post, H_res = self(x_TNC)
+        return kernels.aggregate(x_TNC, H_pre), H_post, H_res, None

@@ -56,10 +56,10 @@ class HybridLayer(nn.Module):
     def forward(self, x_SBNC: Tensor) -> Tensor:
         S, B, N, C = x_SBNC.shape
         x_TNC = x_SBNC.reshape(S * B, N, C)
-        H_pre, H_post, H_res = self.hyper_connection(x_TNC)
-        u_TC = kernels.aggregate(x_TNC, H_pre)
+        u_TC, H_post, H_res, link = self.hyper_connection.pre(x_TNC)
         y_SBC = self.branch(u_TC.reshape(S, B, C))
-        out_TNC = kernels.mix_post(x_TNC, H_res, H_post, y_SBC.reshape(S * B, C), self.convention)
+        out_TNC = kernels.site_post(x_TNC, H_res, H_post, y_SBC.reshape(S * B, C),
+                                    self.convention, link)
         # cast back so fp32 streams never leak into later layers (DESIGN.md §1)
         return out_TNC.reshape(S, B, N, C).to(self.branch_dtype)
 

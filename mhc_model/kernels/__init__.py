@@ -1,10 +1,13 @@
 """mHC per-layer math with a fused Triton path and the reference fallback.
 
 ``coefficients``, ``aggregate`` and ``mix_post`` have exactly the signatures of
-``mhc_model.mhc_ref``.  The Triton kernels run when triton imports, every tensor argument
-is on CUDA and the environment variable ``MHC_KERNELS`` is not ``"reference"`` (read at
-call time); otherwise the reference implementation runs.  Importing this package never
-needs triton or CUDA.
+``mhc_model.mhc_ref``; ``site_pre`` / ``site_post`` are one whole site (coefficients +
+aggregate, then the mix) whose fused backward writes the stream gradient once (see
+``triton_site``), and on the reference path are exactly those three functions.  The Triton
+kernels run when triton imports, every tensor argument is on CUDA and the environment
+variable ``MHC_KERNELS`` is not ``"reference"`` (read at call time);
+otherwise the reference implementation runs.  Importing this package never needs triton or
+CUDA.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ try:  # triton is optional (CPU-only machines, CI)
 except ImportError:  # pragma: no cover - depends on the machine
     _triton = None
 
-__all__ = ["coefficients", "aggregate", "mix_post", "triton_available", "use_triton"]
+__all__ = ["coefficients", "aggregate", "mix_post", "site_pre", "site_post", "triton_available",
+           "use_triton"]
 
 
 def triton_available() -> bool:
@@ -64,3 +68,35 @@ def mix_post(
 ) -> Tensor:
     impl = _triton if use_triton(x_TNC, H_res_TNN, H_post_TN, y_TC) else mhc_ref
     return impl.mix_post(x_TNC, H_res_TNN, H_post_TN, y_TC, convention)
+
+
+def site_pre(
+    x_TNC: Tensor,
+    weight_KD: Tensor,
+    bias_K: Tensor,
+    alpha_pre: Tensor,
+    alpha_post: Tensor,
+    alpha_res: Tensor,
+    *,
+    iters: int,
+    convention: str | Convention,
+    eps: float = 1e-6,
+) -> tuple[Tensor, Tensor, Tensor, object]:
+    """(u [T,C], H_post, H_res, link) of one site; hand ``link`` to ``site_post``.  On the
+    reference path link is None and this is ``coefficients`` followed by ``aggregate``."""
+    args = (x_TNC, weight_KD, bias_K, alpha_pre, alpha_post, alpha_res)
+    if use_triton(*args):
+        return _triton.site_pre(*args, iters=iters, convention=convention, eps=eps)
+    H_pre, H_post, H_res = mhc_ref.coefficients(*args, iters=iters, convention=convention,
+                                                eps=eps)
+    return mhc_ref.aggregate(x_TNC, H_pre), H_post, H_res, None
+
+
+def site_post(
+    x_TNC: Tensor, H_res_TNN: Tensor, H_post_TN: Tensor, y_TC: Tensor,
+    convention: str | Convention, link: object,
+) -> Tensor:
+    """mix_post of the site ``site_pre`` returned ``link`` for (reference path: link None)."""
+    if link is None:
+        return mix_post(x_TNC, H_res_TNN, H_post_TN, y_TC, convention)
+    return _triton.site_post(x_TNC, H_res_TNN, H_post_TN, y_TC, convention, link)

@@ -26,6 +26,9 @@ host issues no cast / cat kernels.
 bf16 streams: x is exact in bf16, the fp32 weight is split in registers into W_hi + W_lo
 (both bf16), so two bf16 MMAs give ~fp32 accuracy at tensor-core speed.  fp32 streams use
 exact fp32 dots.
+
+The projection kernels (1), (4), (5) live in ``triton_proj``; ``coef_backward`` is shared
+with ``triton_site``.
 """
 
 from __future__ import annotations
@@ -35,64 +38,15 @@ import triton
 import triton.language as tl
 
 from mhc_model.conventions import convention
+from mhc_model.kernels.triton_proj import (
+    CONFIG,
+    _finalize_kernel,
+    _pow2,
+    _proj_bwd_kernel,
+    _sm_count,
+    proj_forward,
+)
 from mhc_model.kernels.triton_sinkhorn import sinkhorn_bwd, sinkhorn_fwd
-
-# Tunables (the bench may override them).
-#   proj_fwd: (BT, BD, warps, stages); waves: D-split target in programs per SM.
-#   proj_bwd: (BT, BD, warps, stages, DW_T, waves).  DW_T computes dW^T = x^T @ dproj so
-#     every dot has M >= 64 (Hopper wgmma); waves: T-split target in programs per SM.
-#   proj_bwd_presplit: dproj goes to the projection backward as a bf16 (hi, lo) pair
-#     written by the coefficient backward, instead of fp32 split per tile.
-#   coef_bt: token block of the coefficient forward; coef_bwd: (BT, warps) of its backward.
-#   finalize: (BLOCK of dW elements, BG rows of partials per step, warps).
-CONFIG = {
-    "proj_fwd": (128, 128, 8, 3),
-    "waves": 1,
-    "proj_bwd": (64, 128, 4, 3, True, 2),
-    "proj_bwd_presplit": True,
-    "coef_bt": 16,
-    "coef_bwd": (16, 2),
-    "finalize": (2048, 256, 8),
-}
-
-
-@triton.jit
-def _proj_fwd_kernel(x_ptr, w_ptr, part_ptr, T, D, d_per_split,
-                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                     SPLIT_BF16: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_t = pid_t * BT + tl.arange(0, BT)
-    mask_t = offs_t < T
-    offs_k = tl.arange(0, KP)
-    d_start = pid_s * d_per_split  # d_per_split is a multiple of BD: splits never overlap
-    x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * D
-    acc = tl.zeros((BT, KP), tl.float32)
-    ss = tl.zeros((BT,), tl.float32)
-    for d0 in range(0, d_per_split, BD):
-        offs_d = d_start + d0 + tl.arange(0, BD)
-        mask_d = offs_d < D
-        x = tl.load(x_rows + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-        # [BD, KP] tile of W^T (rows >= K read as 0), L2 resident, fp32 in registers.
-        w = tl.load(w_ptr + offs_k[None, :] * D + offs_d[:, None],
-                    mask=mask_d[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
-        xf = x.to(tl.float32)
-        ss += tl.sum(xf * xf, axis=1)
-        if SPLIT_BF16:
-            # The tensor cores accumulate with truncation; keep their chain to one BD tile
-            # and add tiles in fp32 on the CUDA cores (round-to-nearest), or the error grows
-            # with D/BD (measured ~1e-4 relative at D = 6000 when chained through `acc`).
-            w_hi = w.to(tl.bfloat16)
-            w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
-            tile = tl.dot(x, w_hi)
-            tile = tl.dot(x, w_lo, tile)
-            acc += tile
-        else:
-            acc = tl.dot(xf, w, acc, input_precision="ieee")
-    # lanes >= K of acc are 0; lane K carries this split's sum of squares
-    acc = tl.where(offs_k[None, :] == K, ss[:, None], acc)
-    out = part_ptr + pid_s * T * KP + offs_t[:, None] * KP + offs_k[None, :]
-    tl.store(out, acc, mask=mask_t[:, None])
 
 
 @triton.jit
@@ -269,155 +223,6 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, bias_ptr,
     tl.store(da + 3, 0.0)
 
 
-@triton.jit
-def _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G,
-                       K: tl.constexpr, KP: tl.constexpr, BG: tl.constexpr):
-    # d bias [K] (in the bias dtype) and d alpha [3] (fp32) from the per-program partials
-    # of the coefficient backward; fixed summation order.
-    g = tl.arange(0, BG)
-    k = tl.arange(0, KP)
-    a = tl.arange(0, 4)
-    acc_b = tl.zeros((BG, KP), tl.float32)
-    acc_a = tl.zeros((BG, 4), tl.float32)
-    for g0 in range(0, G, BG):
-        mg = (g0 + g) < G
-        acc_b += tl.load(dbias_part_ptr + (g0 + g)[:, None] * KP + k[None, :],
-                         mask=mg[:, None], other=0.0)
-        acc_a += tl.load(dalpha_part_ptr + (g0 + g)[:, None] * 4 + a[None, :],
-                         mask=mg[:, None], other=0.0)
-    tl.store(dbias_ptr + k, tl.sum(acc_b, axis=0).to(dbias_ptr.dtype.element_ty), mask=k < K)
-    tl.store(dalpha_ptr + a, tl.sum(acc_a, axis=0), mask=a < 3)
-
-
-@triton.jit
-def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
-                     T, D, t_per_split,
-                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                     SPLIT_BF16: tl.constexpr, PRESPLIT: tl.constexpr, DW_T: tl.constexpr):
-    """One [T-split, BD] stripe: W stays in registers / shared memory, x is streamed once.
-    dx = dproj @ W + coef * x is stored per tile; the dW partial of the stripe is
-    accumulated over the split's tokens ([BD, KP] as dW^T when DW_T) and stored once; with
-    a single T split the partial is dW itself, stored in the weight dtype."""
-    pid_d = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_d = pid_d * BD + tl.arange(0, BD)
-    mask_d = offs_d < D
-    offs_k = tl.arange(0, KP)
-    w_off = offs_k[:, None] * D + offs_d[None, :]
-    w_mask = mask_d[None, :] & (offs_k[:, None] < K)
-    w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
-    if SPLIT_BF16:
-        # W = W_hi + W_lo in bf16 (see the module docstring)
-        w_hi = w.to(tl.bfloat16)
-        w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
-    if DW_T:  # noqa: SIM108 (constexpr branch)
-        acc = tl.zeros((BD, KP), tl.float32)
-    else:
-        acc = tl.zeros((KP, BD), tl.float32)
-    t_start = pid_s * t_per_split  # a multiple of BT: splits never overlap
-    for t0 in range(0, t_per_split, BT):
-        offs_t = t_start + t0 + tl.arange(0, BT)
-        mask_t = offs_t < T
-        x_off = offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
-        mask_x = mask_t[:, None] & mask_d[None, :]
-        x = tl.load(x_ptr + x_off, mask=mask_x, other=0.0)
-        dp_off = offs_t[:, None] * KP + offs_k[None, :]
-        cf = tl.load(coef_ptr + offs_t, mask=mask_t, other=0.0)
-        if SPLIT_BF16:
-            if PRESPLIT:
-                dp_hi = tl.load(dproj_ptr + dp_off, mask=mask_t[:, None], other=0.0)
-                dp_lo = tl.load(dproj_ptr + T * KP + dp_off, mask=mask_t[:, None], other=0.0)
-            else:
-                dp = tl.load(dproj_ptr + dp_off, mask=mask_t[:, None], other=0.0)
-                dp_hi = dp.to(tl.bfloat16)
-                dp_lo = (dp - dp_hi.to(tl.float32)).to(tl.bfloat16)
-            # dproj = hi + lo in bf16; the hi*lo cross terms keep ~fp32 accuracy.
-            dx = tl.dot(dp_hi, w_hi)
-            dx = tl.dot(dp_hi, w_lo, dx)
-            dx = tl.dot(dp_lo, w_hi, dx)
-            # per-tile chain, fp32 sum (see forward)
-            if DW_T:
-                xt = tl.trans(x)
-                tile = tl.dot(xt, dp_hi)
-                tile = tl.dot(xt, dp_lo, tile)
-            else:
-                tile = tl.dot(tl.trans(dp_hi), x)
-                tile = tl.dot(tl.trans(dp_lo), x, tile)
-            acc += tile
-            xf = x.to(tl.float32)
-        else:
-            dp = tl.load(dproj_ptr + dp_off, mask=mask_t[:, None], other=0.0)
-            xf = x.to(tl.float32)
-            dx = tl.dot(dp, w, input_precision="ieee")
-            if DW_T:
-                acc = tl.dot(tl.trans(xf), dp, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(tl.trans(dp), xf, acc, input_precision="ieee")
-        dx += cf[:, None] * xf
-        tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask_x)
-    dw = dw_part_ptr + pid_s * K * D
-    acc = acc.to(dw_part_ptr.dtype.element_ty)  # fp32 partials, or dW itself (one split)
-    if DW_T:
-        tl.store(dw + offs_k[None, :] * D + offs_d[:, None], acc,
-                 mask=mask_d[:, None] & (offs_k[None, :] < K))
-    else:
-        tl.store(dw + w_off, acc, mask=w_mask)
-
-
-@triton.jit
-def _finalize_kernel(dw_part_ptr, dw_ptr, dbias_part_ptr, dbias_ptr, dalpha_part_ptr,
-                     dalpha_ptr, S, KD, G,
-                     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, BG: tl.constexpr):
-    """Program 0: d bias and d alpha from the coefficient-backward partials (launched first:
-    it is the longest); programs 1.. (only with several T splits): dW = sum_s dw_part[s] in
-    the weight dtype.  Fixed summation order, so the result is deterministic."""
-    pid = tl.program_id(0)
-    if pid == 0:
-        _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G, K, KP, BG)
-    else:
-        offs = (pid - 1) * BLOCK + tl.arange(0, BLOCK)
-        m = offs < KD
-        acc = tl.load(dw_part_ptr + offs, mask=m, other=0.0)
-        for s in range(1, S):
-            acc += tl.load(dw_part_ptr + s * KD + offs, mask=m, other=0.0)
-        tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=m)
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 4
-    idx = device.index if device.index is not None else torch.cuda.current_device()
-    n = _SM_COUNT.get(idx)
-    if n is None:
-        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return n
-
-
-def _pow2(v: int) -> int:
-    return 1 << max(0, (v - 1).bit_length())
-
-
-def proj_forward(x_TD, w_KD, K, KP, bf16):
-    """Launch (1): returns the D-split partials [S, T, KP] (lane K: sum of squares).
-    ``w_KD`` is the weight in its own dtype; bf16 streams split it into hi + lo bf16
-    inside the kernel."""
-    T, D = x_TD.shape
-    BT, BD, warps, stages = CONFIG["proj_fwd"]
-    n_t = triton.cdiv(T, BT)
-    n_d = triton.cdiv(D, BD)
-    S = max(1, min(n_d, triton.cdiv(CONFIG["waves"] * _sm_count(x_TD.device), n_t)))
-    d_per_split = triton.cdiv(n_d, S) * BD
-    S = triton.cdiv(D, d_per_split)
-    part = torch.empty((S, T, KP), dtype=torch.float32, device=x_TD.device)
-    _proj_fwd_kernel[(n_t, S)](x_TD, w_KD, part, T, D, d_per_split,
-                               K=K, KP=KP, BT=BT, BD=BD, SPLIT_BF16=bf16,
-                               num_warps=warps, num_stages=stages)
-    return part
-
-
 def coef_epilogue(part, bias_K, alphas, N, D, iters, conv, eps):
     """Launch (2): gates + Sinkhorn under convention ``conv`` (name or record).  Returns H_pre,
     H_post, H_res and proj [T, KP] (lane K: sum of squares over D)."""
@@ -441,83 +246,104 @@ def _f32(g):
     return g if g.dtype == torch.float32 and g.is_contiguous() else g.float().contiguous()
 
 
+def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
+                  dx_extra=None):
+    """Launches (3)-(5): gradients of x, W, bias and the alphas from those of the mappings.
+    ``saved`` = (x_TD, w_KD, bias, a_pre, a_post, a_res, proj) as the forward keeps them.
+    With ``du_TC`` and ``H_pre`` the aggregate's dx (H_pre[j] du) and with ``dx_extra`` [T, D]
+    a further gradient of x are added inside the projection backward's single pass."""
+    x_TD, w_KD, bias, a_pre, a_post, a_res, proj = saved
+    T, N, C, K, KP, bf16, iters, conv, eps = meta
+    f = conv.kernel_flags()
+    D = N * C
+    dev = x_TD.device
+    NP = _pow2(N)
+    f32 = torch.float32
+    dH_pre = torch.zeros((T, N), dtype=f32, device=dev) if dH_pre is None else _f32(dH_pre)
+    dH_post = torch.zeros((T, N), dtype=f32, device=dev) if dH_post is None else _f32(dH_post)
+    dH_res = (torch.zeros((T, N, N), dtype=f32, device=dev) if dH_res is None
+              else _f32(dH_res))
+    BT, cwarps = CONFIG["coef_bwd"]
+    G = triton.cdiv(T, BT)
+    agg, extra = du_TC is not None, dx_extra is not None
+    BTb, BD, warps, stages, dw_t, waves = CONFIG["proj_bwd_site" if agg or extra else "proj_bwd"]
+    if agg and C % BD:
+        raise ValueError(f"C = {C} is not a multiple of the tile {BD}: see agg_fold_ok")
+    n_d = triton.cdiv(D, BD)
+    n_t = triton.cdiv(T, BTb)
+    S = max(1, min(n_t, round(waves * _sm_count(dev) / n_d)))
+    t_per_split = triton.cdiv(n_t, S) * BTb
+    S = triton.cdiv(T, t_per_split)
+    final = S == 1
+    dW = torch.empty((K, D), dtype=w_KD.dtype, device=dev)
+    dbias = torch.empty((K,), dtype=bias.dtype, device=dev)
+    dalpha = torch.empty((4,), dtype=f32, device=dev)
+    presplit = bf16 and CONFIG["proj_bwd_presplit"]
+    # one fp32 workspace: dproj (bf16 pair or fp32) | dW partials (S > 1) | Sinkhorn
+    # history | coef | dbias / dalpha partials
+    sizes = (T * KP, 0 if final else S * K * D, G * 2 * iters * BT * NP * NP, T, G * KP,
+             G * 4)
+    ws = torch.empty(sum(sizes), dtype=f32, device=dev)
+    dproj, dw_part, hist, coef, dbias_part, dalpha_part = ws.split(sizes)
+    if presplit:
+        dproj = dproj.view(torch.bfloat16)  # [2, T, KP] bf16 in the same bytes
+    if final:
+        dw_part = dW
+    _coef_bwd_kernel[(G,)](dH_pre, dH_post, dH_res, proj, bias, a_pre, a_post, a_res,
+                           hist, dproj, coef, dbias_part, dalpha_part, T, D, eps,
+                           N=N, NP=NP, K=K, KP=KP, BT=BT, ITERS=iters,
+                           SINKHORN_SOFTMAX=f["SINKHORN_SOFTMAX"],
+                           RMS_INV_NORM=f["RMS_INV_NORM"], DP_SPLIT=presplit,
+                           num_warps=cwarps)
+    dx_TD = torch.empty_like(x_TD)
+    _proj_bwd_kernel[(n_d, S)](x_TD, w_KD, dproj, coef, dx_TD, dw_part,
+                               du_TC if agg else x_TD, H_pre if agg else coef,
+                               dx_extra if extra else x_TD, T, D, C, N, t_per_split,
+                               K=K, KP=KP, BT=BTb, BD=BD, SPLIT_BF16=bf16, PRESPLIT=presplit,
+                               DW_T=dw_t, AGG=agg, EXTRA=extra,
+                               num_warps=warps, num_stages=stages)
+    BLOCK, BG, fwarps = CONFIG["finalize"]
+    _finalize_kernel[(1 + (0 if final else triton.cdiv(K * D, BLOCK)),)](
+        dw_part, dW, dbias_part, dbias, dalpha_part, dalpha, S, K * D, G,
+        K=K, KP=KP, BLOCK=BLOCK, BG=BG, num_warps=fwarps)
+    da = [dalpha[i:i + 1].view(a.shape) if a.dtype == f32 and a.numel() == 1
+          else dalpha[i].reshape(a.shape).to(a.dtype)
+          for i, a in enumerate((a_pre, a_post, a_res))]
+    return dx_TD.view(T, N, C), dW, dbias, da[0], da[1], da[2]
+
+
+def coef_forward(x_TNC, weight_KD, bias_K, alphas, iters, conv, eps):
+    """Launches (1)-(2).  Returns (H_pre, H_post, H_res), the tensors ``coef_backward`` needs
+    (``saved``) and its ``meta``."""
+    conv = convention(conv)
+    T, N, C = x_TNC.shape
+    D = N * C
+    K = N * N + 2 * N
+    assert weight_KD.shape == (K, D) and bias_K.shape == (K,)
+    KP = max(16, _pow2(K))  # > K always: lane K is free for the sum of squares
+    bf16 = x_TNC.dtype == torch.bfloat16
+    x_TD = x_TNC.reshape(T, D)
+    if not x_TD.is_contiguous():
+        x_TD = x_TD.contiguous()
+    w_KD = weight_KD if weight_KD.is_contiguous() else weight_KD.contiguous()
+    if not bias_K.is_contiguous():
+        bias_K = bias_K.contiguous()
+    part = proj_forward(x_TD, w_KD, K, KP, bf16)
+    H_pre, H_post, H_res, proj = coef_epilogue(part, bias_K, alphas, N, D, iters, conv, eps)
+    saved = (x_TD, w_KD, bias_K, *alphas, proj)
+    return (H_pre, H_post, H_res), saved, (T, N, C, K, KP, bf16, iters, conv, eps)
+
+
 class Coefficients(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TNC, weight_KD, bias_K, alpha_pre, alpha_post, alpha_res,
                 iters, conv, eps):
-        conv = convention(conv)
-        T, N, C = x_TNC.shape
-        D = N * C
-        K = N * N + 2 * N
-        assert weight_KD.shape == (K, D) and bias_K.shape == (K,)
-        KP = max(16, _pow2(K))  # > K always: lane K is free for the sum of squares
-        bf16 = x_TNC.dtype == torch.bfloat16
-        x_TD = x_TNC.reshape(T, D)
-        if not x_TD.is_contiguous():
-            x_TD = x_TD.contiguous()
-        w_KD = weight_KD if weight_KD.is_contiguous() else weight_KD.contiguous()
-        if not bias_K.is_contiguous():
-            bias_K = bias_K.contiguous()
-        alphas = (alpha_pre, alpha_post, alpha_res)
-        part = proj_forward(x_TD, w_KD, K, KP, bf16)
-        H_pre, H_post, H_res, proj = coef_epilogue(part, bias_K, alphas, N, D, iters,
-                                                   conv, eps)
-        ctx.save_for_backward(x_TD, w_KD, bias_K, alpha_pre, alpha_post, alpha_res, proj)
-        ctx.meta = (T, N, C, K, KP, bf16, iters, conv, eps)
-        return H_pre, H_post, H_res
+        H, saved, ctx.meta = coef_forward(x_TNC, weight_KD, bias_K,
+                                          (alpha_pre, alpha_post, alpha_res), iters, conv, eps)
+        ctx.save_for_backward(*saved)
+        return H
 
     @staticmethod
     def backward(ctx, dH_pre, dH_post, dH_res):
-        x_TD, w_KD, bias, a_pre, a_post, a_res, proj = ctx.saved_tensors
-        T, N, C, K, KP, bf16, iters, conv, eps = ctx.meta
-        f = conv.kernel_flags()
-        D = N * C
-        dev = x_TD.device
-        NP = _pow2(N)
-        f32 = torch.float32
-        dH_pre = torch.zeros((T, N), dtype=f32, device=dev) if dH_pre is None else _f32(dH_pre)
-        dH_post = torch.zeros((T, N), dtype=f32, device=dev) if dH_post is None else _f32(dH_post)
-        dH_res = (torch.zeros((T, N, N), dtype=f32, device=dev) if dH_res is None
-                  else _f32(dH_res))
-        BT, cwarps = CONFIG["coef_bwd"]
-        G = triton.cdiv(T, BT)
-        BTb, BD, warps, stages, dw_t, waves = CONFIG["proj_bwd"]
-        n_d = triton.cdiv(D, BD)
-        n_t = triton.cdiv(T, BTb)
-        S = max(1, min(n_t, round(waves * _sm_count(dev) / n_d)))
-        t_per_split = triton.cdiv(n_t, S) * BTb
-        S = triton.cdiv(T, t_per_split)
-        final = S == 1
-        dW = torch.empty((K, D), dtype=w_KD.dtype, device=dev)
-        dbias = torch.empty((K,), dtype=bias.dtype, device=dev)
-        dalpha = torch.empty((4,), dtype=f32, device=dev)
-        presplit = bf16 and CONFIG["proj_bwd_presplit"]
-        # one fp32 workspace: dproj (bf16 pair or fp32) | dW partials (S > 1) | Sinkhorn
-        # history | coef | dbias / dalpha partials
-        sizes = (T * KP, 0 if final else S * K * D, G * 2 * iters * BT * NP * NP, T, G * KP,
-                 G * 4)
-        ws = torch.empty(sum(sizes), dtype=f32, device=dev)
-        dproj, dw_part, hist, coef, dbias_part, dalpha_part = ws.split(sizes)
-        if presplit:
-            dproj = dproj.view(torch.bfloat16)  # [2, T, KP] bf16 in the same bytes
-        if final:
-            dw_part = dW
-        _coef_bwd_kernel[(G,)](dH_pre, dH_post, dH_res, proj, bias, a_pre, a_post, a_res,
-                               hist, dproj, coef, dbias_part, dalpha_part, T, D, eps,
-                               N=N, NP=NP, K=K, KP=KP, BT=BT, ITERS=iters,
-                               SINKHORN_SOFTMAX=f["SINKHORN_SOFTMAX"],
-                               RMS_INV_NORM=f["RMS_INV_NORM"], DP_SPLIT=presplit,
-                               num_warps=cwarps)
-        dx_TD = torch.empty_like(x_TD)
-        _proj_bwd_kernel[(n_d, S)](x_TD, w_KD, dproj, coef, dx_TD, dw_part,
-                                   T, D, t_per_split, K=K, KP=KP, BT=BTb, BD=BD,
-                                   SPLIT_BF16=bf16, PRESPLIT=presplit, DW_T=dw_t,
-                                   num_warps=warps, num_stages=stages)
-        BLOCK, BG, fwarps = CONFIG["finalize"]
-        _finalize_kernel[(1 + (0 if final else triton.cdiv(K * D, BLOCK)),)](
-            dw_part, dW, dbias_part, dbias, dalpha_part, dalpha, S, K * D, G,
-            K=K, KP=KP, BLOCK=BLOCK, BG=BG, num_warps=fwarps)
-        da = [dalpha[i:i + 1].view(a.shape) if a.dtype == f32 and a.numel() == 1
-              else dalpha[i].reshape(a.shape).to(a.dtype)
-              for i, a in enumerate((a_pre, a_post, a_res))]
-        return (dx_TD.view(T, N, C), dW, dbias, da[0], da[1], da[2], None, None, None)
+        grads = coef_backward(ctx.saved_tensors, ctx.meta, dH_pre, dH_post, dH_res)
+        return (*grads, None, None, None)

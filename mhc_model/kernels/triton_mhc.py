@@ -1,9 +1,10 @@
 """Fused Triton mHC kernels: public entry points with the reference signatures.
 
 Kernels and autograd Functions live in ``triton_coef`` (Eq. 14-19: projection, RMS,
-gates, Sinkhorn), ``triton_sinkhorn`` (register-tile Sinkhorn fwd/bwd) and ``triton_stream``
-(aggregate F_pre and mix+post F_post,res).  Import requires triton; use the dispatching
-``mhc_model.kernels`` package instead of importing this module directly.
+gates, Sinkhorn; projection kernels in ``triton_proj``), ``triton_sinkhorn`` (register-tile
+Sinkhorn fwd/bwd), ``triton_stream`` (aggregate F_pre and mix+post F_post,res) and
+``triton_site`` (one site whose backward writes the stream gradient once).  Import requires
+triton; use the dispatching ``mhc_model.kernels`` package instead of importing this module directly.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from torch import Tensor
 from mhc_model.conventions import Convention
 from mhc_model.conventions import convention as convention_record
 from mhc_model.kernels.triton_coef import Coefficients
+from mhc_model.kernels.triton_site import SiteLink, SitePost, SitePre
 from mhc_model.kernels.triton_stream import Aggregate, MixPost
 
 
@@ -35,3 +37,23 @@ def mix_post(x_TNC: Tensor, H_res_TNN: Tensor, H_post_TN: Tensor, y_TC: Tensor,
     """x' [T,N,C] = mix(H_res, x) + H_post * y, as ``mhc_ref.mix_post``."""
     return MixPost.apply(x_TNC, H_res_TNN, H_post_TN, y_TC,
                          convention_record(convention))
+
+
+def site_pre(x_TNC: Tensor, weight_KD: Tensor, bias_K: Tensor, alpha_pre: Tensor,
+             alpha_post: Tensor, alpha_res: Tensor, *, iters: int,
+             convention: str | Convention,
+             eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor, SiteLink]:
+    """(u [T,C], H_post, H_res, link): coefficients + aggregate of one site; pass ``link`` to
+    ``site_post`` with the same streams."""
+    link = SiteLink()
+    u, H_post, H_res = SitePre.apply(x_TNC, weight_KD, bias_K, alpha_pre, alpha_post,
+                                     alpha_res, int(iters), convention_record(convention),
+                                     float(eps), link)
+    return u, H_post, H_res, link
+
+
+def site_post(x_TNC: Tensor, H_res_TNN: Tensor, H_post_TN: Tensor, y_TC: Tensor,
+              convention: str | Convention, link: SiteLink) -> Tensor:
+    """x' = mix(H_res, x) + H_post * y of the site ``link`` came from."""
+    return SitePost.apply(x_TNC, H_res_TNN, H_post_TN, y_TC, convention_record(convention),
+                          link)

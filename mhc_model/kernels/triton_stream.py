@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from mhc_model.conventions import convention
-from mhc_model.kernels.triton_coef import _pow2
+from mhc_model.kernels.triton_proj import _pow2
 
 
 @triton.jit
@@ -133,36 +133,74 @@ def _bc(C: int, NP: int, name: str, square: bool) -> tuple[int, int]:
     return max(16, min(_pow2(C), budget // per)), warps
 
 
+def agg_forward(x, h):
+    """u [T, C] = sum_j h[t, j] x[t, j] (x contiguous [T, N, C], h fp32 [T, N])."""
+    T, N, C = x.shape
+    NP = _pow2(N)
+    u_TC = torch.empty((T, C), dtype=x.dtype, device=x.device)
+    BC, warps = _bc(C, NP, "agg_fwd", False)
+    if T > 0:
+        _agg_fwd_kernel[(T, triton.cdiv(C, BC))](x, h, u_TC, C, N=N, NP=NP, BC=BC,
+                                                 num_warps=warps)
+    return u_TC
+
+
+def agg_backward(x, h, du, need_dx: bool, need_dh: bool):
+    """(dx or None, dh fp32 [T, N] or None) of ``agg_forward``."""
+    T, N, C = x.shape
+    NP = _pow2(N)
+    du = du.contiguous()
+    dx = torch.empty_like(x) if need_dx else x
+    dh = torch.empty((T, N), dtype=torch.float32, device=x.device) if need_dh else h
+    BC, warps = _bc(C, NP, "agg_bwd", False)
+    if T > 0 and (need_dx or need_dh):
+        _agg_bwd_kernel[(T,)](x, h, du, dx, dh, C, N=N, NP=NP, BC=BC, NEED_DX=need_dx,
+                              NEED_DH=need_dh, num_warps=warps)
+    return (dx if need_dx else None), (dh if need_dh else None)
+
+
+def mix_forward(x, hr, hp, y, mix_t: bool):
+    """x' = mix(H_res, x) + H_post y (contiguous inputs, fp32 mappings)."""
+    T, N, C = x.shape
+    NP = _pow2(N)
+    out = torch.empty_like(x)
+    BC, warps = _bc(C, NP, "mix_fwd", True)
+    if T > 0:
+        _mix_fwd_kernel[(T, triton.cdiv(C, BC))](x, hr, hp, y, out, C, N=N, NP=NP, BC=BC,
+                                                 MIX_T=mix_t, num_warps=warps)
+    return out
+
+
+def mix_backward(x, hr, hp, y, g, mix_t: bool):
+    """(dx, dH_res fp32, dH_post fp32, dy) of ``mix_forward``."""
+    T, N, C = x.shape
+    NP = _pow2(N)
+    g = g.contiguous()
+    dx = torch.empty_like(x)
+    dy = torch.empty_like(y)
+    dhr = torch.empty((T, N, N), dtype=torch.float32, device=x.device)
+    dhp = torch.empty((T, N), dtype=torch.float32, device=x.device)
+    BC, warps = _bc(C, NP, "mix_bwd", True)
+    if T > 0:
+        _mix_bwd_kernel[(T,)](x, hr, hp, y, g, dx, dhr, dhp, dy, C, N=N, NP=NP, BC=BC,
+                              MIX_T=mix_t, num_warps=warps)
+    return dx, dhr, dhp, dy
+
+
 class Aggregate(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_TNC, H_pre_TN):
         x = x_TNC.contiguous()
         h = H_pre_TN.float().contiguous()
-        T, N, C = x.shape
-        NP = _pow2(N)
-        u_TC = torch.empty((T, C), dtype=x.dtype, device=x.device)
-        BC, warps = _bc(C, NP, "agg_fwd", False)
-        if T > 0:
-            _agg_fwd_kernel[(T, triton.cdiv(C, BC))](x, h, u_TC, C, N=N, NP=NP, BC=BC,
-                                                     num_warps=warps)
         ctx.save_for_backward(x, h)
         ctx.h_dtype = H_pre_TN.dtype
-        return u_TC
+        return agg_forward(x, h)
 
     @staticmethod
     def backward(ctx, du_TC):
         x, h = ctx.saved_tensors
-        need_dx, need_dh = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        T, N, C = x.shape
-        NP = _pow2(N)
-        du = du_TC.contiguous()
-        dx = torch.empty_like(x) if need_dx else x
-        dh = torch.empty((T, N), dtype=torch.float32, device=x.device) if need_dh else h
-        BC, warps = _bc(C, NP, "agg_bwd", False)
-        if T > 0 and (need_dx or need_dh):
-            _agg_bwd_kernel[(T,)](x, h, du, dx, dh, C, N=N, NP=NP, BC=BC, NEED_DX=need_dx,
-                                  NEED_DH=need_dh, num_warps=warps)
-        return (dx if need_dx else None), (dh.to(ctx.h_dtype) if need_dh else None)
+        dx, dh = agg_backward(x, h, du_TC, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
+        return dx, (dh.to(ctx.h_dtype) if dh is not None else None)
 
 
 class MixPost(torch.autograd.Function):
@@ -173,30 +211,13 @@ class MixPost(torch.autograd.Function):
         hr = H_res_TNN.float().contiguous()
         hp = H_post_TN.float().contiguous()
         y = y_TC.contiguous()
-        T, N, C = x.shape
-        NP = _pow2(N)
-        out = torch.empty_like(x)
-        BC, warps = _bc(C, NP, "mix_fwd", True)
-        if T > 0:
-            _mix_fwd_kernel[(T, triton.cdiv(C, BC))](x, hr, hp, y, out, C, N=N, NP=NP, BC=BC,
-                                                     MIX_T=mix_t, num_warps=warps)
         ctx.save_for_backward(x, hr, hp, y)
         ctx.meta = (mix_t, H_res_TNN.dtype, H_post_TN.dtype)
-        return out
+        return mix_forward(x, hr, hp, y, mix_t)
 
     @staticmethod
     def backward(ctx, g_TNC):
         x, hr, hp, y = ctx.saved_tensors
         mix_t, hr_dtype, hp_dtype = ctx.meta
-        T, N, C = x.shape
-        NP = _pow2(N)
-        g = g_TNC.contiguous()
-        dx = torch.empty_like(x)
-        dy = torch.empty_like(y)
-        dhr = torch.empty((T, N, N), dtype=torch.float32, device=x.device)
-        dhp = torch.empty((T, N), dtype=torch.float32, device=x.device)
-        BC, warps = _bc(C, NP, "mix_bwd", True)
-        if T > 0:
-            _mix_bwd_kernel[(T,)](x, hr, hp, y, g, dx, dhr, dhp, dy, C, N=N, NP=NP, BC=BC,
-                                  MIX_T=mix_t, num_warps=warps)
+        dx, dhr, dhp, dy = mix_backward(x, hr, hp, y, g_TNC, mix_t)
         return dx, dhr.to(hr_dtype), dhp.to(hp_dtype), dy, None

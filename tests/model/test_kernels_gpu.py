@@ -175,3 +175,60 @@ def test_dispatch_env_reference(monkeypatch):
     assert not K.use_triton(x, h)
     assert torch.equal(K.aggregate(x, h), R.aggregate(x, h))
     assert not K.use_triton(x.cpu(), h.cpu())
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("C", CS)
+@pytest.mark.parametrize("N", NS)
+def test_site_pre_post(N, C, dtype, conv):
+    """The fused site (coefficients + aggregate, then the mix, stream gradient written once
+    by the projection backward) against the three reference functions in fp32 on the same
+    inputs upcast.  u and y are independent ends (cotangent of u given, y a leaf), so every
+    term of dx (coefficients, aggregate, mix) is checked without a branch's rounding.
+    C = 256 folds the aggregate's dx into the projection backward; C = 1000 is not a multiple
+    of its tile and adds it to the mix's dx first."""
+    gen = torch.Generator(device="cuda").manual_seed(17 * N + C)
+    ins = _coef_inputs(N, C, dtype, gen)
+    y = torch.randn(T, C, generator=gen, device="cuda").to(dtype).requires_grad_()
+    g_u = torch.randn(T, C, generator=gen, device="cuda").to(dtype)
+    g_out = torch.randn(T, N, C, generator=gen, device="cuda").to(dtype)
+    assert K.use_triton(*ins)
+    u, H_post, H_res, link = K.site_pre(*ins, iters=20, convention=conv)
+    assert link is not None  # the fused site ran
+    out = K.site_post(ins[0], H_res, H_post, y, conv, link)
+    got = torch.autograd.grad((u, out), [*ins, y], (g_u, g_out))
+
+    ref_ins = [t.detach().float().requires_grad_() for t in ins]
+    y_ref = y.detach().float().requires_grad_()
+    Hs = R.coefficients(*ref_ins, iters=20, convention=conv)
+    for h in Hs:
+        h.retain_grad()
+    u_ref = R.aggregate(ref_ins[0], Hs[0])
+    out_ref = R.mix_post(ref_ins[0], Hs[2], Hs[1], y_ref, conv)
+    torch.autograd.backward((u_ref, out_ref), (g_u.float(), g_out.float()))
+    _check("u", u, u_ref.detach().to(dtype), dtype)
+    _check("out", out, out_ref.detach().to(dtype), dtype)
+    _check("H_post", H_post, Hs[1].detach(), dtype)
+    _check("H_res", H_res, Hs[2].detach(), dtype)
+    names = ["dx", "dW", "dbias"]
+    for name, a, b in zip(names, got[:3], ref_ins[:3]):
+        _check(name, a, b.grad.to(a.dtype), dtype)
+    _check("dy", got[-1], y_ref.grad.to(dtype), dtype)
+    scales = _alpha_scales(ins, [h.grad for h in Hs], 20, conv)
+    for name, a, b, sc in zip(["dalpha_pre", "dalpha_post", "dalpha_res"], got[3:6],
+                              ref_ins[3:6], scales):
+        err = ((a - b.grad).abs().max() / sc).item()
+        tol = _tol(b.grad, dtype)
+        print(f"{name}: err / sum|terms| {err:.2e} (tol {tol:.0e})")
+        assert err <= tol, f"{name}: err / sum|terms| {err:.3e} > {tol:.0e}"
+    assert link.dx is None and link.x is None  # the mix's dx was consumed, nothing kept
+
+
+def test_site_post_refuses_other_streams():
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    ins = _coef_inputs(4, 256, torch.float32, gen)
+    u, H_post, H_res, link = K.site_pre(*ins, iters=3, convention="deepseek")
+    other = ins[0].detach().clone()
+    with pytest.raises(ValueError, match="same link"):
+        K.site_post(other, H_res, H_post, u, "deepseek", link)

@@ -41,8 +41,9 @@ def test_recompute_gradients_equal_fused(monkeypatch, dtype):
     base = tiny_config("M-*E-G", mhc=True, contract="learned", dtype=dtype)
     _, g0 = _grads(base, monkeypatch, "")
     _, g1 = _grads(base.with_mhc(mhc_recompute_layer_num=2), monkeypatch, "")
-    # Same kernels on bitwise-equal recomputed inputs; only the order in which autograd sums
-    # the three contributions to dx may differ (one rounding), hence the tolerances.
+    # Same forward kernels on bitwise-equal recomputed inputs; dx is summed differently (plain:
+    # the fused site adds its three terms in fp32 inside one kernel; recompute: autograd sums
+    # the unfused ops' terms), one rounding apart, hence the tolerances.
     # bf16: two bf16 ulps (2 x 2^-7) of the gradient scale: a missing or doubled gradient term
     # shows up as an O(1) relative error, far above this (measured worst case: ~2 ulps).
     tol = 1e-6 if dtype == "float32" else 1.6e-2

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# One device call on the H200 (issue 16): the GPU test suite without and with the `gpu` extra,
+# then bench/kernels.py and bench/overhead.py. Run from the repository root with the Megatron
+# trees at ../mlm/{dev,dsv4} and the wheels (mamba-ssm pure-Python, fla-core) at ../whl.
+# Logs and tables go to $OUT.  STEPS picks a subset: tests,extra,kernels,overhead.
+set -u
+OUT=${OUT:-/tmp/mhc_out}
+STEPS=${STEPS:-tests,extra,kernels,overhead}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
+ROOT=$PWD
+MLM=$(cd "$ROOT/../mlm" && pwd)
+pip install -q --no-index --no-deps --target /tmp/site ../whl/*.whl && : > /tmp/site/mamba_ssm/__init__.py
+{
+  nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
+  python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  cat "$MLM/dev/COMMIT" "$MLM/dsv4/COMMIT"
+} > "$OUT/device.txt" 2>&1
+TESTS=(${TEST_PATHS:-tests} --ignore=tests/cli --ignore=tests/test_readme.py -m gpu -o addopts= -q -rs -p no:cacheprovider -n ${NPROC:-6})
+step() { case ",$STEPS," in *",$1,"*) return 0;; *) return 1;; esac; }
+t0=$SECONDS
+if step tests; then
+  PYTHONPATH=$ROOT timeout ${T_TESTS:-90} python3 -m pytest "${TESTS[@]}" > "$OUT/tests_plain.log" 2>&1
+  echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/tests_plain.log"
+fi
+t0=$SECONDS
+if step extra; then
+  PYTHONPATH=/tmp/site:$ROOT MHC_MEGATRON_SRC_DEV=$MLM/dev MHC_MEGATRON_SRC_DSV4=$MLM/dsv4 \
+    TRITON_F32_DEFAULT=ieee MAMBA_DETERMINISTIC=1 \
+    timeout 100 python3 -m pytest "${TESTS[@]}" > "$OUT/tests_extra.log" 2>&1
+  echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/tests_extra.log"
+fi
+t0=$SECONDS
+if step kernels; then
+  PYTHONPATH=$ROOT timeout ${T_KERNELS:-90} python3 bench/kernels.py ${KERNEL_ARGS:---sweep} --diag --out "$OUT/kernels_h200.md" \
+    > "$OUT/kernels.log" 2>&1
+  echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/kernels.log"
+fi
+t0=$SECONDS
+if step overhead; then
+  PYTHONPATH=/tmp/site:$ROOT MHC_MEGATRON_SRC=$MLM/dev timeout ${T_OVERHEAD:-200} python3 bench/overhead.py \
+    --out "$OUT/overhead_h200.md" > "$OUT/overhead.log" 2>&1
+  echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/overhead.log"
+fi
+for f in tests_plain tests_extra kernels overhead; do
+  [ -f "$OUT/$f.log" ] && { echo "== $f"; tail -n 4 "$OUT/$f.log"; }
+done

@@ -1,0 +1,128 @@
+"""Peer mHC implementations for ``bench/overhead.py``, run on the same stack in the same process.
+
+Each peer is a context manager that, while active, makes a freshly built ``HybridModel`` (mHC on)
+run its mHC math through that peer; the branches (our MLP / Mamba2 / attention layers), the
+embedding, expand/contract and the head stay ours, so only the mHC site differs.
+
+  * ``mhc_reference``: our paper-exact PyTorch reference (``mhc_model.mhc_ref``), eager; only the
+    mHC ops are sent to it (``MHC_KERNELS=reference`` would also switch Mamba2 to our PyTorch SSD).
+  * ``mhc_reference_compiled``: the same functions under ``torch.compile`` (default mode).
+  * ``megatron_sites``: Megatron-LM's own ``HyperConnectionModule`` (the tree in
+    ``MHC_MEGATRON_SRC``), ``use_fused_mhc`` True (its fused Triton kernels) or False (its native
+    torch.compile'd path).  Per layer: ``hc(x) -> (aggregated, h_res, h_post, residual)``, our
+    branch on ``aggregated``, then ``hc.fused_h_res_h_post_bda`` (dropout 0), the call sequence of
+    Megatron's own ``HyperConnectionHybridLayer``.  Its parameters are fp32, like ours.
+  * ``tilelang_status``: DeepSeek's TileKernels need tilelang; the row is skipped (and says why)
+    unless it imports.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import sys
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor, nn
+
+import mhc_model.kernels as kernels
+from mhc_model import mhc_ref
+
+
+@contextlib.contextmanager
+def mhc_reference() -> Iterator[None]:
+    saved = kernels.use_triton
+    kernels.use_triton = lambda *tensors: False
+    try:
+        yield
+    finally:
+        kernels.use_triton = saved
+
+
+_COMPILED: dict[str, object] = {}
+
+
+@contextlib.contextmanager
+def mhc_reference_compiled() -> Iterator[None]:
+    names = ("coefficients", "aggregate", "mix_post")
+    saved = {n: getattr(mhc_ref, n) for n in names}
+    for n in names:
+        _COMPILED.setdefault(n, torch.compile(saved[n]))
+        setattr(mhc_ref, n, _COMPILED[n])
+    try:
+        with mhc_reference():
+            yield
+    finally:
+        for n, fn in saved.items():
+            setattr(mhc_ref, n, fn)
+
+
+def megatron_tree() -> str | None:
+    return os.environ.get("MHC_MEGATRON_SRC") or None
+
+
+def _megatron_modules(tree: str):
+    if tree not in sys.path:
+        sys.path.insert(0, tree)
+    hc = importlib.import_module("megatron.core.transformer.hyper_connection")
+    tc = importlib.import_module("megatron.core.transformer.transformer_config")
+    return hc, tc.TransformerConfig
+
+
+class _MegatronSite(nn.Module):
+    """x_SBNC -> Megatron's mHC site around our branch ``inner`` -> x'_SBNC."""
+
+    def __init__(self, hc_module: nn.Module, inner: nn.Module):
+        super().__init__()
+        self.hc = hc_module
+        self.inner = inner
+
+    def forward(self, x_SBNC: Tensor) -> Tensor:
+        S, B, N, C = x_SBNC.shape
+        aggregated, h_res, h_post, residual = self.hc(x_SBNC.reshape(S, B, N * C))
+        y_SBC = self.inner(aggregated)
+        out = self.hc.fused_h_res_h_post_bda(h_res, residual, h_post, (y_SBC, None), 0.0,
+                                             True, False)
+        return out.reshape(S, B, N, C)
+
+
+def megatron_sites(model: nn.Module, fused: bool) -> nn.Module:
+    """Replace every mHC layer of ``model`` (ours, mHC on, on CUDA) by Megatron's site with the
+    same branch; returns the model."""
+    tree = megatron_tree()
+    if tree is None:
+        raise RuntimeError("MHC_MEGATRON_SRC is not set")
+    hc_mod, TransformerConfig = _megatron_modules(tree)
+    cfg = model.config
+    layers = model.decoder.layers
+    mcfg = TransformerConfig(num_layers=len(layers), hidden_size=cfg.hidden_size,
+                             num_attention_heads=32, enable_hyper_connections=True,
+                             num_residual_streams=cfg.mhc.num_residual_streams,
+                             mhc_sinkhorn_iterations=cfg.mhc.mhc_sinkhorn_iterations,
+                             use_fused_mhc=fused)
+    dev = next(model.parameters()).device
+    for i, layer in enumerate(layers):
+        site = hc_mod.HyperConnectionModule(mcfg, layer_number=i + 1).to(dev)
+        layers[i] = _MegatronSite(site, layer.inner_layer)
+    return model
+
+
+def megatron_commit(tree: str) -> str:
+    """The commit the tree was exported from, when a COMMIT / provenance file names it."""
+    for name in ("COMMIT", "REVISION", ".commit"):
+        path = os.path.join(tree, name)
+        if os.path.isfile(path):
+            return open(path).read().strip()
+    return "unknown commit"
+
+
+def tilelang_status() -> str | None:
+    """None when tilelang and DeepSeek's tile_kernels import, else why not."""
+    for mod in ("tilelang", "tile_kernels"):
+        try:
+            importlib.import_module(mod)
+        except Exception as e:  # ImportError or a broken install: the row says which
+            return f"{mod} not importable ({type(e).__name__})"
+    return None
