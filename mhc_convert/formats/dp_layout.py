@@ -200,7 +200,8 @@ def settings_from_args(args: Any, num_parameters: int, *, path: Any = None) -> S
                                 "dp_reshardable optimizer cannot be computed", path=path)
     for name, (want, why) in _REQUIRED.items():
         have = get(name)
-        ok = have == want or (want in (False, None) and not have) or (want == 1 and have is None)
+        ok = (have == want or (want in (False, None) and not have)
+              or (type(want) is int and have is None))  # an int field absent: its default
         if not ok:
             raise InvalidInputError(f"args.{name} = {have!r}: the dp_reshardable bucket layout "
                                     f"is not modelled for it ({why}); re-save with "
