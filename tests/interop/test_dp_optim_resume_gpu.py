@@ -5,14 +5,15 @@ DDP + distributed optimizer, fp32, three buckets, 3 Adam steps, mHC off, saved
 ``dp_reshardable``). ``enable`` carries the bucket-space state in model space
 (``formats.dp_optim``) and writes ``fully_reshardable``. ``make_optim.py --resume`` then runs
 Megatron's ``setup_model_and_optimizer`` with ``--enable-hyper-connections`` and ``--load`` of
-the result (Megatron's own loader and optimizer), computes the loss of the next batch, re-saves
-what it loaded (``fully_reshardable``) and takes one training step. Must hold:
+the result (Megatron's own loader and optimizer), computes the loss of the next batch, dumps the
+optimizer state it loaded and takes one training step. Must hold:
 
 * the loss equals the mHC-off run's loss of the same batch (``optim_status.json``), fp32,
   within 1e-5;
-* every carried tensor (fp32 main copy, exp_avg, exp_avg_sq) in Megatron's re-save is bitwise
-  the source's (Megatron's own ``fully_reshardable`` save of the same state); the new mHC
-  parameters' moments are zero;
+* every carried tensor Megatron's optimizer holds (fp32 main copy, exp_avg, exp_avg_sq) is
+  bitwise the source's bucket state (not compared through a Megatron ``fully_reshardable``
+  re-save: with several buckets that save is shifted, an upstream bug, see
+  ``tests/convert/test_dp_optim.py``); the new mHC parameters' moments are zero;
 * the first step succeeds.
 
 Needs a GPU (Megatron's optimizer allocates on CUDA) and a Megatron ``dev`` tree
@@ -31,7 +32,7 @@ import pytest
 import torch
 
 import mhc_convert
-from mhc_convert.formats.torch_dist import read_torch_dist
+from mhc_convert.adapters.torch_dist import TorchDistAdapter
 from mhc_model.toggle import codec as K
 from tests.megatron_env import megatron_tree
 from tests.paths import ROOT
@@ -73,16 +74,19 @@ def test_megatron_resumes_converted_dp_reshardable(tmp_path):
     assert abs(res["next_loss"] - want["next_loss"]) <= 1e-5, line
     assert res["first_step_ok"]
 
-    resaved = read_torch_dist(res["resaved"])
-    full = read_torch_dist(FIXTURES / f"optim_{CASE}_full")
-    carried = [k for k in full.entries if k.startswith("optimizer.state.")]
-    assert carried
-    for k in carried:
-        state, model_key = K.split_opt(k)
-        mine = resaved.load(K.opt_key(state, K.wrap(model_key)))
-        assert torch.equal(mine, full.load(k)), k
-    new = [k for k in resaved.entries if k.startswith("optimizer.state.exp_avg")
-           and K.is_mhc_param(K.split_opt(k)[1])]
-    assert new
-    for k in new:
-        assert not resaved.load(k).any(), k
+    # what Megatron's optimizer holds after its load, per sharded model key (fp32 main copy,
+    # exp_avg, exp_avg_sq) against our unpacking of the source's buckets
+    loaded = torch.load(res["state"], weights_only=True)
+    source = TorchDistAdapter().read(src)
+    carried = 0
+    for name, parts, _ in source.meta["dp_unpacked"].params:
+        got = loaded.pop(K.wrap(name))
+        for state, t in got.items():
+            want = torch.cat([source.load(f"optimizer.state.{state}.{p}").reshape(-1)
+                              for p in parts])
+            assert torch.equal(t.reshape(-1), want), (name, state)
+            carried += 1
+    assert carried == 3 * len(source.meta["dp_unpacked"].params)
+    assert loaded and all(K.is_mhc_param(k) for k in loaded), sorted(loaded)
+    for k, got in loaded.items():  # the new mHC parameters: fresh moments
+        assert not got["exp_avg"].any() and not got["exp_avg_sq"].any(), k
