@@ -40,7 +40,13 @@ class TorchDistAdapter:
         common = view.meta.get("common_state")
         view.meta["megatron_args"] = common.get("args") if isinstance(common, dict) else None
         if view.meta.get("optimizer_sharding") == "dp_reshardable" and not options.drop_optimizer:
-            view = _unpacked_view(view, self.config(view))
+            try:
+                view = _unpacked_view(view, self.config(view))
+            except InvalidInputError as e:  # inspect describes it; a conversion refuses
+                if not options.describe:
+                    raise
+                view.meta["optimizer_sharding"] = (f"dp_reshardable (bucket space): cannot be "
+                                                   f"carried: {e.message}")
         return view
 
     def config(self, view: CheckpointView) -> HybridConfig:

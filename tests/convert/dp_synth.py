@@ -45,8 +45,9 @@ def reference(tmp: Path, pattern: str = "M*-", dtype: str = "float32") -> Path:
 
 
 def repack(ref: Path, out: Path, *, dp: int = 2, bucket_size: int | None = 3000,
-           args_overrides: dict | None = None) -> Path:
-    """``ref`` (fully_reshardable) re-written dp_reshardable; ``args`` say DP = ``dp``."""
+           args_overrides: dict | None = None, args_after: dict | None = None) -> Path:
+    """``ref`` (fully_reshardable) re-written dp_reshardable; ``args`` say DP = ``dp``.
+    ``args_after``: args fields set after packing (a setting the layout does not model)."""
     view = read_torch_dist(ref)
     common = copy.deepcopy(view.meta["common_state"])
     args = common["args"]
@@ -82,6 +83,8 @@ def repack(ref: Path, out: Path, *, dp: int = 2, bucket_size: int | None = 3000,
     common["optimizer"] = {"param_state": {}, "param_state_sharding_type": "dp_reshardable"}
     common["content_metadata"] = dict(common["content_metadata"],
                                       distrib_optim_sharding_type="dp_reshardable")
+    for k, v in (args_after or {}).items():
+        setattr(args, k, v)
     state[C.COMMON_KEY] = [common]
     state[C.RNG_KEY] = safe_torch_load(view.load(C.RNG_KEY), source=ref)
     iter_dir = out / "iter_0000005"

@@ -193,3 +193,17 @@ def test_drop_optimizer_still_works(ref, tmp_path):
     out = tmp_path / "on"
     mhc_convert.enable(packed, out, drop_optimizer=True)
     assert not any(k.startswith("optimizer.") for k in read_torch_dist(out).entries)
+
+
+def test_unmodelled_layout_inspects_then_refuses(ref, tmp_path):
+    """A layout not modelled (here a run that used the precision-aware optimizer) is named by
+    inspect and refused by enable before anything is written; --drop-optimizer converts it."""
+    packed = dp_synth.repack(ref, tmp_path / "dp", dp=2,
+                             args_after={"use_precision_aware_optimizer": True})
+    report = mhc_convert.inspect(packed)
+    assert "cannot be carried" in report.optimizer, report.optimizer
+    assert "use_precision_aware_optimizer" in report.optimizer
+    with pytest.raises(InvalidInputError, match="use_precision_aware_optimizer = True"):
+        mhc_convert.enable(packed, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    mhc_convert.enable(packed, tmp_path / "out", drop_optimizer=True)
