@@ -37,7 +37,7 @@ def _opt(view) -> dict[str, torch.Tensor]:
 def _megatron_fully_reshardable_read(unpacked, dp_view) -> dict[str, torch.Tensor]:
     """What Megatron dev's fully_reshardable save makes of the same bucket state, modelled with
     our layout: ``get_parameter_state_dp_zero`` concatenates the buckets *without* the padding
-    between them (zeros in the 64-alignment gaps, ``distrib_optimizer.py:1396-1451``), then
+    between them (zeros in the 64-alignment gaps, ``distrib_optimizer.py:1366-1451``), then
     ``sharded_param_state_fully_reshardable`` slices that at each parameter's *padded* buffer
     range (``buffer.param_index_map``, ``:1826-1852``; dsv4 ``:1666``), zero-filling past the end
     (``:1854-1868``). From the second bucket on, every parameter is read shifted by the
