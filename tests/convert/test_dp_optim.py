@@ -207,3 +207,22 @@ def test_unmodelled_layout_inspects_then_refuses(ref, tmp_path):
         mhc_convert.enable(packed, tmp_path / "out")
     assert not (tmp_path / "out").exists()
     mhc_convert.enable(packed, tmp_path / "out", drop_optimizer=True)
+
+
+def test_synthetic_disable_bf16_two_buffers(tmp_path):
+    """An mHC-on bf16 run (mHC parameters fp32: a second gradient buffer, gbuf_idx_1),
+    dp_reshardable: disable carries every moment back to the mHC-off keys bitwise."""
+    ref = dp_synth.reference(tmp_path / "ref", dtype="bfloat16")
+    on = tmp_path / "on"
+    mhc_convert.enable(ref, on)
+    packed = dp_synth.repack(on, tmp_path / "dp", dp=4, bucket_size=2500)
+    raw = read_torch_dist(packed)
+    assert {k.split(".dtype_")[1].split(".bucket")[0] for k in raw.entries if ".dtype_" in k} == {
+        "(torch.bfloat16, torch.bfloat16)", "(torch.float32, torch.float32)"}
+    off = tmp_path / "off"
+    mhc_convert.disable(packed, off)
+    want, got = _opt(read_torch_dist(ref)), _opt(read_torch_dist(off))
+    for k, t in want.items():
+        state, model_key = K.split_opt(k)
+        assert torch.equal(got[K.opt_key("param" if state == "fp32_param" else state,
+                                         model_key)], t), k
