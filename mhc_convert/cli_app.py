@@ -261,7 +261,8 @@ PassOpt = Annotated[str | None, typer.Option("--passthrough", metavar="REGEX",
                                              help="Carry keys matching REGEX unchanged.")]
 DropOptOpt = Annotated[bool, typer.Option(
     "--drop-optimizer", help="Leave optimizer state out of the output (resume with "
-    "--no-load-optim); needed when it cannot be carried (e.g. dp_reshardable).")]
+    "--no-load-optim); needed when it cannot be carried (a legacy distrib_optim.pt, a "
+    "dp_reshardable layout that is not modelled: `inspect` says).")]
 NonfiniteOpt = Annotated[bool, typer.Option(
     "--allow-nonfinite", help="Convert even if a tensor holds NaN/Inf (carried bit-exactly); "
     "by default such a checkpoint is refused (exit 3).")]

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mhc_convert import commit
-from mhc_convert.adapters import open_checkpoint
+from mhc_convert.adapters import ReadOptions, open_checkpoint
 from mhc_convert.errors import MixedLayoutError
 from mhc_convert.inputs import local_path
 from mhc_convert.view import CheckpointView
@@ -50,7 +50,8 @@ class InspectReport:
 def inspect(path: str | Path, *, verify: bool = False,
             iteration: int | None = None) -> InspectReport:
     path = local_path(path, role="source")
-    adapter, view, note = open_checkpoint(path, iteration=iteration)
+    adapter, view, note = open_checkpoint(path, iteration=iteration,
+                                          options=ReadOptions(describe=True))
     fmt, cfg, notes = adapter.name, adapter.config(view), [note] if note else []
     keys = list(view.entries)
     problems: list[str] = []

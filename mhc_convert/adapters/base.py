@@ -25,9 +25,12 @@ Assign = Callable[[list[tuple[str, int]]], set[str]]
 @dataclass(frozen=True)
 class ReadOptions:
     """``drop_optimizer``: the engine leaves every ``optimizer.*`` key out of the plan, so an
-    optimizer layout that cannot follow a parameter change is acceptable (it is not carried)."""
+    optimizer layout that cannot follow a parameter change is acceptable (it is not carried).
+    ``describe``: read for ``inspect`` only: what a conversion would refuse is described in
+    ``meta`` instead of raised."""
 
     drop_optimizer: bool = False
+    describe: bool = False
 
 
 class Adapter(Protocol):

@@ -176,9 +176,13 @@ class LegacyAdapter:
             return
         for r in view.meta["ranks"]:
             if r.distrib_optim:
-                raise InvalidInputError("distributed-optimizer state (bucket-space) cannot "
-                                        f"follow a parameter change; {_ADVICE}",
-                                        path=view.path / r.distrib_optim)
+                raise InvalidInputError(
+                    "distributed-optimizer state (distrib_optim.pt, bucket space) is not "
+                    "carried: Megatron's legacy loader reads it back in the bucket layout of the "
+                    "*new* model, so it would have to be re-packed into the mHC buffers, which "
+                    "is not implemented; re-save the run with --ckpt-format torch_dist (its "
+                    f"dp_reshardable optimizer is carried), or {_ADVICE}",
+                    path=view.path / r.distrib_optim)
         # A dry remap with placeholder values validates order, structure and groups now.
         placeholders = {a.dst: torch.zeros(a.shape) for a in plan.adds}
         for ri in range(len(view.meta["ranks"])):
