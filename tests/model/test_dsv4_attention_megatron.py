@@ -51,7 +51,8 @@ def run_oracle(device: str, cases: list[dict], tmp) -> dict:
     tree = megatron_tree("dev")
     job, out = tmp / "job.json", tmp / "out.pt"
     job.write_text(json.dumps({"device": device, "cases": cases}))
-    env = dict(os.environ, PYTHONPATH=str(tree), PYTHONWARNINGS="ignore")
+    path = os.pathsep.join(p for p in (str(tree), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, PYTHONWARNINGS="ignore")
     if device == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run([os.environ.get("MHC_MEGATRON_PYTHON", sys.executable), str(WORKER),
