@@ -21,6 +21,9 @@ from mhc_model.config import (
 SINGLE_SYMBOLS = ["M", "G", "*", "D", "+", "-", "E"]
 PATTERNS = ["M-M*-M-", "MEMEM*EME", "GGG*GGG*", "DEDE", "*E+E"]
 ALL_PATTERNS = SINGLE_SYMBOLS + PATTERNS
+# DeepSeek-V4 attention: its ratio-128 layer needs >= 128 tokens to pool anything, more than the
+# generic tests run, so its model tests live in test_dsv4_attention.py
+DSV4_PATTERNS = ["C", "H", "W", "CEHW", "C-H-W-"]
 
 _LAYER = re.compile(r"^(decoder\.layers\.\d+\.)(.*)$")
 
