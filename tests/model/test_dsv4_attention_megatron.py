@@ -44,6 +44,9 @@ CASES = [
     {"id": "cehe_off", "pattern": "CEHE", "mhc": False},
     {"id": "cehe_on", "pattern": "CEHE", "mhc": True},
     {"id": "chwe_on_bf16", "pattern": "C-H-W-E", "mhc": True, "dtype": "bf16"},
+    # csa_dense_mode (C attends every causal compressed entry: no indexer) and no qk layernorm
+    {"id": "chw_dense_noqkn_off", "pattern": "CHW", "mhc": False, "seq": SEQ,
+     "extra": ["--csa-dense-mode"], "qk_layernorm": False},
 ]
 
 
@@ -105,10 +108,14 @@ def test_keys_shapes_dtypes_equal_megatron(oracle, cid):
     assert not diff, diff
     extra_state = [k for k, v in case["keys"].items() if v[0] is None]
     assert all(K.is_extra_state(k) for k in extra_state), extra_state
-    # the DSv4 layers are all there (C: sink + 2 ape, H: sink + ape, W: sink), fp32
-    # whatever the params dtype
+    # the DSv4 layers are all there: a sink per layer, an ape per compressor (C: its own and
+    # its indexer's unless in dense mode; H: one), fp32 whatever the params dtype
+    pattern, indexer = spec["pattern"], "--csa-dense-mode" not in spec.get("extra", ())
     fp32 = [k for k in ours if k.endswith(("attn_sink", "compressor.ape"))]
-    assert len(fp32) == {"C-H-W-E": 3 + 2 + 1, "CEHE": 3 + 2}[spec["pattern"]]
+    n_sink = sum(pattern.count(s) for s in "CHW")
+    assert len(fp32) == n_sink + pattern.count("C") * (1 + indexer) + pattern.count("H")
+    assert any(".indexer." in k for k in ours) == (indexer and "C" in pattern)
+    assert any("q_layernorm" in k for k in ours) == (spec.get("qk_layernorm") is not False)
     assert all(ours[k][1] == "float32" for k in fp32)
 
 
@@ -130,8 +137,9 @@ def check_layers(case: dict, device: str) -> dict[str, float]:
     return errors
 
 
-def test_layer_forward_equals_megatron_cpu(oracle):
-    errors = check_layers(oracle["chwe_off"], "cpu")
+@pytest.mark.parametrize("cid", ["chwe_off", "chw_dense_noqkn_off"])
+def test_layer_forward_equals_megatron_cpu(oracle, cid):
+    errors = check_layers(oracle[cid], "cpu")
     assert max(errors.values()) <= TOL, errors
 
 
