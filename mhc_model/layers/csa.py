@@ -34,6 +34,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from mhc_model.config import HybridConfig
 from mhc_model.layers.common import Linear, RMSNorm
 from mhc_model.layers.csa_rope import angles, rope_tail
 
@@ -139,7 +140,7 @@ class CompressedSparseAttention(nn.Module):
     """``core_attention``: window + compressed sparse attention for one compress ratio
     (0: window only, 4: + indexer top-k, 128: + every causal compressed entry)."""
 
-    def __init__(self, cfg, ratio: int, dtype: torch.dtype):
+    def __init__(self, cfg: HybridConfig, ratio: int, dtype: torch.dtype):
         super().__init__()
         mla, csa = cfg.mla, cfg.csa
         C, eps, std = cfg.hidden_size, cfg.norm_eps, cfg.init_std
