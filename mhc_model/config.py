@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cache, cached_property
 from typing import Any, Literal
 
-from mhc_model.conventions import CONVENTIONS
+from mhc_model.conventions import CONVENTIONS, head_eps_value
 from mhc_model.specs import LAYER_SPECS
 
 LAYER_SYMBOLS = {sym: spec.name for sym, spec in LAYER_SPECS.items()}
@@ -374,6 +374,15 @@ class HybridConfig:
             if section in used:
                 check(self)
         self.mhc.validate()
+        # the exact enable point is logit(1/n - eps) for the pre gates and the learned head
+        # (DESIGN.md §4): defined only for eps < 1/n
+        n = self.mhc.num_residual_streams
+        eps = max(self.mhc.mhc_eps, head_eps_value(self.mhc.mhc_convention,
+                                                   mhc_eps=self.mhc.mhc_eps,
+                                                   layernorm_epsilon=self.norm_eps))
+        if eps >= 1.0 / n:
+            raise ValueError(f"mhc: eps {eps} (mhc_eps or, as the head's eps, norm_eps) must be "
+                             f"< 1/num_residual_streams = {1.0 / n:.4g}")
 
     @cached_property
     def layer_symbols(self) -> tuple[str, ...]:
