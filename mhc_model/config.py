@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cache, cached_property
 from typing import Any, Literal
 
-from mhc_model.conventions import CONVENTIONS
+from mhc_model.conventions import CONVENTIONS, head_eps_value
 from mhc_model.dialects import ParsedPattern, split_pattern
 from mhc_model.specs import LAYER_SPECS
 
@@ -242,6 +242,46 @@ class MLAConfig:
 
 
 @dataclass(frozen=True)
+class CSAConfig:
+    """DeepSeek-V4 attention (`C` compressed sparse, ratio 4 + indexer; `H` heavily compressed,
+    ratio 128; `W` sliding window only): Megatron dev's ``csa_*``, ``o_*`` and YaRN fields
+    (``transformer_config.py`` MLATransformerConfig; CLI defaults of ``arguments.py``). The
+    projection sizes come from ``mla`` (q_lora_rank, v_head_dim = head dim, qk_pos_emb_head_dim,
+    the indexer's index_*) and ``attention.num_attention_heads``; ``mla.rotary_base`` is the
+    window layer's rope base."""
+
+    window_size: int = 128  # csa_window_size
+    compress_rotary_base: float = 40000.0  # csa_compress_rotary_base (C, H: YaRN rope)
+    dense_mode: bool = False  # csa_dense_mode: C attends every compressed entry, no indexer
+    o_groups: int = 8
+    o_lora_rank: int = 1024
+    rotary_scaling_factor: float = 1.0
+    original_max_position_embeddings: int = 4096
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+
+    def validate(self, mla: MLAConfig, heads: int) -> None:
+        _check_positive("csa", window_size=self.window_size, o_groups=self.o_groups,
+                        o_lora_rank=self.o_lora_rank,
+                        compress_rotary_base=self.compress_rotary_base,
+                        rotary_scaling_factor=self.rotary_scaling_factor,
+                        original_max_position_embeddings=self.original_max_position_embeddings,
+                        beta_fast=self.beta_fast, beta_slow=self.beta_slow)
+        if mla.q_lora_rank is None:
+            raise ValueError("DeepSeek-V4 attention (C/H/W) needs mla.q_lora_rank (its q is "
+                             "always down-projected)")
+        if mla.v_head_dim <= mla.qk_pos_emb_head_dim:
+            raise ValueError(f"DeepSeek-V4 attention: mla.v_head_dim={mla.v_head_dim} must exceed "
+                             f"mla.qk_pos_emb_head_dim={mla.qk_pos_emb_head_dim}")
+        if mla.index_head_dim < mla.qk_pos_emb_head_dim:
+            raise ValueError(f"DeepSeek-V4 attention: mla.index_head_dim={mla.index_head_dim} "
+                             f"must be >= mla.qk_pos_emb_head_dim={mla.qk_pos_emb_head_dim}")
+        if heads * mla.v_head_dim % self.o_groups:
+            raise ValueError(f"DeepSeek-V4 attention: heads*v_head_dim={heads * mla.v_head_dim} "
+                             f"is not divisible by csa.o_groups={self.o_groups}")
+
+
+@dataclass(frozen=True)
 class MHCConfig:
     """Manifold-constrained hyper-connections (DESIGN.md §1). Field names follow Megatron
     dsv4/dev; ``megatron_args.config_from_megatron_args`` also reads the main-branch
@@ -280,6 +320,7 @@ _SECTION_CHECKS: dict[str, Callable[[HybridConfig], None]] = {
     "mamba": lambda c: c.mamba.validate(c.hidden_size),
     "gdn": lambda c: c.gdn.validate(),
     "mla": lambda c: c.mla.validate(),
+    "csa": lambda c: c.csa.validate(c.mla, c.attention.num_attention_heads),
     "attention_heads": lambda c: _check_positive(
         "attention", num_attention_heads=c.attention.num_attention_heads),
 }
@@ -291,6 +332,7 @@ _SUBCONFIGS: dict[str, type] = {
     "mamba": MambaConfig,
     "gdn": GDNConfig,
     "mla": MLAConfig,
+    "csa": CSAConfig,
     "mhc": MHCConfig,
 }
 
@@ -313,6 +355,7 @@ class HybridConfig:
     mamba: MambaConfig = field(default_factory=MambaConfig)
     gdn: GDNConfig = field(default_factory=GDNConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)
+    csa: CSAConfig = field(default_factory=CSAConfig)
     mhc: MHCConfig = field(default_factory=MHCConfig)
 
     def __post_init__(self) -> None:
@@ -327,6 +370,15 @@ class HybridConfig:
             if section in used:
                 check(self)
         self.mhc.validate()
+        # the exact enable point is logit(1/n - eps) for the pre gates and the learned head
+        # (DESIGN.md §4): defined only for eps < 1/n
+        n = self.mhc.num_residual_streams
+        eps = max(self.mhc.mhc_eps, head_eps_value(self.mhc.mhc_convention,
+                                                   mhc_eps=self.mhc.mhc_eps,
+                                                   layernorm_epsilon=self.norm_eps))
+        if eps >= 1.0 / n:
+            raise ValueError(f"mhc: eps {eps} (mhc_eps or, as the head's eps, norm_eps) must be "
+                             f"< 1/num_residual_streams = {1.0 / n:.4g}")
 
     @cached_property
     def parsed_pattern(self) -> ParsedPattern:

@@ -62,6 +62,13 @@ _ARG_TABLE: dict[str, tuple[str | None, str]] = {
     "dsa_indexer_n_heads": ("mla", "index_n_heads"),
     "dsa_indexer_head_dim": ("mla", "index_head_dim"),
     "dsa_indexer_topk": ("mla", "index_topk"),
+    "csa_window_size": ("csa", "window_size"),
+    "csa_compress_rotary_base": ("csa", "compress_rotary_base"),
+    "csa_dense_mode": ("csa", "dense_mode"),
+    "o_groups": ("csa", "o_groups"),
+    "o_lora_rank": ("csa", "o_lora_rank"),
+    "rotary_scaling_factor": ("csa", "rotary_scaling_factor"),
+    "original_max_position_embeddings": ("csa", "original_max_position_embeddings"),
 }
 
 _SUB = _SUBCONFIGS  # sub-config name -> dataclass

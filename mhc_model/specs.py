@@ -152,6 +152,7 @@ class LayerSpec:
 
 
 _ATTN_PROJ = (r"self_attention\.linear_proj\.weight",)
+_DSV4_SECTIONS = ("mla", "csa", "attention_heads")
 
 LAYER_SPECS: dict[str, LayerSpec] = {s.symbol: s for s in (
     LayerSpec("M", "mamba", "mhc_model.layers.mamba2", "Mamba2Layer", ("mamba",),
@@ -164,6 +165,13 @@ LAYER_SPECS: dict[str, LayerSpec] = {s.symbol: s for s in (
               _ATTN_PROJ, aliases=_ATTN_ALIASES),
     LayerSpec("D", "dsa", "mhc_model.layers.dsa", "DSALayer", ("mla", "attention_heads"),
               _ATTN_PROJ),
+    # DeepSeek-V4 attention: dev has all three, dsv4 has C and H (hybrid_layer_allocation.py)
+    LayerSpec("C", "csa", "mhc_model.layers.dsv4_attention", "CSALayer", _DSV4_SECTIONS,
+              _ATTN_PROJ, branches=("dev", "dsv4")),
+    LayerSpec("H", "hca", "mhc_model.layers.dsv4_attention", "HCALayer", _DSV4_SECTIONS,
+              _ATTN_PROJ, branches=("dev", "dsv4")),
+    LayerSpec("W", "window", "mhc_model.layers.dsv4_attention", "WindowAttentionLayer",
+              _DSV4_SECTIONS, _ATTN_PROJ, branches=("dev",)),
     LayerSpec("+", "mla", "mhc_model.layers.mla", "MLALayer", ("mla", "attention_heads"),
               _ATTN_PROJ, branches=("main",)),
     LayerSpec("-", "mlp", "mhc_model.layers.mlp", "MLPLayer", ("mlp",),

@@ -34,7 +34,8 @@ from tests.paths import ROOT
 EXTERNAL = ROOT / "fixtures" / "external"
 DEV, DSV4 = "megatron-dev-d48bd6be", "megatron-dsv4-26b830a6"
 FIXTURES = {
-    DEV: ("gdn_dsa_off_bf16", "gdn_dsa_on_bf16", "mstar_moe_legacy_off", "mstar_moe_legacy_on",
+    DEV: ("dsv4_chw_off_bf16", "dsv4_chw_on_bf16",
+          "gdn_dsa_off_bf16", "gdn_dsa_on_bf16", "mstar_moe_legacy_off", "mstar_moe_legacy_on",
           "mstar_moe_legacy_tp2_pp2_off_bf16", "mstar_moe_pp2_off_bf16_localnames",
           "mstar_moe_pp2_on_bf16_localnames", "mstar_moe_tp1_off", "mstar_moe_tp1_on",
           "mstar_moe_tp2_on_bf16"),
@@ -49,6 +50,7 @@ CONVENTION = {DEV: "megatron_dev", DSV4: "megatron_dsv4"}
 PAIRS = [(DEV, "mstar_moe_tp1_off", "mstar_moe_tp1_on"),
          (DEV, "mstar_moe_pp2_off_bf16_localnames", "mstar_moe_pp2_on_bf16_localnames"),
          (DEV, "gdn_dsa_off_bf16", "gdn_dsa_on_bf16"),
+         (DEV, "dsv4_chw_off_bf16", "dsv4_chw_on_bf16"),  # DeepSeek-V4 C/H/W attention + MoE
          (DEV, "mstar_moe_legacy_off", "mstar_moe_legacy_on"),
          (DSV4, "gdn_off_bf16", "gdn_on_bf16")]
 PARITY_TOL = 1e-5  # fp32 CPU, DESIGN.md §4

@@ -75,6 +75,9 @@ ON = [
     # Megatron's GDN applies config.activation_func (squared ReLU in these fixtures) to its conv
     # and output gate; ours did SiLU (6.4e-2 on the H200 before the fix, bench/results log)
     ("dev", "gdn_dsa_on_bf16"),
+    # DeepSeek-V4 C/H/W (+ MoE): at 32 tokens the H layer holds no compressed entry (ratio
+    # 128); the per-layer forward (tests/model/test_dsv4_attention_megatron.py) runs 270
+    ("dev", "dsv4_chw_on_bf16"),
     ("dsv4", "mstar_tp1_on"),
     ("dsv4", "mstar_tp2_on_bf16"),
     ("dsv4", "mstar_pp2_on_bf16_localnames"),
@@ -87,6 +90,7 @@ OFF = [
     ("dev", "mstar_moe_pp2_off_bf16_localnames"),
     ("dev", "mstar_moe_legacy_off"),
     ("dev", "gdn_dsa_off_bf16"),
+    ("dev", "dsv4_chw_off_bf16"),
     # dsv4 stores mHC parameters in bf16 here: the exact-init logit -ln 3 rounds (sum H_pre =
     # 0.99779, absorbed by the pre-norms only up to their eps), which the enable report says;
     # measured 2.6e-5 (with the fp32 value: 4.6e-7). Bound: BF16_HELD_TOL

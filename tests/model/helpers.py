@@ -9,6 +9,7 @@ import torch
 from mhc_model import HybridConfig
 from mhc_model.config import (
     AttentionConfig,
+    CSAConfig,
     GDNConfig,
     MambaConfig,
     MHCConfig,
@@ -20,6 +21,9 @@ from mhc_model.config import (
 SINGLE_SYMBOLS = ["M", "G", "*", "D", "+", "-", "E"]
 PATTERNS = ["M-M*-M-", "MEMEM*EME", "GGG*GGG*", "DEDE", "*E+E"]
 ALL_PATTERNS = SINGLE_SYMBOLS + PATTERNS
+# DeepSeek-V4 attention: its ratio-128 layer needs >= 128 tokens to pool anything, more than the
+# generic tests run, so its model tests live in test_dsv4_attention.py
+DSV4_PATTERNS = ["C", "H", "W", "CEHW", "C-H-W-"]
 
 _LAYER = re.compile(r"^(decoder\.layers\.\d+\.)(.*)$")
 
@@ -40,6 +44,8 @@ def tiny_config(pattern: str, *, mhc: bool = False, n: int = 4, convention: str 
                       chunk_size=8),
         mla=MLAConfig(q_lora_rank=16, kv_lora_rank=16, qk_head_dim=8, qk_pos_emb_head_dim=4,
                       v_head_dim=8, index_n_heads=2, index_head_dim=8, index_topk=4),
+        csa=CSAConfig(window_size=4, o_groups=2, o_lora_rank=8, rotary_scaling_factor=4.0,
+                      original_max_position_embeddings=64),
         mhc=MHCConfig(enable_hyper_connections=mhc, num_residual_streams=n,
                       mhc_convention=convention, mhc_output_contract=contract, **mhc_extra),
     )

@@ -12,10 +12,10 @@ from mhc_model.specs import LAYER_SPECS
 from mhc_model.toggle import codec as K
 from mhc_model.toggle.plan import plan_for_model
 from mhc_model.toggle.shapes import expected_model_shapes, mhc_param_shapes
-from tests.model.helpers import ALL_PATTERNS, tiny_config
+from tests.model.helpers import ALL_PATTERNS, DSV4_PATTERNS, tiny_config
 
 
-@pytest.mark.parametrize("pattern", ALL_PATTERNS)
+@pytest.mark.parametrize("pattern", ALL_PATTERNS + DSV4_PATTERNS)
 @pytest.mark.parametrize("tied", [False, True])
 def test_shapes_from_specs_equal_the_built_model(pattern, tied):
     cfg = tiny_config(pattern).replace(tie_word_embeddings=tied)
