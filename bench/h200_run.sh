@@ -27,7 +27,7 @@ t0=$SECONDS
 if step extra; then
   PYTHONPATH=/tmp/site:$ROOT MHC_MEGATRON_SRC_DEV=$MLM/dev MHC_MEGATRON_SRC_DSV4=$MLM/dsv4 \
     TRITON_F32_DEFAULT=ieee MAMBA_DETERMINISTIC=1 \
-    timeout 100 python3 -m pytest "${TESTS[@]}" > "$OUT/tests_extra.log" 2>&1
+    timeout ${T_EXTRA:-300} python3 -m pytest "${TESTS[@]}" > "$OUT/tests_extra.log" 2>&1
   echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/tests_extra.log"
 fi
 t0=$SECONDS
@@ -38,7 +38,7 @@ if step kernels; then
 fi
 t0=$SECONDS
 if step overhead; then
-  PYTHONPATH=/tmp/site:$ROOT MHC_MEGATRON_SRC=$MLM/dev timeout ${T_OVERHEAD:-200} python3 bench/overhead.py \
+  PYTHONPATH=/tmp/site:$ROOT MHC_MEGATRON_SRC=$MLM/dev timeout ${T_OVERHEAD:-200} python3 bench/overhead.py ${OVERHEAD_ARGS:-} \
     --out "$OUT/overhead_h200.md" > "$OUT/overhead.log" 2>&1
   echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/overhead.log"
 fi

@@ -14,6 +14,7 @@ Memory: peak allocated above the weights (activations + gradients) and its floor
 (``bench/memfloor.py``: the plain stack's peak plus the bytes mHC must keep, counted).
 
     python bench/overhead.py [--out results.md] [--iters 5] [--stacks swiglu,nemotron]
+                             [--skip 'torch.compile,eager']
 """
 
 from __future__ import annotations
@@ -114,7 +115,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--stacks", default="swiglu,nemotron")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--skip", default="", help="comma-separated substrings of row labels to "
+                    "leave out (e.g. 'torch.compile' when its compile time does not fit)")
     args = ap.parse_args()
+    skip = [s for s in args.skip.split(",") if s]
     ids = torch.randint(0, 1024, (1, args.tokens), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(0))
     probe = torch.empty(1, device="cuda")
@@ -141,6 +145,8 @@ def main() -> None:
         stack_scan = scan if "M" in base.hybrid_layer_pattern else "-"
         results = []
         for label, cfg, ctx, transform, floor_kind in rows(base):
+            if any(s in label for s in skip):
+                continue
             t0 = time.perf_counter()
 
             def build(cfg=cfg, transform=transform):
