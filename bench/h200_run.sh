@@ -9,8 +9,9 @@ STEPS=${STEPS:-tests,extra,kernels,overhead}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 ROOT=$PWD
-MLM=$(cd "$ROOT/../mlm" && pwd)
-pip install -q --no-index --no-deps --target /tmp/site ../whl/*.whl && : > /tmp/site/mamba_ssm/__init__.py
+MLM=$(cd "${MLM:-$ROOT/../mlm}" && pwd)   # MLM=.carry/mlm from the repo root
+WHL=${WHL:-../whl}
+pip install -q --no-index --no-deps --target /tmp/site "$WHL"/*.whl && : > /tmp/site/mamba_ssm/__init__.py
 {
   nvidia-smi --query-gpu=name,driver_version --format=csv,noheader
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
