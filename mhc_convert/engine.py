@@ -21,7 +21,7 @@ from mhc_convert.errors import InvalidInputError, VerificationError
 from mhc_convert.hooks import NO_HOOKS, Hooks
 from mhc_convert.inputs import check_regex, check_streams, existing, local_path
 from mhc_convert.inspection import InspectReport, inspect, iteration_of  # noqa: F401 (API)
-from mhc_convert.validate import check_finite, is_floating, naming_files
+from mhc_convert.validate import OnePassScan, check_finite, is_floating, naming_files
 from mhc_convert.view import CheckpointView, OutItem
 from mhc_model import __version__
 from mhc_model.config import HybridConfig, MHCConfig
@@ -92,6 +92,31 @@ def _scan(view: CheckpointView, keys: list[str], progress: ProgressFactory | Non
     check_finite(view, keys, path=view.path, on_bytes=cb)
 
 
+def _finite(view: CheckpointView, copied: list[str], other: list[str],
+            progress: ProgressFactory | None, *, allow: bool, dry_run: bool, hooks: Hooks
+            ) -> OnePassScan | None:
+    """The NaN/Inf refusal (validate.py). ``copied`` keys are checked in the copy's own read
+    (the returned ``OnePassScan`` goes to the writer) where their bytes lie plainly in a file;
+    the rest, ``other`` (read but not written) and everything in a dry run, a distributed run
+    (each rank writes only its files) or ``Hooks.finite_scan == "reference"`` are read and
+    checked now, before anything is written."""
+    if allow:
+        return None
+    if dry_run or hooks.finite_scan == "reference" or distributed.active() is not None:
+        _scan(view, copied + other, progress)
+        return None
+    scan = OnePassScan(view, copied)
+    _scan(view, scan.upfront + other, progress)
+    return scan
+
+
+def _linked_note(finite: OnePassScan | None, link: str) -> list[str]:
+    if finite is None or not finite.linked_bytes:
+        return []
+    return [f"--link {link}: {finite.linked_bytes} bytes of tensor data are the source's own "
+            f"bytes, unchanged and not read; the NaN/Inf check covered the bytes written"]
+
+
 def _plan_keys(view: CheckpointView, drop_optimizer: bool) -> dict[str, Any]:
     """Keys and shapes the planner sees. With ``drop_optimizer`` the model-space optimizer
     keys (``optimizer.*``) are left out, so they are neither planned nor written."""
@@ -119,7 +144,8 @@ def _plan_detail(plan: Plan) -> list[dict[str, str]]:
 
 def _write(src: Path, dst: Path, view, adapter, plan: Plan, items: list[OutItem],
            target: HybridConfig, *, direction: str, overwrite: bool, link: str,
-           progress: ProgressFactory | None, hooks: Hooks = NO_HOOKS) -> int:
+           progress: ProgressFactory | None, hooks: Hooks = NO_HOOKS,
+           finite: OnePassScan | None = None) -> int:
     needed = _needed(items)
 
     def output() -> commit.AtomicOutput:
@@ -138,7 +164,9 @@ def _write(src: Path, dst: Path, view, adapter, plan: Plan, items: list[OutItem]
         return needed
     ao = output()
     with ao as tmp:
-        marker = adapter.write(tmp, view, items, target, link=link, progress=cb)
+        marker = adapter.write(tmp, view, items, target, link=link, progress=cb, finite=finite)
+        if finite is not None:
+            finite.finish()  # every range read to its end (or linked) before the seal
         ao.commit(marker)
     return needed
 
@@ -180,8 +208,8 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, target: str | 
     with naming_files(view):
         plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "enable", target,
                          passthrough=passthrough, path=str(view.path))
-    if not allow_nonfinite:
-        _scan(view, [r.src for r in plan.renames], progress)
+    finite = _finite(view, [r.src for r in plan.renames], [], progress,
+                     allow=allow_nonfinite, dry_run=dry_run, hooks=hooks)
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
     new_value = NewValues(target, init, param_dtype=choice.param_dtype)
     items += [OutItem(a.dst, value=new_value(a)) for a in plan.adds]
@@ -197,8 +225,9 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, target: str | 
     if not dry_run:
         report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
                                     direction="enable", overwrite=overwrite, link=link,
-                                    progress=progress, hooks=hooks)
+                                    progress=progress, hooks=hooks, finite=finite)
         report.tensors_written = len(items)
+        report.notes.extend(_linked_note(finite, link))
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -259,8 +288,8 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     with naming_files(view):
         plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "disable", cfg,
                          passthrough=passthrough, path=str(view.path))
-    if not allow_nonfinite:
-        _scan(view, [r.src for r in plan.renames] + [d.src for d in plan.drops], progress)
+    finite = _finite(view, [r.src for r in plan.renames], [d.src for d in plan.drops], progress,
+                     allow=allow_nonfinite, dry_run=dry_run, hooks=hooks)
     verdict = check_disable(cfg, {what: view.load(src)
                                   for src, what in plan.model_drops().items()})
     # mHC-off: the other mHC fields have no effect, so they return to their defaults (those of
@@ -288,12 +317,17 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
     if verdict.folds and verdict.exact_with_folds:
         items = _fold_post(adapter, view, cfg, items, verdict.folds, plan, drop_optimizer)
+        if finite is not None:  # folded weights are written as new values, not copied
+            copied = {it.source.key for it in items if it.source is not None}
+            _scan(view, finite.exclude([r.src for r in plan.renames if r.src not in copied]),
+                  progress)
     report.bytes_to_write = _needed(items)
     if not dry_run:
         report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
                                     direction="disable", overwrite=overwrite, link=link,
-                                    progress=progress, hooks=hooks)
+                                    progress=progress, hooks=hooks, finite=finite)
         report.tensors_written = len(items)
+        report.notes.extend(_linked_note(finite, link))
         if not verdict.exact_with_folds and getattr(distributed.active(), "is_main", True):
             from mhc_convert.parity import compare_checkpoints
 

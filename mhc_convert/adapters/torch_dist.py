@@ -52,7 +52,7 @@ class TorchDistAdapter:
         """Nothing beyond the read-time refusals: the plan covers every stored key."""
 
     def write(self, tmp: Path, view: CheckpointView, items: list[OutItem], target: HybridConfig,
-              *, link, progress, assign=None):
+              *, link, progress, assign=None, finite=None):
         common = with_mhc_meta(view.meta["common_state"], target)
         common["args"] = flip_args(common["args"], target)
         common_key = view.meta["common_key"]
@@ -66,7 +66,8 @@ class TorchDistAdapter:
                      if it.key == common_key else it for it in items]
         elif assign is None or td.COMMON_PT in assign([(td.COMMON_PT, 0)]):
             tdw.write_common_pt(out_iter, common)
-        tdw.write_torch_dist(out_iter, view, items, link=link, progress=progress, assign=assign)
+        tdw.write_torch_dist(out_iter, view, items, link=link, progress=progress, assign=assign,
+                             finite=finite)
         metadata_json = view.meta["metadata_json"]
         tracker = view.meta.get("tracker")
 
