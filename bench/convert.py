@@ -41,7 +41,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = Path("/work/shared/fixtures-external/megatron-core-0.19.2/hybrid_tp1")
-SIZES = {"1 GB": 2, "4 GB": 11}  # MLP layers: 1.24 GB and 4.41 GB of tensor bytes
+SIZES = {"1 GB": 2, "4 GB": 16}  # MLP layers: 1.01 GB and 4.29 GB of tensor bytes
 HIDDEN, FFN, VOCAB = 4096, 14336, 32768
 MB = 1e6
 

@@ -193,8 +193,9 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, target: str | 
     ``target`` (``mhc_model.targets``; None: proven from the source, see ``targeting``), whose
     convention and contract apply unless compatible ones are named.
     ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
-    NaN/Inf in any carried tensor is refused unless ``allow_nonfinite``; the check (dry runs
-    included) reads every source tensor once before anything is written (validate.py).
+    NaN/Inf in any carried tensor is refused unless ``allow_nonfinite``; the check runs on the
+    bytes as they are copied (one read serves copy, sha256 and check; a refusal discards the
+    temp dir), on a dry run before anything (validate.py); linked files are not read.
     ``iteration`` picks ``iter_XXXXXXX`` of a run directory instead of the tracker's."""
     t0 = time.perf_counter()
     src, dst = existing(src, role="source"), local_path(dst, role="destination")
@@ -278,8 +279,8 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     """Convert an mHC-on checkpoint back to the plain layout. Exact only at a point where the
     streams provably stay identical (DESIGN.md §4); otherwise refuse unless ``allow_lossy``.
     ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
-    NaN/Inf in any source tensor is refused unless ``allow_nonfinite``; the check (dry runs
-    included) reads every source tensor once before anything is written (validate.py)."""
+    NaN/Inf in any source tensor is refused unless ``allow_nonfinite``; carried tensors are
+    checked as they are copied, the dropped ones before anything is written (validate.py)."""
     t0 = time.perf_counter()
     src, dst = existing(src, role="source"), local_path(dst, role="destination")
     check_regex(passthrough)
