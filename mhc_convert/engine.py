@@ -21,7 +21,7 @@ from mhc_convert.errors import InvalidInputError, VerificationError
 from mhc_convert.hooks import NO_HOOKS, Hooks
 from mhc_convert.inputs import check_regex, check_streams, existing, local_path
 from mhc_convert.inspection import InspectReport, inspect, iteration_of  # noqa: F401 (API)
-from mhc_convert.validate import check_finite, is_floating, naming_files
+from mhc_convert.validate import OnePassScan, check_finite, is_floating, naming_files
 from mhc_convert.view import CheckpointView, OutItem
 from mhc_model import __version__
 from mhc_model.config import HybridConfig, MHCConfig
@@ -86,10 +86,37 @@ def _optimizer_fate(view: CheckpointView, plan: Plan, drop_optimizer: bool) -> s
 
 def _scan(view: CheckpointView, keys: list[str], progress: ProgressFactory | None) -> None:
     """Refuse NaN/Inf (validate.check_finite), with a progress bar over the bytes read."""
+    if not keys:  # everything is checked in the copy: no bar for an empty pass
+        return
     entries = [view.entries[k] for k in keys if k in view.entries]
     total = sum(e.nbytes for e in entries if e.kind == "tensor" and is_floating(e.dtype))
     cb = progress(total, "checking for NaN/Inf") if progress else None
     check_finite(view, keys, path=view.path, on_bytes=cb)
+
+
+def _finite(view: CheckpointView, copied: list[str], other: list[str],
+            progress: ProgressFactory | None, *, allow: bool, dry_run: bool, hooks: Hooks
+            ) -> OnePassScan | None:
+    """The NaN/Inf refusal (validate.py). ``copied`` keys are checked in the copy's own read
+    (the returned ``OnePassScan`` goes to the writer) where their bytes lie plainly in a file;
+    the rest, ``other`` (read but not written) and everything in a dry run, a distributed run
+    (each rank writes only its files) or ``Hooks.finite_scan == "reference"`` are read and
+    checked now, before anything is written."""
+    if allow:
+        return None
+    if dry_run or hooks.finite_scan == "reference" or distributed.active() is not None:
+        _scan(view, copied + other, progress)
+        return None
+    scan = OnePassScan(view, copied)
+    _scan(view, scan.upfront + other, progress)
+    return scan
+
+
+def _linked_note(finite: OnePassScan | None, link: str) -> list[str]:
+    if finite is None or not finite.linked_bytes:
+        return []
+    return [f"--link {link}: {finite.linked_bytes} bytes of tensor data are the source's own "
+            f"bytes, unchanged and not read; the NaN/Inf check covered the bytes written"]
 
 
 def _plan_keys(view: CheckpointView, drop_optimizer: bool) -> dict[str, Any]:
@@ -129,7 +156,8 @@ def _plan_detail(plan: Plan) -> list[dict[str, str]]:
 
 def _write(src: Path, dst: Path, view, adapter, plan: Plan, items: list[OutItem],
            target: HybridConfig, *, direction: str, overwrite: bool, link: str,
-           progress: ProgressFactory | None, hooks: Hooks = NO_HOOKS) -> int:
+           progress: ProgressFactory | None, hooks: Hooks = NO_HOOKS,
+           finite: OnePassScan | None = None) -> int:
     needed = _needed(items)
 
     def output() -> commit.AtomicOutput:
@@ -148,7 +176,9 @@ def _write(src: Path, dst: Path, view, adapter, plan: Plan, items: list[OutItem]
         return needed
     ao = output()
     with ao as tmp:
-        marker = adapter.write(tmp, view, items, target, link=link, progress=cb)
+        marker = adapter.write(tmp, view, items, target, link=link, progress=cb, finite=finite)
+        if finite is not None:
+            finite.finish()  # every range read to its end (or linked) before the seal
         ao.commit(marker)
     return needed
 
@@ -175,8 +205,9 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, target: str | 
     ``target`` (``mhc_model.targets``; None: proven from the source, see ``targeting``), whose
     convention and contract apply unless compatible ones are named.
     ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
-    NaN/Inf in any carried tensor is refused unless ``allow_nonfinite``; the check (dry runs
-    included) reads every source tensor once before anything is written (validate.py).
+    NaN/Inf in any carried tensor is refused unless ``allow_nonfinite``; the check runs on the
+    bytes as they are copied (one read serves copy, sha256 and check; a refusal discards the
+    temp dir), on a dry run before anything (validate.py); linked files are not read.
     ``iteration`` picks ``iter_XXXXXXX`` of a run directory instead of the tracker's.
     With MTP, an enable keeps the MTP logits only where the norms before each depth are
     uniform (``verdict.check_mtp_norms``); otherwise it is refused unless ``allow_lossy``."""
@@ -192,8 +223,8 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, target: str | 
     with naming_files(view):
         plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "enable", target,
                          passthrough=passthrough, path=str(view.path))
-    if not allow_nonfinite:
-        _scan(view, [r.src for r in plan.renames], progress)
+    finite = _finite(view, [r.src for r in plan.renames], [], progress,
+                     allow=allow_nonfinite, dry_run=dry_run, hooks=hooks)
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
     new_value = NewValues(target, init, param_dtype=choice.param_dtype)
     items += [OutItem(a.dst, value=new_value(a)) for a in plan.adds]
@@ -216,8 +247,9 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, target: str | 
     if not dry_run:
         report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
                                     direction="enable", overwrite=overwrite, link=link,
-                                    progress=progress, hooks=hooks)
+                                    progress=progress, hooks=hooks, finite=finite)
         report.tensors_written = len(items)
+        report.notes.extend(_linked_note(finite, link))
     report.seconds = time.perf_counter() - t0
     return report
 
@@ -268,8 +300,8 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     """Convert an mHC-on checkpoint back to the plain layout. Exact only at a point where the
     streams provably stay identical (DESIGN.md §4); otherwise refuse unless ``allow_lossy``.
     ``drop_optimizer`` discards optimizer state that cannot follow the parameter change.
-    NaN/Inf in any source tensor is refused unless ``allow_nonfinite``; the check (dry runs
-    included) reads every source tensor once before anything is written (validate.py)."""
+    NaN/Inf in any source tensor is refused unless ``allow_nonfinite``; carried tensors are
+    checked as they are copied, the dropped ones before anything is written (validate.py)."""
     t0 = time.perf_counter()
     src, dst = existing(src, role="source"), local_path(dst, role="destination")
     check_regex(passthrough)
@@ -278,8 +310,8 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     with naming_files(view):
         plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "disable", cfg,
                          passthrough=passthrough, path=str(view.path))
-    if not allow_nonfinite:
-        _scan(view, [r.src for r in plan.renames] + [d.src for d in plan.drops], progress)
+    finite = _finite(view, [r.src for r in plan.renames], [d.src for d in plan.drops], progress,
+                     allow=allow_nonfinite, dry_run=dry_run, hooks=hooks)
     verdict = check_disable(cfg, {what: view.load(src)
                                   for src, what in plan.model_drops().items()},
                             _mtp_norms(view, cfg))
@@ -309,12 +341,17 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     items += _reshaped(view, plan)
     if verdict.folds and verdict.exact_with_folds:
         items = _fold_post(adapter, view, cfg, items, verdict.folds, plan, drop_optimizer)
+        if finite is not None:  # folded weights are written as new values, not copied
+            copied = {it.source.key for it in items if it.source is not None}
+            _scan(view, finite.exclude([r.src for r in plan.renames if r.src not in copied]),
+                  progress)
     report.bytes_to_write = _needed(items)
     if not dry_run:
         report.bytes_total = _write(src, dst, view, adapter, plan, items, target,
                                     direction="disable", overwrite=overwrite, link=link,
-                                    progress=progress, hooks=hooks)
+                                    progress=progress, hooks=hooks, finite=finite)
         report.tensors_written = len(items)
+        report.notes.extend(_linked_note(finite, link))
         if not verdict.exact_with_folds and getattr(distributed.active(), "is_main", True):
             from mhc_convert.parity import compare_checkpoints
 

@@ -6,15 +6,22 @@ mmapped, safetensors#762), yields a ``HashingWriter``, fsyncs, closes, and recor
 ``(size, sha256)`` with the active ``AtomicOutput`` (``commit.record``).
 
 Copies (``copy_range``) run in one of two modes, chosen by ``Hooks.copy_mode`` (``MHC_COPY_MODE``
-at the CLI entry; default ``user``: the digest is of the bytes written, and it measured as fast
-or faster; bench/results/convert_cpu.md has the numbers):
+at the CLI entry; default ``user``: the digest and the NaN/Inf check are of the bytes written;
+bench/results/convert_cpu.md has the numbers):
 
 * ``user``: ``pread`` a chunk into one of eight rotating 2 MiB buffers, hand it to a hashing
-  thread (``hashlib`` releases the GIL), ``write`` it while it is hashed. The digest is of
-  exactly the bytes written; each source byte is read once.
+  thread (``hashlib`` releases the GIL), run the NaN/Inf bit test of the tensor it belongs to
+  on it (``scans``: ``validate.RangeScan``, numpy, GIL released) and ``write`` it while it is
+  hashed. One read of each source byte serves the copy, the digest and the check.
 * ``kernel``: ``copy_file_range`` (in-kernel) while the hashing thread ``pread``s the same source
-  range again; the digest is of the source bytes as read a second time (any concurrent change of
-  the source shows as a manifest mismatch, and the source fingerprint is re-checked at commit).
+  range again and hashes and checks that; the digest is of the source bytes as read a second
+  time (any concurrent change of the source shows as a manifest mismatch, and the source
+  fingerprint is re-checked at commit).
+
+Writeback starts while the copy runs (``sync_file_range(SYNC_FILE_RANGE_WRITE)`` every
+``WRITEBACK`` bytes, Linux): the final ``fsync`` then waits for the last few MiB instead of the
+whole file, so the disk writes overlap the reads and the hashing as ``cp`` + ``sync`` cannot.
+The fsync is unchanged; this only starts the writes earlier.
 
 Hooks (``hooks.Hooks``: ``output_file`` takes them, by default those of the ``AtomicOutput`` that
 owns the file): ``phase("file-start")`` / ``phase("file-done")`` per file and ``phase("mid-copy")``
@@ -26,15 +33,17 @@ hooks) fail with that errno, as a full disk or revoked permission would.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import hashlib
 import os
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Protocol
 
-from mhc_convert.commit import hooks_for, record
+from mhc_convert.commit import _libc, hooks_for, record
 from mhc_convert.hooks import NO_HOOKS, Hooks
 
 # Copy granularity (progress callbacks and crash hooks fire per chunk) and pipeline depth.
@@ -44,6 +53,30 @@ CHUNK = 2 * 1024 * 1024
 _NBUF = 8
 _INLINE = 256 * 1024  # smaller pieces are hashed inline (after earlier pieces are done)
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+WRITEBACK = 32 * 1024 * 1024  # start the disk writes of every this many bytes written
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+
+
+def _start_writeback(fd: int, offset: int, length: int) -> None:
+    """Ask the kernel to start writing [offset, +length) of ``fd`` out (no wait, no
+    durability: ``output_file``'s fsync still decides). Best effort: errors are the fsync's."""
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE)
+
+
+class Scan(Protocol):
+    """A content check fed the bytes of [offset, +length) of the source as they are copied
+    (``validate.RangeScan``; this module stays free of torch and numpy)."""
+
+    offset: int
+    length: int
+
+    def feed(self, data: memoryview) -> None: ...
+
+
 def _write_all(fd: int, data: memoryview) -> None:
     while data:
         data = data[os.write(fd, data):]
@@ -65,6 +98,7 @@ class HashingWriter:
         self._next = 0
         self._kernel = hooks.copy_mode == "kernel" and hasattr(os, "copy_file_range")
         self._hash_buf: bytearray | None = None
+        self._flushed = 0  # bytes handed to _start_writeback
 
     # -- hashing ------------------------------------------------------------------------------
     def _submit(self, fn: Callable, *args) -> Future:
@@ -90,7 +124,13 @@ class HashingWriter:
     def _out(self, data: memoryview) -> None:
         self.hooks.before_write(len(data), self.path)
         _write_all(self.fd, data)
-        self.size += len(data)
+        self._grew(len(data))
+
+    def _grew(self, n: int) -> None:
+        self.size += n
+        if self.size - self._flushed >= WRITEBACK:
+            _start_writeback(self.fd, self._flushed, self.size - self._flushed)
+            self._flushed = self.size
 
     def _chunk_done(self, n: int) -> None:
         if self.progress is not None:
@@ -110,22 +150,35 @@ class HashingWriter:
                 self._chunk_done(len(part))
         return len(view)
 
-    def copy_range(self, src_fd: int, offset: int, length: int, on_short: Callable[[int], None]
-                   ) -> None:
+    def copy_range(self, src_fd: int, offset: int, length: int, on_short: Callable[[int], None],
+                   scans: Sequence[Scan] = ()) -> None:
         """Append ``length`` bytes of ``src_fd`` at ``offset``; ``on_short(missing)`` raises
-        when the source ends early."""
+        when the source ends early. ``scans``: the stored ranges of tensors inside the copied
+        range, in order (``validate.OnePassScan.ranges``); each is fed exactly its bytes."""
+        end, pos = offset + length, offset
+        for scan in scans:
+            if scan.offset < pos or scan.offset + scan.length > end:
+                raise RuntimeError("scanned ranges must be in order and inside the copy")
+            self._copy(src_fd, pos, scan.offset - pos, end, on_short, None)
+            self._copy(src_fd, scan.offset, scan.length, end, on_short, scan)
+            pos = scan.offset + scan.length
+        self._copy(src_fd, pos, end - pos, end, on_short, None)
+
+    def _copy(self, src_fd: int, offset: int, length: int, end: int,
+              on_short: Callable[[int], None], scan: Scan | None) -> None:
         done = 0
         while done < length:
             want = min(CHUNK, length - done)
-            got = self._copy_kernel(src_fd, offset + done, want) if self._kernel else None
+            at = offset + done
+            got = self._copy_kernel(src_fd, at, want, scan) if self._kernel else None
             if got is None:
-                got = self._copy_user(src_fd, offset + done, want)
+                got = self._copy_user(src_fd, at, want, scan)
             if got == 0:
-                on_short(length - done)
+                on_short(end - at)
             done += got
             self._chunk_done(got)
 
-    def _copy_user(self, src_fd: int, offset: int, want: int) -> int:
+    def _copy_user(self, src_fd: int, offset: int, want: int, scan: Scan | None) -> int:
         if len(self._bufs) < _NBUF:
             self._bufs.append(bytearray(CHUNK))
             self._buf_fut.append(None)
@@ -137,10 +190,13 @@ class HashingWriter:
         if got:
             part = view[:got]
             self._buf_fut[i] = self._submit(self._sha.update, part)
+            if scan is not None:  # while the digest thread reads the same buffer
+                scan.feed(part)
             self._out(part)
         return got
 
-    def _copy_kernel(self, src_fd: int, offset: int, want: int) -> int | None:
+    def _copy_kernel(self, src_fd: int, offset: int, want: int, scan: Scan | None
+                     ) -> int | None:
         self.hooks.before_write(want, self.path)
         try:
             got = os.copy_file_range(src_fd, self.fd, want, offset)
@@ -150,11 +206,11 @@ class HashingWriter:
             self._kernel = False
             return None
         if got:
-            self._submit(self._hash_source, src_fd, offset, got)
-            self.size += got
+            self._submit(self._hash_source, src_fd, offset, got, scan)
+            self._grew(got)
         return got
 
-    def _hash_source(self, src_fd: int, offset: int, length: int) -> None:
+    def _hash_source(self, src_fd: int, offset: int, length: int, scan: Scan | None) -> None:
         if self._hash_buf is None:
             self._hash_buf = bytearray(CHUNK)
         view = memoryview(self._hash_buf)
@@ -164,6 +220,8 @@ class HashingWriter:
             if got == 0:
                 raise OSError(errno.EIO, "source shrank while hashing", str(self.path))
             self._sha.update(view[:got])
+            if scan is not None:
+                scan.feed(view[:got])
             done += got
 
     def finish(self) -> tuple[int, str]:

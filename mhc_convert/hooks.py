@@ -22,6 +22,8 @@ The variables ``from_env`` understands:
                            written with these hooks) fails with that errno
 ``MHC_FAIL_RANK=R``        distributed rank R raises after it has started writing
 ``MHC_COPY_MODE``          ``user`` (default) or ``kernel`` (``hashcopy``)
+``MHC_FINITE_SCAN``        ``one-pass`` (default: NaN/Inf checked in the copy's read) or
+                           ``reference`` (``validate.check_finite`` reads the source first)
 ``MHC_DISTRIBUTED``        ``1``: a rank whatever launched it; ``0``: never distributed
 ``MHC_DIST_TIMEOUT``       rendezvous timeout, seconds (300)
 ``MHC_DIST_DEAD_S``        a peer without a heartbeat this long is dead, seconds (120)
@@ -45,6 +47,7 @@ from pathlib import Path
 
 FAULT_ERRNO = {"enospc": errno.ENOSPC, "eacces": errno.EACCES, "eio": errno.EIO}
 COPY_MODES = ("user", "kernel")
+FINITE_SCANS = ("one-pass", "reference")
 
 
 class _Counters:
@@ -66,6 +69,7 @@ class Hooks:
     write_faults: tuple[tuple[str, int], ...] = ()  # (kind, byte offset): "enospc@N" etc.
     fail_rank: int | None = None
     copy_mode: str = "user"
+    finite_scan: str = "one-pass"
     distributed: bool | None = None  # None: detect torchrun; True/False: MHC_DISTRIBUTED=1/0
     dist_timeout_s: float = 300.0
     dist_dead_s: float = 120.0
@@ -74,6 +78,9 @@ class Hooks:
     def __post_init__(self) -> None:
         if self.copy_mode not in COPY_MODES:
             raise ValueError(f"copy_mode must be one of {COPY_MODES}, got {self.copy_mode!r}")
+        if self.finite_scan not in FINITE_SCANS:
+            raise ValueError(f"finite_scan must be one of {FINITE_SCANS}, got "
+                             f"{self.finite_scan!r}")
         for kind, at in self.write_faults:
             if kind not in FAULT_ERRNO or at < 0:
                 raise ValueError(f"bad write fault {kind}@{at}")
@@ -92,6 +99,7 @@ class Hooks:
                 write_faults.append((kind, int(at)))
         rank = env.get("MHC_FAIL_RANK", "").strip()
         mode = env.get("MHC_COPY_MODE", "user")
+        scan = env.get("MHC_FINITE_SCAN", "one-pass")
         flag = env.get("MHC_DISTRIBUTED", "").strip()
         return cls(crash_at=env.get("MHC_CRASH_AT") or None,
                    hold_at=env.get("MHC_HOLD_AT") or None,
@@ -100,6 +108,7 @@ class Hooks:
                    faults=frozenset(faults), write_faults=tuple(write_faults),
                    fail_rank=int(rank) if rank.lstrip("-").isdigit() else None,
                    copy_mode=mode if mode in COPY_MODES else "user",
+                   finite_scan=scan if scan in FINITE_SCANS else "one-pass",
                    distributed={"1": True, "0": False}.get(flag),
                    dist_timeout_s=_float(env.get("MHC_DIST_TIMEOUT"), 300.0),
                    dist_dead_s=_float(env.get("MHC_DIST_DEAD_S"), 120.0))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from mhc_convert.formats.byte_sources import tensor_slices
 
@@ -50,6 +50,17 @@ class OutItem:
             raise ValueError(f"OutItem {self.key!r}: exactly one of source/value must be set")
 
 
+class StoredRange(NamedTuple):
+    """Where raw element bytes of a tensor lie, unencoded, in a file: ``length`` bytes at the
+    absolute ``offset`` of ``path`` (what a writer copying that file streams). ``name`` is the
+    file an error should name (the shard as the index spells it)."""
+
+    path: Path
+    offset: int
+    length: int
+    name: Path
+
+
 ProgressFn = Callable[[int], None]  # called with a number of bytes just processed
 # (file that holds them, raw uint8 slices) for every stored piece of an entry
 ByteSources = Callable[[Entry], Iterator[tuple[Path, Iterable["torch.Tensor"]]]]
@@ -61,7 +72,9 @@ class CheckpointView:
     native, ``common_state``/``iteration``/``tracker`` for Megatron, ...), already parsed with
     safe loaders. ``loader`` decodes one entry on demand. ``sources`` streams an entry's stored
     bytes (default: decode it and stream the tensor); ``locate`` names the file a user should
-    look at for a key (default: none beyond the checkpoint)."""
+    look at for a key (default: none beyond the checkpoint). ``ranges`` lists where an entry's
+    raw bytes lie in the source files, when they lie there plainly (None: they do not, e.g. a
+    pickled legacy tensor), so a copy can check them as it streams them (``validate``)."""
 
     format: Literal["native", "torch_dist", "torch_legacy"]
     path: Path
@@ -70,6 +83,7 @@ class CheckpointView:
     loader: Callable[[Entry], torch.Tensor | bytes | Any] = field(repr=False)
     sources: ByteSources | None = field(default=None, repr=False)
     locate: Callable[[Entry], Path | None] | None = field(default=None, repr=False)
+    ranges: Callable[[Entry], list[StoredRange] | None] | None = field(default=None, repr=False)
 
     def load(self, key: str) -> torch.Tensor | bytes | Any:
         return self.loader(self.entries[key])
@@ -78,6 +92,9 @@ class CheckpointView:
         if self.sources is not None:
             return self.sources(entry)
         return iter([(Path(self.path), tensor_slices(self.loader(entry)))])
+
+    def stored_ranges(self, entry: Entry) -> list[StoredRange] | None:
+        return self.ranges(entry) if self.ranges is not None else None
 
     def file_of(self, key: str) -> Path | None:
         """The file holding ``key`` (the native shard, the torch_dist ``.metadata`` where keys

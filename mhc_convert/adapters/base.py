@@ -15,6 +15,7 @@ from mhc_convert.view import CheckpointView, OutItem, ProgressFn
 from mhc_model.config import HybridConfig
 
 if TYPE_CHECKING:
+    from mhc_convert.validate import OnePassScan
     from mhc_model.toggle.plan import Plan
 
 MarkerWriter = Callable[[Path], None]
@@ -52,7 +53,9 @@ class Adapter(Protocol):
 
     def write(self, tmp: Path, view: CheckpointView, items: list[OutItem], target: HybridConfig,
               *, link: str, progress: ProgressFn | None,
-              assign: Assign | None = None) -> MarkerWriter: ...
+              assign: Assign | None = None, finite: OnePassScan | None = None) -> MarkerWriter:
+        """Write the output into ``tmp``; ``finite`` (not None): hand it every source range
+        copied (``ranges``) or linked (``linked``) so the NaN/Inf check runs in the copy."""
 
 
 DEFAULT_READ = ReadOptions()

@@ -190,8 +190,10 @@ class LegacyAdapter:
 
     # ---- write -------------------------------------------------------------------------
     def write(self, tmp: Path, view: CheckpointView, items: list[OutItem], target: HybridConfig,
-              *, link, progress, assign=None):
-        """Rewrite every rank file (``link`` does not apply: each file's content changes)."""
+              *, link, progress, assign=None, finite=None):
+        """Rewrite every rank file (``link`` does not apply: each file's content changes).
+        ``finite`` is never given ranges: pickled tensors have no ``stored_ranges``, so the
+        engine checks them before the write."""
         meta = view.meta
         ranks, payloads = meta["ranks"], meta["payloads"]
         iter_rel = Path(view.path.name) if meta["run_dir"] is not None else Path(".")

@@ -38,7 +38,7 @@ class NativeAdapter:
     def check(self, view, plan, cfg, target) -> None:
         """Nothing format-specific: the plan covers every native key."""
 
-    def write(self, tmp, view, items, target, *, link, progress, assign=None):
+    def write(self, tmp, view, items, target, *, link, progress, assign=None, finite=None):
         src_shard = view.meta["shard_of"]
         shard_of: dict[str, str] = {}
         layer_shard: dict[str, str] = {}
@@ -58,4 +58,5 @@ class NativeAdapter:
                     shard_of[it.key] = layer_shard.get(m.group(1), default) if m else default
         return write_native(tmp, items, target.to_dict(), shard_of, progress,
                             shard_metadata=view.meta.get("shard_metadata"),
-                            training_state=view.meta.get("training_state"), assign=assign)
+                            training_state=view.meta.get("training_state"), assign=assign,
+                            finite=finite)

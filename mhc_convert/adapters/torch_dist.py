@@ -65,7 +65,7 @@ class TorchDistAdapter:
             dp_optim.verify(view, unpacked, view.loader)
 
     def write(self, tmp: Path, view: CheckpointView, items: list[OutItem], target: HybridConfig,
-              *, link, progress, assign=None):
+              *, link, progress, assign=None, finite=None):
         if view.meta.get("dp_unpacked") is not None:  # bucket-space slices: new values
             items = [OutItem(it.key, value=view.loader(it.source))
                      if it.source is not None and isinstance(it.source.locator, dp_optim.Slice)
@@ -83,7 +83,8 @@ class TorchDistAdapter:
                      if it.key == common_key else it for it in items]
         elif assign is None or td.COMMON_PT in assign([(td.COMMON_PT, 0)]):
             tdw.write_common_pt(out_iter, common)
-        tdw.write_torch_dist(out_iter, view, items, link=link, progress=progress, assign=assign)
+        tdw.write_torch_dist(out_iter, view, items, link=link, progress=progress, assign=assign,
+                             finite=finite)
         metadata_json = view.meta["metadata_json"]
         tracker = view.meta.get("tracker")
 
@@ -115,4 +116,10 @@ def _unpacked_view(view: CheckpointView, cfg: HybridConfig) -> CheckpointView:
             return iter([(view.path, tensor_slices(loader(entry)))])
         return base_sources(entry)
 
-    return CheckpointView(view.format, view.path, entries, meta, loader, sources, view.locate)
+    def ranges(entry):  # unpacked slices are new values: checked before the write, not in it
+        if isinstance(entry.locator, dp_optim.Slice):
+            return None
+        return view.stored_ranges(entry)
+
+    return CheckpointView(view.format, view.path, entries, meta, loader, sources, view.locate,
+                          ranges=ranges)

@@ -77,12 +77,10 @@ class _Window(io.RawIOBase):
         return got
 
 
-def dcp_chunk_slices(path: Path, offset: int, length: int, nbytes: int,
-                      key: str) -> Iterator[torch.Tensor] | None:
-    """Stream the storage record of a DCP tensor chunk (a ``torch.save`` zip stored inside the
-    ``.distcp`` at [offset, +length)) without unpickling anything. None when the container is
-    not the plain one-storage, uncompressed, little-endian archive DCP writes."""
-    f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the generator / on failure
+def _plain_member(f: Any, offset: int, length: int, nbytes: int) -> tuple[Any, Any] | None:
+    """(zip, member) of the one storage record of a DCP chunk's ``torch.save`` zip at
+    [offset, +length) of ``f``; None unless it is the plain one-storage, uncompressed,
+    little-endian archive DCP writes."""
     try:
         zf = zipfile.ZipFile(_Window(f, offset, length))
         members = {i.filename.split("/", 1)[-1]: i for i in zf.infolist()}
@@ -91,17 +89,46 @@ def dcp_chunk_slices(path: Path, offset: int, length: int, nbytes: int,
         if (len(data) != 1 or data[0].compress_type != zipfile.ZIP_STORED
                 or data[0].file_size != nbytes
                 or (order is not None and zf.read(order).strip() != b"little")):
-            f.close()
             return None
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
+        return None
+    return zf, data[0]
+
+
+def dcp_chunk_range(path: Path, offset: int, length: int, nbytes: int) -> int | None:
+    """Absolute offset in ``path`` of the ``nbytes`` element bytes of a DCP chunk (its storage
+    record, stored uncompressed, so the bytes lie there as they are), or None when the
+    container is not the plain one (``_plain_member``). The local file header is read, not the
+    central directory's copy: torch.save pads the record through the local extra field."""
+    with open(path, "rb", buffering=0) as f:
+        got = _plain_member(f, offset, length, nbytes)
+        if got is None:
+            return None
+        head = os.pread(f.fileno(), 30, offset + got[1].header_offset)
+    if len(head) != 30 or head[:4] != b"PK\x03\x04" or head[8:10] != b"\0\0":
+        return None
+    start = got[1].header_offset + 30 + int.from_bytes(head[26:28], "little") \
+        + int.from_bytes(head[28:30], "little")
+    return offset + start if start + nbytes <= length else None
+
+
+def dcp_chunk_slices(path: Path, offset: int, length: int, nbytes: int,
+                      key: str) -> Iterator[torch.Tensor] | None:
+    """Stream the storage record of a DCP tensor chunk (a ``torch.save`` zip stored inside the
+    ``.distcp`` at [offset, +length)) without unpickling anything. None when the container is
+    not the plain one-storage, uncompressed, little-endian archive DCP writes."""
+    f = open(path, "rb", buffering=0)  # noqa: SIM115 - closed by the generator / on failure
+    got = _plain_member(f, offset, length, nbytes)
+    if got is None:
         f.close()
         return None
+    zf, member_info = got
 
     def gen() -> Iterator[torch.Tensor]:
         import torch
 
         try:
-            with zf.open(data[0]) as member:
+            with zf.open(member_info) as member:
                 buf = bytearray(min(SLICE, nbytes) or 1)
                 while n := member.readinto(buf):
                     yield torch.frombuffer(buf, dtype=torch.uint8, count=n)
@@ -112,5 +139,3 @@ def dcp_chunk_slices(path: Path, offset: int, length: int, nbytes: int,
             f.close()
 
     return gen()
-
-

@@ -36,10 +36,12 @@ from mhc_convert.formats.safetensors_io import (
     write_safetensors,
 )
 from mhc_convert.hashcopy import write_file
-from mhc_convert.view import CheckpointView, Entry, OutItem, ProgressFn
+from mhc_convert.view import CheckpointView, Entry, OutItem, ProgressFn, StoredRange
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, not at import
     import torch
+
+    from mhc_convert.validate import OnePassScan
 
 CONFIG_NAME = "config.json"
 SINGLE_NAME = "model.safetensors"
@@ -195,11 +197,15 @@ def read_native(path: str | Path) -> CheckpointView:
         loc = entry.locator
         yield root / shard_of[entry.key], pread_slices(loc.file, loc.offset, loc.length, entry.key)
 
+    def ranges(entry: Entry) -> list[StoredRange]:
+        loc = entry.locator
+        return [StoredRange(loc.file, loc.offset, loc.length, root / shard_of[entry.key])]
+
     meta = {"config_json": config, "shard_of": shard_of, "index_metadata": index_meta,
             "training_state": training_state, "shard_metadata": shard_metadata,
             "indexed": weight_map is not None}
     return CheckpointView("native", root, entries, meta, loader, sources,
-                          locate=lambda entry: root / shard_of[entry.key])
+                          locate=lambda entry: root / shard_of[entry.key], ranges=ranges)
 
 
 def _check_total_size(index_path: Path, total: Any, headers: Mapping[str, Any],
@@ -255,6 +261,7 @@ def write_native(
     index_metadata: Mapping[str, Any] | None = None,
     training_state: Mapping[str, Any] | None = None,
     assign: Callable[[list[tuple[str, int]]], set[str]] | None = None,
+    finite: OnePassScan | None = None,
 ) -> Callable[[Path], None]:
     """Write every file named in ``shard_of`` (key -> file name) into ``out_dir``.
 
@@ -264,6 +271,7 @@ def write_native(
     ``config.json`` is NOT written: the returned callable writes it, for
     ``AtomicOutput.commit(marker_writer)`` to publish last. ``assign`` (distributed runs)
     maps the ``(file name, bytes)`` list to the names this rank writes; the others are skipped.
+    ``finite``: the NaN/Inf check fed with the copied tensors (``validate.OnePassScan``).
     """
     out_dir = Path(out_dir)
     if not isinstance(config_json, Mapping):
@@ -297,7 +305,7 @@ def write_native(
             continue
         meta = (shard_metadata or {}).get(name, DEFAULT_SHARD_METADATA)
         write_safetensors(out_dir / name, witems, metadata=dict(meta) if meta else None,
-                          progress=progress)
+                          progress=progress, finite=finite)
     if indexed and INDEX_NAME in mine:
         total = sum(_nbytes(it) for f in model_files for it in by_file[f])
         index = {"metadata": {**(index_metadata or {}), "total_size": total},

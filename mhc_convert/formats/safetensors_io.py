@@ -30,6 +30,8 @@ from mhc_convert.hashcopy import CHUNK, output_file  # noqa: F401  (CHUNK: copy 
 if TYPE_CHECKING:  # torch is imported where tensors are made, not at import
     import torch
 
+    from mhc_convert.validate import OnePassScan
+
 MAX_HEADER_SIZE = 100_000_000  # safetensors MAX_HEADER_SIZE (tensor.rs L10)
 METADATA_KEY = "__metadata__"
 
@@ -350,12 +352,14 @@ def write_safetensors(
     *,
     metadata: dict[str, str] | None = None,
     progress: Callable[[int], None] | None = None,
+    finite: OnePassScan | None = None,
 ) -> int:
     """Write a new safetensors file (must not exist) and fsync it; returns its size in bytes.
 
     Items are stably sorted by descending element size so every tensor starts aligned for its
     dtype (the reference writer does the same); within one size the caller's order is kept.
-    ``progress`` receives byte counts per chunk of tensor data.
+    ``progress`` receives byte counts per chunk of tensor data. ``finite``: the NaN/Inf check
+    of the copied tensors, fed as they are copied (``validate.OnePassScan``).
     """
     path = Path(path)
     keys = [it.key for it in items]
@@ -382,8 +386,9 @@ def write_safetensors(
                     src_path = Path(src_path)
                     if src_path not in src_fds:
                         src_fds[src_path] = os.open(src_path, os.O_RDONLY | os.O_CLOEXEC)
+                    scans = finite.ranges(src_path, offset, length) if finite else ()
                     out.copy_range(src_fds[src_path], offset, length,
-                                   _short(src_path, it.key))
+                                   _short(src_path, it.key), scans)
                 else:
                     blob = it.data if isinstance(it.data, bytes | bytearray) else \
                         tensor_to_bytes(it.data)

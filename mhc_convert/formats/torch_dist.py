@@ -37,8 +37,8 @@ from torch.distributed.checkpoint.metadata import (
 )
 
 from mhc_convert.errors import InvalidInputError, IOFailure
-from mhc_convert.formats.byte_sources import dcp_chunk_slices, tensor_slices
-from mhc_convert.view import CheckpointView, Entry
+from mhc_convert.formats.byte_sources import dcp_chunk_range, dcp_chunk_slices, tensor_slices
+from mhc_convert.view import CheckpointView, Entry, StoredRange
 from mhc_model.megatron_files import (
     COMMON_KEY,
     COMMON_PT,
@@ -286,8 +286,23 @@ def read_torch_dist(path: str | Path) -> CheckpointView:
                 return
             yield path, slices
 
+    def ranges(entry: Entry) -> list[StoredRange] | None:
+        """The element bytes of every chunk inside its ``torch.save`` record; None when one
+        chunk is not in the plain container (then it can only be checked by decoding it)."""
+        itemsize = getattr(torch, entry.dtype).itemsize
+        out = []
+        for c in entry.locator:
+            path = iter_dir / c.info.relative_path
+            nbytes = math.prod(c.sizes) * itemsize
+            at = None if c.info.transform_descriptors else dcp_chunk_range(
+                path, c.info.offset, c.info.length, nbytes)
+            if at is None:
+                return None
+            out.append(StoredRange(path, at, nbytes, path))
+        return out
+
     return CheckpointView("torch_dist", iter_dir, entries, meta, loader, sources,
-                          locate=lambda entry: mpath)
+                          locate=lambda entry: mpath, ranges=ranges)
 
 
 def decode_common_state(blob: bytes, *, source: str | Path, key: str = COMMON_KEY) -> Any:

@@ -15,7 +15,7 @@ import pickle
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch.distributed.checkpoint.filesystem import _StorageInfo
@@ -37,6 +37,9 @@ from mhc_convert.view import CheckpointView, OutItem, ProgressFn
 from mhc_model.megatron_files import parse_tracker
 from mhc_model.safe_unpickle import safe_torch_save
 
+if TYPE_CHECKING:
+    from mhc_convert.validate import OnePassScan
+
 
 # ------------------------------------------------------------------------------------- write
 def _fsync_close(f: Any) -> None:
@@ -45,16 +48,21 @@ def _fsync_close(f: Any) -> None:
     f.close()
 
 
-def _place_file(src: Path, dst: Path, link: str, progress: ProgressFn | None) -> int:
-    """Copy (byte-for-byte, sha256 computed in the same pass), hardlink or reflink one data
-    file. Linked files are recorded for the manifest without reading them (manifest.py says
-    what ``verify`` then checks). Returns bytes placed."""
+def _place_file(src: Path, dst: Path, link: str, progress: ProgressFn | None,
+                finite: OnePassScan | None = None) -> int:
+    """Copy (byte-for-byte, sha256 and the NaN/Inf check of the tensor records inside computed
+    in the same pass), hardlink or reflink one data file. Linked files are recorded for the
+    manifest without reading them (manifest.py says what ``verify`` then checks) and reported
+    to ``finite`` as unchanged source bytes. Returns bytes placed."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     size = src.stat().st_size
     if link == "copy":
         with open(src, "rb") as fi, output_file(dst, progress) as out:
-            out.copy_range(fi.fileno(), 0, size, lambda missing: _shrunk(src, missing))
+            out.copy_range(fi.fileno(), 0, size, lambda missing: _shrunk(src, missing),
+                           finite.ranges(src, 0, size) if finite else ())
         return size
+    if finite is not None:
+        finite.linked(src)
     phase("file-start")
     if link == "hardlink":
         try:
@@ -112,13 +120,14 @@ def write_torch_dist(out_dir: str | Path, view: CheckpointView, items: list[OutI
                      link: Literal["copy", "hardlink", "reflink"] = "copy",
                      progress: ProgressFn | None = None,
                      assign: Callable[[list[tuple[str, int]]], set[str]] | None = None,
-                     ) -> dict[str, Any]:
+                     finite: OnePassScan | None = None) -> dict[str, Any]:
     """Write ``items`` as a DCP checkpoint in ``out_dir`` (data files + ``.metadata``; NOT
     ``metadata.json``: call ``write_marker`` last). Source items keep their stored bytes in
     copied/linked data files; values go into one new data file. Every item is checked and
     encoded before the first write. Returns ``{"data_files", "new_file", "bytes"}``.
     ``assign`` (distributed runs) maps the ``(file name, bytes)`` list to the files this rank
-    writes (data files, the new file, ``.metadata``); the others are skipped."""
+    writes (data files, the new file, ``.metadata``); the others are skipped. ``finite``: the
+    NaN/Inf check, fed with the data files as they are copied (``validate.OnePassScan``)."""
     if link not in ("copy", "hardlink", "reflink"):
         raise ValueError(f"link must be copy/hardlink/reflink, not {link!r}")
     out = Path(out_dir)
@@ -157,7 +166,7 @@ def write_torch_dist(out_dir: str | Path, view: CheckpointView, items: list[OutI
         mine = assign(units + [(METADATA_FN, 0)]) if assign else {METADATA_FN, *dict(units)}
         out.mkdir(parents=True, exist_ok=True)
         for rel in (r for r in referenced if r in mine):
-            total += _place_file(view.path / rel, out / rel, link, progress)
+            total += _place_file(view.path / rel, out / rel, link, progress, finite)
         if encoded and new_name in mine:
             with output_file(out / new_name, progress) as f:  # sha256 in the same pass
                 for _, blob, _, _ in encoded:

@@ -226,3 +226,37 @@ def test_synthetic_disable_bf16_two_buffers(tmp_path):
         state, model_key = K.split_opt(k)
         assert torch.equal(got[K.opt_key("param" if state == "fp32_param" else state,
                                          model_key)], t), k
+
+
+def test_unpacked_state_is_checked_for_nan_before_the_write(tmp_path, monkeypatch):
+    """Unpacked bucket slices are new values (not copied byte ranges): the NaN/Inf check reads
+    them before anything is written, names the key, and the one-pass and reference modes agree
+    on the output."""
+    from mhc_convert.formats import dp_optim
+    from mhc_convert.hooks import Hooks
+
+    src = DEV / f"optim_{CASE}_dp"
+    outs = {}
+    for mode, hooks in {"one-pass": Hooks(), "reference": Hooks(finite_scan="reference")}.items():
+        mhc_convert.enable(src, tmp_path / mode, hooks=hooks)
+        outs[mode] = _opt(read_torch_dist(tmp_path / mode))
+    assert outs["one-pass"].keys() == outs["reference"].keys()
+    assert all(torch.equal(outs["one-pass"][k], t) for k, t in outs["reference"].items())
+
+    make_loader = dp_optim.make_loader
+
+    def poisoned(view, base):
+        load = make_loader(view, base)
+
+        def loader(entry):
+            t = load(entry)
+            if isinstance(entry.locator, dp_optim.Slice) and "exp_avg_sq" in entry.key:
+                t = t.clone()
+                t.view(-1)[0] = float("nan")
+            return t
+        return loader
+
+    monkeypatch.setattr(dp_optim, "make_loader", poisoned)
+    with pytest.raises(mhc_convert.errors.InvalidInputError, match=r"exp_avg_sq.*NaN"):
+        mhc_convert.enable(src, tmp_path / "nan")
+    assert not (tmp_path / "nan").exists()
