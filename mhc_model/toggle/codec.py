@@ -346,6 +346,20 @@ def extra_state_module(key: str) -> str:
     return SHARD_RE.sub(r"\1", key)[: -len(EXTRA_STATE) - 1]
 
 
+def mtp_proj_part(name: str) -> tuple[str, str] | None:
+    """An MTP depth-relative name of its input projection, split into the projection's weight
+    name (``MTP_PROJ_OFF``/``MTP_PROJ_ON``) and the stored tail: ``eh_proj.weight`` ->
+    ("eh_proj.weight", ""); its linear's byte object ``e_proj._extra_state/shard_0_1`` ->
+    ("e_proj.weight", "._extra_state/shard_0_1"). None for any other name."""
+    if name in MTP_PROJ_OFF + MTP_PROJ_ON:
+        return name, ""
+    if is_extra_state(name):
+        module = extra_state_module(name)
+        if module + ".weight" in MTP_PROJ_OFF + MTP_PROJ_ON:
+            return module + ".weight", name[len(module):]
+    return None
+
+
 def is_non_layer_module(module: str) -> bool:
     """A module of Megatron's model outside the layers (``output_layer`` even when tied: the
     module, and its ``_extra_state``, exist without its weight)."""

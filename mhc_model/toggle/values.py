@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from mhc_model.config import HybridConfig
+from mhc_model.errors import InvalidInputError
 from mhc_model.hyper_connection import exact_hc_tensors, exact_head_tensors
 from mhc_model.toggle.plan import NEW_PARAM_OPT_STATE, Add, ParamId, Reshape
 
@@ -54,7 +55,17 @@ def reshape_values(reshape: Reshape, srcs: list[Tensor]) -> dict[str, Tensor]:
     """The planned ``Reshape`` on its source tensors (in ``reshape.srcs`` order): eh_proj's
     columns [:C] are e_proj (they multiply enorm(e), the first half of the concatenation in
     Megatron's ``_concat_embeddings``), [C:] h_proj; disable concatenates them back. Copies of
-    the same bits, so enable then disable is bitwise the identity."""
+    the same bits, so enable then disable is bitwise the identity.
+    A linear's ``_extra_state`` byte object (Megatron's torch_dist; the local linears' empty
+    state, the same bytes in e_proj, h_proj and eh_proj of Megatron's own saves): enable copies
+    it to both, disable keeps it only when both halves hold the same bytes."""
+    if not isinstance(srcs[0], Tensor):
+        if len(srcs) == 1:
+            return {d: srcs[0] for d in reshape.dsts}
+        if srcs[0] != srcs[1]:
+            raise InvalidInputError(f"{reshape.srcs[1]} differs from {reshape.srcs[0]}: one "
+                                    f"{reshape.dsts[0]} cannot hold both", key=reshape.srcs[1])
+        return {reshape.dsts[0]: srcs[0]}
     if len(srcs) == 1:  # enable: [C, 2C] -> two [C, C]
         (w,) = srcs
         C = w.shape[0]
