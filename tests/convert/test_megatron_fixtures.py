@@ -34,7 +34,8 @@ from tests.paths import ROOT
 EXTERNAL = ROOT / "fixtures" / "external"
 DEV, DSV4 = "megatron-dev-d48bd6be", "megatron-dsv4-26b830a6"
 FIXTURES = {
-    DEV: ("dsv4_chw_off_bf16", "dsv4_chw_on_bf16", "dsv4_mtp_off_bf16", "dsv4_mtp_on_bf16",
+    DEV: ("dsv4_chw_off_bf16", "dsv4_chw_on_bf16", "dsv4_mtp_legacy_off_bf16",
+          "dsv4_mtp_off_bf16", "dsv4_mtp_on_bf16",
           "gdn_dsa_off_bf16", "gdn_dsa_on_bf16", "mstar_moe_legacy_off", "mstar_moe_legacy_on",
           "mstar_moe_legacy_tp2_pp2_off_bf16", "mstar_moe_pp2_off_bf16_localnames",
           "mstar_moe_pp2_on_bf16_localnames", "mstar_moe_tp1_off", "mstar_moe_tp1_on",
