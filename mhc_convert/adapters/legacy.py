@@ -212,7 +212,7 @@ class LegacyAdapter:
             added = [k for k, src in per_rank[ri] if src is None]
             order = _insert_in_reference_order([k for k, _ in carried], added, ref_new,
                                                lambda k: L.canonical_key(target, k))
-            order = _mtp_proj_in_module_order(order)
+            order = L.mtp_proj_in_module_order(order)
             values = {k: p["model"][src] for k, src in carried}
             values.update({k: new_values[k] for k in added})
             out = with_mhc_meta(p, target)  # same key order; rng_state, ... the same objects
@@ -352,34 +352,6 @@ def _insert_in_reference_order(carried: list[str], added: list[str], ref: tuple[
             if (p is not None and p < mine) or (p is None and idx == j and j > 0):
                 idx = j + 1
         out.insert(idx, a)
-    return out
-
-
-def _mtp_proj_in_module_order(order: list[str]) -> list[str]:
-    """Each MTP depth's input-projection keys (weights and their linears' ``_extra_state``) as
-    one block where the first of them stands, in module order (a linear's weight, then its
-    ``_extra_state``), as Megatron's module state dict holds them (e.g. ``eh_proj.weight``,
-    ``eh_proj._extra_state``): a toggle makes the new weights and carries the extra states,
-    which the generic placement would split apart (and a round trip would reorder)."""
-    names = L.MTP_PROJ_OFF + L.MTP_PROJ_ON
-    groups: dict[int, list[str]] = {}
-    for k in order:
-        found = L.mtp_depth_key(k)
-        part = L.mtp_proj_part(found[1]) if found else None
-        if part is not None:
-            groups.setdefault(found[0], []).append(k)
-
-    def rank(k: str) -> tuple[int, bool]:
-        weight, tail = L.mtp_proj_part(L.mtp_depth_key(k)[1])
-        return names.index(weight), bool(tail)
-
-    member = {k: d for d, ks in groups.items() for k in ks}
-    out: list[str] = []
-    for k in order:
-        if k not in member:
-            out.append(k)
-        elif k == groups[member[k]][0]:
-            out += sorted(groups[member[k]], key=rank)
     return out
 
 

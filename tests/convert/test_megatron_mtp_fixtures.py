@@ -100,3 +100,17 @@ def test_lone_mtp_extra_state_half_refused(tmp_path):
         raise AssertionError("a lone e_proj._extra_state was accepted")
     assert K.mtp_proj_part("e_proj._extra_state/shard_0_1") == (
         "e_proj.weight", "._extra_state/shard_0_1")
+
+
+def test_projection_block_in_module_order_per_depth():
+    """Two depths: each depth's projection keys become one block where its first key stood,
+    a linear's weight before its _extra_state; other keys keep their order."""
+    order = ["mtp.layers.0.hnorm.weight", "mtp.layers.0.e_proj._extra_state",
+             "mtp.layers.0.h_proj._extra_state", "mtp.layers.0.e_proj.weight",
+             "mtp.layers.0.h_proj.weight", "mtp.layers.0.final_layernorm.weight",
+             "mtp.layers.1.eh_proj._extra_state", "mtp.layers.1.eh_proj.weight"]
+    assert K.mtp_proj_in_module_order(order) == [
+        "mtp.layers.0.hnorm.weight", "mtp.layers.0.e_proj.weight",
+        "mtp.layers.0.e_proj._extra_state", "mtp.layers.0.h_proj.weight",
+        "mtp.layers.0.h_proj._extra_state", "mtp.layers.0.final_layernorm.weight",
+        "mtp.layers.1.eh_proj.weight", "mtp.layers.1.eh_proj._extra_state"]
