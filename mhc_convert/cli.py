@@ -29,6 +29,7 @@ from mhc_convert.cli_app import (
     Link,
     LinkOpt,
     ListOpt,
+    LossyOpt,
     NonfiniteOpt,
     OverOpt,
     PassOpt,
@@ -126,7 +127,8 @@ def _paths(src: Path, dst: Path, passthrough: str | None, streams: int | None = 
 
 @_command("mhc-convert enable ckpt/ ckpt-mhc/",
           "mhc-convert enable run/ run-mhc/ --streams 4 --contract learned",
-          "mhc-convert enable run/ run-mhc/ --iteration 2000 --dry-run")
+          "mhc-convert enable run/ run-mhc/ --iteration 2000 --dry-run",
+          "mhc-convert enable mtp-run/ mtp-run-mhc/ --allow-lossy")
 def enable(
     ctx: typer.Context,
     src: Annotated[Path, typer.Argument(metavar="SRC", help="mHC-off checkpoint directory "
@@ -148,7 +150,7 @@ def enable(
     iteration: IterOpt = None, dry_run: DryOpt = False, list_keys: ListOpt = False,
     as_json: JsonOpt = False, quiet: QuietOpt = False, overwrite: OverOpt = False,
     passthrough: PassOpt = None, link: LinkOpt = Link.copy, drop_optimizer: DropOptOpt = False,
-    allow_nonfinite: NonfiniteOpt = False,
+    allow_nonfinite: NonfiniteOpt = False, allow_lossy: LossyOpt = False,
 ) -> None:
     """Wrap every layer (inner_layer.*) and add hyper-connection parameters at the exact
     enable point: the converted model computes what the source computes."""
@@ -160,7 +162,7 @@ def enable(
                             init=init.value, dry_run=dry_run,
                             overwrite=overwrite, passthrough=passthrough, link=link.value,
                             drop_optimizer=drop_optimizer, allow_nonfinite=allow_nonfinite,
-                            iteration=iteration),
+                            iteration=iteration, allow_lossy=allow_lossy),
              as_json=as_json, quiet=quiet, dry_run=dry_run, list_keys=list_keys,
              hooks=_hooks(ctx))
 
@@ -174,9 +176,7 @@ def disable(
     dst: Annotated[Path, typer.Argument(metavar="DST", help="Output directory (must not "
                                         "exist).")],
     *,
-    allow_lossy: Annotated[bool, typer.Option("--allow-lossy", help="Drop the hyper-connections "
-                                              "even when that changes the function; the measured "
-                                              "parity loss is reported.")] = False,
+    allow_lossy: LossyOpt = False,
     iteration: IterOpt = None, dry_run: DryOpt = False, list_keys: ListOpt = False,
     as_json: JsonOpt = False, quiet: QuietOpt = False, overwrite: OverOpt = False,
     passthrough: PassOpt = None, link: LinkOpt = Link.copy, drop_optimizer: DropOptOpt = False,

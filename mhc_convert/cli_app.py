@@ -266,6 +266,12 @@ DropOptOpt = Annotated[bool, typer.Option(
 NonfiniteOpt = Annotated[bool, typer.Option(
     "--allow-nonfinite", help="Convert even if a tensor holds NaN/Inf (carried bit-exactly); "
     "by default such a checkpoint is refused (exit 3).")]
+LossyOpt = Annotated[bool, typer.Option(
+    "--allow-lossy", help="Convert even when the output only approximates the source, and "
+    "report the measured parity loss. disable: drop hyper-connections whose streams differ "
+    "(H_res/H_pre not uniform). enable with MTP: Megatron feeds each MTP depth the streams "
+    "before the final norm when mHC is on, so the MTP logits match only up to the RMSNorm "
+    "eps (the main logits stay exact).")]
 LinkOpt = Annotated[Link, typer.Option("--link", help="torch_dist data files: copy them, or "
                                        "hardlink/reflink them from SRC.")]
 IterOpt = Annotated[int | None, typer.Option(

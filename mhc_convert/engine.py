@@ -28,7 +28,7 @@ from mhc_model.config import HybridConfig, MHCConfig
 from mhc_model.specs import LAYER_SPECS
 from mhc_model.toggle import codec as K
 from mhc_model.toggle.plan import Plan, make_plan
-from mhc_model.toggle.values import NewValues, reshape_values
+from mhc_model.toggle.values import NewValues, extra_state_sources, reshape_values
 from mhc_model.toggle.verdict import check_disable, check_mtp_norms, mtp_norm_keys
 
 # (total bytes, what is being done) -> per-chunk callback
@@ -138,9 +138,17 @@ def _check(adapter, view: CheckpointView, plan: Plan, cfg: HybridConfig,
 
 
 def _reshaped(view: CheckpointView, plan: Plan) -> list[OutItem]:
-    """The MTP input projections in the target layout (``toggle.plan.Reshape``)."""
-    return [OutItem(dst, value=v) for rs in plan.reshapes
-            for dst, v in reshape_values(rs, [view.load(s) for s in rs.srcs]).items()]
+    """The MTP input projections in the target layout (``toggle.plan.Reshape``); their
+    linears' ``_extra_state`` entries are carried as stored (``extra_state_sources``)."""
+    out = []
+    for rs in plan.reshapes:
+        srcs = [view.load(s) for s in rs.srcs]
+        if K.is_extra_state(rs.srcs[0]):
+            out += [OutItem(dst, source=view.entries[src])
+                    for dst, src in extra_state_sources(rs, srcs).items()]
+        else:
+            out += [OutItem(dst, value=v) for dst, v in reshape_values(rs, srcs).items()]
+    return out
 
 
 def _mtp_norms(view: CheckpointView, cfg: HybridConfig) -> dict[str, torch.Tensor]:

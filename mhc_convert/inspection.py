@@ -14,6 +14,7 @@ from mhc_convert.adapters import ReadOptions, open_checkpoint
 from mhc_convert.errors import MixedLayoutError
 from mhc_convert.inputs import local_path
 from mhc_convert.view import CheckpointView
+from mhc_model.targets import dialect_of_args
 from mhc_model.toggle import codec as K
 
 
@@ -40,6 +41,10 @@ class InspectReport:
     tensors: int
     bytes: int
     manifest: str
+    mtp_depths: int = 0  # multi-token-prediction depths (the parts after '/' in the pattern)
+    # the Megatron branch whose pattern grammar the run's args prove (mhc_model.dialects);
+    # None without Megatron args (a native checkpoint)
+    dialect: str | None = None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -76,4 +81,10 @@ def inspect(path: str | Path, *, verify: bool = False,
         cfg.num_layers, cfg.mhc.num_residual_streams if wrapped else None,
         cfg.mhc.mhc_convention if wrapped else None,
         cfg.mhc.mhc_output_contract if wrapped else None,
-        iteration_of(view), optimizer, len(keys), view.total_bytes, manifest, problems, notes)
+        iteration_of(view), optimizer, len(keys), view.total_bytes, manifest,
+        mtp_depths=cfg.mtp_num_depths, dialect=_dialect(view), problems=problems, notes=notes)
+
+
+def _dialect(view: CheckpointView) -> str | None:
+    args = view.meta.get("megatron_args")
+    return None if args is None else dialect_of_args(args)

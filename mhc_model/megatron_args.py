@@ -218,7 +218,13 @@ def config_from_megatron_args(args: Any, meta: Any = None) -> HybridConfig:
         value = meta.get(name, getattr(args, name, None))
         if value is not None:
             sub_kwargs["mhc"][name] = value
-    sub_kwargs["mhc"].setdefault("mhc_convention", target_of_args(args).convention)
+    target = target_of_args(args)
+    sub_kwargs["mhc"].setdefault("mhc_convention", target.convention)
+    if target.branch is not None and sub_kwargs["mhc"].get("enable_hyper_connections"):
+        # Megatron dev/dsv4 with mHC on always build and apply the learned head (hc_head_*:
+        # dev hybrid_block.py ~742-756 + ~1027-1040, dsv4 ~382-392 + ~662-672); the mean
+        # contract is no model of theirs (targets.Target.contracts refuses it)
+        sub_kwargs["mhc"].setdefault("mhc_output_contract", target.contract)
     subs = {name: cls(**sub_kwargs[name]) for name, cls in _SUB.items()}
     return HybridConfig(**top, **subs)
 

@@ -214,6 +214,7 @@ class LegacyAdapter:
             added = [k for k, src in per_rank[ri] if src is None]
             order = _insert_in_reference_order([k for k, _ in carried], added, ref_new,
                                                lambda k: L.canonical_key(target, k))
+            order = L.mtp_proj_in_module_order(order)
             values = {k: p["model"][src] for k, src in carried}
             values.update({k: new_values[k] for k in added})
             out = with_mhc_meta(p, target)  # same key order; rng_state, ... the same objects

@@ -346,6 +346,49 @@ def extra_state_module(key: str) -> str:
     return SHARD_RE.sub(r"\1", key)[: -len(EXTRA_STATE) - 1]
 
 
+def mtp_proj_part(name: str) -> tuple[str, str] | None:
+    """An MTP depth-relative name of its input projection, split into the projection's weight
+    name (``MTP_PROJ_OFF``/``MTP_PROJ_ON``) and the stored tail: ``eh_proj.weight`` ->
+    ("eh_proj.weight", ""); its linear's byte object ``e_proj._extra_state/shard_0_1`` ->
+    ("e_proj.weight", "._extra_state/shard_0_1"). None for any other name."""
+    if name in MTP_PROJ_OFF + MTP_PROJ_ON:
+        return name, ""
+    if is_extra_state(name):
+        module = extra_state_module(name)
+        if module + ".weight" in MTP_PROJ_OFF + MTP_PROJ_ON:
+            return module + ".weight", name[len(module):]
+    return None
+
+
+def mtp_proj_in_module_order(order: list[str]) -> list[str]:
+    """Each MTP depth's input-projection keys (weights and their linears' ``_extra_state``) as
+    one block where the first of them stands, in module order (a linear's weight, then its
+    ``_extra_state``), as Megatron's module state dict holds them (e.g. ``eh_proj.weight``,
+    ``eh_proj._extra_state``): a toggle makes the new weights and carries the extra states,
+    which a placement by parameter order would split apart (the legacy adapter's rank
+    files; a round trip would reorder them)."""
+    names = MTP_PROJ_OFF + MTP_PROJ_ON
+    groups: dict[int, list[str]] = {}
+    for k in order:
+        found = mtp_depth_key(k)
+        part = mtp_proj_part(found[1]) if found else None
+        if part is not None:
+            groups.setdefault(found[0], []).append(k)
+
+    def rank(k: str) -> tuple[int, bool]:
+        weight, tail = mtp_proj_part(mtp_depth_key(k)[1])
+        return names.index(weight), bool(tail)
+
+    member = {k: d for d, ks in groups.items() for k in ks}
+    out: list[str] = []
+    for k in order:
+        if k not in member:
+            out.append(k)
+        elif k == groups[member[k]][0]:
+            out += sorted(groups[member[k]], key=rank)
+    return out
+
+
 def is_non_layer_module(module: str) -> bool:
     """A module of Megatron's model outside the layers (``output_layer`` even when tied: the
     module, and its ``_extra_state``, exist without its weight)."""

@@ -157,7 +157,10 @@ def _parse(key: str, shape: Shape, cfg: HybridConfig, expected: dict, passthroug
         d, name = depth
         if K.is_head_key(model_key):
             return _Parsed(opt_state, d, "head", name)
-        if name in K.MTP_PROJ_ON + K.MTP_PROJ_OFF:
+        part = K.mtp_proj_part(name)
+        if part is not None:
+            if part[1]:  # the projection linear's _extra_state (a byte object): no shape
+                return _Parsed(opt_state, d, "mtp_proj", name)
             want = mtp_proj_shapes(cfg, on=name in K.MTP_PROJ_ON)[name]
             if strict and shape is not None and tuple(shape) != want:
                 raise _shape_error(shape, want, key, path)
@@ -256,22 +259,26 @@ def make_plan(
 
 
 def _mtp_reshapes(parsed: dict[str, _Parsed], direction: Direction, path) -> tuple[Reshape, ...]:
-    """One ``Reshape`` per (optimizer state, MTP depth): the input projection of the source
-    layout into the target's; a depth holding only part of it is refused."""
-    have: dict[tuple[str | None, int], dict[str, str]] = {}
+    """One ``Reshape`` per (optimizer state, MTP depth, stored tail): the input projection of
+    the source layout into the target's, its weight and (Megatron's torch_dist) its linears'
+    ``_extra_state`` byte objects; a depth holding only part of it is refused."""
+    have: dict[tuple[str | None, int, str], dict[str, str]] = {}
     for key, p in parsed.items():
         if p.segment == "mtp_proj":
-            have.setdefault((p.opt_state, p.layer), {})[p.rel] = key
+            weight, tail = K.mtp_proj_part(p.rel)
+            have.setdefault((p.opt_state, p.layer, tail), {})[weight] = key
     src_names, dst_names = ((K.MTP_PROJ_OFF, K.MTP_PROJ_ON) if direction == "enable"
                             else (K.MTP_PROJ_ON, K.MTP_PROJ_OFF))
     out = []
-    for (state, d), names in sorted(have.items(), key=lambda kv: (kv[0][0] or "", kv[0][1])):
+    for (state, d, tail), names in sorted(have.items(),
+                                          key=lambda kv: (kv[0][0] or "", kv[0][1], kv[0][2])):
         if set(names) != set(src_names):
             first = next(iter(names.values()))
             raise InvalidInputError(f"MTP depth {d}'s input projection is stored as "
-                                    f"{sorted(names)}; expected {list(src_names)}",
-                                    path=path, key=first)
-        dsts = tuple(K.opt_key(state, f"mtp.layers.{d}.{n}") for n in dst_names)
+                                    f"{sorted(names)}{' (' + tail + ')' if tail else ''}; "
+                                    f"expected {list(src_names)}", path=path, key=first)
+        dsts = tuple(K.opt_key(state, f"mtp.layers.{d}.{n.removesuffix('.weight') + tail}"
+                               if tail else f"mtp.layers.{d}.{n}") for n in dst_names)
         out.append(Reshape(tuple(names[n] for n in src_names), dsts, state))
     return tuple(out)
 

@@ -8,13 +8,16 @@ fp32 whatever the params dtype (see ``HybridLayer``).
 
 from __future__ import annotations
 
+import io
 from collections.abc import Iterable
 
 import torch
 from torch import Tensor
 
 from mhc_model.config import HybridConfig
+from mhc_model.errors import InvalidInputError
 from mhc_model.hyper_connection import exact_hc_tensors, exact_head_tensors
+from mhc_model.toggle import codec as K
 from mhc_model.toggle.plan import NEW_PARAM_OPT_STATE, Add, ParamId, Reshape
 
 
@@ -54,7 +57,11 @@ def reshape_values(reshape: Reshape, srcs: list[Tensor]) -> dict[str, Tensor]:
     """The planned ``Reshape`` on its source tensors (in ``reshape.srcs`` order): eh_proj's
     columns [:C] are e_proj (they multiply enorm(e), the first half of the concatenation in
     Megatron's ``_concat_embeddings``), [C:] h_proj; disable concatenates them back. Copies of
-    the same bits, so enable then disable is bitwise the identity."""
+    the same bits, so enable then disable is bitwise the identity.
+    A linear's ``_extra_state`` (``extra_state_sources``) is copied, not split."""
+    if K.is_extra_state(reshape.srcs[0]):
+        return {d: srcs[reshape.srcs.index(s)] for d, s in
+                extra_state_sources(reshape, srcs).items()}
     if len(srcs) == 1:  # enable: [C, 2C] -> two [C, C]
         (w,) = srcs
         C = w.shape[0]
@@ -65,3 +72,26 @@ def reshape_values(reshape: Reshape, srcs: list[Tensor]) -> dict[str, Tensor]:
     if e.shape != h.shape or e.dtype != h.dtype:
         raise ValueError(f"{reshape.srcs[0]} and {reshape.srcs[1]} differ in shape or dtype")
     return {reshape.dsts[0]: torch.cat((e, h), dim=1).contiguous()}
+
+
+def extra_state_sources(reshape: Reshape, srcs: list[object]) -> dict[str, str]:
+    """Destination -> the source key whose stored object it copies, for the ``_extra_state``
+    of an MTP input projection's linears (Megatron's local linears: the same empty state, a
+    torch_dist byte object or a legacy ``None``, in eh_proj, e_proj and h_proj of its own
+    saves): enable copies eh_proj's to both halves; disable keeps e_proj's, only when h_proj
+    holds the same (else one eh_proj could not stand for both)."""
+    if len(srcs) == 1:
+        return {d: reshape.srcs[0] for d in reshape.dsts}
+    if not _same_object(*srcs):
+        raise InvalidInputError(f"{reshape.srcs[1]} differs from {reshape.srcs[0]}: one "
+                                f"{reshape.dsts[0]} cannot hold both", key=reshape.srcs[1])
+    return {reshape.dsts[0]: reshape.srcs[0]}
+
+
+def _same_object(a: object, b: object) -> bool:
+    if isinstance(a, Tensor) or isinstance(b, Tensor):
+        return (isinstance(a, Tensor) and isinstance(b, Tensor) and a.dtype == b.dtype
+                and a.shape == b.shape and torch.equal(a, b))
+    if isinstance(a, io.BytesIO) and isinstance(b, io.BytesIO):
+        return a.getvalue() == b.getvalue()
+    return type(a) is type(b) and a == b

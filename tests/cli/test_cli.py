@@ -16,7 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tests.cli.helpers import cli, cli_json, invoke
+from mhc_model import HybridConfig, HybridModel
+from tests.cli.helpers import cli, cli_json, invoke, refused
 
 ROOT = Path(__file__).resolve().parents[2]
 COMMANDS = ("enable", "disable", "inspect", "verify", "clean", "version")
@@ -216,3 +217,23 @@ def test_real_subprocess(tmp_path, src):
     doc = json.loads(proc.stdout)
     assert doc["ok"] and doc["command"] == "enable" and doc["output"] == str(dst)
     assert (dst / "config.json").is_file() and (dst / "mhc-manifest.json").is_file()
+
+
+def test_enable_allow_lossy_mtp(tmp_path):
+    """An MTP model whose final norm is not uniform: mHC-on Megatron feeds each MTP depth the
+    streams before that norm, so enable refuses (exit 6, one line naming the source and the
+    option); --allow-lossy converts and reports the loss; -h says what is approximated."""
+    model = HybridModel(HybridConfig(hybrid_layer_pattern="M*-E/*-/*-", hidden_size=32,
+                                     vocab_size=64))
+    with torch.no_grad():
+        model.decoder.final_norm.weight.mul_(torch.linspace(0.9, 1.1, 32))
+    model.save_pretrained(tmp_path / "off")
+    line = refused("enable", tmp_path / "off", tmp_path / "on", code=6, where=tmp_path,
+                   says=(str(tmp_path / "off"), "MTP logits change", "--allow-lossy"))
+    assert "Traceback" not in line
+    doc = cli_json("enable", tmp_path / "off", tmp_path / "on", "--allow-lossy", code=0)
+    assert any(n.startswith("LOSSY: MTP logits change") for n in doc["notes"]), doc["notes"]
+    text = cli("enable", tmp_path / "off", tmp_path / "on2", "--allow-lossy", code=0).stdout
+    assert "LOSSY" in text
+    help_text = " ".join(cli("enable", "-h", code=0).stdout.split())
+    assert "--allow-lossy" in help_text and "RMSNorm eps" in help_text

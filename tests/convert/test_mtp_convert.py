@@ -1,7 +1,8 @@
 """mhc-convert on native checkpoints with MTP depths: enable/disable round trip bitwise (the
 MTP input projection split and joined), main logits kept, and the refusal where the norm before
 an MTP depth is not uniform (``verdict.check_mtp_norms``) unless ``allow_lossy``.
-Megatron-written MTP fixtures (torch_dist) are not covered yet."""
+Megatron-written MTP fixtures (torch_dist):
+test_megatron_mtp_fixtures.py and test_megatron_fixtures.py."""
 
 from __future__ import annotations
 

@@ -19,6 +19,12 @@ legacy files) and runs a forward on fixed tokens (2 x 32). Nothing of Megatron i
     ``mhc_convert.enable`` (the target proven from the args) and the result loaded into
     Megatron's mHC-on model (``--enable-hyper-connections --num-residual-streams 4``); its logits
     must equal those of Megatron's mHC-off model on the source, fp32 max-abs <= 1e-5.
+(c) ``test_mtp_logits_match_megatron``: the MTP fixtures (pattern with ``/``): our per-depth MTP
+    logits (``HybridModel.forward_mtp``) against Megatron's own (its shared output layer on each
+    depth's hidden states inside ``process_mtp_loss``, logits.py ``_mtp_logits``), fp32
+    max-abs <= 1e-5, on the same weights with mHC off (the source), on (Megatron's own mHC-on
+    save) and on (our enabled checkpoint). The CPU run of the same comparison is
+    tests/interop/test_megatron_mtp_logits_cpu.py.
 Fixtures not run are listed in ``NOT_RUN`` with the reason; ``test_fixture_lists_are_complete``
 (CPU, no Megatron needed) keeps the three lists covering every fixture Megatron wrote.
 A converter refusal is a failure, never a skip.
@@ -78,6 +84,8 @@ ON = [
     # DeepSeek-V4 C/H/W (+ MoE): at 32 tokens the H layer holds no compressed entry (ratio
     # 128); the per-layer forward (tests/model/test_dsv4_attention_megatron.py) runs 270
     ("dev", "dsv4_chw_on_bf16"),
+    # DeepSeek-V4-like with one MTP depth (C-W-/C-): main AND MTP logits (test (c) too)
+    ("dev", "dsv4_mtp_on_bf16"),
     ("dsv4", "mstar_tp1_on"),
     ("dsv4", "mstar_tp2_on_bf16"),
     ("dsv4", "mstar_pp2_on_bf16_localnames"),
@@ -91,6 +99,11 @@ OFF = [
     ("dev", "mstar_moe_legacy_off"),
     ("dev", "gdn_dsa_off_bf16"),
     ("dev", "dsv4_chw_off_bf16"),
+    # MTP: enabled with allow_lossy (its final norm is not uniform, so Megatron's mHC-on MTP,
+    # reading the streams before it, cannot give the mHC-off MTP logits); (b) compares the main
+    # logits, (c) the MTP logits of ours against Megatron's on the same weights
+    ("dev", "dsv4_mtp_off_bf16"),
+    ("dev", "dsv4_mtp_legacy_off_bf16"),  # the same in legacy files (load_checkpoint)
     # dsv4 stores mHC parameters in bf16 here: the exact-init logit -ln 3 rounds (sum H_pre =
     # 0.99779, absorbed by the pre-norms only up to their eps), which the enable report says;
     # measured 2.6e-5 (with the fp32 value: 4.6e-7). Bound: BF16_HELD_TOL
@@ -111,6 +124,10 @@ NOT_RUN = {
 
 def _ids(cases):
     return [f"{b}-{n}" for b, n in cases]
+
+
+def _is_mtp(name: str) -> bool:
+    return name.startswith("dsv4_mtp")
 
 
 def _needs_fla(name: str) -> bool:
@@ -153,7 +170,8 @@ class Oracle:
             dst = self.tmp / "enabled" / branch / name
             dst.parent.mkdir(parents=True, exist_ok=True)
             try:
-                mhc_convert.enable(BRANCH_DIRS[branch] / name, dst)  # target from the args
+                # target from the args; MTP: lossy by design (see OFF), said in the report
+                mhc_convert.enable(BRANCH_DIRS[branch] / name, dst, allow_lossy=_is_mtp(name))
                 self.enabled[key] = dst
             except Exception as e:  # the test of this fixture fails with it
                 self.enabled[key] = e
@@ -215,6 +233,13 @@ class Oracle:
             pytest.fail(f"Megatron {branch} failed on {case_id}: {r['error']}\n"
                         f"{r.get('traceback', '')[-3000:]}", pytrace=False)
         return r["logits"]
+
+    def mtp_logits(self, branch: str, case_id: str) -> list[torch.Tensor]:
+        self.logits(branch, case_id)  # fails the test on a missing or failed case
+        got = self.runs[branch][case_id].get("mtp_logits")
+        if not got:
+            pytest.fail(f"Megatron {branch} returned no MTP logits for {case_id}", pytrace=False)
+        return got
 
 
 @pytest.fixture(scope="module")
@@ -294,3 +319,31 @@ def test_fixture_lists_are_complete():
         for b, n in ON + OFF:
             if b == branch:
                 assert status[n]["fixture"]["mhc"] == ((b, n) in ON), n
+
+
+MTP_CASES = [(b, n, c) for b, n in ON if _is_mtp(n) for c in ("a/{}/fp32",)]
+MTP_CASES += [(b, n, c) for b, n in OFF if _is_mtp(n) for c in ("b/{}/off", "b/{}/on")]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("branch", "name", "case"), MTP_CASES,
+                         ids=[f"{b}-{c.format(n)}" for b, n, c in MTP_CASES])
+def test_mtp_logits_match_megatron(oracle, branch, name, case):
+    """(c) ours on the checkpoint Megatron ran (the source, Megatron's own mHC-on save, or our
+    enabled output) computes Megatron's main and per-depth MTP logits."""
+    from mhc_convert.parity import load_model
+
+    case_id = case.format(name)
+    want_main, want_mtp = oracle.logits(branch, case_id), oracle.mtp_logits(branch, case_id)
+    path = oracle.enable(branch, name) if case_id.endswith("/on") else BRANCH_DIRS[branch] / name
+    if isinstance(path, BaseException):
+        pytest.fail(f"mhc_convert.enable refused {branch}/{name}: {path}", pytrace=False)
+    ours = load_model(path, device=DEVICE, dtype="fp32")
+    with torch.no_grad():
+        main, mtp = ours.forward_mtp(_tokens().to(DEVICE))
+    assert len(mtp) == len(want_mtp) == ours.config.mtp_num_depths > 0
+    diffs = [_max_abs(main.float().cpu(), want_main)]
+    diffs += [_max_abs(g.float().cpu(), w) for g, w in zip(mtp, want_mtp, strict=True)]
+    _report(dict(test="c", branch=branch, fixture=name, case=case_id, dtype="fp32",
+                 max_abs_main=diffs[0], max_abs_mtp=diffs[1:], device=DEVICE))
+    assert max(diffs) <= TOL, f"main / MTP logits differ from Megatron's by {diffs} (> {TOL})"

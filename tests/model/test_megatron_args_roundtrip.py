@@ -32,3 +32,22 @@ def test_args_round_trip(convention, contract, on, pattern):
                                                  kv_channels=cfg.attention.head_dim(64))
     assert back.replace(attention=cfg.attention) == cfg
     assert expected_model_shapes(back) == expected_model_shapes(cfg)
+
+
+@pytest.mark.parametrize(("marker", "want_on"), [("linear_attention_type", "learned"),
+                                                 ("csa_compress_ratio_for_c", "learned"),
+                                                 (None, "mean")])
+def test_contract_from_args_of_a_branch(marker, want_on):
+    """Args that prove Megatron dev/dsv4 (a marker field) with mHC on and no metadata of ours:
+    the learned contract, the only head those branches build (hybrid_block.py dev ~742-756,
+    dsv4 ~382-392); mHC off or args proving no branch: the default (mean); our metadata wins."""
+    for on in (False, True):
+        args = megatron_args(HybridConfig(hybrid_layer_pattern="M*-").with_mhc(
+            enable_hyper_connections=on))
+        if marker is not None:
+            setattr(args, marker, None)
+        cfg = config_from_megatron_args(args)
+        assert cfg.mhc.mhc_output_contract == (want_on if on else "mean"), (marker, on)
+    if marker is not None:
+        meta = {"mhc_output_contract": "mean"}
+        assert config_from_megatron_args(args, meta).mhc.mhc_output_contract == "mean"

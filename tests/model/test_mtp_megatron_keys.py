@@ -22,7 +22,6 @@ import pytest
 
 from mhc_model.megatron_args import config_from_megatron_args
 from mhc_model.model import meta_model
-from mhc_model.targets import target_of_args
 from mhc_model.toggle import codec as K
 from tests.megatron_env import megatron_tree
 from tests.paths import ROOT
@@ -65,9 +64,8 @@ def _megatron_keys(tmp_path, branch, pattern, mhc):
 def test_keys_shapes_dtypes_equal_megatron(tmp_path, branch, pattern, mhc):
     theirs = _megatron_keys(tmp_path, branch, pattern, mhc)
     args = argparse.Namespace(**theirs["args"])
-    cfg = config_from_megatron_args(args)
-    if mhc:  # Megatron dev/dsv4 always build the learned heads (targets.Target.contract)
-        cfg = cfg.with_mhc(mhc_output_contract=target_of_args(args).contract)
+    cfg = config_from_megatron_args(args)  # dev with mHC on: the learned heads, from args alone
+    assert cfg.mhc.mhc_output_contract == ("learned" if mhc else "mean")
     assert cfg.mtp_num_depths == theirs["mtp_num_layers"] > 0 and cfg.mhc_on == mhc
     ours = {k: [list(v.shape), str(v.dtype).replace("torch.", "")]
             for k, v in meta_model(cfg).state_dict().items()}
