@@ -215,6 +215,34 @@ MUTANTS: list[Mutant] = [
            "    if False:\n",
            "disable never consults the verdict (a lossy disable goes through silently)",
            ("tests/convert/test_engine.py::test_refuse_lossy_disable",)),
+    # ----------------------------------------------------------------- this session's code
+    Mutant("pickle-guard-off", "mhc_model/pickle_guard.py",
+           "            if callee is _BA and (n := _big_int(",
+           "            if callee is None and (n := _big_int(",
+           "the allocation guard never recognises the bytearray callable",
+           ("tests/model/test_pickle_guard.py",)),
+    Mutant("dp-param-align", "mhc_convert/formats/dp_layout.py",
+           "PARAM_ALIGN = 64  # param_layout.py pad_param_start",
+           "PARAM_ALIGN = 128  # param_layout.py pad_param_start",
+           "parameter starts aligned to 128 instead of Megatron's 64 in the bucket layout",
+           ("tests/convert/test_dp_optim.py", "tests/convert/test_dp_layout.py")),
+    Mutant("mtp-split-swapped", "mhc_model/toggle/values.py",
+           "        return {reshape.dsts[0]: w[:, :C].contiguous(), reshape.dsts[1]: "
+           "w[:, C:].contiguous()}",
+           "        return {reshape.dsts[0]: w[:, C:].contiguous(), reshape.dsts[1]: "
+           "w[:, :C].contiguous()}",
+           "enable gives e_proj the columns of h and h_proj those of e",
+           ("tests/model/test_mtp.py",)),
+    Mutant("one-pass-tail-dropped", "mhc_convert/validate.py",
+           "        self._tail += bytes(data[cut:])\n",
+           "        self._tail = b\"\"\n",
+           "an element split between two copy buffers is never checked",
+           ("tests/convert/test_one_pass.py",)),
+    Mutant("csa-window-off-by-one", "mhc_model/layers/csa.py",
+           "    return (t_1S <= i_S1) & (t_1S > i_S1 - window)",
+           "    return (t_1S <= i_S1) & (t_1S >= i_S1 - window)",
+           "the sliding window admits one token too many",
+           ("tests/model/test_dsv4_attention.py",)),
 ]
 
 FALLBACK = ("tests", "-m", "not gpu")
