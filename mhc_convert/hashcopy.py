@@ -6,8 +6,8 @@ mmapped, safetensors#762), yields a ``HashingWriter``, fsyncs, closes, and recor
 ``(size, sha256)`` with the active ``AtomicOutput`` (``commit.record``).
 
 Copies (``copy_range``) run in one of two modes, chosen by ``Hooks.copy_mode`` (``MHC_COPY_MODE``
-at the CLI entry; default ``user``: the digest and the NaN/Inf check are of the bytes written;
-bench/results/convert_cpu.md has the numbers):
+at the CLI entry; default ``kernel``, where ``copy_file_range`` works, else ``user``: on the
+2-core box the kernel copy ran 2-3x faster at 1.5-4.3 GB, bench/results/convert_cpu.md):
 
 * ``user``: ``pread`` a chunk into one of eight rotating 2 MiB buffers, hand it to a hashing
   thread (``hashlib`` releases the GIL), run the NaN/Inf bit test of the tensor it belongs to

@@ -22,16 +22,16 @@ def test_from_env_maps_every_variable():
     h = Hooks.from_env({"MHC_CRASH_AT": "mid-copy:3", "MHC_HOLD_AT": "after-lock",
                         "MHC_HOLD_FILE": "/x/hold", "MHC_PHASE_LOG": "/x/log",
                         "MHC_FAULT": "enospc, eacces@50000,eio@7,bogus@1,eacces@x",
-                        "MHC_FAIL_RANK": "1", "MHC_COPY_MODE": "kernel",
+                        "MHC_FAIL_RANK": "1", "MHC_COPY_MODE": "user",
                         "MHC_DISTRIBUTED": "0", "MHC_DIST_TIMEOUT": "9.5",
                         "MHC_DIST_DEAD_S": "nan?"})
     assert h == Hooks(crash_at="mid-copy:3", hold_at="after-lock", hold_file="/x/hold",
                       phase_log="/x/log", faults=frozenset({"enospc"}),
                       write_faults=(("eacces", 50000), ("eio", 7)), fail_rank=1,
-                      copy_mode="kernel", distributed=False, dist_timeout_s=9.5,
+                      copy_mode="user", distributed=False, dist_timeout_s=9.5,
                       dist_dead_s=120.0)
     assert Hooks.from_env({"MHC_DISTRIBUTED": "1"}).distributed is True
-    assert Hooks.from_env({"MHC_COPY_MODE": "warp"}).copy_mode == "user"  # as before: default
+    assert Hooks.from_env({"MHC_COPY_MODE": "warp"}).copy_mode == "kernel"  # the default
 
 
 def test_default_is_a_frozen_no_op():
@@ -41,7 +41,7 @@ def test_default_is_a_frozen_no_op():
     NO_HOOKS.phase("after-lock")  # returns; nothing counted
     NO_HOOKS.before_write(1 << 40, "/x")
     NO_HOOKS.rank_fault(0)
-    assert not NO_HOOKS.fault("enospc") and NO_HOOKS.copy_mode == "user"
+    assert not NO_HOOKS.fault("enospc") and NO_HOOKS.copy_mode == "kernel"
     assert NO_HOOKS._run.phases == {} and NO_HOOKS._run.written == 0
 
 

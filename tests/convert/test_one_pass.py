@@ -30,7 +30,7 @@ from mhc_convert.errors import InvalidInputError, VerificationError
 from mhc_convert.formats.torch_dist import read_metadata
 from mhc_convert.hooks import Hooks
 
-MODES = {"one-pass": Hooks(), "reference": Hooks(finite_scan="reference"),
+MODES = {"one-pass": Hooks(copy_mode="user"), "reference": Hooks(finite_scan="reference"),
          "kernel": Hooks(copy_mode="kernel")}
 
 
