@@ -264,7 +264,9 @@ _PROFILE = ("import cProfile, json, pstats, sys, time\n"
             "    k = f'{f.rsplit(\"/\", 1)[-1]}:{name}'\n"
             "    tot[k] = tot.get(k, 0) + (v[3] if name == 'feed' else v[2])\n"
             "print(json.dumps({'import': imp, 'seconds': r.seconds, 'split': tot}))")
-_SPLIT = {"write(2) into the page cache": "~:<built-in method posix.write>",
+_SPLIT = {"copy_file_range(2) (kernel copy, the default)":
+          "~:<built-in method posix.copy_file_range>",
+          "write(2) into the page cache (user copy)": "~:<built-in method posix.write>",
           "pread(2) from the source": "~:<built-in method posix.preadv>",
           "NaN/Inf bit test (validate.RangeScan.feed)": "validate.py:feed",
           "waiting for the sha256 thread": "~:<method 'acquire' of '_thread.lock' objects>",
@@ -296,7 +298,7 @@ def run_all(work: Path, reps: int) -> dict:
             largest = write_native(src, layers, shards)
             extra = {"enable, MHC_FINITE_SCAN=reference (two passes)":
                      {"MHC_FINITE_SCAN": "reference"},
-                     "enable, MHC_COPY_MODE=kernel": {"MHC_COPY_MODE": "kernel"}} \
+                     "enable, MHC_COPY_MODE=user": {"MHC_COPY_MODE": "user"}} \
                 if shards == 4 else {}
             res = measure(work, src, "copy", reps, extra)
             rows.append({"layout": "native, single file" if shards == 1 else
