@@ -151,6 +151,12 @@ def _reshaped(view: CheckpointView, plan: Plan) -> list[OutItem]:
     return out
 
 
+def _reshape_srcs(plan: Plan) -> list[str]:
+    """Sources of the reshaped MTP projections: written as new values, so not checked in the
+    copy's read; they are checked before the write (``_finite``'s ``other``)."""
+    return [s for rs in plan.reshapes for s in rs.srcs]
+
+
 def _mtp_norms(view: CheckpointView, cfg: HybridConfig) -> dict[str, torch.Tensor]:
     return {k: view.load(k) for k in mtp_norm_keys(cfg)}
 
@@ -231,7 +237,7 @@ def enable(src: str | Path, dst: str | Path, *, streams: int = 4, target: str | 
     with naming_files(view):
         plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "enable", target,
                          passthrough=passthrough, path=str(view.path))
-    finite = _finite(view, [r.src for r in plan.renames], [], progress,
+    finite = _finite(view, [r.src for r in plan.renames], _reshape_srcs(plan), progress,
                      allow=allow_nonfinite, dry_run=dry_run, hooks=hooks)
     items = [OutItem(r.dst, source=view.entries[r.src]) for r in plan.renames]
     new_value = NewValues(target, init, param_dtype=choice.param_dtype)
@@ -318,7 +324,8 @@ def disable(src: str | Path, dst: str | Path, *, allow_lossy: bool = False,
     with naming_files(view):
         plan = make_plan(_plan_keys(view, drop_optimizer), cfg, "disable", cfg,
                          passthrough=passthrough, path=str(view.path))
-    finite = _finite(view, [r.src for r in plan.renames], [d.src for d in plan.drops], progress,
+    finite = _finite(view, [r.src for r in plan.renames],
+                     [d.src for d in plan.drops] + _reshape_srcs(plan), progress,
                      allow=allow_nonfinite, dry_run=dry_run, hooks=hooks)
     verdict = check_disable(cfg, {what: view.load(src)
                                   for src, what in plan.model_drops().items()},

@@ -43,3 +43,27 @@ def test_non_uniform_final_norm_refused_unless_lossy(tmp_path):
     assert not (tmp_path / "on").exists()
     report = mhc_convert.enable(tmp_path / "off", tmp_path / "on", allow_lossy=True)
     assert any(n.startswith("LOSSY: MTP logits change") for n in report.notes)
+
+
+@pytest.mark.parametrize("direction", ["enable", "disable"])
+def test_nan_in_the_mtp_projection_is_refused(tmp_path, direction):
+    """The split/joined MTP projections are written as new values, not copies: their sources
+    are checked for NaN/Inf before anything is written, like every carried tensor."""
+    from safetensors.torch import save_file
+
+    from mhc_convert.errors import InvalidInputError
+
+    HybridModel(CFG).save_pretrained(tmp_path / "off")
+    src = tmp_path / "off"
+    if direction == "disable":
+        mhc_convert.enable(src, tmp_path / "on")
+        src = tmp_path / "on"
+    state = load_file(str(src / "model.safetensors"))
+    key = next(k for k in state if k.startswith("mtp.layers.1.") and
+               k.endswith(("eh_proj.weight", "e_proj.weight")))
+    state[key] = state[key].clone()
+    state[key].view(-1)[3] = float("nan")
+    save_file(state, str(src / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(InvalidInputError, match="NaN") as e:
+        getattr(mhc_convert, direction)(src, tmp_path / "out")
+    assert e.value.key == key and not (tmp_path / "out").exists()
