@@ -133,14 +133,36 @@ def _epilogue_time(x, W, b, al) -> float:
 # proj_bwd = (BT, BD, warps, stages, DW_T, waves).
 # H200 sweep (issue 16): the grid's wave quantisation (132 SMs) of the projection kernels,
 # and wider / narrower C tiles and more warps for the mix backward.
-_PB = [(64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 1), (64, 128, 4, 3, True, 3),
-       (64, 128, 4, 3, True, 4), (128, 128, 8, 3, True, 2)]
-_MIX = [(4096, 4), (4096, 8), (8192, 8), (2048, 4)]
+_PB = [(64, 128, 4, 3, True, 4), (64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 8),
+       (32, 128, 4, 3, True, 4), (128, 128, 8, 3, True, 4)]
+# the site's projection backward (AGG + EXTRA operands): register pressure vs tile size
+_PBS = [(64, 128, 8, 3, True, 4), (32, 128, 4, 3, True, 4), (32, 128, 8, 3, True, 4),
+        (32, 256, 8, 3, True, 4), (64, 64, 4, 3, True, 4), (64, 128, 8, 4, True, 4),
+        (64, 128, 8, 2, True, 4), (64, 128, 8, 3, True, 2), (64, 128, 8, 3, True, 8),
+        (128, 64, 8, 3, True, 4), (32, 128, 4, 4, True, 8)]
+_MIX = [{"mix_bwd": c, "mix_bwd_lane_acc": la}
+        for la, cs in ((True, [(4096, 4), (8192, 8), (2048, 2), (4096, 2)]),
+                       (False, [(4096, 4), (8192, 4), (4096, 8), (16384, 8), (2048, 2),
+                                (4096, 2), (8192, 8)]))
+        for c in cs]
+# coefficient forward: projection + epilogue in one launch (coef_fused) vs split over D
+_CF = ([{"coef_fused": c, "fused_min_waves": 0.0}
+        for c in [(64, 128, 4, 4), (64, 128, 4, 3), (64, 128, 8, 4), (64, 256, 8, 3),
+                  (32, 128, 4, 4), (32, 256, 4, 3), (64, 64, 4, 5), (128, 128, 8, 3),
+                  (32, 128, 2, 4), (64, 128, 4, 6)]]
+       + [{"coef_fused": None, "waves": w} for w in (8, 4)]
+       + [{"coef_fused": None, "proj_fwd": (64, 128, 4, 4), "waves": 8}])
 SWEEP = [
-    ("proj_fwd", ("coefficients", 0), triton_proj.CONFIG,
-     [{"waves": w} for w in (1, 2, 4, 8)] + [{"proj_fwd": (64, 128, 4, 3), "waves": 4}]),
+    ("coef_fwd", ("coefficients", 0), triton_proj.CONFIG, _CF),
     ("proj_bwd", ("coefficients", 1), triton_proj.CONFIG, [{"proj_bwd": c} for c in _PB]),
-    ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, [{"mix_bwd": c} for c in _MIX]),
+    ("proj_bwd_site", ("site", 1), triton_proj.CONFIG, [{"proj_bwd_site": c} for c in _PBS]),
+    ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, _MIX),
+    ("mix_fwd", ("mix_post", 0), triton_stream.CONFIG,
+     [{"mix_fwd": c} for c in [(16384, 4), (8192, 4), (16384, 8), (32768, 8)]]),
+    ("agg_bwd", ("aggregate", 1), triton_stream.CONFIG,
+     [{"agg_bwd": c} for c in [(4096, 4), (2048, 4), (8192, 8), (2048, 2)]]),
+    ("coef_bwd", ("coefficients", 1), triton_proj.CONFIG,
+     [{"coef_bwd": c} for c in [(16, 2), (32, 4), (8, 1), (16, 4)]]),
 ]
 
 
@@ -269,7 +291,10 @@ def _compiled_stats() -> list[str]:
     """Registers / spills / shared memory / wgmma use of every compiled coefficient kernel."""
     out = []
     for mod, name in ((triton_proj, "_proj_bwd_kernel"), (triton_coef, "_coef_bwd_kernel"),
-                      (triton_proj, "_proj_fwd_kernel"), (triton_proj, "_finalize_kernel")):
+                      (triton_proj, "_proj_fwd_kernel"), (triton_proj, "_finalize_kernel"),
+                      (triton_coef, "_proj_coef_fwd_kernel"), (triton_coef, "_coef_fwd_kernel"),
+                      (triton_stream, "_mix_bwd_kernel"), (triton_stream, "_mix_fwd_kernel"),
+                      (triton_stream, "_agg_bwd_kernel"), (triton_stream, "_agg_fwd_kernel")):
         fn = getattr(mod, name)
         for caches in getattr(fn, "device_caches", {}).values():
             for k in caches[0].values():

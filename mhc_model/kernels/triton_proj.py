@@ -40,25 +40,27 @@ CONFIG = {
     # operands spill at 4 (H200, 2026-12-01: 255 registers, 110 spills, 1104 us vs 182 us)
     "proj_bwd_site": (64, 128, 8, 3, True, 4),
     "coef_bt": 16,
+    # one launch for projection + epilogue, (BT, BD, warps, stages), when cdiv(T, BT) >=
+    # fused_min_waves * SMs (the token blocks alone fill the GPU); None: always split over D
+    "coef_fused": (64, 128, 4, 4),
+    "fused_min_waves": 0.9,
     "coef_bwd": (16, 2),
     "finalize": (2048, 256, 8),
 }
 
 
 @triton.jit
-def _proj_fwd_kernel(x_ptr, w_ptr, part_ptr, T, D, d_per_split,
-                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                     SPLIT_BF16: tl.constexpr):
-    pid_t = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    offs_t = pid_t * BT + tl.arange(0, BT)
+def _proj_tile(x_ptr, w_ptr, t0, d_start, d_len, T, D, K: tl.constexpr, KP: tl.constexpr,
+               BT: tl.constexpr, BD: tl.constexpr, SPLIT_BF16: tl.constexpr):
+    """[BT, KP] fp32: rows t0.. of x[:, d_start:d_start+d_len] @ W^T, lane K the sum of
+    squares of the same x (lanes > K are 0).  ``d_len`` is a multiple of BD or ends at D."""
+    offs_t = t0 + tl.arange(0, BT)
     mask_t = offs_t < T
     offs_k = tl.arange(0, KP)
-    d_start = pid_s * d_per_split  # d_per_split is a multiple of BD: splits never overlap
     x_rows = x_ptr + offs_t.to(tl.int64)[:, None] * D
     acc = tl.zeros((BT, KP), tl.float32)
     ss = tl.zeros((BT,), tl.float32)
-    for d0 in range(0, d_per_split, BD):
+    for d0 in range(0, d_len, BD):
         offs_d = d_start + d0 + tl.arange(0, BD)
         mask_d = offs_d < D
         x = tl.load(x_rows + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0)
@@ -78,10 +80,23 @@ def _proj_fwd_kernel(x_ptr, w_ptr, part_ptr, T, D, d_per_split,
             acc += tile
         else:
             acc = tl.dot(xf, w, acc, input_precision="ieee")
-    # lanes >= K of acc are 0; lane K carries this split's sum of squares
-    acc = tl.where(offs_k[None, :] == K, ss[:, None], acc)
+    # lanes >= K of acc are 0; lane K carries the sum of squares
+    return tl.where(offs_k[None, :] == K, ss[:, None], acc)
+
+
+@triton.jit
+def _proj_fwd_kernel(x_ptr, w_ptr, part_ptr, T, D, d_per_split,
+                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                     SPLIT_BF16: tl.constexpr):
+    pid_t = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    # d_per_split is a multiple of BD: splits never overlap
+    acc = _proj_tile(x_ptr, w_ptr, pid_t * BT, pid_s * d_per_split, d_per_split, T, D,
+                     K, KP, BT, BD, SPLIT_BF16)
+    offs_t = pid_t * BT + tl.arange(0, BT)
+    offs_k = tl.arange(0, KP)
     out = part_ptr + pid_s * T * KP + offs_t[:, None] * KP + offs_k[None, :]
-    tl.store(out, acc, mask=mask_t[:, None])
+    tl.store(out, acc, mask=(offs_t < T)[:, None])
 
 
 @triton.jit

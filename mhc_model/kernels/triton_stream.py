@@ -84,7 +84,7 @@ def _mix_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, C, N: tl.constex
 @triton.jit
 def _mix_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr,
                     dy_ptr, C, N: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
-                    MIX_T: tl.constexpr):
+                    MIX_T: tl.constexpr, LANE_ACC: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, NP)[:, None, None]
     j = tl.arange(0, NP)[None, :, None]
@@ -96,8 +96,14 @@ def _mix_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr,
         hoff = i * N + j
     Hm = tl.load(hres_ptr + t * N * N + hoff, mask=mi & mj, other=0.0)
     hp = tl.load(hpost_ptr + t * N + i, mask=mi, other=0.0)
-    acc_res = tl.zeros((NP, NP, BC), tl.float32)
-    acc_post = tl.zeros((NP, 1, BC), tl.float32)
+    # LANE_ACC: per-lane [.., BC] accumulators, reduced over C once at the end; else the
+    # C tile is reduced every step into [.., 1] (fewer registers, more shuffles)
+    if LANE_ACC:
+        acc_res = tl.zeros((NP, NP, BC), tl.float32)
+        acc_post = tl.zeros((NP, 1, BC), tl.float32)
+    else:
+        acc_res = tl.zeros((NP, NP, 1), tl.float32)
+        acc_post = tl.zeros((NP, 1, 1), tl.float32)
     for c0 in range(0, C, BC):
         c = (c0 + tl.arange(0, BC))[None, None, :]
         mc = c < C
@@ -109,8 +115,12 @@ def _mix_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr,
         tl.store(dy_ptr + t * C + c, dy.to(dy_ptr.dtype.element_ty), mask=mc)
         dx = tl.sum(Hm * G, axis=0, keep_dims=True)
         tl.store(dx_ptr + t * N * C + j * C + c, dx.to(dx_ptr.dtype.element_ty), mask=mj & mc)
-        acc_res += G * X
-        acc_post += G * y
+        if LANE_ACC:
+            acc_res += G * X
+            acc_post += G * y
+        else:
+            acc_res += tl.sum(G * X, axis=2, keep_dims=True)
+            acc_post += tl.sum(G * y, axis=2, keep_dims=True)
     # dHm[i, j] = sum_c g_i x_j, written back through the same (transposing) offsets.
     tl.store(dhres_ptr + t * N * N + hoff, tl.sum(acc_res, axis=2, keep_dims=True),
              mask=mi & mj)
@@ -124,6 +134,7 @@ CONFIG = {
     "agg_bwd": (4096, 4),
     "mix_fwd": (16384, 4),
     "mix_bwd": (4096, 4),
+    "mix_bwd_lane_acc": True,
 }
 
 
@@ -183,7 +194,7 @@ def mix_backward(x, hr, hp, y, g, mix_t: bool):
     BC, warps = _bc(C, NP, "mix_bwd", True)
     if T > 0:
         _mix_bwd_kernel[(T,)](x, hr, hp, y, g, dx, dhr, dhp, dy, C, N=N, NP=NP, BC=BC,
-                              MIX_T=mix_t, num_warps=warps)
+                              MIX_T=mix_t, LANE_ACC=CONFIG["mix_bwd_lane_acc"], num_warps=warps)
     return dx, dhr, dhp, dy
 
 

@@ -134,6 +134,30 @@ def test_coefficients_many_tokens_split_paths(conv):
     _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001), 20, conv)
 
 
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("fused", [(64, 128, 4, 4), (32, 256, 4, 3), None],
+                         ids=["fused64", "fused32", "split"])
+def test_coefficients_forward_paths(monkeypatch, fused, dtype, conv):
+    # the one-launch forward (projection + epilogue) and the split-over-D pair, each forced
+    from mhc_model.kernels import triton_coef, triton_proj
+
+    monkeypatch.setitem(triton_proj.CONFIG, "coef_fused", fused)
+    monkeypatch.setitem(triton_proj.CONFIG, "fused_min_waves", 0.0)
+    assert triton_coef.fused_forward_ok(1000, torch.device("cuda")) == (fused is not None)
+    gen = torch.Generator(device="cuda").manual_seed(13)
+    _check_coefficients(_coef_inputs(4, 1000, dtype, gen, T_=1000), 20, conv)
+
+
+@pytest.mark.parametrize("lane_acc", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+def test_mix_post_backward_variants(monkeypatch, lane_acc, dtype):
+    from mhc_model.kernels import triton_stream
+
+    monkeypatch.setitem(triton_stream.CONFIG, "mix_bwd_lane_acc", lane_acc)
+    test_mix_post(4, 1000, dtype, "deepseek")
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
 @pytest.mark.parametrize("C", CS)
 @pytest.mark.parametrize("N", NS)

@@ -1,0 +1,88 @@
+"""Where one training step's time goes, mHC off vs on (issue 16): a torch.profiler trace of one
+forward+backward step of a ``bench/overhead.py`` stack, GPU kernel time summed by kernel name,
+for the plain residual and for our fused mHC, and the difference. Not a test.
+
+    python bench/profile_step.py [--stack swiglu] [--tokens 8192] [--top 25] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections import defaultdict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import overhead  # noqa: E402
+
+from mhc_model import HybridModel  # noqa: E402
+from mhc_model.config import MHCConfig  # noqa: E402
+
+
+def _kernel_us(model, ids, steps: int = 2) -> tuple[dict[str, float], float]:
+    """Per-kernel-name GPU µs per step, and the step's wall ms (CUDA events), after warm-up."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(2):
+        model(ids).float().mean().backward()
+        model.zero_grad(set_to_none=True)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        start.record()
+        for _ in range(steps):
+            model(ids).float().mean().backward()
+            model.zero_grad(set_to_none=True)
+        end.record()
+        torch.cuda.synchronize()
+    per: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages():
+        dt = getattr(e, "self_device_time_total", None)
+        if dt is None:
+            dt = e.self_cuda_time_total
+        if dt > 0:
+            per[e.key[:70]] += dt / steps
+    return dict(per), start.elapsed_time(end) / steps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--stack", default="swiglu")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    base = overhead.stacks()[args.stack]
+    ids = torch.randint(0, 1024, (1, args.tokens), device="cuda",
+                        generator=torch.Generator(device="cuda").manual_seed(0))
+    runs = {}
+    for label, cfg in (("off", base), ("on", base.replace(mhc=MHCConfig(
+            enable_hyper_connections=True, num_residual_streams=overhead.N_STREAMS)))):
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            model = HybridModel(cfg)
+        runs[label] = _kernel_us(model, ids)
+        del model
+        torch.cuda.empty_cache()
+    (off, off_ms), (on, on_ms) = runs["off"], runs["on"]
+    lines = [f"# One step of the {args.stack} stack, {args.tokens} tokens, on "
+             f"{torch.cuda.get_device_name()} (torch {torch.__version__})", "",
+             f"Step wall (CUDA events, profiler on): off {off_ms:.2f} ms, on {on_ms:.2f} ms; "
+             f"GPU kernel sums: off {sum(off.values()) / 1e3:.2f} ms, on "
+             f"{sum(on.values()) / 1e3:.2f} ms.", "",
+             "| kernel | off µs | on µs | on - off µs |", "|---|---|---|---|"]
+    names = sorted(set(off) | set(on), key=lambda k: -abs(on.get(k, 0) - off.get(k, 0)))
+    for k in names[:args.top]:
+        lines.append(f"| `{k}` | {off.get(k, 0):.1f} | {on.get(k, 0):.1f} | "
+                     f"{on.get(k, 0) - off.get(k, 0):+.1f} |")
+    text = "\n".join(lines)
+    print(text, flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
