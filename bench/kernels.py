@@ -136,22 +136,19 @@ def _epilogue_time(x, W, b, al) -> float:
 _PB = [(64, 128, 4, 3, True, 4), (64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 8),
        (32, 128, 4, 3, True, 4), (128, 128, 8, 3, True, 4)]
 # the site's projection backward (AGG + EXTRA operands): register pressure vs tile size
-_PBS = [(64, 128, 8, 3, True, 4), (32, 128, 4, 3, True, 4), (32, 128, 8, 3, True, 4),
-        (32, 256, 8, 3, True, 4), (64, 64, 4, 3, True, 4), (64, 128, 8, 4, True, 4),
-        (64, 128, 8, 2, True, 4), (64, 128, 8, 3, True, 2), (64, 128, 8, 3, True, 8),
-        (128, 64, 8, 3, True, 4), (32, 128, 4, 4, True, 8)]
+_PBS = [(32, 128, 8, 3, True, 4), (64, 128, 8, 3, True, 4), (32, 128, 8, 4, True, 4),
+        (32, 64, 4, 3, True, 4), (32, 128, 8, 3, True, 8), (32, 128, 8, 3, True, 2),
+        (16, 128, 4, 3, True, 4), (32, 256, 8, 4, True, 4), (32, 128, 4, 3, True, 4)]
 _MIX = [{"mix_bwd": c, "mix_bwd_lane_acc": la}
-        for la, cs in ((True, [(4096, 4), (8192, 8), (2048, 2), (4096, 2)]),
-                       (False, [(4096, 4), (8192, 4), (4096, 8), (16384, 8), (2048, 2),
-                                (4096, 2), (8192, 8)]))
+        for la, cs in ((False, [(4096, 2), (8192, 2), (4096, 1), (2048, 1), (16384, 4),
+                                (8192, 4)]),
+                       (True, [(4096, 4)]))
         for c in cs]
-# coefficient forward: projection + epilogue in one launch (coef_fused) vs split over D
-_CF = ([{"coef_fused": c, "fused_min_waves": 0.0}
-        for c in [(64, 128, 4, 4), (64, 128, 4, 3), (64, 128, 8, 4), (64, 256, 8, 3),
-                  (32, 128, 4, 4), (32, 256, 4, 3), (64, 64, 4, 5), (128, 128, 8, 3),
-                  (32, 128, 2, 4), (64, 128, 4, 6)]]
-       + [{"coef_fused": None, "waves": w} for w in (8, 4)]
-       + [{"coef_fused": None, "proj_fwd": (64, 128, 4, 4), "waves": 8}])
+# coefficient forward, split over D: waves and tiles. A one-launch variant (projection +
+# epilogue per token block over the whole of D, no partials) ran 131-405 µs against 114 µs
+# for this split pair (H200, 2026-12-01) and was dropped.
+_CF = ([{"waves": w} for w in (8, 4, 16)]
+       + [{"proj_fwd": c} for c in [(64, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3)]])
 SWEEP = [
     ("coef_fwd", ("coefficients", 0), triton_proj.CONFIG, _CF),
     ("proj_bwd", ("coefficients", 1), triton_proj.CONFIG, [{"proj_bwd": c} for c in _PB]),
@@ -292,7 +289,7 @@ def _compiled_stats() -> list[str]:
     out = []
     for mod, name in ((triton_proj, "_proj_bwd_kernel"), (triton_coef, "_coef_bwd_kernel"),
                       (triton_proj, "_proj_fwd_kernel"), (triton_proj, "_finalize_kernel"),
-                      (triton_coef, "_proj_coef_fwd_kernel"), (triton_coef, "_coef_fwd_kernel"),
+                      (triton_coef, "_coef_fwd_kernel"),
                       (triton_stream, "_mix_bwd_kernel"), (triton_stream, "_mix_fwd_kernel"),
                       (triton_stream, "_agg_bwd_kernel"), (triton_stream, "_agg_fwd_kernel")):
         fn = getattr(mod, name)

@@ -134,7 +134,7 @@ class HybridStack(nn.Module):
             return self.final_norm(self.run_plain(h_SBC)), None
         n = self.cfg.mhc.num_residual_streams
         S, B, C = h_SBC.shape
-        x_SBNC = mhc_ref.expand(h_SBC.reshape(S * B, C), n).reshape(S, B, n, C)
+        x_SBNC = kernels.expand(h_SBC.reshape(S * B, C), n).reshape(S, B, n, C)
         x_SBNC = self.run_streams(x_SBNC)
         return self.final_norm(contract(self, self.cfg, x_SBNC)), x_SBNC
 
@@ -158,5 +158,5 @@ def contract(module: nn.Module, cfg: HybridConfig, x_SBNC: Tensor) -> Tensor:
         h_TC = mhc_ref.contract_learned(x_TNC, module.hc_head_fn, module.hc_head_base,
                                         module.hc_head_scale, head_eps(cfg))
     else:
-        h_TC = mhc_ref.contract_mean(x_TNC)
+        h_TC = kernels.contract_mean(x_TNC)
     return h_TC.reshape(S, B, C)

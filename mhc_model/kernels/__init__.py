@@ -24,8 +24,8 @@ try:  # triton is optional (CPU-only machines, CI)
 except ImportError:  # pragma: no cover - depends on the machine
     _triton = None
 
-__all__ = ["coefficients", "aggregate", "mix_post", "site_pre", "site_post", "triton_available",
-           "use_triton"]
+__all__ = ["coefficients", "aggregate", "mix_post", "site_pre", "site_post", "expand",
+           "contract_mean", "triton_available", "use_triton"]
 
 
 def triton_available() -> bool:
@@ -60,6 +60,18 @@ def coefficients(
 def aggregate(x_TNC: Tensor, H_pre_TN: Tensor) -> Tensor:
     impl = _triton if use_triton(x_TNC, H_pre_TN) else mhc_ref
     return impl.aggregate(x_TNC, H_pre_TN)
+
+
+def expand(h_TC: Tensor, n: int) -> Tensor:
+    """Stream start [T, n, C], as ``mhc_ref.expand``."""
+    impl = _triton if use_triton(h_TC) else mhc_ref
+    return impl.expand(h_TC, n)
+
+
+def contract_mean(x_TNC: Tensor) -> Tensor:
+    """Mean of the streams [T, C] in the stream dtype, as ``mhc_ref.contract_mean``."""
+    impl = _triton if use_triton(x_TNC) else mhc_ref
+    return impl.contract_mean(x_TNC)
 
 
 def mix_post(

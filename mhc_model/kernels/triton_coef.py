@@ -43,7 +43,6 @@ from mhc_model.kernels.triton_proj import (
     _finalize_kernel,
     _pow2,
     _proj_bwd_kernel,
-    _proj_tile,
     _sm_count,
     proj_forward,
 )
@@ -69,13 +68,13 @@ def _load_alphas(apre_ptr, apost_ptr, ares_ptr):
 
 
 @triton.jit
-def _coef_fwd_tile(pid, part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
-                   pre_ptr, post_ptr, res_ptr, proj_ptr, T, D, n_split, eps,
-                   N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                   BT: tl.constexpr, ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
-                   PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr, STORE_PROJ: tl.constexpr):
-    """Tokens pid*BT.. of the epilogue: sums ``n_split`` partials [T, KP] (lane K: sum of
-    squares), stores proj (unless it is the partial itself) and the three mappings."""
+def _coef_fwd_kernel(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
+                     pre_ptr, post_ptr, res_ptr, proj_ptr,
+                     T, D, n_split, eps,
+                     N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
+                     BT: tl.constexpr, ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
+                     PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr):
+    pid = tl.program_id(0)
     t = pid * BT + tl.arange(0, BT)
     mt = t < T
     n = tl.arange(0, NP)
@@ -99,11 +98,11 @@ def _coef_fwd_tile(pid, part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
         p_post += tl.load(base + t2 * KP + N + n2, mask=m2, other=0.0)
         p_res += tl.load(base + t3 * KP + k_res, mask=m3, other=0.0)
         ss += tl.load(base + t * KP + K, mask=mt, other=0.0)
-    if STORE_PROJ:  # proj [T, KP] keeps the sum of squares in lane K (for the backward)
-        tl.store(proj_ptr + t2 * KP + n2, p_pre, mask=m2)
-        tl.store(proj_ptr + t2 * KP + N + n2, p_post, mask=m2)
-        tl.store(proj_ptr + t3 * KP + k_res, p_res, mask=m3)
-        tl.store(proj_ptr + t * KP + K, ss, mask=mt)
+    # proj [T, KP] keeps the sum of squares in lane K (saved for the backward)
+    tl.store(proj_ptr + t2 * KP + n2, p_pre, mask=m2)
+    tl.store(proj_ptr + t2 * KP + N + n2, p_post, mask=m2)
+    tl.store(proj_ptr + t3 * KP + k_res, p_res, mask=m3)
+    tl.store(proj_ptr + t * KP + K, ss, mask=mt)
     r = _rms(ss, D, eps, RMS_INV_NORM)
     a_pre, a_post, a_res = _load_alphas(apre_ptr, apost_ptr, ares_ptr)
     # Eq. 16: h = r * proj * alpha + bias, per group [pre | post | res].
@@ -123,41 +122,6 @@ def _coef_fwd_tile(pid, part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
     # Eq. 19: Sinkhorn-Knopp on the N x N logits, in registers.
     M = sinkhorn_fwd(h_res, valid, eps, ITERS, SINKHORN_SOFTMAX)
     tl.store(res_ptr + t3 * (N * N) + i3 * N + j3, M, mask=m3)
-
-
-@triton.jit
-def _coef_fwd_kernel(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
-                     pre_ptr, post_ptr, res_ptr, proj_ptr,
-                     T, D, n_split, eps,
-                     N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
-                     BT: tl.constexpr, ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
-                     PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr):
-    _coef_fwd_tile(tl.program_id(0), part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
-                   pre_ptr, post_ptr, res_ptr, proj_ptr, T, D, n_split, eps, N, NP, K, KP, BT,
-                   ITERS, SINKHORN_SOFTMAX, PRE_EPS, RMS_INV_NORM, True)
-
-
-@triton.jit
-def _proj_coef_fwd_kernel(x_ptr, w_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
-                          pre_ptr, post_ptr, res_ptr, proj_ptr, T, D, eps,
-                          N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr,
-                          KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                          ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
-                          PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr,
-                          SPLIT_BF16: tl.constexpr):
-    """Launches (1) + (2) as one when the token blocks alone fill the GPU: each program runs
-    its BT tokens over the whole of D (no partials, no second launch), stores proj and reads
-    it back for the epilogue after a CTA barrier (CUDA: global writes before __syncthreads
-    are visible to the block's threads after it)."""
-    pid = tl.program_id(0)
-    acc = _proj_tile(x_ptr, w_ptr, pid * BT, 0, D, T, D, K, KP, BT, BD, SPLIT_BF16)
-    offs_t = pid * BT + tl.arange(0, BT)
-    offs_k = tl.arange(0, KP)
-    tl.store(proj_ptr + offs_t[:, None] * KP + offs_k[None, :], acc, mask=(offs_t < T)[:, None])
-    tl.debug_barrier()
-    _coef_fwd_tile(pid, proj_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
-                   pre_ptr, post_ptr, res_ptr, proj_ptr, T, D, 1, eps, N, NP, K, KP, BT,
-                   ITERS, SINKHORN_SOFTMAX, PRE_EPS, RMS_INV_NORM, False)
 
 
 @triton.jit
@@ -278,33 +242,6 @@ def coef_epilogue(part, bias_K, alphas, N, D, iters, conv, eps):
     return H_pre, H_post, H_res, proj
 
 
-def fused_forward_ok(T: int, device) -> bool:
-    """One launch for (1) + (2) when its token blocks alone fill ``fused_min_waves`` of the
-    SMs (``CONFIG["coef_fused"]``; None: never)."""
-    cfg = CONFIG["coef_fused"]
-    return cfg is not None and triton.cdiv(T, cfg[0]) >= CONFIG["fused_min_waves"] * \
-        _sm_count(device)
-
-
-def proj_coef_forward(x_TD, w_KD, bias_K, alphas, N, iters, conv, eps, K, KP, bf16):
-    """Launch (1) + (2) fused (``_proj_coef_fwd_kernel``); returns what ``coef_epilogue``
-    does."""
-    T, D = x_TD.shape
-    dev = x_TD.device
-    BT, BD, warps, stages = CONFIG["coef_fused"]
-    f = convention(conv).kernel_flags()
-    H_pre = torch.empty((T, N), dtype=torch.float32, device=dev)
-    H_post = torch.empty((T, N), dtype=torch.float32, device=dev)
-    H_res = torch.empty((T, N, N), dtype=torch.float32, device=dev)
-    proj = torch.empty((T, KP), dtype=torch.float32, device=dev)
-    _proj_coef_fwd_kernel[(triton.cdiv(T, BT),)](
-        x_TD, w_KD, bias_K, *alphas, H_pre, H_post, H_res, proj, T, D, eps,
-        N=N, NP=_pow2(N), K=K, KP=KP, BT=BT, BD=BD, ITERS=iters,
-        SINKHORN_SOFTMAX=f["SINKHORN_SOFTMAX"], PRE_EPS=f["PRE_EPS"],
-        RMS_INV_NORM=f["RMS_INV_NORM"], SPLIT_BF16=bf16, num_warps=warps, num_stages=stages)
-    return H_pre, H_post, H_res, proj
-
-
 def _f32(g):
     return g if g.dtype == torch.float32 and g.is_contiguous() else g.float().contiguous()
 
@@ -391,13 +328,8 @@ def coef_forward(x_TNC, weight_KD, bias_K, alphas, iters, conv, eps):
     w_KD = weight_KD if weight_KD.is_contiguous() else weight_KD.contiguous()
     if not bias_K.is_contiguous():
         bias_K = bias_K.contiguous()
-    if fused_forward_ok(T, x_TD.device):
-        H_pre, H_post, H_res, proj = proj_coef_forward(x_TD, w_KD, bias_K, alphas, N, iters,
-                                                       conv, eps, K, KP, bf16)
-    else:
-        part = proj_forward(x_TD, w_KD, K, KP, bf16)
-        H_pre, H_post, H_res, proj = coef_epilogue(part, bias_K, alphas, N, D, iters, conv,
-                                                   eps)
+    part = proj_forward(x_TD, w_KD, K, KP, bf16)
+    H_pre, H_post, H_res, proj = coef_epilogue(part, bias_K, alphas, N, D, iters, conv, eps)
     saved = (x_TD, w_KD, bias_K, *alphas, proj)
     return (H_pre, H_post, H_res), saved, (T, N, C, K, KP, bf16, iters, conv, eps)
 

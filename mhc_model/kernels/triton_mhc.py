@@ -15,7 +15,7 @@ from mhc_model.conventions import Convention
 from mhc_model.conventions import convention as convention_record
 from mhc_model.kernels.triton_coef import Coefficients
 from mhc_model.kernels.triton_site import SiteLink, SitePost, SitePre
-from mhc_model.kernels.triton_stream import Aggregate, MixPost
+from mhc_model.kernels.triton_stream import Aggregate, ContractMean, ExpandStreams, MixPost
 
 
 def coefficients(x_TNC: Tensor, weight_KD: Tensor, bias_K: Tensor, alpha_pre: Tensor,
@@ -30,6 +30,16 @@ def coefficients(x_TNC: Tensor, weight_KD: Tensor, bias_K: Tensor, alpha_pre: Te
 def aggregate(x_TNC: Tensor, H_pre_TN: Tensor) -> Tensor:
     """u [T,C] = sum_j H_pre[j] x_j in the stream dtype, as ``mhc_ref.aggregate``."""
     return Aggregate.apply(x_TNC, H_pre_TN)
+
+
+def expand(h_TC: Tensor, n: int) -> Tensor:
+    """[T, n, C] copies of h, as ``mhc_ref.expand``; the backward sums the streams in one pass."""
+    return ExpandStreams.apply(h_TC, int(n))
+
+
+def contract_mean(x_TNC: Tensor) -> Tensor:
+    """Mean of the streams in one pass, as ``mhc_ref.contract_mean`` (no fp32 copy of x)."""
+    return ContractMean.apply(x_TNC)
 
 
 def mix_post(x_TNC: Tensor, H_res_TNN: Tensor, H_post_TN: Tensor, y_TC: Tensor,

@@ -38,13 +38,11 @@ CONFIG = {
     "proj_bwd_presplit": True,
     # the site's projection backward (AGG / EXTRA terms): 8 warps, or the two extra [BT, BD]
     # operands spill at 4 (H200, 2026-12-01: 255 registers, 110 spills, 1104 us vs 182 us)
-    "proj_bwd_site": (64, 128, 8, 3, True, 4),
+    # H200 sweep 2026-12-01 (site backward 913 -> 784 us): BT 32 halves the [BT, BD] fp32
+    # tiles (128 registers, no spills) where BT 64 needed 215
+    "proj_bwd_site": (32, 128, 8, 3, True, 4),
     "coef_bt": 16,
-    # one launch for projection + epilogue, (BT, BD, warps, stages), when cdiv(T, BT) >=
-    # fused_min_waves * SMs (the token blocks alone fill the GPU); None: always split over D
-    "coef_fused": (64, 128, 4, 4),
-    "fused_min_waves": 0.9,
-    "coef_bwd": (16, 2),
+    "coef_bwd": (8, 1),  # same sweep: 196 us vs 203 at (16, 2) (coefficient backward)
     "finalize": (2048, 256, 8),
 }
 

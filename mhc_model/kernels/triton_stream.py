@@ -133,8 +133,10 @@ CONFIG = {
     "agg_fwd": (8192, 4),
     "agg_bwd": (4096, 4),
     "mix_fwd": (16384, 4),
-    "mix_bwd": (4096, 4),
-    "mix_bwd_lane_acc": True,
+    # H200 sweep 2026-12-01: 291 us vs 335 at (4096, 4) with per-lane accumulators (96
+    # registers there, 72 here: more tokens in flight per SM)
+    "mix_bwd": (4096, 2),
+    "mix_bwd_lane_acc": False,
 }
 
 
@@ -232,3 +234,46 @@ class MixPost(torch.autograd.Function):
         mix_t, hr_dtype, hp_dtype = ctx.meta
         dx, dhr, dhp, dy = mix_backward(x, hr, hp, y, g_TNC, mix_t)
         return dx, dhr.to(hr_dtype), dhp.to(hp_dtype), dy, None
+
+
+class ExpandStreams(torch.autograd.Function):
+    """Stream start x [T, N, C] = N copies of h [T, C] (``mhc_ref.expand``).  The backward sums
+    the N stream gradients with the aggregate kernel (H = 1: fp32 sum, rounded once, as
+    autograd's sum over the expanded dim, up to the order of the N additions): one read of
+    N C and one write of C, where the generic reduction over a middle dim of 4 ran at ~40%
+    of copy bandwidth (H200 profile)."""
+
+    @staticmethod
+    def forward(ctx, h_TC, n):
+        ctx.n = n
+        return h_TC.unsqueeze(1).expand(-1, n, -1).contiguous()
+
+    @staticmethod
+    def backward(ctx, g_TNC):
+        g = g_TNC.contiguous()
+        ones = torch.ones((g.shape[0], ctx.n), dtype=torch.float32, device=g.device)
+        return agg_forward(g, ones), None
+
+
+class ContractMean(torch.autograd.Function):
+    """u [T, C] = mean_j x_j in the stream dtype (``mhc_ref.contract_mean``, the mean output
+    contract).  Forward: the aggregate kernel with H = 1/N (fp32 in registers, one rounding;
+    the reference's fp32 mean up to the order of the N additions, and for N not a power of
+    two the rounding of 1/N), where ``x.float().mean(1)``
+    writes and re-reads an fp32 copy of all N streams.  Backward: (g / N) rounded to the stream
+    dtype once on [T, C], then broadcast to the streams (the reference's values: its fp32
+    g / N per stream element rounds to the same number)."""
+
+    @staticmethod
+    def forward(ctx, x_TNC):
+        x = x_TNC.contiguous()
+        T, N, _ = x.shape
+        ctx.n = N
+        w = torch.full((T, N), 1.0 / N, dtype=torch.float32, device=x.device)
+        return agg_forward(x, w)
+
+    @staticmethod
+    def backward(ctx, g_TC):
+        T, C = g_TC.shape
+        d_TC = (g_TC.float() / ctx.n).to(g_TC.dtype)
+        return d_TC.unsqueeze(1).expand(T, ctx.n, C).contiguous()

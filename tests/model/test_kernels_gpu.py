@@ -134,21 +134,6 @@ def test_coefficients_many_tokens_split_paths(conv):
     _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001), 20, conv)
 
 
-@pytest.mark.parametrize("conv", CONVS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
-@pytest.mark.parametrize("fused", [(64, 128, 4, 4), (32, 256, 4, 3), None],
-                         ids=["fused64", "fused32", "split"])
-def test_coefficients_forward_paths(monkeypatch, fused, dtype, conv):
-    # the one-launch forward (projection + epilogue) and the split-over-D pair, each forced
-    from mhc_model.kernels import triton_coef, triton_proj
-
-    monkeypatch.setitem(triton_proj.CONFIG, "coef_fused", fused)
-    monkeypatch.setitem(triton_proj.CONFIG, "fused_min_waves", 0.0)
-    assert triton_coef.fused_forward_ok(1000, torch.device("cuda")) == (fused is not None)
-    gen = torch.Generator(device="cuda").manual_seed(13)
-    _check_coefficients(_coef_inputs(4, 1000, dtype, gen, T_=1000), 20, conv)
-
-
 @pytest.mark.parametrize("lane_acc", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
 def test_mix_post_backward_variants(monkeypatch, lane_acc, dtype):
@@ -256,3 +241,21 @@ def test_site_post_refuses_other_streams():
     other = ins[0].detach().clone()
     with pytest.raises(ValueError, match="same link"):
         K.site_post(other, H_res, H_post, u, "deepseek", link)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+@pytest.mark.parametrize("N", NS)
+def test_expand_and_contract_mean(N, dtype):
+    # the stream start and the mean contract (fused: one pass each way) against the reference
+    gen = torch.Generator(device="cuda").manual_seed(17 + N)
+    h = torch.randn(T, 1000, generator=gen, device="cuda").to(dtype).requires_grad_()
+    x = torch.randn(T, N, 1000, generator=gen, device="cuda").to(dtype).requires_grad_()
+    for name, fast, ref, inp in (("expand", lambda a: K.expand(a, N), lambda a: R.expand(a, N), h),
+                                 ("contract_mean", K.contract_mean, R.contract_mean, x)):
+        assert K.use_triton(inp)
+        got, ggot, _ = _run(fast, [inp])
+        want, gwant, _ = _run(ref, [inp])
+        if name == "expand":
+            assert torch.equal(got[0], want[0]), name
+        _check(name, got[0], want[0], dtype)
+        _check(f"d {name}", ggot[0], gwant[0], dtype)
