@@ -136,28 +136,27 @@ def _epilogue_time(x, W, b, al) -> float:
 _PB = [(64, 128, 4, 3, True, 4), (64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 8),
        (32, 128, 4, 3, True, 4), (128, 128, 8, 3, True, 4)]
 # the site's projection backward (AGG + EXTRA operands): register pressure vs tile size
-_PBS = [(32, 128, 8, 3, True, 4), (64, 128, 8, 3, True, 4), (32, 128, 8, 4, True, 4),
-        (32, 64, 4, 3, True, 4), (32, 128, 8, 3, True, 8), (32, 128, 8, 3, True, 2),
-        (16, 128, 4, 3, True, 4), (32, 256, 8, 4, True, 4), (32, 128, 4, 3, True, 4)]
+_PBS = ([{"proj_bwd_site": c} for c in
+         [(32, 64, 4, 3, True, 4), (32, 128, 8, 3, True, 4), (32, 64, 4, 2, True, 4),
+          (32, 64, 4, 3, True, 8), (32, 64, 2, 3, True, 4), (64, 64, 4, 3, True, 4),
+          (16, 64, 2, 3, True, 4), (32, 32, 2, 3, True, 4)]]
+        + [{"side_first": False, "proj_bwd_site": c}
+           for c in [(32, 64, 4, 3, True, 4), (32, 128, 8, 3, True, 4)]])
 _MIX = [{"mix_bwd": c, "mix_bwd_lane_acc": la}
-        for la, cs in ((False, [(4096, 2), (8192, 2), (4096, 1), (2048, 1), (16384, 4),
-                                (8192, 4)]),
+        for la, cs in ((False, [(16384, 4), (8192, 2), (32768, 8), (16384, 2), (32768, 4)]),
                        (True, [(4096, 4)]))
         for c in cs]
 # coefficient forward, split over D: waves and tiles. A one-launch variant (projection +
 # epilogue per token block over the whole of D, no partials) ran 131-405 µs against 114 µs
 # for this split pair (H200, 2026-12-01) and was dropped.
 _CF = ([{"waves": w} for w in (8, 4, 16)]
-       + [{"proj_fwd": c} for c in [(64, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3)]])
+       + [{"proj_fwd": c} for c in [(64, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3)]]
+       + [{"coef_bt": b} for b in (8, 32, 64)])
 SWEEP = [
     ("coef_fwd", ("coefficients", 0), triton_proj.CONFIG, _CF),
     ("proj_bwd", ("coefficients", 1), triton_proj.CONFIG, [{"proj_bwd": c} for c in _PB]),
-    ("proj_bwd_site", ("site", 1), triton_proj.CONFIG, [{"proj_bwd_site": c} for c in _PBS]),
+    ("proj_bwd_site", ("site", 1), triton_proj.CONFIG, _PBS),
     ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, _MIX),
-    ("mix_fwd", ("mix_post", 0), triton_stream.CONFIG,
-     [{"mix_fwd": c} for c in [(16384, 4), (8192, 4), (16384, 8), (32768, 8)]]),
-    ("agg_bwd", ("aggregate", 1), triton_stream.CONFIG,
-     [{"agg_bwd": c} for c in [(4096, 4), (2048, 4), (8192, 8), (2048, 2)]]),
     ("coef_bwd", ("coefficients", 1), triton_proj.CONFIG,
      [{"coef_bwd": c} for c in [(16, 2), (32, 4), (8, 1), (16, 4)]]),
 ]

@@ -13,7 +13,7 @@ reference under torch.compile; Megatron dev's ``HyperConnectionModule`` fused an
 Memory: peak allocated above the weights (activations + gradients) and its floor
 (``bench/memfloor.py``: the plain stack's peak plus the bytes mHC must keep, counted).
 
-    python bench/overhead.py [--out results.md] [--iters 5] [--stacks swiglu,nemotron]
+    python bench/overhead.py [--out results.md] [--iters 10] [--stacks swiglu,nemotron]
                              [--skip 'torch.compile,eager']
 """
 
@@ -60,6 +60,17 @@ def paper_block(num_layers: int, n: int) -> tuple[int, float]:
     real = math.sqrt(n * num_layers / (n + 2))
     cands = {max(1, math.floor(real)), math.ceil(real)}
     return min(cands, key=lambda b: (n * num_layers / b + (n + 2) * b, b)), real
+
+
+def warm_gpu(seconds: float) -> None:
+    """Load the GPU for ``seconds`` before the first row, so the first mHC-off row does not run
+    at cold-GPU clocks the later rows never see (an H200 run drifted +5.4% first to last)."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        for _ in range(20):
+            a @ a
+        torch.cuda.synchronize()
 
 
 def measure(build, ids: torch.Tensor, iters: int) -> tuple[float, float]:
@@ -111,7 +122,9 @@ def rows(base: HybridConfig):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--warmup-s", type=float, default=10.0,
+                    help="seconds of GPU load before the first row")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--stacks", default="swiglu,nemotron")
     ap.add_argument("--out", default=None)
@@ -133,13 +146,15 @@ def main() -> None:
     lines = [f"# mHC step-time and memory overhead on {torch.cuda.get_device_name()}", "",
              f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}; "
              f"{args.tokens} tokens, bf16, n = {N_STREAMS}, forward+backward, mean of "
-             f"{args.iters} steps after 2 warm-up steps, one process. {mlm}. "
+             f"{args.iters} steps after 2 warm-up steps, one process, after {args.warmup_s:.0f} s "
+             f"of GPU load. {mlm}. "
              f"TileKernels row: skipped, {tl_note}. Peak = allocated memory above the weights "
              "(activations + gradients). Ratios against the mean of the two mHC-off rows.", "",
              "| stack | Mamba2 scan | config | ms/step | time ratio | peak GiB | mem ratio | "
              "floor GiB | peak / floor |",
              "|---|---|---|---|---|---|---|---|---|"]
     notes = []
+    warm_gpu(args.warmup_s)
     for name in args.stacks.split(","):
         base = stacks()[name]
         stack_scan = scan if "M" in base.hybrid_layer_pattern else "-"

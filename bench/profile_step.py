@@ -21,8 +21,10 @@ from mhc_model import HybridModel  # noqa: E402
 from mhc_model.config import MHCConfig  # noqa: E402
 
 
-def _kernel_us(model, ids, steps: int = 2) -> tuple[dict[str, float], float]:
-    """Per-kernel-name GPU µs per step, and the step's wall ms (CUDA events), after warm-up."""
+def _kernel_us(model, ids, steps: int = 2
+               ) -> tuple[dict[str, float], float, dict[str, float]]:
+    """Per-kernel-name GPU µs per step, the step's wall ms (CUDA events), after warm-up, and
+    the GPU µs per step of each aten op (with its input shapes) that launched kernels."""
     from torch.profiler import ProfilerActivity, profile
 
     for _ in range(2):
@@ -30,7 +32,8 @@ def _kernel_us(model, ids, steps: int = 2) -> tuple[dict[str, float], float]:
         model.zero_grad(set_to_none=True)
     torch.cuda.synchronize()
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                 record_shapes=True) as prof:
         start.record()
         for _ in range(steps):
             model(ids).float().mean().backward()
@@ -38,13 +41,18 @@ def _kernel_us(model, ids, steps: int = 2) -> tuple[dict[str, float], float]:
         end.record()
         torch.cuda.synchronize()
     per: dict[str, float] = defaultdict(float)
-    for e in prof.key_averages():
+    ops: dict[str, float] = defaultdict(float)
+    for e in prof.key_averages(group_by_input_shape=True):
         dt = getattr(e, "self_device_time_total", None)
         if dt is None:
             dt = e.self_cuda_time_total
-        if dt > 0:
+        if dt <= 0:
+            continue
+        if getattr(e, "device_type", None) is not None and "CPU" in str(e.device_type):
+            ops[f"{e.key} {e.input_shapes}"[:110]] += dt / steps
+        else:
             per[e.key[:70]] += dt / steps
-    return dict(per), start.elapsed_time(end) / steps
+    return dict(per), start.elapsed_time(end) / steps, dict(ops)
 
 
 def main() -> None:
@@ -66,7 +74,7 @@ def main() -> None:
         runs[label] = _kernel_us(model, ids)
         del model
         torch.cuda.empty_cache()
-    (off, off_ms), (on, on_ms) = runs["off"], runs["on"]
+    (off, off_ms, off_ops), (on, on_ms, on_ops) = runs["off"], runs["on"]
     lines = [f"# One step of the {args.stack} stack, {args.tokens} tokens, on "
              f"{torch.cuda.get_device_name()} (torch {torch.__version__})", "",
              f"Step wall (CUDA events, profiler on): off {off_ms:.2f} ms, on {on_ms:.2f} ms; "
@@ -77,6 +85,13 @@ def main() -> None:
     for k in names[:args.top]:
         lines.append(f"| `{k}` | {off.get(k, 0):.1f} | {on.get(k, 0):.1f} | "
                      f"{on.get(k, 0) - off.get(k, 0):+.1f} |")
+    lines += ["", "By launching op (CPU op and input shapes; GPU µs of the kernels it launched):",
+              "", "| op | off µs | on µs | on - off µs |", "|---|---|---|---|"]
+    names = sorted(set(off_ops) | set(on_ops),
+                   key=lambda k: -abs(on_ops.get(k, 0) - off_ops.get(k, 0)))
+    for k in names[:args.top]:
+        lines.append(f"| `{k}` | {off_ops.get(k, 0):.1f} | {on_ops.get(k, 0):.1f} | "
+                     f"{on_ops.get(k, 0) - off_ops.get(k, 0):+.1f} |")
     text = "\n".join(lines)
     print(text, flush=True)
     if args.out:

@@ -251,7 +251,8 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
     """Launches (3)-(5): gradients of x, W, bias and the alphas from those of the mappings.
     ``saved`` = (x_TD, w_KD, bias, a_pre, a_post, a_res, proj) as the forward keeps them.
     With ``du_TC`` and ``H_pre`` the aggregate's dx (H_pre[j] du) and with ``dx_extra`` [T, D]
-    a further gradient of x are added inside the projection backward's single pass."""
+    a further gradient of x are added inside the projection backward's single pass;
+    ``dx_extra`` (contiguous, x's dtype, owned by the caller) is overwritten with dx."""
     x_TD, w_KD, bias, a_pre, a_post, a_res, proj = saved
     T, N, C, K, KP, bf16, iters, conv, eps = meta
     f = conv.kernel_flags()
@@ -295,12 +296,14 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
                            SINKHORN_SOFTMAX=f["SINKHORN_SOFTMAX"],
                            RMS_INV_NORM=f["RMS_INV_NORM"], DP_SPLIT=presplit,
                            num_warps=cwarps)
-    dx_TD = torch.empty_like(x_TD)
+    # the mix's dx (ours, contiguous [T, D]) is overwritten in place: one nC buffer fewer
+    dx_TD = dx_extra if extra else torch.empty_like(x_TD)
     _proj_bwd_kernel[(n_d, S)](x_TD, w_KD, dproj, coef, dx_TD, dw_part,
                                du_TC if agg else x_TD, H_pre if agg else coef,
                                dx_extra if extra else x_TD, T, D, C, N, t_per_split,
                                K=K, KP=KP, BT=BTb, BD=BD, SPLIT_BF16=bf16, PRESPLIT=presplit,
                                DW_T=dw_t, AGG=agg, EXTRA=extra,
+                               SIDE_FIRST=CONFIG["side_first"],
                                num_warps=warps, num_stages=stages)
     BLOCK, BG, fwarps = CONFIG["finalize"]
     _finalize_kernel[(1 + (0 if final else triton.cdiv(K * D, BLOCK)),)](

@@ -36,11 +36,12 @@ CONFIG = {
     "waves": 8,  # H200 sweep 2026-12-01: 111 us at 8 vs 119 at 1 (wave quantisation, 132 SMs)
     "proj_bwd": (64, 128, 4, 3, True, 4),  # same sweep: waves 4 203 us vs 2 210 us
     "proj_bwd_presplit": True,
+    "side_first": True,  # the site's du / dx_extra loads before the dots (see the kernel)
     # the site's projection backward (AGG / EXTRA terms): 8 warps, or the two extra [BT, BD]
     # operands spill at 4 (H200, 2026-12-01: 255 registers, 110 spills, 1104 us vs 182 us)
-    # H200 sweep 2026-12-01 (site backward 913 -> 784 us): BT 32 halves the [BT, BD] fp32
-    # tiles (128 registers, no spills) where BT 64 needed 215
-    "proj_bwd_site": (32, 128, 8, 3, True, 4),
+    # H200 sweeps 2026-12-01 (site backward 913 -> 712 us): BT 32 halves the [BT, BD] fp32
+    # tiles (128 registers, no spills, at BD 128) where BT 64 needed 215
+    "proj_bwd_site": (32, 64, 4, 3, True, 4),  # second sweep: 712 vs 734 us at (32, 128, 8)
     "coef_bt": 16,
     "coef_bwd": (8, 1),  # same sweep: 196 us vs 203 at (16, 2) (coefficient backward)
     "finalize": (2048, 256, 8),
@@ -118,11 +119,26 @@ def _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G
 
 
 @triton.jit
+def _side_terms(du_ptr, hpre_ptr, dxe_ptr, offs_t, mask_t, x_off, mask_x, j, c0, C, N,
+                BD: tl.constexpr, AGG: tl.constexpr, EXTRA: tl.constexpr):
+    """fp32 [BT, BD]: H_pre[t, j] du[t, c0 + c] (AGG) + dx_extra[t, d] (EXTRA)."""
+    side = tl.zeros(mask_x.shape, tl.float32)
+    if AGG:
+        du = tl.load(du_ptr + offs_t.to(tl.int64)[:, None] * C + c0 + tl.arange(0, BD)[None, :],
+                     mask=mask_x, other=0.0).to(tl.float32)
+        hp = tl.load(hpre_ptr + offs_t * N + j, mask=mask_t, other=0.0)
+        side += hp[:, None] * du
+    if EXTRA:
+        side += tl.load(dxe_ptr + x_off, mask=mask_x, other=0.0).to(tl.float32)
+    return side
+
+
+@triton.jit
 def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
                      du_ptr, hpre_ptr, dxe_ptr, T, D, C, N, t_per_split,
                      K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
                      SPLIT_BF16: tl.constexpr, PRESPLIT: tl.constexpr, DW_T: tl.constexpr,
-                     AGG: tl.constexpr, EXTRA: tl.constexpr):
+                     AGG: tl.constexpr, EXTRA: tl.constexpr, SIDE_FIRST: tl.constexpr):
     """One [T-split, BD] stripe: W stays in registers / shared memory, x is streamed once.
     dx = dproj @ W + coef * x is stored per tile; the dW partial of the stripe is
     accumulated over the split's tokens ([BD, KP] as dW^T when DW_T) and stored once; with
@@ -130,7 +146,9 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
     AGG: dx[t, j*C + c] += H_pre[t, j] * du[t, c] (the aggregate's backward, du [T, C];
     needs C % BD == 0, see ``agg_fold_ok``);
     EXTRA: dx += dx_extra [T, D] (another consumer's gradient of x); both summed in fp32 and
-    rounded once."""
+    rounded once.  SIDE_FIRST: those two loads are issued before the tile's dots (their
+    latency overlaps the MMAs) rather than after.  ``dx_ptr`` may be ``dxe_ptr`` (in place:
+    each element is read, then written, by the same program)."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_d = pid_d * BD + tl.arange(0, BD)
@@ -147,6 +165,9 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
         acc = tl.zeros((BD, KP), tl.float32)
     else:
         acc = tl.zeros((KP, BD), tl.float32)
+    # AGG: C % BD == 0 (host), so the tile lies in one stream j and du loads are contiguous
+    j = (pid_d * BD) // C
+    c0 = pid_d * BD - j * C
     t_start = pid_s * t_per_split  # a multiple of BT: splits never overlap
     for t0 in range(0, t_per_split, BT):
         offs_t = t_start + t0 + tl.arange(0, BT)
@@ -154,6 +175,9 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
         x_off = offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
         mask_x = mask_t[:, None] & mask_d[None, :]
         x = tl.load(x_ptr + x_off, mask=mask_x, other=0.0)
+        if SIDE_FIRST:
+            side = _side_terms(du_ptr, hpre_ptr, dxe_ptr, offs_t, mask_t, x_off, mask_x, j, c0,
+                               C, N, BD, AGG, EXTRA)
         dp_off = offs_t[:, None] * KP + offs_k[None, :]
         cf = tl.load(coef_ptr + offs_t, mask=mask_t, other=0.0)
         if SPLIT_BF16:
@@ -187,16 +211,11 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
             else:
                 acc = tl.dot(tl.trans(dp), xf, acc, input_precision="ieee")
         dx += cf[:, None] * xf
-        if AGG:
-            # C % BD == 0 (host): the tile lies in one stream j, so du loads are contiguous
-            j = (pid_d * BD) // C
-            c0 = pid_d * BD - j * C
-            du = tl.load(du_ptr + offs_t.to(tl.int64)[:, None] * C + c0
-                         + tl.arange(0, BD)[None, :], mask=mask_x, other=0.0).to(tl.float32)
-            hp = tl.load(hpre_ptr + offs_t * N + j, mask=mask_t, other=0.0)
-            dx += hp[:, None] * du
-        if EXTRA:
-            dx += tl.load(dxe_ptr + x_off, mask=mask_x, other=0.0).to(tl.float32)
+        if AGG or EXTRA:
+            if not SIDE_FIRST:
+                side = _side_terms(du_ptr, hpre_ptr, dxe_ptr, offs_t, mask_t, x_off, mask_x, j,
+                                   c0, C, N, BD, AGG, EXTRA)
+            dx += side
         tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask_x)
     dw = dw_part_ptr + pid_s * K * D
     acc = acc.to(dw_part_ptr.dtype.element_ty)  # fp32 partials, or dW itself (one split)

@@ -133,9 +133,10 @@ CONFIG = {
     "agg_fwd": (8192, 4),
     "agg_bwd": (4096, 4),
     "mix_fwd": (16384, 4),
-    # H200 sweep 2026-12-01: 291 us vs 335 at (4096, 4) with per-lane accumulators (96
-    # registers there, 72 here: more tokens in flight per SM)
-    "mix_bwd": (4096, 2),
+    # H200 sweeps 2026-12-01: C reduced every step (72-80 registers instead of 96-185 for
+    # per-lane accumulators: more tokens in flight per SM), C tile 1024: 233 us vs 335 at
+    # (4096, 4) with per-lane accumulators (0.95 of copy bandwidth)
+    "mix_bwd": (16384, 4),
     "mix_bwd_lane_acc": False,
 }
 
