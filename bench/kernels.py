@@ -137,11 +137,10 @@ _PB = [(64, 128, 4, 3, True, 4), (64, 128, 4, 3, True, 2), (64, 128, 4, 3, True,
        (32, 128, 4, 3, True, 4), (128, 128, 8, 3, True, 4)]
 # the site's projection backward (AGG + EXTRA operands): register pressure vs tile size
 _PBS = ([{"proj_bwd_site": c} for c in
-         [(32, 64, 4, 3, True, 4), (32, 128, 8, 3, True, 4), (32, 64, 4, 2, True, 4),
-          (32, 64, 4, 3, True, 8), (32, 64, 2, 3, True, 4), (64, 64, 4, 3, True, 4),
-          (16, 64, 2, 3, True, 4), (32, 32, 2, 3, True, 4)]]
-        + [{"side_first": False, "proj_bwd_site": c}
-           for c in [(32, 64, 4, 3, True, 4), (32, 128, 8, 3, True, 4)]])
+         [(32, 64, 4, 3, True, 4), (64, 64, 4, 3, True, 4), (32, 64, 4, 2, True, 4),
+          (32, 64, 2, 3, True, 4), (64, 128, 8, 3, True, 4), (32, 64, 4, 3, True, 2),
+          (64, 64, 4, 2, True, 4)]]
+        + [{"side_first": True, "proj_bwd_site": (32, 64, 4, 3, True, 4)}])
 _MIX = [{"mix_bwd": c, "mix_bwd_lane_acc": la}
         for la, cs in ((False, [(16384, 4), (8192, 2), (32768, 8), (16384, 2), (32768, 4)]),
                        (True, [(4096, 4)]))
@@ -151,7 +150,7 @@ _MIX = [{"mix_bwd": c, "mix_bwd_lane_acc": la}
 # for this split pair (H200, 2026-12-01) and was dropped.
 _CF = ([{"waves": w} for w in (8, 4, 16)]
        + [{"proj_fwd": c} for c in [(64, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3)]]
-       + [{"coef_bt": b} for b in (8, 32, 64)])
+       + [{"coef_bt": b} for b in (16, 32, 128)])
 SWEEP = [
     ("coef_fwd", ("coefficients", 0), triton_proj.CONFIG, _CF),
     ("proj_bwd", ("coefficients", 1), triton_proj.CONFIG, [{"proj_bwd": c} for c in _PB]),

@@ -36,13 +36,15 @@ CONFIG = {
     "waves": 8,  # H200 sweep 2026-12-01: 111 us at 8 vs 119 at 1 (wave quantisation, 132 SMs)
     "proj_bwd": (64, 128, 4, 3, True, 4),  # same sweep: waves 4 203 us vs 2 210 us
     "proj_bwd_presplit": True,
-    "side_first": True,  # the site's du / dx_extra loads before the dots (see the kernel)
+    # the site's du / dx_extra loads before the tile's dots: slower on the H200 (1020 vs 640
+    # us site backward, 2026-12-01), kept as a sweep option
+    "side_first": False,
     # the site's projection backward (AGG / EXTRA terms): 8 warps, or the two extra [BT, BD]
     # operands spill at 4 (H200, 2026-12-01: 255 registers, 110 spills, 1104 us vs 182 us)
     # H200 sweeps 2026-12-01 (site backward 913 -> 712 us): BT 32 halves the [BT, BD] fp32
     # tiles (128 registers, no spills, at BD 128) where BT 64 needed 215
     "proj_bwd_site": (32, 64, 4, 3, True, 4),  # second sweep: 712 vs 734 us at (32, 128, 8)
-    "coef_bt": 16,
+    "coef_bt": 64,  # H200 sweep 2026-12-01: coefficient forward 107 us vs 113 at 16
     "coef_bwd": (8, 1),  # same sweep: 196 us vs 203 at (16, 2) (coefficient backward)
     "finalize": (2048, 256, 8),
 }
