@@ -148,9 +148,11 @@ _MIX = [{"mix_bwd": c, "mix_bwd_lane_acc": la}
 # coefficient forward, split over D: waves and tiles. A one-launch variant (projection +
 # epilogue per token block over the whole of D, no partials) ran 131-405 µs against 114 µs
 # for this split pair (H200, 2026-12-01) and was dropped.
-_CF = ([{"waves": w} for w in (8, 4, 16)]
-       + [{"proj_fwd": c} for c in [(64, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3)]]
-       + [{"coef_bt": b} for b in (16, 32, 128)])
+_CF = ([{"waves": w} for w in (8, 16)]
+       + [{"proj_fwd_presplit_w": True, "waves": w} for w in (8, 4, 16)]
+       + [{"proj_fwd_presplit_w": True, "proj_fwd": c}
+          for c in [(64, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3), (128, 64, 4, 4),
+                    (256, 128, 8, 3)]])
 SWEEP = [
     ("coef_fwd", ("coefficients", 0), triton_proj.CONFIG, _CF),
     ("proj_bwd", ("coefficients", 1), triton_proj.CONFIG, [{"proj_bwd": c} for c in _PB]),

@@ -34,6 +34,9 @@ import triton.language as tl
 CONFIG = {
     "proj_fwd": (128, 128, 8, 3),
     "waves": 8,  # H200 sweep 2026-12-01: 111 us at 8 vs 119 at 1 (wave quantisation, 132 SMs)
+    # bf16: W split into hi + lo once (split_weight), not per tile: H200 2026-12-01, the
+    # coefficient forward 103 us vs 109
+    "proj_fwd_presplit_w": True,
     "proj_bwd": (64, 128, 4, 3, True, 4),  # same sweep: waves 4 203 us vs 2 210 us
     "proj_bwd_presplit": True,
     # the site's du / dx_extra loads before the tile's dots: slower on the H200 (1020 vs 640
@@ -51,10 +54,36 @@ CONFIG = {
 
 
 @triton.jit
+def _split_w_kernel(w_ptr, out_ptr, D, K: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr):
+    # out [2, KP, D] bf16: W = hi + lo (hi = rn(W), lo = rn(W - hi)); rows >= K are 0
+    d = tl.program_id(0) * BD + tl.arange(0, BD)
+    k = tl.arange(0, KP)
+    m = (k[:, None] < K) & (d[None, :] < D)
+    w = tl.load(w_ptr + k[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
+    hi = w.to(tl.bfloat16)
+    lo = (w - hi.to(tl.float32)).to(tl.bfloat16)
+    md = (k[:, None] < KP) & (d[None, :] < D)
+    tl.store(out_ptr + k[:, None] * D + d[None, :], hi, mask=md)
+    tl.store(out_ptr + KP * D + k[:, None] * D + d[None, :], lo, mask=md)
+
+
+def split_weight(w_KD, KP: int):
+    """[2, KP, D] bf16 (hi, lo) of the fp32 weight, zero-padded to KP rows (one launch)."""
+    K, D = w_KD.shape
+    out = torch.empty((2, KP, D), dtype=torch.bfloat16, device=w_KD.device)
+    BD = 256
+    _split_w_kernel[(triton.cdiv(D, BD),)](w_KD, out, D, K=K, KP=KP, BD=BD, num_warps=4)
+    return out
+
+
+@triton.jit
 def _proj_tile(x_ptr, w_ptr, t0, d_start, d_len, T, D, K: tl.constexpr, KP: tl.constexpr,
-               BT: tl.constexpr, BD: tl.constexpr, SPLIT_BF16: tl.constexpr):
+               BT: tl.constexpr, BD: tl.constexpr, SPLIT_BF16: tl.constexpr,
+               PRESPLIT_W: tl.constexpr = False):
     """[BT, KP] fp32: rows t0.. of x[:, d_start:d_start+d_len] @ W^T, lane K the sum of
-    squares of the same x (lanes > K are 0).  ``d_len`` is a multiple of BD or ends at D."""
+    squares of the same x (lanes > K are 0).  ``d_len`` is a multiple of BD or ends at D.
+    PRESPLIT_W: ``w_ptr`` is ``split_weight``'s [2, KP, D] bf16 pair (bf16 streams), so the
+    tiles are loaded as they go to the tensor cores, half the bytes, no split per tile."""
     offs_t = t0 + tl.arange(0, BT)
     mask_t = offs_t < T
     offs_k = tl.arange(0, KP)
@@ -65,22 +94,28 @@ def _proj_tile(x_ptr, w_ptr, t0, d_start, d_len, T, D, K: tl.constexpr, KP: tl.c
         offs_d = d_start + d0 + tl.arange(0, BD)
         mask_d = offs_d < D
         x = tl.load(x_rows + offs_d[None, :], mask=mask_t[:, None] & mask_d[None, :], other=0.0)
-        # [BD, KP] tile of W^T (rows >= K read as 0), L2 resident, fp32 in registers.
-        w = tl.load(w_ptr + offs_k[None, :] * D + offs_d[:, None],
-                    mask=mask_d[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
         xf = x.to(tl.float32)
         ss += tl.sum(xf * xf, axis=1)
-        if SPLIT_BF16:
-            # The tensor cores accumulate with truncation; keep their chain to one BD tile
-            # and add tiles in fp32 on the CUDA cores (round-to-nearest), or the error grows
-            # with D/BD (measured ~1e-4 relative at D = 6000 when chained through `acc`).
-            w_hi = w.to(tl.bfloat16)
-            w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
+        if PRESPLIT_W:
+            w_off = offs_k[None, :] * D + offs_d[:, None]
+            w_hi = tl.load(w_ptr + w_off, mask=mask_d[:, None], other=0.0)
+            w_lo = tl.load(w_ptr + KP * D + w_off, mask=mask_d[:, None], other=0.0)
             tile = tl.dot(x, w_hi)
-            tile = tl.dot(x, w_lo, tile)
-            acc += tile
+            acc += tl.dot(x, w_lo, tile)  # per-tile chain, fp32 sum (see below)
         else:
-            acc = tl.dot(xf, w, acc, input_precision="ieee")
+            # [BD, KP] tile of W^T (rows >= K read as 0), L2 resident, fp32 in registers.
+            w = tl.load(w_ptr + offs_k[None, :] * D + offs_d[:, None],
+                        mask=mask_d[:, None] & (offs_k[None, :] < K), other=0.0).to(tl.float32)
+            if SPLIT_BF16:
+                # The tensor cores accumulate with truncation; keep their chain to one BD
+                # tile and add tiles in fp32 on the CUDA cores (round-to-nearest), or the
+                # error grows with D/BD (~1e-4 relative at D = 6000 when chained through acc).
+                w_hi = w.to(tl.bfloat16)
+                w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
+                tile = tl.dot(x, w_hi)
+                acc += tl.dot(x, w_lo, tile)
+            else:
+                acc = tl.dot(xf, w, acc, input_precision="ieee")
     # lanes >= K of acc are 0; lane K carries the sum of squares
     return tl.where(offs_k[None, :] == K, ss[:, None], acc)
 
@@ -88,12 +123,12 @@ def _proj_tile(x_ptr, w_ptr, t0, d_start, d_len, T, D, K: tl.constexpr, KP: tl.c
 @triton.jit
 def _proj_fwd_kernel(x_ptr, w_ptr, part_ptr, T, D, d_per_split,
                      K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                     SPLIT_BF16: tl.constexpr):
+                     SPLIT_BF16: tl.constexpr, PRESPLIT_W: tl.constexpr):
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     # d_per_split is a multiple of BD: splits never overlap
     acc = _proj_tile(x_ptr, w_ptr, pid_t * BT, pid_s * d_per_split, d_per_split, T, D,
-                     K, KP, BT, BD, SPLIT_BF16)
+                     K, KP, BT, BD, SPLIT_BF16, PRESPLIT_W)
     offs_t = pid_t * BT + tl.arange(0, BT)
     offs_k = tl.arange(0, KP)
     out = part_ptr + pid_s * T * KP + offs_t[:, None] * KP + offs_k[None, :]
@@ -266,8 +301,8 @@ def _pow2(v: int) -> int:
 
 def proj_forward(x_TD, w_KD, K, KP, bf16):
     """Launch (1): returns the D-split partials [S, T, KP] (lane K: sum of squares).
-    ``w_KD`` is the weight in its own dtype; bf16 streams split it into hi + lo bf16
-    inside the kernel."""
+    ``w_KD`` is the weight in its own dtype; bf16 streams split it into hi + lo bf16, per
+    tile inside the kernel or once up front (``proj_fwd_presplit_w``)."""
     T, D = x_TD.shape
     BT, BD, warps, stages = CONFIG["proj_fwd"]
     n_t = triton.cdiv(T, BT)
@@ -276,8 +311,10 @@ def proj_forward(x_TD, w_KD, K, KP, bf16):
     d_per_split = triton.cdiv(n_d, S) * BD
     S = triton.cdiv(D, d_per_split)
     part = torch.empty((S, T, KP), dtype=torch.float32, device=x_TD.device)
-    _proj_fwd_kernel[(n_t, S)](x_TD, w_KD, part, T, D, d_per_split,
-                               K=K, KP=KP, BT=BT, BD=BD, SPLIT_BF16=bf16,
+    presplit = bf16 and CONFIG["proj_fwd_presplit_w"]
+    w = split_weight(w_KD, KP) if presplit else w_KD
+    _proj_fwd_kernel[(n_t, S)](x_TD, w, part, T, D, d_per_split,
+                               K=K, KP=KP, BT=BT, BD=BD, SPLIT_BF16=bf16, PRESPLIT_W=presplit,
                                num_warps=warps, num_stages=stages)
     return part
 

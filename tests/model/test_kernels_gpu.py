@@ -134,6 +134,28 @@ def test_coefficients_many_tokens_split_paths(conv):
     _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001), 20, conv)
 
 
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("presplit", [True, False])
+def test_coefficients_weight_presplit(monkeypatch, presplit, conv):
+    # the projection forward with W split into bf16 hi + lo once up front, and per tile
+    from mhc_model.kernels import triton_proj
+
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_presplit_w", presplit)
+    gen = torch.Generator(device="cuda").manual_seed(19)
+    _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=1000), 20, conv)
+
+
+def test_split_weight_is_round_to_nearest_pair():
+    from mhc_model.kernels import triton_proj
+
+    W = torch.randn(24, 3000, device="cuda")
+    got = triton_proj.split_weight(W, 32)
+    hi = W.to(torch.bfloat16)
+    assert torch.equal(got[0, :24], hi)
+    assert torch.equal(got[1, :24], (W - hi.float()).to(torch.bfloat16))
+    assert not got[:, 24:].any()
+
+
 @pytest.mark.parametrize("lane_acc", [True, False])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
 def test_mix_post_backward_variants(monkeypatch, lane_acc, dtype):
