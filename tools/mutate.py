@@ -214,7 +214,7 @@ MUTANTS: list[Mutant] = [
            "    if not verdict.exact and not verdict.exact_with_folds:\n",
            "    if False:\n",
            "disable never consults the verdict (a lossy disable goes through silently)",
-           ("tests/convert/test_engine.py::test_refuse_lossy_disable",)),
+           ("tests/convert/test_engine_refusals.py::test_refuse_lossy_disable",)),
     # ----------------------------------------------------------------- this session's code
     Mutant("pickle-guard-off", "mhc_model/pickle_guard.py",
            "            if callee is _BA and (n := _big_int(",

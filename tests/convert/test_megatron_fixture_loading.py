@@ -22,7 +22,7 @@ from mhc_model import checkpoint as C
 from mhc_model.model import HybridModel
 from mhc_model.toggle import codec as K
 from mhc_model.toggle.shapes import expected_model_shapes
-from tests.convert.test_engine import bits_equal
+from tests.convert.engine_helpers import bits_equal
 from tests.convert.test_megatron_fixtures import ALL, EXTERNAL, _id, _info
 from tests.model.helpers import tiny_config
 

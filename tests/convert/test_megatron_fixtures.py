@@ -27,7 +27,7 @@ from mhc_convert.formats.torch_legacy import safe_load_rank
 from mhc_convert.parity import compare_checkpoints
 from mhc_model.conventions import mhc_params_dtype
 from mhc_model.toggle import codec as K
-from tests.convert.test_engine import assert_dist_views_equal
+from tests.convert.engine_helpers import assert_dist_views_equal
 from tests.convert.test_legacy_engine import _deep_equal
 from tests.paths import ROOT
 
