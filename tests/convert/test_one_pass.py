@@ -31,7 +31,7 @@ from mhc_convert.formats.torch_dist import read_metadata
 from mhc_convert.hooks import Hooks
 
 MODES = {"one-pass": Hooks(copy_mode="user"), "reference": Hooks(finite_scan="reference"),
-         "kernel": Hooks(copy_mode="kernel")}
+         "kernel": Hooks(copy_mode="kernel"), "direct": Hooks(copy_mode="direct")}
 
 
 def _build(base: str, d: Path) -> Path:
@@ -65,7 +65,7 @@ def test_one_pass_writes_what_the_reference_writes(tmp_path, base, monkeypatch):
         engine.enable(src, on, hooks=hooks)
         engine.disable(on, off, hooks=hooks)
         trees[name] = (_digests(on), _digests(off))
-    assert trees["one-pass"] == trees["reference"] == trees["kernel"]
+    assert trees["one-pass"] == trees["reference"] == trees["kernel"] == trees["direct"]
 
 
 CHUNK = 4096 + 3  # odd: 2-byte elements straddle copy buffers (element 2049 the first one)
@@ -106,7 +106,7 @@ def _largest(view, dtype: str) -> str:
     ("torch_dist", None, float("nan"), 5),
     ("torch_dist", f"optimizer.state.exp_avg.{A_LOG}", float("inf"), 2),
 ])
-@pytest.mark.parametrize("mode", ["one-pass", "kernel"])
+@pytest.mark.parametrize("mode", ["one-pass", "kernel", "direct"])
 def test_nonfinite_refused_mid_copy_at_its_key(tmp_path, monkeypatch, base, key, value, n,
                                                mode):
     """The refusal comes from the copy's own read (the key never reaches ``check_finite``),
