@@ -114,6 +114,7 @@ class DirectStream:
             self._buffered()
             _pwrite_all(self.fd, tail, self._base)
             self._sha.update(tail)
+            self._cur, self._fill = None, 0  # a second finish writes nothing more
         return self._sha.hexdigest()
 
     def close(self) -> None:
