@@ -5,22 +5,25 @@ commit never re-reads what was just written).
 mmapped, safetensors#762), yields a ``HashingWriter``, fsyncs, closes, and records
 ``(size, sha256)`` with the active ``AtomicOutput`` (``commit.record``).
 
-Copies (``copy_range``) run in one of two modes, chosen by ``Hooks.copy_mode`` (``MHC_COPY_MODE``
-at the CLI entry; default ``kernel``, where ``copy_file_range`` works, else ``user``: on the
-2-core box the kernel copy ran 2-3x faster at 1.5-4.3 GB, bench/results/convert_cpu.md):
+Copies (``copy_range``) run in one of three modes, chosen by ``Hooks.copy_mode``
+(``MHC_COPY_MODE`` at the CLI entry; bench/results/convert_cpu.md has the measurements):
 
-* ``user``: ``pread`` a chunk into one of eight rotating 2 MiB buffers, hand it to a hashing
-  thread (``hashlib`` releases the GIL), run the NaN/Inf bit test of the tensor it belongs to
-  on it (``scans``: ``validate.RangeScan``, numpy, GIL released) and ``write`` it while it is
-  hashed. One read of each source byte serves the copy, the digest and the check.
-* ``kernel``: ``copy_file_range`` (in-kernel) while the hashing thread ``pread``s the same source
-  range again and hashes and checks that; the digest is of the source bytes as read a second
-  time (any concurrent change of the source shows as a manifest mismatch, and the source
-  fingerprint is re-checked at commit).
+* ``direct`` (default where the output filesystem takes ``O_DIRECT``, else ``kernel``):
+  ``pread`` into an aligned staging buffer, the NaN/Inf bit test on it (``scans``:
+  ``validate.RangeScan``), and the full buffer is hashed by the sha256 thread and written with
+  ``O_DIRECT`` by a writer thread (``directio``): one read of each source byte, no page-cache
+  copy of the output, and the digest and the check are of exactly the bytes written.
+* ``kernel``: ``copy_file_range`` (in-kernel), then the same source range is read back into a
+  ring buffer (page cache), checked, and hashed by the sha256 thread (``hashring``); the
+  digest is of the source bytes as read a second time (any concurrent change of the source
+  shows as a manifest mismatch, and the source fingerprint is re-checked at commit).
+* ``user`` (the plain reference): ``pread`` a chunk into a ring buffer, hash it on the sha256
+  thread while it is checked and ``write``n.
 
-Writeback starts while the copy runs (``sync_file_range(SYNC_FILE_RANGE_WRITE)`` every
-``WRITEBACK`` bytes, Linux): the final ``fsync`` then waits for the last few MiB instead of the
-whole file, so the disk writes overlap the reads and the hashing as ``cp`` + ``sync`` cannot.
+In the page-cache modes writeback starts while the copy runs (``sync_file_range(
+SYNC_FILE_RANGE_WRITE)`` every ``WRITEBACK`` bytes, Linux): the final ``fsync`` then waits for
+the last few MiB instead of the whole file, so the disk writes overlap the reads and the
+hashing as ``cp`` + ``sync`` cannot.
 The fsync is unchanged; this only starts the writes earlier.
 
 Hooks (``hooks.Hooks``: ``output_file`` takes them, by default those of the ``AtomicOutput`` that
@@ -45,9 +48,10 @@ from mhc_convert.directio import DirectStream, try_direct
 from mhc_convert.hashring import HashRing
 from mhc_convert.hooks import NO_HOOKS, Hooks
 
-# Copy granularity (progress callbacks and crash hooks fire per chunk) and pipeline depth.
-# Measured on the 2-vCPU bench box: 16 MiB x 3 buffers ran the hash thread and the writes
-# 4-10x slower than 2 MiB x 8 (cache thrash and thread hand-offs); see convert_cpu.md.
+# Copy granularity (progress callbacks and crash hooks fire per chunk; direct mode: at most
+# this, and never across a staging buffer) and the ring of the page-cache modes. Measured on
+# the 2-vCPU bench box: 16 MiB x 3 buffers ran the user-mode hash thread and writes 4-10x
+# slower than 2 MiB x 8 (cache thrash and thread hand-offs); see convert_cpu.md.
 CHUNK = 2 * 1024 * 1024
 _NBUF = 8
 _INLINE = 256 * 1024  # smaller pieces are hashed inline (after earlier pieces are done)
