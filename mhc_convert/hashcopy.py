@@ -47,6 +47,7 @@ from mhc_convert.commit import _libc, hooks_for, record
 from mhc_convert.directio import DirectStream, try_direct
 from mhc_convert.hashring import HashRing
 from mhc_convert.hooks import NO_HOOKS, Hooks
+from mhc_convert.parallel import check_cancelled
 
 # Copy granularity (progress callbacks and crash hooks fire per chunk; direct mode: at most
 # this, and never across a staging buffer) and the ring of the page-cache modes. Measured on
@@ -121,6 +122,7 @@ class HashingWriter:
         if self.progress is not None:
             self.progress(n)
         self.hooks.phase("mid-copy")
+        check_cancelled()  # another file written beside this one failed (parallel.run_jobs)
 
     # -- writing ------------------------------------------------------------------------------
     def write(self, data, *, chunk_phase: bool = True, sync: bool = False) -> int:

@@ -22,6 +22,9 @@ The variables ``from_env`` understands:
                            written with these hooks) fails with that errno
 ``MHC_FAIL_RANK=R``        distributed rank R raises after it has started writing
 ``MHC_COPY_MODE``          ``direct`` (default), ``kernel`` or ``user`` (``hashcopy``)
+``MHC_FILE_WRITERS=N``     native shards written N at a time (default 2; ``parallel``);
+                           1 whenever a phase hook (crash, hold, log) is set, so the
+                           phases come in one order
 ``MHC_FINITE_SCAN``        ``one-pass`` (default: NaN/Inf checked in the copy's read) or
                            ``reference`` (``validate.check_finite`` reads the source first)
 ``MHC_DISTRIBUTED``        ``1``: a rank whatever launched it; ``0``: never distributed
@@ -70,6 +73,7 @@ class Hooks:
     fail_rank: int | None = None
     copy_mode: str = "direct"  # bench/results/convert_cpu.md (hashcopy, directio)
     finite_scan: str = "one-pass"
+    file_writers: int = 2  # bench/results/convert_cpu.md: both cores hash (parallel.py)
     distributed: bool | None = None  # None: detect torchrun; True/False: MHC_DISTRIBUTED=1/0
     dist_timeout_s: float = 300.0
     dist_dead_s: float = 120.0
@@ -109,6 +113,7 @@ class Hooks:
                    fail_rank=int(rank) if rank.lstrip("-").isdigit() else None,
                    copy_mode=mode if mode in COPY_MODES else "direct",
                    finite_scan=scan if scan in FINITE_SCANS else "one-pass",
+                   file_writers=_int(env.get("MHC_FILE_WRITERS"), 2),
                    distributed={"1": True, "0": False}.get(flag),
                    dist_timeout_s=_float(env.get("MHC_DIST_TIMEOUT"), 300.0),
                    dist_dead_s=_float(env.get("MHC_DIST_DEAD_S"), 120.0))
@@ -117,6 +122,12 @@ class Hooks:
     @property
     def _phased(self) -> bool:
         return bool(self.crash_at or self.phase_log or (self.hold_at and self.hold_file))
+
+    @property
+    def writers(self) -> int:
+        """How many output files to write at once: ``file_writers``, but 1 under phase hooks
+        (a crash or hold point then falls in one file, in one order, run after run)."""
+        return 1 if self._phased else max(1, self.file_writers)
 
     def phase(self, name: str) -> None:
         """Named crash point (``commit.PHASES``, ``commit.WRITER_PHASES``). With ``crash_at``
@@ -166,6 +177,10 @@ class Hooks:
             from mhc_convert.errors import IOFailure
 
             raise IOFailure(f"injected fault on rank {rank} (MHC_FAIL_RANK)")
+
+
+def _int(value: str | None, default: int) -> int:
+    return int(value) if value is not None and value.strip().isdigit() else default
 
 
 def _float(value: str | None, default: float) -> float:
