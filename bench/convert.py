@@ -279,12 +279,15 @@ def measure_cold(work: Path, src: Path, reps: int) -> dict:
     return {"bytes": _du(src), "runs": runs, "load": (load, _load())}
 
 
-# Where the in-process time of one enable goes: cProfile of the main thread (the sha256 thread
-# runs beside it; the main thread's waits for it are the lock acquires).
+# Where the in-process time of one enable goes: cProfile of the main thread, one file at a time
+# so that the copy runs on it (the sha256 and O_DIRECT write threads run beside it: the main
+# thread's waits for them are the queue gets and lock acquires).
 _PROFILE = ("import cProfile, json, pstats, sys, time\n"
             "t = time.perf_counter(); import mhc_convert.engine as e\n"
             "imp = time.perf_counter() - t\n"
-            "pr = cProfile.Profile(); pr.enable(); r = e.enable(sys.argv[1], sys.argv[2])\n"
+            "from mhc_convert.hooks import Hooks\n"
+            "pr = cProfile.Profile(); pr.enable()\n"
+            "r = e.enable(sys.argv[1], sys.argv[2], hooks=Hooks(file_writers=1))\n"
             "pr.disable(); tot = {}\n"
             "for (f, _, name), v in pstats.Stats(pr).stats.items():\n"
             "    k = f'{f.rsplit(\"/\", 1)[-1]}:{name}'\n"
@@ -426,7 +429,8 @@ def report(res: dict, reps: int, work: Path, load: tuple[str, str]) -> str:
                       + "; ".join(n for n in row["runs"]["enable"][0]["notes"]
                                   if "--link" in n)]
     prof = res["profile"]
-    lines += ["", f"Where the time goes: one in-process `enable` (direct copy) of native 4 shards "
+    lines += ["", f"Where the time goes: one in-process `enable` (direct copy, one file at a "
+              f"time: `file_writers=1`) of native 4 shards "
               f"({prof['bytes'] / 1e9:.2f} GB, hot), cProfile of the main thread: "
               f"{prof['seconds']:.2f} s in all (`import torch` + engine before it: "
               f"{prof['import']:.2f} s).", "", "| main thread | seconds |", "|---|---|"]

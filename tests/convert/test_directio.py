@@ -160,3 +160,16 @@ def test_real_enospc_on_a_direct_write(dist, tmp_path, small_buffers, monkeypatc
         assert "ENOSPC" in msg and "need 2453095 bytes" in msg, msg
         assert list(mnt.iterdir()) == []
     assert any(d for _, _, d in writes), "tmpfs took no direct write: nothing was tested"
+
+
+def test_staging_buffers_are_reused_by_the_next_file(tmp_path, small_buffers):
+    """Old contents of a reused buffer never reach the next file (``_POOL``)."""
+    first = random.Random(2).randbytes(3 * SMALL + 7)
+    _stream_file(tmp_path / "a.bin", [first[:1], first[1:]], b"")
+    pooled = {id(b) for b in directio._POOL}
+    assert pooled
+    second = b"z" * (SMALL + 3)
+    with hashcopy.output_file(tmp_path / "b.bin") as w:
+        w.write(second)
+        assert id(w._direct._bufs[0]) in pooled
+    assert (tmp_path / "b.bin").read_bytes() == second
