@@ -36,6 +36,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import median
 
 import torch
 
@@ -105,19 +106,42 @@ def _child(*argv: str, env_extra: dict | None = None) -> tuple[dict, float, int]
         res["maxrss"] * 1024
 
 
-def cli(command: str, src: Path, dst: Path, link: str, env: dict | None = None) -> dict:
+def _warm(path: Path) -> None:
+    """Read ``path`` once so it is in the page cache, then ``sync``. This VM runs DAMON
+    ``pageout`` on pages idle for ~60 s (kdamond; /sys/kernel/mm/damon), so a source written
+    minutes ago is partly cold again; both sides of every comparison start from this."""
+    for p in _files(path):
+        with open(p, "rb", buffering=0) as f:
+            while f.read(16 << 20):
+                pass
+    _sync()
+
+
+def _rm(path: Path) -> None:
+    """Remove an output and let the filesystem settle: ext4 here is mounted ``discard``, and
+    the TRIM of a freed multi-GB file slows the next run's writes if it is still in flight."""
+    shutil.rmtree(path)
+    _sync()
+    time.sleep(1)
+
+
+def cli(command: str, src: Path, dst: Path, link: str, env: dict | None = None,
+        warm: bool = True) -> dict:
+    if warm:
+        _warm(src)
     rep, wall, rss = _child("-m", "mhc_convert", command, str(src), str(dst), "--json",
                             "--link", link, env_extra=env)
     return {"s": rep["seconds"], "wall": wall, "rss": rss, "notes": rep.get("notes", [])}
 
 
-def cp_sync(src: Path, dst: Path) -> float:
-    _sync()
+def cp_sync(src: Path, dst: Path, warm: bool = True) -> float:
+    if warm:
+        _warm(src)
     t0 = time.perf_counter()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
     _sync()
     t = time.perf_counter() - t0
-    shutil.rmtree(dst)
+    _rm(dst)
     return t
 
 
@@ -218,66 +242,75 @@ def write_torch_dist(run: Path, layers: int) -> int:
 
 
 # -------------------------------------------------------------------------------- measuring
+def _load() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
 def measure(work: Path, src: Path, link: str, reps: int, extra: dict[str, dict]) -> dict:
-    """Best of ``reps`` of cp -r + sync and of enable / disable (disable of enable's output)."""
+    """``reps`` interleaved rounds of cp -r + sync, enable, cp -r + sync of enable's output,
+    disable (of that output) and the ``extra`` enables (other modes, info rows); every run of
+    a round is compared with that round's cp (table: medians and ranges)."""
     on, off, cp = work / "on", work / "off", work / "cp"
-    best: dict[str, dict] = {}
-
-    def keep(name: str, row: dict) -> None:
-        if name not in best or row["s"] < best[name]["s"]:
-            best[name] = row
-
+    runs: dict[str, list[dict]] = {}
+    load = _load()
     for _ in range(reps):
-        keep("cp", {"s": cp_sync(src, cp)})
-        _sync()
-        keep("enable", cli("enable", src, on, link))
-        keep("cp_on", {"s": cp_sync(on, cp)})
-        _sync()
-        keep("disable", cli("disable", on, off, link))
-        shutil.rmtree(on)
-        shutil.rmtree(off)
-        for name, env in extra.items():  # other modes of enable (info rows)
-            _sync()
-            keep(name, cli("enable", src, on, link, env))
-            shutil.rmtree(on)
-    return {"bytes": _du(src), **best}
+        runs.setdefault("cp", []).append({"s": cp_sync(src, cp)})
+        runs.setdefault("enable", []).append(cli("enable", src, on, link))
+        runs.setdefault("cp_on", []).append({"s": cp_sync(on, cp)})
+        runs.setdefault("disable", []).append(cli("disable", on, off, link))
+        _rm(on)
+        _rm(off)
+        for name, env in extra.items():
+            runs.setdefault(name, []).append(cli("enable", src, on, link, env))
+            _rm(on)
+    return {"bytes": _du(src), "runs": runs, "load": (load, _load())}
 
 
-def measure_cold(work: Path, src: Path) -> dict:
+def measure_cold(work: Path, src: Path, reps: int) -> dict:
     cp, on = work / "cp", work / "on"
-    _evict(src)
-    base = cp_sync(src, cp)
-    _evict(src)
-    row = cli("enable", src, on, "copy")
-    shutil.rmtree(on)
-    return {"bytes": _du(src), "cp": {"s": base}, "enable": row}
+    runs: dict[str, list[dict]] = {"cp": [], "enable": []}
+    load = _load()
+    for _ in range(reps):
+        _evict(src)
+        runs["cp"].append({"s": cp_sync(src, cp, warm=False)})
+        _evict(src)
+        runs["enable"].append(cli("enable", src, on, "copy", warm=False))
+        _rm(on)
+    return {"bytes": _du(src), "runs": runs, "load": (load, _load())}
 
 
-# Where the in-process time of one enable goes: cProfile of the main thread (the sha256 thread
-# runs beside it; the main thread's waits for it are the lock acquires).
+# Where the in-process time of one enable goes: cProfile of the main thread, one file at a time
+# so that the copy runs on it (the sha256 and O_DIRECT write threads run beside it: the main
+# thread's waits for them are the queue gets and lock acquires).
 _PROFILE = ("import cProfile, json, pstats, sys, time\n"
             "t = time.perf_counter(); import mhc_convert.engine as e\n"
             "imp = time.perf_counter() - t\n"
-            "pr = cProfile.Profile(); pr.enable(); r = e.enable(sys.argv[1], sys.argv[2])\n"
+            "from mhc_convert.hooks import Hooks\n"
+            "pr = cProfile.Profile(); pr.enable()\n"
+            "r = e.enable(sys.argv[1], sys.argv[2], hooks=Hooks(file_writers=1))\n"
             "pr.disable(); tot = {}\n"
             "for (f, _, name), v in pstats.Stats(pr).stats.items():\n"
             "    k = f'{f.rsplit(\"/\", 1)[-1]}:{name}'\n"
             "    tot[k] = tot.get(k, 0) + (v[3] if name == 'feed' else v[2])\n"
             "print(json.dumps({'import': imp, 'seconds': r.seconds, 'split': tot}))")
-_SPLIT = {"copy_file_range(2) (kernel copy, the default)":
-          "~:<built-in method posix.copy_file_range>",
-          "write(2) into the page cache (user copy)": "~:<built-in method posix.write>",
-          "pread(2) from the source": "~:<built-in method posix.preadv>",
-          "NaN/Inf bit test (validate.RangeScan.feed)": "validate.py:feed",
-          "waiting for the sha256 thread": "~:<method 'acquire' of '_thread.lock' objects>",
+_SPLIT = {"pread(2) into the staging buffer (direct copy, the default)":
+          "~:<built-in method posix.preadv>",
+          "NaN/Inf bit test (validate.RangeScan.feed, in the copy thread)": "validate.py:feed",
+          "waiting for a free staging buffer (sha256 and O_DIRECT write threads)":
+          "~:<method 'get' of '_queue.SimpleQueue' objects>",
+          "waiting for the last buffers at the end of a file":
+          "~:<method 'acquire' of '_thread.lock' objects>",
           "fsync(2)": "~:<built-in method posix.fsync>",
-          "sync_file_range(2) (start writeback)": "~:<built-in method _ctypes.call_function>"}
+          "copy_file_range(2) (kernel copy; not used by direct)":
+          "~:<built-in method posix.copy_file_range>",
+          "write(2) into the page cache (user copy)":
+          "~:<built-in method posix.write>"}
 
 
 def profile(work: Path, src: Path) -> dict:
-    _sync()
+    _warm(src)
     res, _, _ = _child("-c", _PROFILE, str(src), str(work / "prof"))
-    shutil.rmtree(work / "prof")
+    _rm(work / "prof")
     split = {label: sum(v for k, v in res["split"].items() if k == key)
              for label, key in _SPLIT.items()}
     return {"import": res["import"], "seconds": res["seconds"], "split": split,
@@ -296,16 +329,17 @@ def run_all(work: Path, reps: int) -> dict:
         for shards in (1, 4):
             src = work / f"native-{shards}"
             largest = write_native(src, layers, shards)
-            extra = {"enable, MHC_FINITE_SCAN=reference (two passes)":
-                     {"MHC_FINITE_SCAN": "reference"},
-                     "enable, MHC_COPY_MODE=user": {"MHC_COPY_MODE": "user"}} \
-                if shards == 4 else {}
+            extra = {"enable, MHC_COPY_MODE=kernel": {"MHC_COPY_MODE": "kernel"}}
+            if shards == 4:
+                extra |= {"enable, MHC_FINITE_SCAN=reference (two passes)":
+                          {"MHC_FINITE_SCAN": "reference"},
+                          "enable, MHC_COPY_MODE=user": {"MHC_COPY_MODE": "user"}}
             res = measure(work, src, "copy", reps, extra)
             rows.append({"layout": "native, single file" if shards == 1 else
                          "native, 4 shards", "size": size, "largest": largest, **res})
             if shards == 4 and size == list(SIZES)[-1]:
                 cold = {"layout": "native, 4 shards (cold cache)", "size": size,
-                        "largest": largest, **measure_cold(work, src)}
+                        "largest": largest, **measure_cold(work, src, reps)}
                 prof = profile(work, src)
             shutil.rmtree(src)
             print(json.dumps(rows[-1], default=str), flush=True)
@@ -332,16 +366,27 @@ def _fs(path: Path) -> str:
     return out.stdout.strip() or "?"
 
 
+def _span(xs: list[float]) -> str:
+    return f"{min(xs):.2f}-{max(xs):.2f}"
+
+
 def _line(row: dict, name: str, base: str) -> str:
-    gb, c, b = row["bytes"] / 1e9, row[name], row[base]["s"]
+    """Medians over the rounds; the ratio is the median of each round's base / conversion
+    (the runs of one round are adjacent in time), with its range."""
+    gb, runs, bases = row["bytes"] / 1e9, row["runs"][name], row["runs"][base]
     target = 2 * row["largest"] + 300 * MB
-    ratio, ratio_wall = b / c["s"], b / c["wall"]
+    s = [r["s"] for r in runs]
+    b = [r["s"] for r in bases]
+    ratios = [x / y for x, y in zip(b, s)]
+    ratio, ratio_wall = median(ratios), median(x / r["wall"] for x, r in zip(b, runs))
+    rss = max(r["rss"] for r in runs)
     native = row["layout"].startswith("native")
     verdict = ("PASS" if ratio >= 0.8 else "FAIL") if native else "(info)"
-    return (f"| {row['layout']} | {row['size']} ({gb:.2f}) | {name} | {b:.2f} s "
-            f"({gb / b:.2f} GB/s) | {c['s']:.2f} s ({gb / c['s']:.2f} GB/s) | **{ratio:.2f}** "
-            f"{verdict} | {c['wall']:.2f} s | {ratio_wall:.2f} | {c['rss'] / MB:.0f} MB | "
-            f"{target / MB:.0f} MB {'PASS' if c['rss'] <= target else 'FAIL'} |")
+    return (f"| {row['layout']} | {row['size']} ({gb:.2f}) | {name} | {median(b):.2f} s "
+            f"({gb / median(b):.2f} GB/s; {_span(b)}) | {median(s):.2f} s "
+            f"({gb / median(s):.2f} GB/s; {_span(s)}) | **{ratio:.2f}** ({_span(ratios)}) "
+            f"{verdict} | {median(r['wall'] for r in runs):.2f} s | {ratio_wall:.2f} | "
+            f"{rss / MB:.0f} MB | {target / MB:.0f} MB {'PASS' if rss <= target else 'FAIL'} |")
 
 
 def report(res: dict, reps: int, work: Path, load: tuple[str, str]) -> str:
@@ -351,9 +396,13 @@ def report(res: dict, reps: int, work: Path, load: tuple[str, str]) -> str:
         f"Machine: {platform.node()}: {_cpu()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, "
         f"{_fs(work)} on a local virtual disk (kernel {platform.release()}); torch "
         f"{torch.__version__}, Python {platform.python_version()}. Generated by "
-        f"`bench/convert.py`, best of {reps} runs each. Page cache: **hot** (sources written "
-        "just before, `sync` before every timed run) except the one cold row. The box is "
-        f"shared with other jobs: load average {load[0]} before, {load[1]} after the run.",
+        f"`bench/convert.py`: {reps} interleaved rounds per layout (cp, enable, cp of its "
+        "output, disable, the info rows), medians with the range over the rounds. Page "
+        "cache: **hot** (every source is read once and `sync`ed right before each timed run: "
+        "this VM's DAMON pageout evicts pages idle for ~60 s; each output is removed, "
+        "`sync`ed and left 1 s for ext4's online discard before the next run) except the "
+        f"cold rows. Load average {load[0]} before, {load[1]} after the run; per layout "
+        "below the table.",
         "",
         "Baseline = `cp -r SRC` + `sync` of the directory being converted (disable: enable's "
         "output), in the same run. Ratio = baseline time / conversion time (throughput "
@@ -368,15 +417,20 @@ def report(res: dict, reps: int, work: Path, load: tuple[str, str]) -> str:
     for row in res["rows"]:
         lines.append(_line(row, "enable", "cp"))
         lines.append(_line(row, "disable", "cp_on"))
-        lines += [_line(row, k, "cp") for k in row if k.startswith("enable, ")]
+        lines += [_line(row, k, "cp") for k in row["runs"] if k.startswith("enable, ")]
     cold = res["cold"]
     lines.append(_line(cold, "enable", "cp"))
+    lines += ["", "Load average (1, 5, 15 min) before / after each layout: " + "; ".join(
+        f"{r['layout']} {r['size']}: {r['load'][0]} / {r['load'][1]}"
+        for r in [*res["rows"], cold]) + "."]
     for row in res["rows"]:  # what --link reported
         if "hardlink" in row["layout"]:
             lines += ["", f"`{row['layout']}` ({row['size']}) enable note: "
-                      + "; ".join(n for n in row["enable"]["notes"] if "--link" in n)]
+                      + "; ".join(n for n in row["runs"]["enable"][0]["notes"]
+                                  if "--link" in n)]
     prof = res["profile"]
-    lines += ["", f"Where the time goes: one in-process `enable` of native 4 shards "
+    lines += ["", f"Where the time goes: one in-process `enable` (direct copy, one file at a "
+              f"time: `file_writers=1`) of native 4 shards "
               f"({prof['bytes'] / 1e9:.2f} GB, hot), cProfile of the main thread: "
               f"{prof['seconds']:.2f} s in all (`import torch` + engine before it: "
               f"{prof['import']:.2f} s).", "", "| main thread | seconds |", "|---|---|"]

@@ -1,4 +1,5 @@
-"""The two copy modes (``Hooks.copy_mode``: ``user`` pread/write, ``kernel`` copy_file_range)
+"""The copy modes (``Hooks.copy_mode``: ``user`` pread/write, ``kernel`` copy_file_range,
+``direct`` O_DIRECT staging buffers)
 for an in-process native enable, against ``cp -r`` + ``sync`` of the same source in the same run;
 used to choose the default. Not a test.
 
@@ -18,7 +19,8 @@ import convert as B  # noqa: E402  (bench/convert.py: the synthetic checkpoint a
 from mhc_convert import engine  # noqa: E402
 from mhc_convert.hooks import Hooks  # noqa: E402
 
-MODES = {"user": Hooks(copy_mode="user"), "kernel": Hooks(copy_mode="kernel")}
+MODES = {"user": Hooks(copy_mode="user"), "kernel": Hooks(copy_mode="kernel"),
+         "direct": Hooks(copy_mode="direct")}
 
 
 def main() -> None:

@@ -106,7 +106,8 @@ def record(path: Path | str, *, size: int, sha256: str | None = None,
         rec: dict[str, Any] = {"size": size, "sha256": sha256}
         if link is not None:
             rec.update(link, sha256=None, inode=[st.st_dev, st.st_ino], mtime_ns=st.st_mtime_ns)
-        ao._records[path.relative_to(ao.tmp).as_posix()] = (rec, (st.st_dev, st.st_ino))
+        with _ACTIVE_LOCK:  # files may be written side by side (parallel.run_jobs)
+            ao._records[path.relative_to(ao.tmp).as_posix()] = (rec, (st.st_dev, st.st_ino))
 
 
 class _Collector:

@@ -5,22 +5,25 @@ commit never re-reads what was just written).
 mmapped, safetensors#762), yields a ``HashingWriter``, fsyncs, closes, and records
 ``(size, sha256)`` with the active ``AtomicOutput`` (``commit.record``).
 
-Copies (``copy_range``) run in one of two modes, chosen by ``Hooks.copy_mode`` (``MHC_COPY_MODE``
-at the CLI entry; default ``kernel``, where ``copy_file_range`` works, else ``user``: on the
-2-core box the kernel copy ran 2-3x faster at 1.5-4.3 GB, bench/results/convert_cpu.md):
+Copies (``copy_range``) run in one of three modes, chosen by ``Hooks.copy_mode``
+(``MHC_COPY_MODE`` at the CLI entry; bench/results/convert_cpu.md has the measurements):
 
-* ``user``: ``pread`` a chunk into one of eight rotating 2 MiB buffers, hand it to a hashing
-  thread (``hashlib`` releases the GIL), run the NaN/Inf bit test of the tensor it belongs to
-  on it (``scans``: ``validate.RangeScan``, numpy, GIL released) and ``write`` it while it is
-  hashed. One read of each source byte serves the copy, the digest and the check.
-* ``kernel``: ``copy_file_range`` (in-kernel) while the hashing thread ``pread``s the same source
-  range again and hashes and checks that; the digest is of the source bytes as read a second
-  time (any concurrent change of the source shows as a manifest mismatch, and the source
-  fingerprint is re-checked at commit).
+* ``direct`` (default where the output filesystem takes ``O_DIRECT``, else ``kernel``):
+  ``pread`` into an aligned staging buffer, the NaN/Inf bit test on it (``scans``:
+  ``validate.RangeScan``), and the full buffer is hashed by the sha256 thread and written with
+  ``O_DIRECT`` by a writer thread (``directio``): one read of each source byte, no page-cache
+  copy of the output, and the digest and the check are of exactly the bytes written.
+* ``kernel``: ``copy_file_range`` (in-kernel), then the same source range is read back into a
+  ring buffer (page cache), checked, and hashed by the sha256 thread (``hashring``); the
+  digest is of the source bytes as read a second time (any concurrent change of the source
+  shows as a manifest mismatch, and the source fingerprint is re-checked at commit).
+* ``user`` (the plain reference): ``pread`` a chunk into a ring buffer, hash it on the sha256
+  thread while it is checked and ``write``n.
 
-Writeback starts while the copy runs (``sync_file_range(SYNC_FILE_RANGE_WRITE)`` every
-``WRITEBACK`` bytes, Linux): the final ``fsync`` then waits for the last few MiB instead of the
-whole file, so the disk writes overlap the reads and the hashing as ``cp`` + ``sync`` cannot.
+In the page-cache modes writeback starts while the copy runs (``sync_file_range(
+SYNC_FILE_RANGE_WRITE)`` every ``WRITEBACK`` bytes, Linux): the final ``fsync`` then waits for
+the last few MiB instead of the whole file, so the disk writes overlap the reads and the
+hashing as ``cp`` + ``sync`` cannot.
 The fsync is unchanged; this only starts the writes earlier.
 
 Hooks (``hooks.Hooks``: ``output_file`` takes them, by default those of the ``AtomicOutput`` that
@@ -35,20 +38,21 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
-import hashlib
 import os
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Protocol
 
 from mhc_convert.commit import _libc, hooks_for, record
+from mhc_convert.directio import DirectStream, try_direct
+from mhc_convert.hashring import HashRing
 from mhc_convert.hooks import NO_HOOKS, Hooks
+from mhc_convert.parallel import check_cancelled
 
-# Copy granularity (progress callbacks and crash hooks fire per chunk) and pipeline depth.
-# Measured on the 2-vCPU bench box: 16 MiB x 3 buffers ran the hash thread and the writes
-# 4-10x slower than 2 MiB x 8 (cache thrash and thread hand-offs); see convert_cpu.md.
+# Copy granularity (progress callbacks and crash hooks fire per chunk; direct mode: at most
+# this, and never across a staging buffer) and the ring of the page-cache modes. Measured on
+# the 2-vCPU bench box: 16 MiB x 3 buffers ran the user-mode hash thread and writes 4-10x
+# slower than 2 MiB x 8 (cache thrash and thread hand-offs); see convert_cpu.md.
 CHUNK = 2 * 1024 * 1024
 _NBUF = 8
 _INLINE = 256 * 1024  # smaller pieces are hashed inline (after earlier pieces are done)
@@ -90,36 +94,18 @@ class HashingWriter:
                  hooks: Hooks = NO_HOOKS):
         self.fd, self.path, self.progress, self.hooks = fd, Path(path), progress, hooks
         self.size = 0
-        self._sha = hashlib.sha256()
-        self._pool: ThreadPoolExecutor | None = None
-        self._pending: deque[Future] = deque()
-        self._bufs: list[bytearray] = []
-        self._buf_fut: list[Future | None] = []
-        self._next = 0
-        self._kernel = hooks.copy_mode == "kernel" and hasattr(os, "copy_file_range")
-        self._hash_buf: bytearray | None = None
+        self._ring = HashRing(_NBUF, CHUNK)
+        mode = hooks.copy_mode
+        self._direct = DirectStream(fd) if mode == "direct" and try_direct(fd) else None
+        self._kernel = mode != "user" and hasattr(os, "copy_file_range")
         self._flushed = 0  # bytes handed to _start_writeback
 
     # -- hashing ------------------------------------------------------------------------------
-    def _submit(self, fn: Callable, *args) -> Future:
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(1, thread_name_prefix="mhc-sha256")
-        fut = self._pool.submit(fn, *args)
-        self._pending.append(fut)
-        while self._pending and self._pending[0].done():
-            self._pending.popleft().result()  # re-raise worker errors early
-        return fut
-
-    def _drain(self) -> None:
-        while self._pending:
-            self._pending.popleft().result()
-
     def _hash(self, data: memoryview, sync: bool) -> None:
         if sync or len(data) < _INLINE:
-            self._drain()  # order: earlier pieces first
-            self._sha.update(data)
+            self._ring.update_now(data)  # after the pieces queued before it
         else:
-            self._submit(self._sha.update, data)
+            self._ring.submit_view(data)
 
     def _out(self, data: memoryview) -> None:
         self.hooks.before_write(len(data), self.path)
@@ -136,6 +122,7 @@ class HashingWriter:
         if self.progress is not None:
             self.progress(n)
         self.hooks.phase("mid-copy")
+        check_cancelled()  # another file written beside this one failed (parallel.run_jobs)
 
     # -- writing ------------------------------------------------------------------------------
     def write(self, data, *, chunk_phase: bool = True, sync: bool = False) -> int:
@@ -144,8 +131,13 @@ class HashingWriter:
         view = memoryview(data).cast("B")
         for i in range(0, max(len(view), 1), CHUNK):
             part = view[i:i + CHUNK]
-            self._hash(part, sync)
-            self._out(part)
+            if self._direct is not None:  # copied into the staging buffer: hashed there
+                self.hooks.before_write(len(part), self.path)
+                self._direct.append(part)
+                self.size += len(part)
+            else:
+                self._hash(part, sync)
+                self._out(part)
             if chunk_phase:
                 self._chunk_done(len(part))
         return len(view)
@@ -170,7 +162,10 @@ class HashingWriter:
         while done < length:
             want = min(CHUNK, length - done)
             at = offset + done
-            got = self._copy_kernel(src_fd, at, want, scan) if self._kernel else None
+            if self._direct is not None:
+                got = self._copy_direct(src_fd, at, want, scan)
+            else:
+                got = self._copy_kernel(src_fd, at, want, scan) if self._kernel else None
             if got is None:
                 got = self._copy_user(src_fd, at, want, scan)
             if got == 0:
@@ -178,25 +173,36 @@ class HashingWriter:
             done += got
             self._chunk_done(got)
 
+    def _copy_direct(self, src_fd: int, offset: int, want: int, scan: Scan | None) -> int:
+        """``pread`` straight into the staging buffer (directio): the one read of these
+        bytes; they are checked here and hashed and written from the buffer."""
+        room = self._direct.room()
+        want = min(want, len(room))
+        self.hooks.before_write(want, self.path)
+        got = os.preadv(src_fd, [room[:want]], offset)
+        if got:
+            if scan is not None:
+                scan.feed(room[:got])
+            self._direct.advance(got)
+            self.size += got
+        return got
+
     def _copy_user(self, src_fd: int, offset: int, want: int, scan: Scan | None) -> int:
-        if len(self._bufs) < _NBUF:
-            self._bufs.append(bytearray(CHUNK))
-            self._buf_fut.append(None)
-        i = self._next = (self._next + 1) % len(self._bufs)
-        if self._buf_fut[i] is not None:
-            self._buf_fut[i].result()  # its previous contents are hashed: reusable
-        view = memoryview(self._bufs[i])[:want]
-        got = os.preadv(src_fd, [view], offset)
+        i, view = self._ring.slot()
+        got = os.preadv(src_fd, [view[:want]], offset)
         if got:
             part = view[:got]
-            self._buf_fut[i] = self._submit(self._sha.update, part)
-            if scan is not None:  # while the digest thread reads the same buffer
+            self._ring.submit(i, got)  # hashed while it is checked and written
+            if scan is not None:
                 scan.feed(part)
             self._out(part)
         return got
 
     def _copy_kernel(self, src_fd: int, offset: int, want: int, scan: Scan | None
                      ) -> int | None:
+        """``copy_file_range`` the range, then read the same source bytes back into a ring
+        buffer (page cache: the copy just read them), check them here and hand them to the
+        sha256 thread, which then does nothing but hash (module doc)."""
         self.hooks.before_write(want, self.path)
         try:
             got = os.copy_file_range(src_fd, self.fd, want, offset)
@@ -206,32 +212,32 @@ class HashingWriter:
             self._kernel = False
             return None
         if got:
-            self._submit(self._hash_source, src_fd, offset, got, scan)
+            i, view = self._ring.slot()
+            _pread_exactly(src_fd, view[:got], offset, self.path)
+            if scan is not None:
+                scan.feed(view[:got])
+            self._ring.submit(i, got)
             self._grew(got)
         return got
 
-    def _hash_source(self, src_fd: int, offset: int, length: int, scan: Scan | None) -> None:
-        if self._hash_buf is None:
-            self._hash_buf = bytearray(CHUNK)
-        view = memoryview(self._hash_buf)
-        done = 0
-        while done < length:
-            got = os.preadv(src_fd, [view[:length - done]], offset + done)
-            if got == 0:
-                raise OSError(errno.EIO, "source shrank while hashing", str(self.path))
-            self._sha.update(view[:got])
-            if scan is not None:
-                scan.feed(view[:got])
-            done += got
-
     def finish(self) -> tuple[int, str]:
-        self._drain()
-        return self.size, self._sha.hexdigest()
+        if self._direct is not None:
+            return self.size, self._direct.finish()
+        return self.size, self._ring.hexdigest()
 
     def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        self._ring.close()
+        if self._direct is not None:
+            self._direct.close()
+
+
+def _pread_exactly(fd: int, view: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(view):
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got == 0:
+            raise OSError(errno.EIO, "source shrank while hashing", str(path))
+        done += got
 
 
 class HashingFile:

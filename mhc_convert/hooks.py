@@ -1,7 +1,7 @@
 """Test, fault and tuning hooks of the write path, in one frozen object (``Hooks``).
 
 Production code never reads these from the environment: the default everywhere is ``NO_HOOKS``
-(every hook a no-op, copy mode ``kernel``). The one process entry, ``mhc_convert.cli.main`` (what
+(every hook a no-op, copy mode ``direct``). The one process entry, ``mhc_convert.cli.main`` (what
 ``python -m mhc_convert``, the ``mhc-convert`` script and ``torchrun -m mhc_convert`` all run),
 builds one with ``Hooks.from_env(os.environ)`` and passes it down explicitly:
 ``engine.enable/disable(hooks=)`` -> ``check_free_space(hooks=)``, ``AtomicOutput(hooks=)``,
@@ -21,7 +21,10 @@ The variables ``from_env`` understands:
                            ``eio@N``: the write that crosses N bytes (counted over every file
                            written with these hooks) fails with that errno
 ``MHC_FAIL_RANK=R``        distributed rank R raises after it has started writing
-``MHC_COPY_MODE``          ``kernel`` (default) or ``user`` (``hashcopy``)
+``MHC_COPY_MODE``          ``direct`` (default), ``kernel`` or ``user`` (``hashcopy``)
+``MHC_FILE_WRITERS=N``     native shards written N at a time (default 2; ``parallel``);
+                           1 whenever a phase hook (crash, hold, log) is set, so the
+                           phases come in one order
 ``MHC_FINITE_SCAN``        ``one-pass`` (default: NaN/Inf checked in the copy's read) or
                            ``reference`` (``validate.check_finite`` reads the source first)
 ``MHC_DISTRIBUTED``        ``1``: a rank whatever launched it; ``0``: never distributed
@@ -46,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FAULT_ERRNO = {"enospc": errno.ENOSPC, "eacces": errno.EACCES, "eio": errno.EIO}
-COPY_MODES = ("user", "kernel")
+COPY_MODES = ("user", "kernel", "direct")
 FINITE_SCANS = ("one-pass", "reference")
 
 
@@ -68,8 +71,9 @@ class Hooks:
     faults: frozenset[str] = frozenset()  # whole-operation faults: "enospc", "eacces"
     write_faults: tuple[tuple[str, int], ...] = ()  # (kind, byte offset): "enospc@N" etc.
     fail_rank: int | None = None
-    copy_mode: str = "kernel"  # bench/results/convert_cpu.md: 2-3x user mode at 1.5-4 GB
+    copy_mode: str = "direct"  # bench/results/convert_cpu.md (hashcopy, directio)
     finite_scan: str = "one-pass"
+    file_writers: int = 2  # bench/results/convert_cpu.md: both cores hash (parallel.py)
     distributed: bool | None = None  # None: detect torchrun; True/False: MHC_DISTRIBUTED=1/0
     dist_timeout_s: float = 300.0
     dist_dead_s: float = 120.0
@@ -98,7 +102,7 @@ class Hooks:
             elif kind in FAULT_ERRNO and at.isdigit():
                 write_faults.append((kind, int(at)))
         rank = env.get("MHC_FAIL_RANK", "").strip()
-        mode = env.get("MHC_COPY_MODE", "kernel")
+        mode = env.get("MHC_COPY_MODE", "direct")
         scan = env.get("MHC_FINITE_SCAN", "one-pass")
         flag = env.get("MHC_DISTRIBUTED", "").strip()
         return cls(crash_at=env.get("MHC_CRASH_AT") or None,
@@ -107,8 +111,9 @@ class Hooks:
                    phase_log=env.get("MHC_PHASE_LOG") or None,
                    faults=frozenset(faults), write_faults=tuple(write_faults),
                    fail_rank=int(rank) if rank.lstrip("-").isdigit() else None,
-                   copy_mode=mode if mode in COPY_MODES else "kernel",
+                   copy_mode=mode if mode in COPY_MODES else "direct",
                    finite_scan=scan if scan in FINITE_SCANS else "one-pass",
+                   file_writers=_int(env.get("MHC_FILE_WRITERS"), 2),
                    distributed={"1": True, "0": False}.get(flag),
                    dist_timeout_s=_float(env.get("MHC_DIST_TIMEOUT"), 300.0),
                    dist_dead_s=_float(env.get("MHC_DIST_DEAD_S"), 120.0))
@@ -117,6 +122,12 @@ class Hooks:
     @property
     def _phased(self) -> bool:
         return bool(self.crash_at or self.phase_log or (self.hold_at and self.hold_file))
+
+    @property
+    def writers(self) -> int:
+        """How many output files to write at once: ``file_writers``, but 1 under phase hooks
+        (a crash or hold point then falls in one file, in one order, run after run)."""
+        return 1 if self._phased else max(1, self.file_writers)
 
     def phase(self, name: str) -> None:
         """Named crash point (``commit.PHASES``, ``commit.WRITER_PHASES``). With ``crash_at``
@@ -166,6 +177,10 @@ class Hooks:
             from mhc_convert.errors import IOFailure
 
             raise IOFailure(f"injected fault on rank {rank} (MHC_FAIL_RANK)")
+
+
+def _int(value: str | None, default: int) -> int:
+    return int(value) if value is not None and value.strip().isdigit() else default
 
 
 def _float(value: str | None, default: float) -> float:

@@ -213,6 +213,7 @@ class OnePassScan:
     linked, so a writer that skipped one cannot pass as checked."""
 
     def __init__(self, view: CheckpointView, keys: Iterable[str]):
+        self._lock = threading.Lock()
         self.upfront: list[str] = []
         by_file: dict[Path, list[RangeScan]] = {}
         for key in keys:
@@ -246,14 +247,15 @@ class OnePassScan:
         """The unclaimed ranges of ``path`` inside [offset, offset + length), in order; they
         are claimed (a tensor copied twice is checked once)."""
         out = []
-        for r in self._by_file.get(Path(path), ()):
-            end = r.offset + r.length
-            if end <= offset or r.offset >= offset + length or r.claimed:
-                continue
-            if r.offset < offset or end > offset + length:
-                raise RuntimeError(f"{r.key}: a copy covers only part of its stored range")
-            r.claimed = True
-            out.append(r)
+        with self._lock:  # writers of several files may ask at once (parallel.run_jobs)
+            for r in self._by_file.get(Path(path), ()):
+                end = r.offset + r.length
+                if end <= offset or r.offset >= offset + length or r.claimed:
+                    continue
+                if r.offset < offset or end > offset + length:
+                    raise RuntimeError(f"{r.key}: a copy covers only part of its stored range")
+                r.claimed = True
+                out.append(r)
         return out
 
     def exclude(self, keys: Iterable[str]) -> list[str]:

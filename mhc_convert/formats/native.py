@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from mhc_convert.commit import hooks_for
 from mhc_convert.errors import InvalidInputError
 from mhc_convert.formats.byte_sources import pread_slices
 from mhc_convert.formats.safetensors_io import (
@@ -36,6 +38,7 @@ from mhc_convert.formats.safetensors_io import (
     write_safetensors,
 )
 from mhc_convert.hashcopy import write_file
+from mhc_convert.parallel import run_jobs
 from mhc_convert.view import CheckpointView, Entry, OutItem, ProgressFn, StoredRange
 
 if TYPE_CHECKING:  # torch is imported where tensors are made, not at import
@@ -300,12 +303,12 @@ def write_native(
     units += [(INDEX_NAME, 0)] if indexed else []
     units += [(TRAINING_STATE_NAME, 0)] if training_state is not None else []
     mine = assign(units) if assign is not None else {name for name, _ in units}
-    for name, witems in by_file.items():
-        if name not in mine:
-            continue
-        meta = (shard_metadata or {}).get(name, DEFAULT_SHARD_METADATA)
-        write_safetensors(out_dir / name, witems, metadata=dict(meta) if meta else None,
-                          progress=progress, finite=finite)
+    jobs = [_shard_job(out_dir / name, witems, (shard_metadata or {}).get(
+        name, DEFAULT_SHARD_METADATA), _locked(progress), finite)
+        for name, witems in by_file.items() if name in mine]
+    # Shards side by side (parallel.py: both cores hash); one at a time under a distributed
+    # run (its progress callback talks to the rendezvous store) and under phase hooks.
+    run_jobs(jobs, width=1 if assign is not None else hooks_for(out_dir).writers)
     if indexed and INDEX_NAME in mine:
         total = sum(_nbytes(it) for f in model_files for it in by_file[f])
         index = {"metadata": {**(index_metadata or {}), "total_size": total},
@@ -316,6 +319,24 @@ def write_native(
         _write_json(out_dir / TRAINING_STATE_NAME, dict(training_state))
     frozen = dict(config_json)
     return lambda marker_dir: write_config(marker_dir, frozen)
+
+
+def _shard_job(path: Path, witems: list[WriteItem], meta: Mapping[str, str] | None,
+               progress: ProgressFn | None, finite: OnePassScan | None) -> Callable[[], None]:
+    return lambda: write_safetensors(path, witems, metadata=dict(meta) if meta else None,
+                                     progress=progress, finite=finite)
+
+
+def _locked(progress: ProgressFn | None) -> ProgressFn | None:
+    """``progress`` callable from several writer threads."""
+    if progress is None:
+        return None
+    lock = threading.Lock()
+
+    def cb(n: int) -> None:
+        with lock:
+            progress(n)
+    return cb
 
 
 def _nbytes(it: WriteItem) -> int:

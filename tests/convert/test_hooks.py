@@ -31,7 +31,7 @@ def test_from_env_maps_every_variable():
                       copy_mode="user", distributed=False, dist_timeout_s=9.5,
                       dist_dead_s=120.0)
     assert Hooks.from_env({"MHC_DISTRIBUTED": "1"}).distributed is True
-    assert Hooks.from_env({"MHC_COPY_MODE": "warp"}).copy_mode == "kernel"  # the default
+    assert Hooks.from_env({"MHC_COPY_MODE": "warp"}).copy_mode == "direct"  # the default
 
 
 def test_default_is_a_frozen_no_op():
@@ -41,7 +41,7 @@ def test_default_is_a_frozen_no_op():
     NO_HOOKS.phase("after-lock")  # returns; nothing counted
     NO_HOOKS.before_write(1 << 40, "/x")
     NO_HOOKS.rank_fault(0)
-    assert not NO_HOOKS.fault("enospc") and NO_HOOKS.copy_mode == "kernel"
+    assert not NO_HOOKS.fault("enospc") and NO_HOOKS.copy_mode == "direct"
     assert NO_HOOKS._run.phases == {} and NO_HOOKS._run.written == 0
 
 

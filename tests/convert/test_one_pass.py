@@ -24,14 +24,14 @@ from fixtures.hostile_sources import (
     copy_native,
     td_put_blob,
 )
-from mhc_convert import engine, hashcopy, validate
+from mhc_convert import directio, engine, hashcopy, validate
 from mhc_convert.adapters import adapter_for
 from mhc_convert.errors import InvalidInputError, VerificationError
 from mhc_convert.formats.torch_dist import read_metadata
 from mhc_convert.hooks import Hooks
 
 MODES = {"one-pass": Hooks(copy_mode="user"), "reference": Hooks(finite_scan="reference"),
-         "kernel": Hooks(copy_mode="kernel")}
+         "kernel": Hooks(copy_mode="kernel"), "direct": Hooks(copy_mode="direct")}
 
 
 def _build(base: str, d: Path) -> Path:
@@ -56,8 +56,10 @@ def _digests(out: Path) -> dict[str, str]:
 @pytest.mark.parametrize("base", ["native", "sharded", "torch_dist"])
 def test_one_pass_writes_what_the_reference_writes(tmp_path, base, monkeypatch):
     """enable and disable, every mode, byte for byte; with a 4 KiB + 3 byte copy chunk so
-    buffers end inside elements and the scan's carry-over is exercised."""
+    buffers end inside elements and the scan's carry-over is exercised; direct mode with
+    8 KiB staging buffers, so reads end at buffer ends too."""
     monkeypatch.setattr(hashcopy, "CHUNK", CHUNK)
+    monkeypatch.setattr(directio, "BUF", 2 * directio.ALIGN)
     src = _build(base, tmp_path / "src")
     trees = {}
     for name, hooks in MODES.items():
@@ -65,7 +67,7 @@ def test_one_pass_writes_what_the_reference_writes(tmp_path, base, monkeypatch):
         engine.enable(src, on, hooks=hooks)
         engine.disable(on, off, hooks=hooks)
         trees[name] = (_digests(on), _digests(off))
-    assert trees["one-pass"] == trees["reference"] == trees["kernel"]
+    assert trees["one-pass"] == trees["reference"] == trees["kernel"] == trees["direct"]
 
 
 CHUNK = 4096 + 3  # odd: 2-byte elements straddle copy buffers (element 2049 the first one)
@@ -106,13 +108,14 @@ def _largest(view, dtype: str) -> str:
     ("torch_dist", None, float("nan"), 5),
     ("torch_dist", f"optimizer.state.exp_avg.{A_LOG}", float("inf"), 2),
 ])
-@pytest.mark.parametrize("mode", ["one-pass", "kernel"])
+@pytest.mark.parametrize("mode", ["one-pass", "kernel", "direct"])
 def test_nonfinite_refused_mid_copy_at_its_key(tmp_path, monkeypatch, base, key, value, n,
                                                mode):
     """The refusal comes from the copy's own read (the key never reaches ``check_finite``),
     names the file and key and the counts the reference reports, and leaves nothing. ``None``:
     the largest bf16 tensor (many buffers, elements split between them)."""
     monkeypatch.setattr(hashcopy, "CHUNK", CHUNK)
+    monkeypatch.setattr(directio, "BUF", 2 * directio.ALIGN)
     src = _build(base, tmp_path / "src")
     view = adapter_for("torch_dist" if base == "torch_dist" else "native").read(src)
     key = key or _largest(view, "bfloat16")
