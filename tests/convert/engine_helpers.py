@@ -48,14 +48,16 @@ def copy_fixture(tmp_path: Path) -> Path:
 
 
 def tree_sha(root: Path) -> dict[str, str]:
-    """sha256 of every file (hidden ones included) under root, plus the set of directories."""
+    """sha256 of every file (hidden ones included) under root, plus the set of directories; a
+    symlink counts as its target string (never followed: hostile inputs plant them)."""
     out = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for d in dirnames:
             out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
         for name in filenames:
             p = Path(dirpath) / name
-            out[p.relative_to(root).as_posix()] = hashlib.sha256(p.read_bytes()).hexdigest()
+            data = os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
+            out[p.relative_to(root).as_posix()] = hashlib.sha256(data).hexdigest()
     return out
 
 

@@ -6,7 +6,6 @@ from the input executed (each payload would create a marker file if it ran).
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import subprocess
@@ -25,6 +24,7 @@ from mhc_convert.adapters import adapter_for, detect_format
 from mhc_convert.cli import app
 from mhc_convert.formats import byte_sources
 from mhc_model.toggle.codec import OPT_RE, wrap
+from tests.convert.engine_helpers import tree_sha
 
 ROOT = Path(__file__).resolve().parents[2]
 NAMES = [s.name for s in SPECS]
@@ -35,18 +35,6 @@ SUBPROCESS = ["st_duplicate_key", "td_metadata_os_system", "pt_builtins_eval"]
 def hostile(tmp_path_factory) -> tuple[Path, dict[str, Case]]:
     root = tmp_path_factory.mktemp("hostile")
     return root, {c.name: c for c in make_cases(root)}
-
-
-def tree_sha(root: Path) -> dict[str, str]:
-    out = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for d in dirnames:
-            out[os.path.relpath(os.path.join(dirpath, d), root) + "/"] = "dir"
-        for name in filenames:
-            p = Path(dirpath) / name
-            data = os.readlink(p).encode() if p.is_symlink() else p.read_bytes()
-            out[p.relative_to(root).as_posix()] = hashlib.sha256(data).hexdigest()
-    return out
 
 
 def argv(c: Case, dst: Path | None = None, *extra: str) -> list[str]:

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import pickle
-import shutil
 import sys
 import types
 from pathlib import Path
@@ -40,6 +39,7 @@ from mhc_convert.formats.torch_dist_write import (
 )
 from mhc_convert.view import OutItem
 from mhc_model.safe_unpickle import safe_pickle_load, safe_torch_load, safe_torch_save
+from tests.convert.engine_helpers import copy_fixture
 from tests.paths import MEGATRON_FIXTURE
 
 FIXTURE = MEGATRON_FIXTURE  # committed in the repository: a missing copy fails, never skips
@@ -52,11 +52,7 @@ EXTRA = "decoder.layers.0.mixer.in_proj._extra_state/shard_0_1"
 @pytest.fixture
 def run(tmp_path: Path) -> Path:
     """A writable copy of the fixture run directory (the original is read-only)."""
-    dst = tmp_path / "run"
-    shutil.copytree(FIXTURE, dst, copy_function=shutil.copyfile)
-    for d, _, _ in os.walk(dst):
-        os.chmod(d, 0o755)
-    return dst
+    return copy_fixture(tmp_path)
 
 
 def _convert(view, out: Path, items, **kw) -> dict:
