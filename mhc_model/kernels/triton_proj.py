@@ -11,10 +11,11 @@ backward order) and ``triton_site`` (one mHC site with the aggregate folded in).
                         aggregate's dx (H_pre[j] du, Eq. 3 F_pre) and the mix's dx, instead of
                         three nC tensors that autograd then sums (DESIGN.md section 7 bytes).
   ``_finalize_kernel``  fixed-order sums of the dW / d bias / d alpha partials.
+  ``_split_w_kernel``   the fp32 weight as a bf16 (hi, lo) pair, once per forward call.
 
-bf16 streams: x is exact in bf16, the fp32 weight is split in registers into W_hi + W_lo
-(both bf16), so two bf16 MMAs give ~fp32 accuracy at tensor-core speed.  fp32 streams use
-exact fp32 dots.
+bf16 streams: x is exact in bf16, the fp32 weight is split into W_hi + W_lo (both bf16; once
+up front for the forward, in registers per program for the backward), so two bf16 MMAs give
+~fp32 accuracy at tensor-core speed.  fp32 streams use exact fp32 dots.
 """
 
 from __future__ import annotations

@@ -3,11 +3,13 @@
 aggregate   u = sum_j H_pre[j] x_j                        (F_pre, paper Eq. 3 / 14)
 mix_post    x'[i] = sum_j Hm[i,j] x_j + H_post[i] y       (F_post,res, Eq. 3)
             Hm = H_res^T (MIX_T: Convention.mix_transposed) or H_res
+broadcast   x[i] = h (the stream start; the mean contract's backward with h = g / N)
 
 All arithmetic is fp32 in registers; streams are read and written once in their own dtype.
 Backward kernels run one program per token and loop over C so the reductions over C that
 give dH_pre / dH_post / dH_res stay in registers (deterministic, no atomics).  Tiles are
-3-D [NP(i), NP(j), BC] so the N x N contractions are intra-thread broadcasts.
+3-D [NP(i), NP(j), BC] so the N x N contractions are intra-thread broadcasts; the mix backward
+reduces each C tile into its dH accumulators as it goes (``mix_bwd_lane_acc`` False).
 """
 
 from __future__ import annotations
