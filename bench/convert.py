@@ -99,10 +99,14 @@ def _warm(path: Path) -> None:
     """Read ``path`` once so it is in the page cache, then ``sync``. This VM runs DAMON
     ``pageout`` on pages idle for ~60 s (kdamond; /sys/kernel/mm/damon), so a source written
     minutes ago is partly cold again; both sides of every comparison start from this."""
+    buf = bytearray(16 << 20)
     for p in _files(path):
         with open(p, "rb", buffering=0) as f:
-            while f.read(16 << 20):
-                pass
+            got = 0
+            while n := f.readinto(buf):
+                got += n
+        if got != p.stat().st_size:
+            raise RuntimeError(f"{p}: read {got} of {p.stat().st_size} bytes while warming")
     _sync()
 
 

@@ -145,7 +145,7 @@ class MambaConfig:
         _check_positive("mamba", d_state=self.d_state, head_dim=self.head_dim,
                         num_groups=self.num_groups, expand=self.expand, d_conv=self.d_conv,
                         chunk_size=self.chunk_size)
-        d_inner = self.expand * hidden_size
+        d_inner = self.d_inner(hidden_size)
         if d_inner % self.head_dim:
             raise ValueError(
                 f"mamba: d_inner = expand*hidden_size = {d_inner} is not divisible by "
