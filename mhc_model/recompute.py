@@ -8,11 +8,19 @@ saved: the first backward that needs one recomputes the whole block's chain
 layer is re-run), and the chain is freed once the block's first layer has finished backward.
 The block's last output is not dropped: it is the next block's x_{l0}.
 
-Two autograd functions per layer replace the aggregate and the mix: ``_Pre`` (coefficients +
-aggregate) and ``_Post`` (mix + post). Both compute their forward without saving x_l and, in
-backward, re-run their own math under autograd on the recomputed x_l; gradients are therefore
-those of the plain path (the recomputed values are bitwise the forward's: same kernels, same
-inputs, deterministic).
+The chain reuses the mappings H_res / H_post the mix saved anyway, so recomputing x_{l+1} is
+one mix forward (no coefficient recompute).
+
+Fused path (``kernels.use_triton``): each layer is the fused site (``kernels.site_pre`` /
+``site_post``) with a recompute link: it saves everything it saves without recompute except
+x_l, and its backward, the same fused kernels, gets x_l from ``BlockCache.stream``. Gradients
+are bitwise those of the fused path without recompute (same kernels, bitwise-equal inputs).
+
+Reference path: two autograd functions per layer replace the aggregate and the mix: ``_Pre``
+(coefficients + aggregate) and ``_Post`` (mix + post). Both compute their forward without
+saving x_l and, in backward, re-run their own math under autograd on the recomputed x_l;
+gradients are therefore those of the plain path (the recomputed values are bitwise the
+forward's: same kernels, same inputs, deterministic).
 """
 
 from __future__ import annotations
@@ -29,8 +37,13 @@ class BlockCache:
     def __init__(self, layers: list, x0_TNC: Tensor):
         self.layers = layers  # HybridLayer modules of this block, in order
         self.x0 = x0_TNC.detach()
-        self.ys: dict[int, Tensor] = {}
+        self.ys: dict[int, Tensor] = {}  # branch outputs y_l (saved by the mix anyway)
+        self.hs: dict[int, tuple[Tensor, Tensor]] = {}  # (H_res, H_post), idem
         self._xs: list[Tensor] | None = None
+
+    def keep(self, idx: int, y_TC: Tensor, H_res: Tensor, H_post: Tensor) -> None:
+        self.ys[idx] = y_TC.detach()
+        self.hs[idx] = (H_res.detach(), H_post.detach())
 
     @torch.no_grad()
     def stream(self, idx: int) -> Tensor:
@@ -39,9 +52,8 @@ class BlockCache:
         if self._xs is None:
             xs = [self.x0]
             for j, layer in enumerate(self.layers[:-1]):
-                x = xs[-1]
-                _, H_post, H_res = layer.hyper_connection(x)
-                xs.append(kernels.mix_post(x, H_res, H_post, self.ys[j], layer.convention)
+                H_res, H_post = self.hs[j]
+                xs.append(kernels.mix_post(xs[-1], H_res, H_post, self.ys[j], layer.convention)
                           .to(layer.branch_dtype))
             self._xs = xs
         return self._xs[idx]
@@ -96,7 +108,7 @@ class _Post(torch.autograd.Function):
     def forward(ctx, x_TNC, H_res, H_post, y_TC, cache: BlockCache, idx: int):
         layer = cache.layers[idx]
         out = kernels.mix_post(x_TNC, H_res, H_post, y_TC, layer.convention)
-        cache.ys[idx] = y_TC.detach()
+        cache.keep(idx, y_TC, H_res, H_post)
         ctx.cache, ctx.idx = cache, idx
         ctx.save_for_backward(H_res, H_post, y_TC)
         return out.to(layer.branch_dtype)
@@ -113,9 +125,25 @@ class _Post(torch.autograd.Function):
         return gx, g_res, g_post, g_y, None, None
 
 
+def _fused_layer_forward(layer, x_TNC: Tensor, S: int, B: int, cache: BlockCache,
+                         idx: int) -> Tensor:
+    hc = layer.hyper_connection
+    u_TC, H_post, H_res, link = kernels.site_pre(
+        x_TNC, *_params(hc), iters=hc.mhc.mhc_sinkhorn_iterations, convention=hc.convention,
+        eps=hc.mhc.mhc_eps, streams=lambda: cache.stream(idx),
+        done=cache.release if idx == 0 else None)
+    C = x_TNC.shape[2]
+    y_TC = layer.branch(u_TC.reshape(S, B, C)).reshape(S * B, C)
+    out = kernels.site_post(x_TNC, H_res, H_post, y_TC, layer.convention, link)
+    cache.keep(idx, y_TC, H_res, H_post)
+    return out.to(layer.branch_dtype)
+
+
 def layer_forward(layer, x_TNC: Tensor, S: int, B: int, cache: BlockCache, idx: int) -> Tensor:
     """One HybridLayer under block recompute; same math as ``HybridLayer.forward``."""
     hc = layer.hyper_connection
+    if kernels.use_triton(x_TNC, *_params(hc)):
+        return _fused_layer_forward(layer, x_TNC, S, B, cache, idx)
     u_TC, H_post, H_res = _Pre.apply(x_TNC, *_params(hc), cache, idx)
     N, C = x_TNC.shape[1:]
     y_SBC = layer.branch(u_TC.reshape(S, B, C))

@@ -13,6 +13,7 @@ CUDA.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from torch import Tensor
 
@@ -93,12 +94,20 @@ def site_pre(
     iters: int,
     convention: str | Convention,
     eps: float = 1e-6,
+    streams: Callable[[], Tensor] | None = None,
+    done: Callable[[], None] | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, object]:
     """(u [T,C], H_post, H_res, link) of one site; hand ``link`` to ``site_post``.  On the
-    reference path link is None and this is ``coefficients`` followed by ``aggregate``."""
+    reference path link is None and this is ``coefficients`` followed by ``aggregate``.
+    ``streams`` / ``done`` (fused path only): block recompute, x is fetched again in backward
+    (``mhc_model.recompute``); the reference path refuses them (it would keep x)."""
     args = (x_TNC, weight_KD, bias_K, alpha_pre, alpha_post, alpha_res)
     if use_triton(*args):
-        return _triton.site_pre(*args, iters=iters, convention=convention, eps=eps)
+        return _triton.site_pre(*args, iters=iters, convention=convention, eps=eps,
+                                streams=streams, done=done)
+    if streams is not None or done is not None:
+        raise ValueError("site_pre: streams/done need the fused path (check use_triton); "
+                         "the reference path recomputes through mhc_model.recompute")
     H_pre, H_post, H_res = mhc_ref.coefficients(*args, iters=iters, convention=convention,
                                                 eps=eps)
     return mhc_ref.aggregate(x_TNC, H_pre), H_post, H_res, None

@@ -9,6 +9,8 @@ triton; use the dispatching ``mhc_model.kernels`` package instead of importing t
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import Tensor
 
 from mhc_model.conventions import Convention
@@ -51,11 +53,13 @@ def mix_post(x_TNC: Tensor, H_res_TNN: Tensor, H_post_TN: Tensor, y_TC: Tensor,
 
 def site_pre(x_TNC: Tensor, weight_KD: Tensor, bias_K: Tensor, alpha_pre: Tensor,
              alpha_post: Tensor, alpha_res: Tensor, *, iters: int,
-             convention: str | Convention,
-             eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor, SiteLink]:
+             convention: str | Convention, eps: float = 1e-6,
+             streams: Callable[[], Tensor] | None = None,
+             done: Callable[[], None] | None = None) -> tuple[Tensor, Tensor, Tensor, SiteLink]:
     """(u [T,C], H_post, H_res, link): coefficients + aggregate of one site; pass ``link`` to
-    ``site_post`` with the same streams."""
-    link = SiteLink()
+    ``site_post`` with the same streams.  ``streams``/``done``: block recompute (the site keeps
+    no reference to x and asks ``streams()`` for it in backward; see ``triton_site``)."""
+    link = SiteLink(streams, done)
     u, H_post, H_res = SitePre.apply(x_TNC, weight_KD, bias_K, alpha_pre, alpha_post,
                                      alpha_res, int(iters), convention_record(convention),
                                      float(eps), link)

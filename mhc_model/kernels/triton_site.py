@@ -17,9 +17,18 @@ when C is not a multiple of its tile the aggregate's dx is added to the mix's fi
 Order is guaranteed by the graph: SitePre's outputs H_post / H_res feed SitePost, so SitePost's
 backward has run before SitePre's.  Same math as ``mhc_ref`` (coefficients, aggregate,
 mix_post); the sums are fp32 and rounded once, where autograd rounds each partial dx.
+
+Block recompute (paper §4.3.2, ``mhc_model.recompute``): a link made with ``streams`` (a
+callable returning x again) keeps no reference to x.  Both Functions save everything else
+they save without recompute (the projection lanes, the mappings, y: ~0.2 KB a token against
+n C bf16 for x) and fetch x through ``streams`` in backward, so the backward is this same
+fused one on bitwise-equal inputs; ``done`` runs after SitePre's backward (the block frees
+its recomputed chain).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
@@ -30,13 +39,22 @@ from mhc_model.kernels.triton_stream import agg_backward, agg_forward, mix_backw
 
 
 class SiteLink:
-    """Carries SitePost's gradient of x to SitePre's backward (one per site call)."""
+    """Carries SitePost's gradient of x to SitePre's backward (one per site call).
+    ``streams`` / ``done``: block recompute (see the module docstring)."""
 
-    __slots__ = ("dx", "x")
+    __slots__ = ("dx", "x", "streams", "done")
 
-    def __init__(self) -> None:
+    def __init__(self, streams: Callable[[], torch.Tensor] | None = None,
+                 done: Callable[[], None] | None = None) -> None:
         self.dx: torch.Tensor | None = None
         self.x: torch.Tensor | None = None
+        self.streams = streams
+        self.done = done
+
+    def stream_TD(self, T: int, D: int) -> torch.Tensor:
+        """x [T, D] contiguous, recomputed (recompute links only)."""
+        x = self.streams().reshape(T, D)
+        return x if x.is_contiguous() else x.contiguous()
 
 
 class SitePre(torch.autograd.Function):
@@ -47,9 +65,12 @@ class SitePre(torch.autograd.Function):
             x_TNC, weight_KD, bias_K, (alpha_pre, alpha_post, alpha_res), iters, conv, eps)
         x = saved[0].view(x_TNC.shape)  # contiguous [T, N, C], the storage of saved x_TD
         u_TC = agg_forward(x, H_pre)
-        link.x = x
+        link.x = x  # for SitePost.forward; a recompute link drops it there
         ctx.link = link
-        ctx.save_for_backward(*saved, H_pre)
+        if link.streams is None:
+            ctx.save_for_backward(*saved, H_pre)
+        else:
+            ctx.save_for_backward(*saved[1:], H_pre)
         return u_TC, H_post, H_res
 
     @staticmethod
@@ -57,6 +78,8 @@ class SitePre(torch.autograd.Function):
         *saved, H_pre = ctx.saved_tensors
         T, N, C = ctx.meta[:3]
         link = ctx.link
+        if link.streams is not None:
+            saved.insert(0, link.stream_TD(T, N * C))
         dx_mix, link.dx, link.x = link.dx, None, None
         dH_pre = fold = None
         if du_TC is not None:
@@ -69,6 +92,8 @@ class SitePre(torch.autograd.Function):
         grads = coef_backward(saved, ctx.meta, dH_pre, dH_post, dH_res,
                               du_TC=du_TC if fold else None, H_pre=H_pre if fold else None,
                               dx_extra=dx_extra)
+        if link.done is not None:
+            link.done()
         return (*grads, None, None, None, None)
 
 
@@ -83,14 +108,25 @@ class SitePost(torch.autograd.Function):
         hp = H_post_TN.float().contiguous()
         y = y_TC.contiguous()
         ctx.link = link
-        ctx.save_for_backward(x, hr, hp, y)
         ctx.mix_t = mix_t
-        return mix_forward(x, hr, hp, y, mix_t)
+        out = mix_forward(x, hr, hp, y, mix_t)
+        if link.streams is None:
+            ctx.save_for_backward(x, hr, hp, y)
+        else:
+            link.x = None  # nothing of this site holds x now
+            ctx.save_for_backward(hr, hp, y)
+        return out
 
     @staticmethod
     def backward(ctx, g_TNC):
-        x, hr, hp, y = ctx.saved_tensors
+        link = ctx.link
+        if link.streams is None:
+            x, hr, hp, y = ctx.saved_tensors
+        else:
+            hr, hp, y = ctx.saved_tensors
+            T, N, C = g_TNC.shape
+            x = link.stream_TD(T, N * C).view(T, N, C)
         dx, dhr, dhp, dy = mix_backward(x, hr, hp, y, g_TNC, ctx.mix_t)
         if ctx.needs_input_grad[0]:
-            ctx.link.dx = dx  # added in SitePre's backward, which runs next for this site
+            link.dx = dx  # added in SitePre's backward, which runs next for this site
         return None, dhr, dhp, dy, None, None

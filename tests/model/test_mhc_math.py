@@ -214,3 +214,18 @@ def test_learned_head_exact_point_uses_the_convention_eps(convention):
     out = mhc_ref.contract_learned(x, p["hc_head_fn"], p["hc_head_base"], p["hc_head_scale"],
                                    head_eps(cfg))
     torch.testing.assert_close(out, x.mean(1), atol=1e-6, rtol=1e-6)
+
+
+def test_site_pre_reference_path_refuses_recompute_links():
+    """``streams``/``done`` only mean something on the fused path; the reference path would
+    silently keep x under autograd, so it refuses them (``mhc_model.recompute`` checks
+    ``use_triton`` and recomputes through its own Functions there)."""
+    from mhc_model import kernels
+
+    T, n, C = 3, 4, 8
+    K = n * n + 2 * n
+    args = (torch.randn(T, n, C), torch.randn(K, n * C), torch.zeros(K), *torch.ones(3, 1))
+    u, H_post, H_res, link = kernels.site_pre(*args, iters=3, convention="deepseek")
+    assert link is None and u.shape == (T, C)
+    with pytest.raises(ValueError, match="fused path"):
+        kernels.site_pre(*args, iters=3, convention="deepseek", streams=lambda: args[0])

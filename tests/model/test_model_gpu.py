@@ -38,26 +38,40 @@ def test_fused_equals_reference_fp32(monkeypatch, convention):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_recompute_gradients_equal_fused(monkeypatch, dtype):
+    """Block recompute runs the same fused site backward on bitwise-equal recomputed streams
+    (``mhc_model.recompute``), so every gradient is bitwise the one without recompute."""
     base = tiny_config("M-*E-G", mhc=True, contract="learned", dtype=dtype)
-    _, g0 = _grads(base, monkeypatch, "")
-    _, g1 = _grads(base.with_mhc(mhc_recompute_layer_num=2), monkeypatch, "")
-    # Same forward kernels on bitwise-equal recomputed inputs; dx is summed differently (plain:
-    # the fused site adds its three terms in fp32 inside one kernel; recompute: autograd sums
-    # the unfused ops' terms), one rounding apart, hence the tolerances.
-    # bf16: two bf16 ulps (2 x 2^-7) of the gradient scale: a missing or doubled gradient term
-    # shows up as an O(1) relative error, far above this (measured worst case: ~2 ulps).
-    tol = 1e-6 if dtype == "float32" else 1.6e-2
-    top = max(g.abs().max().item() for g in g0.values())
+    l0, g0 = _grads(base, monkeypatch, "")
+    l1, g1 = _grads(base.with_mhc(mhc_recompute_layer_num=2), monkeypatch, "")
+    assert torch.equal(l0, l1)
+    assert g0.keys() == g1.keys()
     for k in g0:
-        if dtype == "float32":
-            scale = max(1.0, g0[k].abs().max().item())
-        else:
-            # dx of the bf16 streams is summed in a different association (plain: three autograd
-            # edges; recompute: _Pre's two, then _Post's): one bf16 rounding of dx that then
-            # propagates upstream, so cancellation-heavy sums (alpha grads) are measured
-            # against the model's gradient scale.
-            scale = max(g0[k].abs().max().item(), 1e-2 * top)
-        assert (g0[k] - g1[k]).abs().max().item() <= tol * scale, k
+        assert torch.equal(g0[k], g1[k]), k
+
+
+def test_recompute_fused_saves_no_stream(monkeypatch):
+    """With block recompute the fused sites save no n-stream tensor for backward (the block
+    inputs live in the block caches); without it every site saves its input."""
+    monkeypatch.setenv("MHC_KERNELS", "")
+    counts = {}
+    for block in (None, 2):
+        torch.manual_seed(0)
+        cfg = tiny_config("M-*E-", mhc=True, contract="mean", mhc_recompute_layer_num=block)
+        model = HybridModel(cfg).cuda()
+        ids = tokens().cuda()
+        numel = ids.numel() * cfg.mhc.num_residual_streams * cfg.hidden_size
+        seen = set()
+
+        def pack(t, seen=seen, numel=numel):
+            if t.numel() == numel:
+                seen.add(t.untyped_storage().data_ptr())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids)
+        counts[block] = len(seen)
+    assert counts[None] >= 5
+    assert counts[2] == 0
 
 
 def test_exact_enable_on_cuda_fp32(monkeypatch):
