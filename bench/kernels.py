@@ -18,7 +18,7 @@ import torch
 from triton.testing import do_bench
 
 from mhc_model import mhc_ref as R
-from mhc_model.kernels import triton_coef, triton_mhc, triton_proj, triton_stream
+from mhc_model.kernels import triton_coef, triton_mhc, triton_proj, triton_proj_bwd, triton_stream
 
 T, N, C = 8192, 4, 4096
 ITERS = 20
@@ -135,31 +135,40 @@ def _epilogue_time(x, W, b, al) -> float:
 # and wider / narrower C tiles and more warps for the mix backward.
 _PB = [(64, 128, 4, 3, True, 4), (64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 8),
        (32, 128, 4, 3, True, 4), (128, 128, 8, 3, True, 4)]
-# the site's projection backward (AGG + EXTRA operands): register pressure vs tile size
+# the site's projection backward (AGG + EXTRA operands): register pressure vs tile size;
+# plain loads, then TMA descriptors for every [T, *] operand
 _PBS = ([{"proj_bwd_site": c} for c in
          [(32, 64, 4, 3, True, 4), (64, 64, 4, 3, True, 4), (32, 64, 4, 2, True, 4),
-          (32, 64, 2, 3, True, 4), (64, 128, 8, 3, True, 4), (32, 64, 4, 3, True, 2),
-          (64, 64, 4, 2, True, 4)]]
-        + [{"side_first": True, "proj_bwd_site": (32, 64, 4, 3, True, 4)}])
-_MIX = [{"mix_bwd": c, "mix_bwd_lane_acc": la}
-        for la, cs in ((False, [(16384, 4), (8192, 2), (32768, 8), (16384, 2), (32768, 4)]),
-                       (True, [(4096, 4)]))
-        for c in cs]
-# coefficient forward, split over D: waves and tiles. A one-launch variant (projection +
-# epilogue per token block over the whole of D, no partials) ran 131-405 µs against 114 µs
-# for this split pair (H200, 2026-12-01) and was dropped.
-_CF = ([{"waves": w} for w in (8, 16)]
-       + [{"proj_fwd_presplit_w": True, "waves": w} for w in (8, 4, 16)]
-       + [{"proj_fwd_presplit_w": True, "proj_fwd": c}
-          for c in [(64, 128, 4, 4), (128, 128, 8, 4), (128, 256, 8, 3), (128, 64, 4, 4),
-                    (256, 128, 8, 3)]])
+          (64, 64, 4, 4, True, 4), (64, 64, 8, 3, True, 4)]]
+        + [{"proj_bwd_tma": True, "proj_bwd_site": c} for c in
+           [(32, 64, 4, 3, True, 4), (64, 64, 4, 3, True, 4), (64, 64, 4, 4, True, 4),
+            (64, 128, 8, 3, True, 4), (64, 64, 8, 3, True, 4), (32, 128, 4, 3, True, 4),
+            (64, 64, 4, 3, True, 8)]])
+_MIX = [{"mix_bwd": c} for c in [(16384, 4), (8192, 2), (16384, 8), (8192, 4)]]
+# coefficient forward, split over D: waves and tiles, plain loads and TMA descriptors, the
+# epilogue as its own launch or run by each token block's last split (fused_epi). A
+# one-launch variant without splits (projection + epilogue per token block over the whole
+# of D) ran 131-405 µs against 114 µs for this split pair (H200, 2026-12-01), dropped.
+_TMA_TILES = [((128, 128, 8, 3), 8), ((128, 128, 8, 4), 8), ((128, 64, 4, 4), 8),
+              ((128, 128, 8, 3), 4), ((64, 128, 4, 4), 8), ((128, 256, 8, 3), 8),
+              ((128, 128, 4, 3), 8)]
+_CF = ([{"waves": 8}, {"waves": 4}]
+       + [{"proj_fwd": c} for c in [(128, 64, 4, 4), (128, 128, 8, 2)]]
+       + [{"fused_epi": True, "fused_epi_bt": bt} for bt in (32, 16, 64)]
+       + [{"proj_fwd_tma": True, "proj_fwd_tma_tile": c, "waves": w} for c, w in _TMA_TILES]
+       + [{"proj_fwd_tma": True, "fused_epi": True, "proj_fwd_tma_tile": c, "waves": w}
+          for c, w in _TMA_TILES[:4]])
+_PBC = ([{"proj_bwd": c} for c in _PB]
+        + [{"proj_bwd_tma": True, "proj_bwd": c} for c in
+           [(64, 128, 4, 3, True, 4), (64, 128, 4, 4, True, 4), (128, 128, 8, 3, True, 4),
+            (64, 256, 8, 3, True, 4), (64, 128, 4, 3, True, 2)]])
 SWEEP = [
     ("coef_fwd", ("coefficients", 0), triton_proj.CONFIG, _CF),
-    ("proj_bwd", ("coefficients", 1), triton_proj.CONFIG, [{"proj_bwd": c} for c in _PB]),
+    ("proj_bwd", ("coefficients", 1), triton_proj.CONFIG, _PBC),
     ("proj_bwd_site", ("site", 1), triton_proj.CONFIG, _PBS),
     ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, _MIX),
     ("coef_bwd", ("coefficients", 1), triton_proj.CONFIG,
-     [{"coef_bwd": c} for c in [(16, 2), (32, 4), (8, 1), (16, 4)]]),
+     [{"coef_bwd": c} for c in [(8, 1), (16, 2), (32, 4), (16, 4)]]),
 ]
 
 
@@ -249,8 +258,9 @@ def _host_reference_us(reps: int) -> list[float]:
     outs = [torch.empty(k, device=dev) for k in (16, 16, 4)]
 
     def launch():
-        triton_proj._finalize_kernel[(1,)](part, outs[0], part, outs[1], part, outs[2], 1, 16, 1,
-                                           K=8, KP=16, BLOCK=16, BG=16, num_warps=4)
+        triton_proj_bwd._finalize_kernel[(1,)](part, outs[0], part, outs[1], part, outs[2], 1,
+                                               16, 1, K=8, KP=16, BLOCK=16, BG=16,
+                                               num_warps=4)
 
     def empty():
         return torch.empty((64, 4), dtype=f32, device=dev)

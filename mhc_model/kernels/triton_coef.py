@@ -38,33 +38,10 @@ import triton
 import triton.language as tl
 
 from mhc_model.conventions import convention
-from mhc_model.kernels.triton_proj import (
-    CONFIG,
-    _finalize_kernel,
-    _pow2,
-    _proj_bwd_kernel,
-    _sm_count,
-    proj_forward,
-)
-from mhc_model.kernels.triton_sinkhorn import sinkhorn_bwd, sinkhorn_fwd
-
-
-@triton.jit
-def _rms(ss, D, eps, RMS_INV_NORM: tl.constexpr):
-    # Eq. 15 without gamma; rsqrt_mean: rsqrt(mean + eps), inv_norm: 1 / (rms + eps).
-    if RMS_INV_NORM:
-        r = 1.0 / (tl.sqrt_rn(ss) / tl.sqrt_rn(D * 1.0) + eps)
-    else:
-        r = 1.0 / tl.sqrt_rn(ss / D + eps)
-    return r
-
-
-@triton.jit
-def _load_alphas(apre_ptr, apost_ptr, ares_ptr):
-    a_pre = tl.load(apre_ptr).to(tl.float32)
-    a_post = tl.load(apost_ptr).to(tl.float32)
-    a_res = tl.load(ares_ptr).to(tl.float32)
-    return a_pre, a_post, a_res
+from mhc_model.kernels.triton_epi import _load_alphas, _rms, coef_epi_block
+from mhc_model.kernels.triton_proj import CONFIG, _pow2, _sm_count, proj_forward
+from mhc_model.kernels.triton_proj_bwd import _finalize_kernel, proj_backward
+from mhc_model.kernels.triton_sinkhorn import sinkhorn_bwd
 
 
 @triton.jit
@@ -74,54 +51,9 @@ def _coef_fwd_kernel(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
                      N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                      BT: tl.constexpr, ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
                      PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr):
-    pid = tl.program_id(0)
-    t = pid * BT + tl.arange(0, BT)
-    mt = t < T
-    n = tl.arange(0, NP)
-    mn = n < N
-    t2 = t[:, None]
-    n2 = n[None, :]
-    m2 = mt[:, None] & mn[None, :]
-    t3 = t[:, None, None]
-    i3 = n[None, :, None]
-    j3 = n[None, None, :]
-    valid = (i3 < N) & (j3 < N)
-    m3 = mt[:, None, None] & valid
-    k_res = 2 * N + i3 * N + j3
-    p_pre = tl.zeros((BT, NP), tl.float32)
-    p_post = tl.zeros((BT, NP), tl.float32)
-    p_res = tl.zeros((BT, NP, NP), tl.float32)
-    ss = tl.zeros((BT,), tl.float32)
-    for s in range(n_split):
-        base = part_ptr + s * T * KP
-        p_pre += tl.load(base + t2 * KP + n2, mask=m2, other=0.0)
-        p_post += tl.load(base + t2 * KP + N + n2, mask=m2, other=0.0)
-        p_res += tl.load(base + t3 * KP + k_res, mask=m3, other=0.0)
-        ss += tl.load(base + t * KP + K, mask=mt, other=0.0)
-    # proj [T, KP] keeps the sum of squares in lane K (saved for the backward)
-    tl.store(proj_ptr + t2 * KP + n2, p_pre, mask=m2)
-    tl.store(proj_ptr + t2 * KP + N + n2, p_post, mask=m2)
-    tl.store(proj_ptr + t3 * KP + k_res, p_res, mask=m3)
-    tl.store(proj_ptr + t * KP + K, ss, mask=mt)
-    r = _rms(ss, D, eps, RMS_INV_NORM)
-    a_pre, a_post, a_res = _load_alphas(apre_ptr, apost_ptr, ares_ptr)
-    # Eq. 16: h = r * proj * alpha + bias, per group [pre | post | res].
-    b_pre = tl.load(bias_ptr + n2, mask=mn[None, :], other=0.0).to(tl.float32)
-    b_post = tl.load(bias_ptr + N + n2, mask=mn[None, :], other=0.0).to(tl.float32)
-    b_res = tl.load(bias_ptr + k_res, mask=valid, other=0.0).to(tl.float32)
-    h_pre = r[:, None] * p_pre * a_pre + b_pre
-    h_post = r[:, None] * p_post * a_post + b_post
-    h_res = r[:, None, None] * p_res * a_res + b_res
-    # Eq. 17-18: H_pre = sigmoid (+eps with PRE_EPS), H_post = 2 sigmoid.
-    H_pre = tl.sigmoid(h_pre)
-    if PRE_EPS:
-        H_pre = H_pre + eps
-    H_post = 2.0 * tl.sigmoid(h_post)
-    tl.store(pre_ptr + t2 * N + n2, H_pre, mask=m2)
-    tl.store(post_ptr + t2 * N + n2, H_post, mask=m2)
-    # Eq. 19: Sinkhorn-Knopp on the N x N logits, in registers.
-    M = sinkhorn_fwd(h_res, valid, eps, ITERS, SINKHORN_SOFTMAX)
-    tl.store(res_ptr + t3 * (N * N) + i3 * N + j3, M, mask=m3)
+    coef_epi_block(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr, pre_ptr, post_ptr,
+                   res_ptr, proj_ptr, tl.program_id(0) * BT, T, D, n_split, eps,
+                   N, NP, K, KP, BT, ITERS, SINKHORN_SOFTMAX, PRE_EPS, RMS_INV_NORM, False)
 
 
 @triton.jit
@@ -267,7 +199,8 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
     BT, cwarps = CONFIG["coef_bwd"]
     G = triton.cdiv(T, BT)
     agg, extra = du_TC is not None, dx_extra is not None
-    BTb, BD, warps, stages, dw_t, waves = CONFIG["proj_bwd_site" if agg or extra else "proj_bwd"]
+    tile = CONFIG["proj_bwd_site" if agg or extra else "proj_bwd"]
+    BTb, BD, _, _, _, waves = tile
     if agg and C % BD:
         raise ValueError(f"C = {C} is not a multiple of the tile {BD}: see agg_fold_ok")
     n_d = triton.cdiv(D, BD)
@@ -298,13 +231,9 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
                            num_warps=cwarps)
     # the mix's dx (ours, contiguous [T, D]) is overwritten in place: one nC buffer fewer
     dx_TD = dx_extra if extra else torch.empty_like(x_TD)
-    _proj_bwd_kernel[(n_d, S)](x_TD, w_KD, dproj, coef, dx_TD, dw_part,
-                               du_TC if agg else x_TD, H_pre if agg else coef,
-                               dx_extra if extra else x_TD, T, D, C, N, t_per_split,
-                               K=K, KP=KP, BT=BTb, BD=BD, SPLIT_BF16=bf16, PRESPLIT=presplit,
-                               DW_T=dw_t, AGG=agg, EXTRA=extra,
-                               SIDE_FIRST=CONFIG["side_first"],
-                               num_warps=warps, num_stages=stages)
+    proj_backward(x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC if agg else None,
+                  H_pre if agg else None, dx_extra, C=C, N=N, K=K, KP=KP, bf16=bf16,
+                  presplit=presplit, tile=tile, t_per_split=t_per_split, S=S)
     BLOCK, BG, fwarps = CONFIG["finalize"]
     _finalize_kernel[(1 + (0 if final else triton.cdiv(K * D, BLOCK)),)](
         dw_part, dW, dbias_part, dbias, dalpha_part, dalpha, S, K * D, G,
@@ -331,8 +260,20 @@ def coef_forward(x_TNC, weight_KD, bias_K, alphas, iters, conv, eps):
     w_KD = weight_KD if weight_KD.is_contiguous() else weight_KD.contiguous()
     if not bias_K.is_contiguous():
         bias_K = bias_K.contiguous()
-    part = proj_forward(x_TD, w_KD, K, KP, bf16)
-    H_pre, H_post, H_res, proj = coef_epilogue(part, bias_K, alphas, N, D, iters, conv, eps)
+    if CONFIG["fused_epi"]:
+        dev = x_TD.device
+        f32 = torch.float32
+        outs = (torch.empty((T, N), dtype=f32, device=dev),
+                torch.empty((T, N), dtype=f32, device=dev),
+                torch.empty((T, N, N), dtype=f32, device=dev),
+                torch.empty((T, KP), dtype=f32, device=dev))
+        proj_forward(x_TD, w_KD, K, KP, bf16,
+                     epi=(bias_K, alphas, outs, N, iters, conv.kernel_flags(), eps))
+        H_pre, H_post, H_res, proj = outs
+    else:
+        part = proj_forward(x_TD, w_KD, K, KP, bf16)
+        H_pre, H_post, H_res, proj = coef_epilogue(part, bias_K, alphas, N, D, iters, conv,
+                                                   eps)
     saved = (x_TD, w_KD, bias_K, *alphas, proj)
     return (H_pre, H_post, H_res), saved, (T, N, C, K, KP, bf16, iters, conv, eps)
 

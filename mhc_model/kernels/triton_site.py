@@ -12,7 +12,7 @@ plus up to three nC gradients alive at once.  Here
 
 and SitePre's backward first reduces dH_pre = sum_c x_j du (one read of x and du), then runs
 the coefficient backward with the aggregate's dx (H_pre[j] du) and the mix's dx added inside
-the projection backward's single pass over x (``triton_proj._proj_bwd_kernel`` AGG / EXTRA;
+the projection backward's single pass over x (``triton_proj_bwd._proj_bwd_kernel`` AGG / EXTRA;
 when C is not a multiple of its tile the aggregate's dx is added to the mix's first).
 Order is guaranteed by the graph: SitePre's outputs H_post / H_res feed SitePost, so SitePost's
 backward has run before SitePre's.  Same math as ``mhc_ref`` (coefficients, aggregate,

@@ -9,7 +9,7 @@ All arithmetic is fp32 in registers; streams are read and written once in their 
 Backward kernels run one program per token and loop over C so the reductions over C that
 give dH_pre / dH_post / dH_res stay in registers (deterministic, no atomics).  Tiles are
 3-D [NP(i), NP(j), BC] so the N x N contractions are intra-thread broadcasts; the mix backward
-reduces each C tile into its dH accumulators as it goes (``mix_bwd_lane_acc`` False).
+reduces each C tile into its dH accumulators as it goes.
 """
 
 from __future__ import annotations
@@ -86,7 +86,7 @@ def _mix_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, C, N: tl.constex
 @triton.jit
 def _mix_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr,
                     dy_ptr, C, N: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
-                    MIX_T: tl.constexpr, LANE_ACC: tl.constexpr):
+                    MIX_T: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, NP)[:, None, None]
     j = tl.arange(0, NP)[None, :, None]
@@ -98,14 +98,11 @@ def _mix_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr,
         hoff = i * N + j
     Hm = tl.load(hres_ptr + t * N * N + hoff, mask=mi & mj, other=0.0)
     hp = tl.load(hpost_ptr + t * N + i, mask=mi, other=0.0)
-    # LANE_ACC: per-lane [.., BC] accumulators, reduced over C once at the end; else the
-    # C tile is reduced every step into [.., 1] (fewer registers, more shuffles)
-    if LANE_ACC:
-        acc_res = tl.zeros((NP, NP, BC), tl.float32)
-        acc_post = tl.zeros((NP, 1, BC), tl.float32)
-    else:
-        acc_res = tl.zeros((NP, NP, 1), tl.float32)
-        acc_post = tl.zeros((NP, 1, 1), tl.float32)
+    # the C tile is reduced every step into [.., 1]: 72-80 registers, where per-lane
+    # [.., BC] accumulators reduced once at the end needed 96-185 and ran 335 vs 233 us
+    # (H200, 2026-12-01)
+    acc_res = tl.zeros((NP, NP, 1), tl.float32)
+    acc_post = tl.zeros((NP, 1, 1), tl.float32)
     for c0 in range(0, C, BC):
         c = (c0 + tl.arange(0, BC))[None, None, :]
         mc = c < C
@@ -117,12 +114,8 @@ def _mix_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr,
         tl.store(dy_ptr + t * C + c, dy.to(dy_ptr.dtype.element_ty), mask=mc)
         dx = tl.sum(Hm * G, axis=0, keep_dims=True)
         tl.store(dx_ptr + t * N * C + j * C + c, dx.to(dx_ptr.dtype.element_ty), mask=mj & mc)
-        if LANE_ACC:
-            acc_res += G * X
-            acc_post += G * y
-        else:
-            acc_res += tl.sum(G * X, axis=2, keep_dims=True)
-            acc_post += tl.sum(G * y, axis=2, keep_dims=True)
+        acc_res += tl.sum(G * X, axis=2, keep_dims=True)
+        acc_post += tl.sum(G * y, axis=2, keep_dims=True)
     # dHm[i, j] = sum_c g_i x_j, written back through the same (transposing) offsets.
     tl.store(dhres_ptr + t * N * N + hoff, tl.sum(acc_res, axis=2, keep_dims=True),
              mask=mi & mj)
@@ -167,7 +160,6 @@ CONFIG = {
     # per-lane accumulators: more tokens in flight per SM), C tile 1024: 233 us vs 335 at
     # (4096, 4) with per-lane accumulators (0.95 of copy bandwidth)
     "mix_bwd": (16384, 4),
-    "mix_bwd_lane_acc": False,
 }
 
 
@@ -227,7 +219,7 @@ def mix_backward(x, hr, hp, y, g, mix_t: bool):
     BC, warps = _bc(C, NP, "mix_bwd", True)
     if T > 0:
         _mix_bwd_kernel[(T,)](x, hr, hp, y, g, dx, dhr, dhp, dy, C, N=N, NP=NP, BC=BC,
-                              MIX_T=mix_t, LANE_ACC=CONFIG["mix_bwd_lane_acc"], num_warps=warps)
+                              MIX_T=mix_t, num_warps=warps)
     return dx, dhr, dhp, dy
 
 

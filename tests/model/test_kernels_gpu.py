@@ -134,15 +134,70 @@ def test_coefficients_many_tokens_split_paths(conv):
     _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001), 20, conv)
 
 
+def _force_tma(monkeypatch, tma: bool) -> None:
+    """Projection forward and backward through TMA descriptors (tma) or plain loads; with
+    tma the plain kernels are removed, so a silent fallback fails the test."""
+    from mhc_model.kernels import triton_proj, triton_proj_bwd
+
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_tma", tma)
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_tma", tma)
+    if tma:
+        monkeypatch.setattr(triton_proj, "_proj_fwd_kernel", None)
+        monkeypatch.setattr(triton_proj_bwd, "_proj_bwd_kernel", None)
+
+
 @pytest.mark.parametrize("conv", CONVS)
-@pytest.mark.parametrize("presplit", [True, False])
-def test_coefficients_weight_presplit(monkeypatch, presplit, conv):
-    # the projection forward with W split into bf16 hi + lo once up front, and per tile
+@pytest.mark.parametrize("T_", [1000, 3001])
+@pytest.mark.parametrize("tma", [True, False])
+def test_coefficients_projection_tma(monkeypatch, tma, T_, conv):
+    # the projection forward and backward with every [T, *] operand moved by TMA, and with
+    # plain loads; T 3001 leaves a partial token block (TMA reads it as zeros)
+    _force_tma(monkeypatch, tma)
+    gen = torch.Generator(device="cuda").manual_seed(19)
+    _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=T_), 20, conv)
+
+
+def test_projection_tma_falls_back_on_unaligned_rows(monkeypatch):
+    # D % 8 != 0: the row stride is not 16-byte aligned, TMA cannot describe x
+    from mhc_model.kernels import triton_proj, triton_proj_bwd
+
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_tma", True)
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_tma", True)
+    monkeypatch.setattr(triton_proj, "_proj_fwd_tma_kernel", None)
+    monkeypatch.setattr(triton_proj_bwd, "_proj_bwd_tma_kernel", None)
+    gen = torch.Generator(device="cuda").manual_seed(23)
+    _check_coefficients(_coef_inputs(3, 333, torch.bfloat16, gen), 20, "deepseek")
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("variant", ["bf16", "bf16-tma", "fp32"])
+def test_coefficients_fused_epilogue_is_bitwise_the_two_launch_pipeline(monkeypatch, variant,
+                                                                         conv):
+    # the epilogue run by each token block's last split (one launch) sums the same partials
+    # in the same order as the epilogue kernel: mappings and saved lanes bitwise equal; T 3001
+    # spans many token blocks and leaves a partial one
+    from mhc_model.kernels import triton_coef, triton_proj
+
+    dtype = torch.float32 if variant == "fp32" else torch.bfloat16
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_tma", variant == "bf16-tma")
+    gen = torch.Generator(device="cuda").manual_seed(29)
+    x, W, b, *al = (t.detach() for t in _coef_inputs(4, 1000, dtype, gen, T_=3001))
+    runs = []
+    for fused in (False, True):
+        monkeypatch.setitem(triton_proj.CONFIG, "fused_epi", fused)
+        H, saved, _ = triton_coef.coef_forward(x, W, b, al, 20, conv, 1e-6)
+        runs.append((*H, saved[-1]))
+    for name, a, f in zip(["H_pre", "H_post", "H_res", "proj"], *runs):
+        assert torch.equal(a, f), name
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_coefficients_fused_epilogue_against_reference(monkeypatch, conv):
     from mhc_model.kernels import triton_proj
 
-    monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_presplit_w", presplit)
-    gen = torch.Generator(device="cuda").manual_seed(19)
-    _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=1000), 20, conv)
+    monkeypatch.setitem(triton_proj.CONFIG, "fused_epi", True)
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    _check_coefficients(_coef_inputs(6, 1000, torch.bfloat16, gen, T_=1000), 20, conv)
 
 
 def test_split_weight_is_round_to_nearest_pair():
@@ -156,12 +211,13 @@ def test_split_weight_is_round_to_nearest_pair():
     assert not got[:, 24:].any()
 
 
-@pytest.mark.parametrize("lane_acc", [True, False])
+@pytest.mark.parametrize("tile", [(16384, 4), (8192, 2), (2048, 4)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
-def test_mix_post_backward_variants(monkeypatch, lane_acc, dtype):
+def test_mix_post_backward_variants(monkeypatch, tile, dtype):
+    # C tiles of 1024, 512 and 128 at N 4: one, two and eight steps of the C loop at C 1000
     from mhc_model.kernels import triton_stream
 
-    monkeypatch.setitem(triton_stream.CONFIG, "mix_bwd_lane_acc", lane_acc)
+    monkeypatch.setitem(triton_stream.CONFIG, "mix_bwd", tile)
     test_mix_post(4, 1000, dtype, "deepseek")
 
 
@@ -213,6 +269,26 @@ def test_dispatch_env_reference(monkeypatch):
 @pytest.mark.parametrize("C", CS)
 @pytest.mark.parametrize("N", NS)
 def test_site_pre_post(N, C, dtype, conv):
+    _check_site(N, C, dtype, conv)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("C", CS)
+def test_site_pre_post_tma(monkeypatch, C, conv):
+    # the site's projection backward (AGG / EXTRA operands) through TMA descriptors
+    _force_tma(monkeypatch, True)
+    _check_site(4, C, torch.bfloat16, conv)
+
+
+@pytest.mark.parametrize("conv", CONVS)
+def test_site_pre_post_fused_epilogue(monkeypatch, conv):
+    from mhc_model.kernels import triton_proj
+
+    monkeypatch.setitem(triton_proj.CONFIG, "fused_epi", True)
+    _check_site(4, 256, torch.bfloat16, conv)
+
+
+def _check_site(N, C, dtype, conv):
     """The fused site (coefficients + aggregate, then the mix, stream gradient written once
     by the projection backward) against the three reference functions in fp32 on the same
     inputs upcast.  u and y are independent ends (cotangent of u given, y a leaf), so every

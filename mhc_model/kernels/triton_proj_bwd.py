@@ -1,0 +1,242 @@
+"""Triton kernels for the backward of the mHC projection x_TD @ W^T (paper Eq. 14-15).
+
+  ``_proj_bwd_kernel``      dx = dproj @ W + coef * x [+ H_pre (x) du] [+ dx_extra] and per-T-split
+                            partials of dW^T = x^T @ dproj in one pass over x.  The optional
+                            terms let one mHC site write its whole stream gradient in this pass:
+                            the aggregate's dx (H_pre[j] du, Eq. 3 F_pre) and the mix's dx,
+                            instead of three nC tensors that autograd then sums (DESIGN.md
+                            section 7 bytes).
+  ``_proj_bwd_tma_kernel``  the same for bf16 streams with every [T, *] operand moved by TMA
+                            descriptors (Hopper), loads and the dx store.
+  ``_finalize_kernel``      fixed-order sums of the dW / d bias / d alpha partials.
+
+``proj_backward`` picks the kernel and launches it; ``triton_coef.coef_backward`` orders the
+whole backward.  Forward kernels and the tunables (``CONFIG``) live in ``triton_proj``.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from mhc_model.kernels.triton_proj import CONFIG, _tma_ok
+
+
+@triton.jit
+def _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G,
+                       K: tl.constexpr, KP: tl.constexpr, BG: tl.constexpr):
+    # d bias [K] (in the bias dtype) and d alpha [3] (fp32) from the per-program partials
+    # of the coefficient backward; fixed summation order.
+    g = tl.arange(0, BG)
+    k = tl.arange(0, KP)
+    a = tl.arange(0, 4)
+    acc_b = tl.zeros((BG, KP), tl.float32)
+    acc_a = tl.zeros((BG, 4), tl.float32)
+    for g0 in range(0, G, BG):
+        mg = (g0 + g) < G
+        acc_b += tl.load(dbias_part_ptr + (g0 + g)[:, None] * KP + k[None, :],
+                         mask=mg[:, None], other=0.0)
+        acc_a += tl.load(dalpha_part_ptr + (g0 + g)[:, None] * 4 + a[None, :],
+                         mask=mg[:, None], other=0.0)
+    tl.store(dbias_ptr + k, tl.sum(acc_b, axis=0).to(dbias_ptr.dtype.element_ty), mask=k < K)
+    tl.store(dalpha_ptr + a, tl.sum(acc_a, axis=0), mask=a < 3)
+
+
+@triton.jit
+def _side_terms(du_ptr, hpre_ptr, dxe_ptr, offs_t, mask_t, x_off, mask_x, j, c0, C, N,
+                BD: tl.constexpr, AGG: tl.constexpr, EXTRA: tl.constexpr):
+    """fp32 [BT, BD]: H_pre[t, j] du[t, c0 + c] (AGG) + dx_extra[t, d] (EXTRA)."""
+    side = tl.zeros(mask_x.shape, tl.float32)
+    if AGG:
+        du = tl.load(du_ptr + offs_t.to(tl.int64)[:, None] * C + c0 + tl.arange(0, BD)[None, :],
+                     mask=mask_x, other=0.0).to(tl.float32)
+        hp = tl.load(hpre_ptr + offs_t * N + j, mask=mask_t, other=0.0)
+        side += hp[:, None] * du
+    if EXTRA:
+        side += tl.load(dxe_ptr + x_off, mask=mask_x, other=0.0).to(tl.float32)
+    return side
+
+
+@triton.jit
+def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
+                     du_ptr, hpre_ptr, dxe_ptr, T, D, C, N, t_per_split,
+                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                     SPLIT_BF16: tl.constexpr, PRESPLIT: tl.constexpr, DW_T: tl.constexpr,
+                     AGG: tl.constexpr, EXTRA: tl.constexpr):
+    """One [T-split, BD] stripe: W stays in registers / shared memory, x is streamed once.
+    dx = dproj @ W + coef * x is stored per tile; the dW partial of the stripe is
+    accumulated over the split's tokens ([BD, KP] as dW^T when DW_T) and stored once; with
+    a single T split the partial is dW itself, stored in the weight dtype.
+    AGG: dx[t, j*C + c] += H_pre[t, j] * du[t, c] (the aggregate's backward, du [T, C];
+    needs C % BD == 0, see ``agg_fold_ok``);
+    EXTRA: dx += dx_extra [T, D] (another consumer's gradient of x); both summed in fp32 and
+    rounded once; their loads are issued after the tile's dots (before them the site
+    backward ran 1035 vs 640 us on the H200, 2026-12-01).  ``dx_ptr`` may be ``dxe_ptr`` (in place:
+    each element is read, then written, by the same program)."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_d = pid_d * BD + tl.arange(0, BD)
+    mask_d = offs_d < D
+    offs_k = tl.arange(0, KP)
+    w_off = offs_k[:, None] * D + offs_d[None, :]
+    w_mask = mask_d[None, :] & (offs_k[:, None] < K)
+    w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
+    if SPLIT_BF16:
+        # W = W_hi + W_lo in bf16 (see the module docstring)
+        w_hi = w.to(tl.bfloat16)
+        w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
+    if DW_T:  # noqa: SIM108 (constexpr branch)
+        acc = tl.zeros((BD, KP), tl.float32)
+    else:
+        acc = tl.zeros((KP, BD), tl.float32)
+    # AGG: C % BD == 0 (host), so the tile lies in one stream j and du loads are contiguous
+    j = (pid_d * BD) // C
+    c0 = pid_d * BD - j * C
+    t_start = pid_s * t_per_split  # a multiple of BT: splits never overlap
+    for t0 in range(0, t_per_split, BT):
+        offs_t = t_start + t0 + tl.arange(0, BT)
+        mask_t = offs_t < T
+        x_off = offs_t.to(tl.int64)[:, None] * D + offs_d[None, :]
+        mask_x = mask_t[:, None] & mask_d[None, :]
+        x = tl.load(x_ptr + x_off, mask=mask_x, other=0.0)
+        dp_off = offs_t[:, None] * KP + offs_k[None, :]
+        cf = tl.load(coef_ptr + offs_t, mask=mask_t, other=0.0)
+        if SPLIT_BF16:
+            if PRESPLIT:
+                dp_hi = tl.load(dproj_ptr + dp_off, mask=mask_t[:, None], other=0.0)
+                dp_lo = tl.load(dproj_ptr + T * KP + dp_off, mask=mask_t[:, None], other=0.0)
+            else:
+                dp = tl.load(dproj_ptr + dp_off, mask=mask_t[:, None], other=0.0)
+                dp_hi = dp.to(tl.bfloat16)
+                dp_lo = (dp - dp_hi.to(tl.float32)).to(tl.bfloat16)
+            # dproj = hi + lo in bf16; the hi*lo cross terms keep ~fp32 accuracy.
+            dx = tl.dot(dp_hi, w_hi)
+            dx = tl.dot(dp_hi, w_lo, dx)
+            dx = tl.dot(dp_lo, w_hi, dx)
+            # per-tile chain, fp32 sum (see forward)
+            if DW_T:
+                xt = tl.trans(x)
+                tile = tl.dot(xt, dp_hi)
+                tile = tl.dot(xt, dp_lo, tile)
+            else:
+                tile = tl.dot(tl.trans(dp_hi), x)
+                tile = tl.dot(tl.trans(dp_lo), x, tile)
+            acc += tile
+            xf = x.to(tl.float32)
+        else:
+            dp = tl.load(dproj_ptr + dp_off, mask=mask_t[:, None], other=0.0)
+            xf = x.to(tl.float32)
+            dx = tl.dot(dp, w, input_precision="ieee")
+            if DW_T:
+                acc = tl.dot(tl.trans(xf), dp, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(tl.trans(dp), xf, acc, input_precision="ieee")
+        dx += cf[:, None] * xf
+        if AGG or EXTRA:
+            dx += _side_terms(du_ptr, hpre_ptr, dxe_ptr, offs_t, mask_t, x_off, mask_x, j, c0,
+                              C, N, BD, AGG, EXTRA)
+        tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask_x)
+    dw = dw_part_ptr + pid_s * K * D
+    acc = acc.to(dw_part_ptr.dtype.element_ty)  # fp32 partials, or dW itself (one split)
+    if DW_T:
+        tl.store(dw + offs_k[None, :] * D + offs_d[:, None], acc,
+                 mask=mask_d[:, None] & (offs_k[None, :] < K))
+    else:
+        tl.store(dw + w_off, acc, mask=w_mask)
+
+
+@triton.jit
+def _finalize_kernel(dw_part_ptr, dw_ptr, dbias_part_ptr, dbias_ptr, dalpha_part_ptr,
+                     dalpha_ptr, S, KD, G,
+                     K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, BG: tl.constexpr):
+    """Program 0: d bias and d alpha from the coefficient-backward partials (launched first:
+    it is the longest); programs 1.. (only with several T splits): dW = sum_s dw_part[s] in
+    the weight dtype.  Fixed summation order, so the result is deterministic."""
+    pid = tl.program_id(0)
+    if pid == 0:
+        _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G, K, KP, BG)
+    else:
+        offs = (pid - 1) * BLOCK + tl.arange(0, BLOCK)
+        m = offs < KD
+        acc = tl.load(dw_part_ptr + offs, mask=m, other=0.0)
+        for s in range(1, S):
+            acc += tl.load(dw_part_ptr + s * KD + offs, mask=m, other=0.0)
+        tl.store(dw_ptr + offs, acc.to(dw_ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
+                         du_desc, hpre_ptr, dxe_desc, T, D, C, N, t_per_split,
+                         K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
+                         AGG: tl.constexpr, EXTRA: tl.constexpr):
+    """``_proj_bwd_kernel`` for bf16 streams, presplit dproj and DW_T, with x, the dproj pair,
+    du and dx_extra loaded and dx stored through TMA descriptors: tiles past T read as 0
+    (they add nothing to dW) and their dx rows are not written."""
+    pid_d = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    d0 = pid_d * BD
+    offs_d = d0 + tl.arange(0, BD)
+    mask_d = offs_d < D
+    offs_k = tl.arange(0, KP)
+    w = tl.load(w_ptr + offs_k[:, None] * D + offs_d[None, :],
+                mask=mask_d[None, :] & (offs_k[:, None] < K), other=0.0).to(tl.float32)
+    w_hi = w.to(tl.bfloat16)  # W = W_hi + W_lo in bf16 (see triton_proj)
+    w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
+    acc = tl.zeros((BD, KP), tl.float32)
+    j = d0 // C  # AGG: C % BD == 0 (host), the tile lies in stream j
+    c0 = d0 - j * C
+    t_start = pid_s * t_per_split  # a multiple of BT: splits never overlap
+    for t0 in range(0, t_per_split, BT):
+        tt = t_start + t0
+        offs_t = tt + tl.arange(0, BT)
+        mask_t = offs_t < T
+        x = x_desc.load([tt, d0])
+        dp_hi = dp_desc.load([0, tt, 0]).reshape(BT, KP)
+        dp_lo = dp_desc.load([1, tt, 0]).reshape(BT, KP)
+        cf = tl.load(coef_ptr + offs_t, mask=mask_t, other=0.0)
+        dx = tl.dot(dp_hi, w_hi)
+        dx = tl.dot(dp_hi, w_lo, dx)
+        dx = tl.dot(dp_lo, w_hi, dx)
+        xt = tl.trans(x)
+        tile = tl.dot(xt, dp_hi)
+        acc += tl.dot(xt, dp_lo, tile)  # per-tile chain, fp32 sum (see triton_proj)
+        dx += cf[:, None] * x.to(tl.float32)
+        if AGG:
+            hp = tl.load(hpre_ptr + offs_t * N + j, mask=mask_t, other=0.0)
+            dx += hp[:, None] * du_desc.load([tt, c0]).to(tl.float32)
+        if EXTRA:
+            dx += dxe_desc.load([tt, d0]).to(tl.float32)
+        dx_desc.store([tt, d0], dx.to(dx_desc.dtype))
+    tl.store(dw_part_ptr + pid_s * K * D + offs_k[None, :] * D + offs_d[:, None],
+             acc.to(dw_part_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & (offs_k[None, :] < K))
+
+
+def proj_backward(x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC, H_pre, dx_extra, *,
+                  C, N, K, KP, bf16, presplit, tile, t_per_split, S):
+    """Launch (4): ``_proj_bwd_tma_kernel`` where it applies (``CONFIG["proj_bwd_tma"]``,
+    bf16, presplit dproj, DW_T, aligned operands), else ``_proj_bwd_kernel``."""
+    T, D = x_TD.shape
+    BT, BD, warps, stages, dw_t, _ = tile
+    agg, extra = du_TC is not None, dx_extra is not None
+    operands = [x_TD, dx_TD] + ([du_TC] if agg else []) + ([dx_extra] if extra else [])
+    if (CONFIG["proj_bwd_tma"] and bf16 and presplit and dw_t
+            and all(_tma_ok(t) for t in operands)):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        def desc(t):
+            return TensorDescriptor.from_tensor(t, [BT, BD])
+
+        x_desc = desc(x_TD)
+        _proj_bwd_tma_kernel[(triton.cdiv(D, BD), S)](
+            x_desc, w_KD, TensorDescriptor.from_tensor(dproj.view(2, T, KP), [1, BT, KP]),
+            coef, desc(dx_TD), dw_part, desc(du_TC) if agg else x_desc,
+            H_pre if agg else coef, desc(dx_extra) if extra else x_desc,
+            T, D, C, N, t_per_split, K=K, KP=KP, BT=BT, BD=BD, AGG=agg, EXTRA=extra,
+            num_warps=warps, num_stages=stages)
+        return
+    _proj_bwd_kernel[(triton.cdiv(D, BD), S)](
+        x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC if agg else x_TD,
+        H_pre if agg else coef, dx_extra if extra else x_TD, T, D, C, N, t_per_split,
+        K=K, KP=KP, BT=BT, BD=BD, SPLIT_BF16=bf16, PRESPLIT=presplit, DW_T=dw_t, AGG=agg,
+        EXTRA=extra, num_warps=warps, num_stages=stages)
