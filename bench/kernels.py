@@ -297,8 +297,11 @@ def _host_reference_us(reps: int) -> list[float]:
 def _compiled_stats() -> list[str]:
     """Registers / spills / shared memory / wgmma use of every compiled coefficient kernel."""
     out = []
-    for mod, name in ((triton_proj, "_proj_bwd_kernel"), (triton_coef, "_coef_bwd_kernel"),
-                      (triton_proj, "_proj_fwd_kernel"), (triton_proj, "_finalize_kernel"),
+    for mod, name in ((triton_proj_bwd, "_proj_bwd_kernel"),
+                      (triton_proj_bwd, "_proj_bwd_tma_kernel"),
+                      (triton_coef, "_coef_bwd_kernel"), (triton_proj, "_proj_fwd_kernel"),
+                      (triton_proj, "_proj_fwd_tma_kernel"),
+                      (triton_proj_bwd, "_finalize_kernel"),
                       (triton_coef, "_coef_fwd_kernel"),
                       (triton_stream, "_mix_bwd_kernel"), (triton_stream, "_mix_fwd_kernel"),
                       (triton_stream, "_agg_bwd_kernel"), (triton_stream, "_agg_fwd_kernel")):

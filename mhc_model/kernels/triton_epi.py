@@ -5,7 +5,7 @@ the fixed-order sum over the S splits, the RMS factor (Eq. 15), alpha / bias (Eq
 sigmoid gates (Eq. 17-18) and Sinkhorn-Knopp (Eq. 19), all in registers.  Called by the
 epilogue kernel (``triton_coef._coef_fwd_kernel``, one program per token block) and by the
 projection kernels' fused epilogue (``triton_proj``, run by the last split to finish a token
-block), so both compute bitwise the same mappings.
+block): one definition of the math for both.
 """
 
 from __future__ import annotations

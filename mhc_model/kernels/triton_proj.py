@@ -140,8 +140,9 @@ def _last_split_epilogue(part_ptr, cnt_ptr, bias_ptr, apre_ptr, apost_ptr, ares_
     Arrival: a CTA barrier (every partial store of this program issued), then one gpu-scope
     acq_rel atomic on the block's counter (release: those stores; acquire: the other
     splits' released stores), then a barrier before the reads; the pattern of CUTLASS's
-    ``GenericBarrier``.  The sum over splits runs in split order, so the mappings are bitwise
-    the two-launch pipeline's."""
+    ``GenericBarrier``.  The sum over splits runs in split order, so the summed lanes and
+    the gates are bitwise the two-launch pipeline's (Sinkhorn's small sums run in another
+    register layout: fp32 reassociation)."""
     tl.debug_barrier()
     arrived = tl.atomic_add(cnt_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
     tl.debug_barrier()

@@ -174,8 +174,11 @@ def test_projection_tma_falls_back_on_unaligned_rows(monkeypatch):
 def test_coefficients_fused_epilogue_is_bitwise_the_two_launch_pipeline(monkeypatch, variant,
                                                                          conv):
     # the epilogue run by each token block's last split (one launch) sums the same partials
-    # in the same order as the epilogue kernel: mappings and saved lanes bitwise equal; T 3001
-    # spans many token blocks and leaves a partial one
+    # in the same order as the epilogue kernel: the summed lanes and the gates are bitwise
+    # equal; Sinkhorn's 4-term row / column sums run in another register layout (8 warps, 32
+    # tokens vs 4 warps, 64), so H_res may differ by fp32 reassociation, far below the 1e-4
+    # the kernels are held to against the reference.  T 3001 spans many token blocks and
+    # leaves a partial one
     from mhc_model.kernels import triton_coef, triton_proj
 
     dtype = torch.float32 if variant == "fp32" else torch.bfloat16
@@ -187,8 +190,11 @@ def test_coefficients_fused_epilogue_is_bitwise_the_two_launch_pipeline(monkeypa
         monkeypatch.setitem(triton_proj.CONFIG, "fused_epi", fused)
         H, saved, _ = triton_coef.coef_forward(x, W, b, al, 20, conv, 1e-6)
         runs.append((*H, saved[-1]))
-    for name, a, f in zip(["H_pre", "H_post", "H_res", "proj"], *runs):
+    for name, a, f in zip(["H_pre", "H_post", "proj"], *(r[:2] + r[3:] for r in runs)):
         assert torch.equal(a, f), name
+    err = (runs[0][2] - runs[1][2]).abs().max().item()  # entries in [0, 1]
+    print(f"H_res: max |two-launch - fused| {err:.1e}")
+    assert err <= 1e-6
 
 
 @pytest.mark.parametrize("conv", CONVS)
