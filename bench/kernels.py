@@ -130,45 +130,31 @@ def _epilogue_time(x, W, b, al) -> float:
 
 # (name, (op, direction), config dict, overrides): every candidate is timed as the kernel
 # sum of its op direction; the first entry of each group is the shipped default.
-# proj_bwd = (BT, BD, warps, stages, DW_T, waves).
-# H200 sweep (issue 16): the grid's wave quantisation (132 SMs) of the projection kernels,
-# and wider / narrower C tiles and more warps for the mix backward.
-_PB = [(64, 128, 4, 3, True, 4), (64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 8),
-       (32, 128, 4, 3, True, 4), (128, 128, 8, 3, True, 4)]
+# proj_bwd = (BT, BD, warps, stages, DW_T, waves).  The full sweeps of 2026-12-01 (wave
+# quantisation over 132 SMs, tiles, TMA, one-launch forms) are in
+# bench/results/kernels_sweeps_h200.md; these lists re-check the defaults' neighbours.
 # the site's projection backward (AGG + EXTRA operands): register pressure vs tile size;
 # plain loads, then TMA descriptors for every [T, *] operand
 _PBS = ([{"proj_bwd_site": c} for c in
-         [(32, 64, 4, 3, True, 4), (64, 64, 4, 3, True, 4), (32, 64, 4, 2, True, 4),
-          (64, 64, 4, 4, True, 4), (64, 64, 8, 3, True, 4)]]
-        + [{"proj_bwd_tma": True, "proj_bwd_site": c} for c in
-           [(32, 64, 4, 3, True, 4), (64, 64, 4, 3, True, 4), (64, 64, 4, 4, True, 4),
-            (64, 128, 8, 3, True, 4), (64, 64, 8, 3, True, 4), (32, 128, 4, 3, True, 4),
-            (64, 64, 4, 3, True, 8)]])
-_MIX = [{"mix_bwd": c} for c in [(16384, 4), (8192, 2), (16384, 8), (8192, 4)]]
-# coefficient forward, split over D: waves and tiles, plain loads and TMA descriptors, the
-# epilogue as its own launch or run by each token block's last split (fused_epi). A
-# one-launch variant without splits (projection + epilogue per token block over the whole
-# of D) ran 131-405 µs against 114 µs for this split pair (H200, 2026-12-01), dropped.
-_TMA_TILES = [((128, 128, 8, 3), 8), ((128, 128, 8, 4), 8), ((128, 64, 4, 4), 8),
-              ((128, 128, 8, 3), 4), ((64, 128, 4, 4), 8), ((128, 256, 8, 3), 8),
-              ((128, 128, 4, 3), 8)]
-_CF = ([{"waves": 8}, {"waves": 4}]
-       + [{"proj_fwd": c} for c in [(128, 64, 4, 4), (128, 128, 8, 2)]]
-       + [{"fused_epi": True, "fused_epi_bt": bt} for bt in (32, 16, 64)]
-       + [{"proj_fwd_tma": True, "proj_fwd_tma_tile": c, "waves": w} for c, w in _TMA_TILES]
-       + [{"proj_fwd_tma": True, "fused_epi": True, "proj_fwd_tma_tile": c, "waves": w}
-          for c, w in _TMA_TILES[:4]])
-_PBC = ([{"proj_bwd": c} for c in _PB]
-        + [{"proj_bwd_tma": True, "proj_bwd": c} for c in
-           [(64, 128, 4, 3, True, 4), (64, 128, 4, 4, True, 4), (128, 128, 8, 3, True, 4),
-            (64, 256, 8, 3, True, 4), (64, 128, 4, 3, True, 2)]])
+         [(64, 64, 4, 3, True, 4), (32, 64, 4, 3, True, 4), (64, 64, 4, 4, True, 4)]]
+        + [{"proj_bwd_site_tma": True, "proj_bwd_site": c} for c in
+           [(64, 64, 4, 3, True, 4), (64, 64, 4, 3, True, 8)]])
+_MIX = [{"mix_bwd": c} for c in [(16384, 4), (8192, 2)]]
+# coefficient forward, split over D: waves and tiles, TMA descriptors and plain loads; the
+# epilogue's (token block, warps). Two one-launch forms were dropped (H200, 2026-12-01): the
+# projection + epilogue per token block over the whole of D (131-405 µs against 114) and the
+# epilogue run by each token block's last split (164-193 µs against 99-101).
+_CF = ([{"waves": 8}, {"proj_fwd_tma_tile": (128, 128, 4, 3)}, {"proj_fwd_tma": False}]
+       + [{"coef_fwd": c} for c in [(16, 1), (8, 1), (32, 1), (32, 2), (16, 2), (64, 8)]])
+_PBC = [{"proj_bwd": c} for c in
+        [(64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 4), (64, 128, 4, 4, True, 2)]]
 SWEEP = [
     ("coef_fwd", ("coefficients", 0), triton_proj.CONFIG, _CF),
     ("proj_bwd", ("coefficients", 1), triton_proj.CONFIG, _PBC),
     ("proj_bwd_site", ("site", 1), triton_proj.CONFIG, _PBS),
     ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, _MIX),
     ("coef_bwd", ("coefficients", 1), triton_proj.CONFIG,
-     [{"coef_bwd": c} for c in [(8, 1), (16, 2), (32, 4), (16, 4)]]),
+     [{"coef_bwd": c} for c in [(8, 1), (16, 2)]]),
 ]
 
 

@@ -53,7 +53,7 @@ def _coef_fwd_kernel(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
                      PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr):
     coef_epi_block(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr, pre_ptr, post_ptr,
                    res_ptr, proj_ptr, tl.program_id(0) * BT, T, D, n_split, eps,
-                   N, NP, K, KP, BT, ITERS, SINKHORN_SOFTMAX, PRE_EPS, RMS_INV_NORM, False)
+                   N, NP, K, KP, BT, ITERS, SINKHORN_SOFTMAX, PRE_EPS, RMS_INV_NORM)
 
 
 @triton.jit
@@ -160,7 +160,7 @@ def coef_epilogue(part, bias_K, alphas, N, D, iters, conv, eps):
     H_post, H_res and proj [T, KP] (lane K: sum of squares over D)."""
     S, T, KP = part.shape
     dev = part.device
-    BT = CONFIG["coef_bt"]
+    BT, warps = CONFIG["coef_fwd"]
     f = convention(conv).kernel_flags()
     H_pre = torch.empty((T, N), dtype=torch.float32, device=dev)
     H_post = torch.empty((T, N), dtype=torch.float32, device=dev)
@@ -170,7 +170,7 @@ def coef_epilogue(part, bias_K, alphas, N, D, iters, conv, eps):
         part, bias_K, *alphas, H_pre, H_post, H_res, proj, T, D, S, eps,
         N=N, NP=_pow2(N), K=N * N + 2 * N, KP=KP, BT=BT, ITERS=iters,
         SINKHORN_SOFTMAX=f["SINKHORN_SOFTMAX"], PRE_EPS=f["PRE_EPS"],
-        RMS_INV_NORM=f["RMS_INV_NORM"], num_warps=4)
+        RMS_INV_NORM=f["RMS_INV_NORM"], num_warps=warps)
     return H_pre, H_post, H_res, proj
 
 
@@ -260,20 +260,8 @@ def coef_forward(x_TNC, weight_KD, bias_K, alphas, iters, conv, eps):
     w_KD = weight_KD if weight_KD.is_contiguous() else weight_KD.contiguous()
     if not bias_K.is_contiguous():
         bias_K = bias_K.contiguous()
-    if CONFIG["fused_epi"]:
-        dev = x_TD.device
-        f32 = torch.float32
-        outs = (torch.empty((T, N), dtype=f32, device=dev),
-                torch.empty((T, N), dtype=f32, device=dev),
-                torch.empty((T, N, N), dtype=f32, device=dev),
-                torch.empty((T, KP), dtype=f32, device=dev))
-        proj_forward(x_TD, w_KD, K, KP, bf16,
-                     epi=(bias_K, alphas, outs, N, iters, conv.kernel_flags(), eps))
-        H_pre, H_post, H_res, proj = outs
-    else:
-        part = proj_forward(x_TD, w_KD, K, KP, bf16)
-        H_pre, H_post, H_res, proj = coef_epilogue(part, bias_K, alphas, N, D, iters, conv,
-                                                   eps)
+    part = proj_forward(x_TD, w_KD, K, KP, bf16)
+    H_pre, H_post, H_res, proj = coef_epilogue(part, bias_K, alphas, N, D, iters, conv, eps)
     saved = (x_TD, w_KD, bias_K, *alphas, proj)
     return (H_pre, H_post, H_res), saved, (T, N, C, K, KP, bf16, iters, conv, eps)
 

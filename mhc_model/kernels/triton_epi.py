@@ -2,10 +2,9 @@
 
 From the D-split projection partials ``[S, T, KP]`` (lane K: the sum of squares) of BT tokens:
 the fixed-order sum over the S splits, the RMS factor (Eq. 15), alpha / bias (Eq. 16), the
-sigmoid gates (Eq. 17-18) and Sinkhorn-Knopp (Eq. 19), all in registers.  Called by the
-epilogue kernel (``triton_coef._coef_fwd_kernel``, one program per token block) and by the
-projection kernels' fused epilogue (``triton_proj``, run by the last split to finish a token
-block): one definition of the math for both.
+sigmoid gates (Eq. 17-18) and Sinkhorn-Knopp (Eq. 19), all in registers.  Run by
+``triton_coef._coef_fwd_kernel`` (one program per token block); ``_rms`` / ``_load_alphas``
+are shared with the coefficient backward.
 """
 
 from __future__ import annotations
@@ -35,21 +34,11 @@ def _load_alphas(apre_ptr, apost_ptr, ares_ptr):
 
 
 @triton.jit
-def _ld(ptr, mask, L2_ONLY: tl.constexpr):
-    # L2_ONLY: partials written by other programs of the same kernel; read past L1
-    if L2_ONLY:
-        v = tl.load(ptr, mask=mask, other=0.0, cache_modifier=".cg")
-    else:
-        v = tl.load(ptr, mask=mask, other=0.0)
-    return v
-
-
-@triton.jit
 def coef_epi_block(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
                    pre_ptr, post_ptr, res_ptr, proj_ptr, t0, T, D, n_split, eps,
                    N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                    BT: tl.constexpr, ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
-                   PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr, L2_ONLY: tl.constexpr):
+                   PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr):
     """Tokens t0 .. t0 + BT: H_pre [T, N], H_post [T, N], H_res [T, N, N] and proj [T, KP]
     (the summed lanes, lane K the sum of squares, saved for the backward)."""
     t = t0 + tl.arange(0, BT)
@@ -71,10 +60,10 @@ def coef_epi_block(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
     ss = tl.zeros((BT,), tl.float32)
     for s in range(n_split):
         base = part_ptr + s * T * KP
-        p_pre += _ld(base + t2 * KP + n2, m2, L2_ONLY)
-        p_post += _ld(base + t2 * KP + N + n2, m2, L2_ONLY)
-        p_res += _ld(base + t3 * KP + k_res, m3, L2_ONLY)
-        ss += _ld(base + t * KP + K, mt, L2_ONLY)
+        p_pre += tl.load(base + t2 * KP + n2, mask=m2, other=0.0)
+        p_post += tl.load(base + t2 * KP + N + n2, mask=m2, other=0.0)
+        p_res += tl.load(base + t3 * KP + k_res, mask=m3, other=0.0)
+        ss += tl.load(base + t * KP + K, mask=mt, other=0.0)
     tl.store(proj_ptr + t2 * KP + n2, p_pre, mask=m2)
     tl.store(proj_ptr + t2 * KP + N + n2, p_post, mask=m2)
     tl.store(proj_ptr + t3 * KP + k_res, p_res, mask=m3)

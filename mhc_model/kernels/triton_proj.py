@@ -9,8 +9,10 @@ kernels live in ``triton_proj_bwd``.
   ``_proj_fwd_kernel``       x_TD @ W^T on tensor cores + sum of squares, split over D;
                              partials ``[S, T, KP]`` (lane K carries the sum of squares).
   ``_proj_fwd_tma_kernel``   the same for bf16 streams with x and the weight pair read by TMA.
-  Both optionally run the coefficient epilogue in the same launch: the last split of each
-  token block to finish sums the partials in split order (``_last_split_epilogue``).
+The coefficient epilogue is its own launch (``triton_coef``): run in this one by each token
+block's last split to finish (an arrival counter, CUTLASS ``GenericBarrier`` style) it made
+the coefficient forward 164-193 us against 99-101 (H200, 2026-12-01: the last programs' 20
+Sinkhorn iterations run serially in the tail), so it was removed.
 
 bf16 streams: x is exact in bf16, the fp32 weight is split into W_hi + W_lo (both bf16; once
 up front for the forward, in registers per program for the backward), so two bf16 MMAs give
@@ -23,38 +25,34 @@ import torch
 import triton
 import triton.language as tl
 
-from mhc_model.kernels.triton_epi import coef_epi_block
-
 # Tunables (the bench may override them).
 #   proj_fwd: (BT, BD, warps, stages); waves: D-split target in programs per SM.
 #   proj_bwd: (BT, BD, warps, stages, DW_T, waves).  DW_T computes dW^T = x^T @ dproj so
 #     every dot has M >= 64 (Hopper wgmma); waves: T-split target in programs per SM.
 #   proj_bwd_presplit: dproj goes to the projection backward as a bf16 (hi, lo) pair
 #     written by the coefficient backward, instead of fp32 split per tile.
-#   coef_bt: token block of the coefficient forward; coef_bwd: (BT, warps) of its backward.
+#   *_tma: bf16 streams read (and dx written) through TMA descriptors where the operands
+#     allow it (16-byte aligned rows), else plain loads.
+#   coef_fwd / coef_bwd: (BT, warps) of the coefficient epilogue / its backward.
 #   finalize: (BLOCK of dW elements, BG rows of partials per step, warps).
 CONFIG = {
     "proj_fwd": (128, 128, 8, 3),
     "waves": 8,  # H200 sweep 2026-12-01: 111 us at 8 vs 119 at 1 (wave quantisation, 132 SMs)
-    # bf16 streams: x and the weight pair through TMA descriptors (``_proj_fwd_tma_kernel``);
-    # (BT, BD, warps, stages) of that kernel in "proj_fwd_tma_tile"
-    "proj_fwd_tma": False,
+    # ``_proj_fwd_tma_kernel``: H200 2026-12-01, coefficient forward 98.9 vs 101.3 us
+    "proj_fwd_tma": True,
     "proj_fwd_tma_tile": (128, 128, 8, 3),
-    # the coefficient epilogue run by the projection's last split per token block (one
-    # launch, ``_last_split_epilogue``), in sub-blocks of fused_epi_bt tokens
-    "fused_epi": False,
-    "fused_epi_bt": 32,
-    "proj_bwd": (64, 128, 4, 3, True, 4),  # same sweep: waves 4 203 us vs 2 210 us
+    # waves 2 / 4: 167 / 170 us with TMA (204.8 / 199.0 plain loads)
+    "proj_bwd": (64, 128, 4, 3, True, 2),
     "proj_bwd_presplit": True,
-    # bf16 streams: the projection backward's [T, *] operands through TMA descriptors
-    # (``triton_proj_bwd._proj_bwd_tma_kernel``), same tiles
-    "proj_bwd_tma": False,
-    # the site's projection backward (AGG / EXTRA terms): 8 warps, or the two extra [BT, BD]
-    # operands spill at 4 (H200, 2026-12-01: 255 registers, 110 spills, 1104 us vs 182 us)
-    # H200 sweeps 2026-12-01 (site backward 913 -> 712 us): BT 32 halves the [BT, BD] fp32
-    # tiles (128 registers, no spills, at BD 128) where BT 64 needed 215
-    "proj_bwd_site": (32, 64, 4, 3, True, 4),  # second sweep: 712 vs 734 us at (32, 128, 8)
-    "coef_bt": 64,  # H200 sweep 2026-12-01: coefficient forward 107 us vs 113 at 16
+    # ``triton_proj_bwd._proj_bwd_tma_kernel``: H200 2026-12-01, coefficient backward 167 vs
+    # 199 us; the site's (AGG / EXTRA operands) ran slower with it, 669-751 vs 628-637 us
+    "proj_bwd_tma": True,
+    "proj_bwd_site_tma": False,
+    # the site's projection backward (AGG / EXTRA terms): the two extra [BT, BD] operands
+    # spill at BT 64, BD 128, 4 warps (255 registers, 110 spills, 1104 us); H200 sweeps
+    # 2026-12-01: 628 / 630 us at (64, 64, 4) (214 registers) vs 637 / 640 at (32, 64, 4)
+    "proj_bwd_site": (64, 64, 4, 3, True, 4),
+    "coef_fwd": (64, 4),  # H200 sweep 2026-12-01: coefficient forward 107 us vs 113 at BT 16
     "coef_bwd": (8, 1),  # same sweep: 196 us vs 203 at (16, 2) (coefficient backward)
     "finalize": (2048, 256, 8),
 }
@@ -129,63 +127,22 @@ def _store_partial(part_ptr, acc, pid_s, t0, T, KP: tl.constexpr, BT: tl.constex
 
 
 @triton.jit
-def _last_split_epilogue(part_ptr, cnt_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr, pre_ptr,
-                         post_ptr, res_ptr, proj_ptr, pid_t, T, D, n_split, eps,
-                         N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr,
-                         KP: tl.constexpr, BT: tl.constexpr, EPI_BT: tl.constexpr,
-                         ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
-                         PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr):
-    """The program whose split of token block ``pid_t`` finishes last runs the coefficient
-    epilogue of that block (``triton_epi``), so no second launch re-reads the partials.
-    Arrival: a CTA barrier (every partial store of this program issued), then one gpu-scope
-    acq_rel atomic on the block's counter (release: those stores; acquire: the other
-    splits' released stores), then a barrier before the reads; the pattern of CUTLASS's
-    ``GenericBarrier``.  The sum over splits runs in split order, so the summed lanes and
-    the gates are bitwise the two-launch pipeline's (Sinkhorn's small sums run in another
-    register layout: fp32 reassociation)."""
-    tl.debug_barrier()
-    arrived = tl.atomic_add(cnt_ptr + pid_t, 1, sem="acq_rel", scope="gpu")
-    tl.debug_barrier()
-    if arrived == n_split - 1:
-        for sub in tl.static_range(BT // EPI_BT):
-            coef_epi_block(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr, pre_ptr,
-                           post_ptr, res_ptr, proj_ptr, pid_t * BT + sub * EPI_BT, T, D,
-                           n_split, eps, N, NP, K, KP, EPI_BT, ITERS, SINKHORN_SOFTMAX,
-                           PRE_EPS, RMS_INV_NORM, True)
-
-
-@triton.jit
 def _proj_fwd_kernel(x_ptr, w_ptr, part_ptr, T, D, d_per_split,
-                     cnt_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr, pre_ptr, post_ptr,
-                     res_ptr, proj_ptr, n_split, eps,
                      K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                     SPLIT_BF16: tl.constexpr, FUSED_EPI: tl.constexpr, N: tl.constexpr,
-                     NP: tl.constexpr, EPI_BT: tl.constexpr, ITERS: tl.constexpr,
-                     SINKHORN_SOFTMAX: tl.constexpr, PRE_EPS: tl.constexpr,
-                     RMS_INV_NORM: tl.constexpr):
-    """Partials of one (token block, D split); FUSED_EPI: then ``_last_split_epilogue``."""
+                     SPLIT_BF16: tl.constexpr):
+    """Partials of one (token block, D split)."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     # d_per_split is a multiple of BD: splits never overlap
     acc = _proj_tile(x_ptr, w_ptr, pid_t * BT, pid_s * d_per_split, d_per_split, T, D,
                      K, KP, BT, BD, SPLIT_BF16)
     _store_partial(part_ptr, acc, pid_s, pid_t * BT, T, KP, BT)
-    if FUSED_EPI:
-        _last_split_epilogue(part_ptr, cnt_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
-                             pre_ptr, post_ptr, res_ptr, proj_ptr, pid_t, T, D, n_split, eps,
-                             N, NP, K, KP, BT, EPI_BT, ITERS, SINKHORN_SOFTMAX, PRE_EPS,
-                             RMS_INV_NORM)
 
 
 @triton.jit
-def _proj_fwd_tma_kernel(x_desc, w_desc, part_ptr, T, D, d_per_split,
-                         cnt_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr, pre_ptr, post_ptr,
-                         res_ptr, proj_ptr, n_split, eps,
+def _proj_fwd_tma_kernel(x_desc, w_desc, part_ptr, T, d_per_split,
                          K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
-                         BD: tl.constexpr, FUSED_EPI: tl.constexpr, N: tl.constexpr,
-                         NP: tl.constexpr, EPI_BT: tl.constexpr, ITERS: tl.constexpr,
-                         SINKHORN_SOFTMAX: tl.constexpr, PRE_EPS: tl.constexpr,
-                         RMS_INV_NORM: tl.constexpr):
+                         BD: tl.constexpr):
     """``_proj_fwd_kernel`` for bf16 streams with x and the (hi, lo) weight pair read through
     TMA descriptors (Hopper): the copy engine fills shared memory, no per-thread address
     math or masks; out-of-range rows / columns read as 0, which adds nothing to either the
@@ -207,11 +164,6 @@ def _proj_fwd_tma_kernel(x_desc, w_desc, part_ptr, T, D, d_per_split,
         acc += tl.dot(x, tl.trans(w_lo), tile)
     acc = tl.where(offs_k[None, :] == K, ss[:, None], acc)
     _store_partial(part_ptr, acc, pid_s, t0, T, KP, BT)
-    if FUSED_EPI:
-        _last_split_epilogue(part_ptr, cnt_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
-                             pre_ptr, post_ptr, res_ptr, proj_ptr, pid_t, T, D, n_split, eps,
-                             N, NP, K, KP, BT, EPI_BT, ITERS, SINKHORN_SOFTMAX, PRE_EPS,
-                             RMS_INV_NORM)
 
 
 _SM_COUNT: dict[int, int] = {}
@@ -236,44 +188,31 @@ def _tma_ok(x_TD) -> bool:
     return x_TD.data_ptr() % 16 == 0 and x_TD.shape[1] % 8 == 0
 
 
-def proj_forward(x_TD, w_KD, K, KP, bf16, epi=None):
+def proj_forward(x_TD, w_KD, K, KP, bf16):
     """Launch (1): returns the D-split partials [S, T, KP] (lane K: sum of squares).
     ``w_KD`` is the weight in its own dtype; bf16 streams split it into a hi + lo bf16 pair
-    once per call (``split_weight``; per tile it cost 109 vs 103 us on the H200).
-    ``epi`` = (bias, alphas, (H_pre, H_post, H_res, proj), N, iters, kernel flags, eps): the
-    coefficient epilogue runs in this launch (``_last_split_epilogue``) into those outputs."""
+    once per call (``split_weight``; per tile it cost 109 vs 103 us on the H200)."""
     T, D = x_TD.shape
-    dev = x_TD.device
     tma = bf16 and CONFIG["proj_fwd_tma"] and _tma_ok(x_TD)
     BT, BD, warps, stages = CONFIG["proj_fwd_tma_tile" if tma else "proj_fwd"]
     n_t = triton.cdiv(T, BT)
     n_d = triton.cdiv(D, BD)
-    S = max(1, min(n_d, triton.cdiv(CONFIG["waves"] * _sm_count(dev), n_t)))
+    S = max(1, min(n_d, triton.cdiv(CONFIG["waves"] * _sm_count(x_TD.device), n_t)))
     d_per_split = triton.cdiv(n_d, S) * BD
     S = triton.cdiv(D, d_per_split)
-    part = torch.empty((S, T, KP), dtype=torch.float32, device=dev)
+    part = torch.empty((S, T, KP), dtype=torch.float32, device=x_TD.device)
     w = split_weight(w_KD, KP) if bf16 else w_KD
-    if epi is None:
-        ptrs = (part,) * 9  # unused: FUSED_EPI is off
-        N, iters, flags, eps, epi_bt = 1, 1, {}, 0.0, BT
-    else:
-        bias, alphas, outs, N, iters, flags, eps = epi
-        epi_bt = min(CONFIG["fused_epi_bt"], BT)
-        ptrs = (torch.zeros((n_t,), dtype=torch.int32, device=dev), bias, *alphas, *outs)
-    meta = dict(K=K, KP=KP, BT=BT, BD=BD, FUSED_EPI=epi is not None, N=N, NP=_pow2(N),
-                EPI_BT=epi_bt, ITERS=iters, SINKHORN_SOFTMAX=flags.get("SINKHORN_SOFTMAX", 0),
-                PRE_EPS=flags.get("PRE_EPS", 0), RMS_INV_NORM=flags.get("RMS_INV_NORM", 0),
-                num_warps=warps, num_stages=stages)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
 
         x_desc = TensorDescriptor.from_tensor(x_TD, [BT, BD])
         w_desc = TensorDescriptor.from_tensor(w.view(2 * KP, D), [KP, BD])
-        _proj_fwd_tma_kernel[(n_t, S)](x_desc, w_desc, part, T, D, d_per_split, *ptrs, S, eps,
-                                       **meta)
+        _proj_fwd_tma_kernel[(n_t, S)](x_desc, w_desc, part, T, d_per_split, K=K, KP=KP,
+                                       BT=BT, BD=BD, num_warps=warps, num_stages=stages)
     else:
-        _proj_fwd_kernel[(n_t, S)](x_TD, w, part, T, D, d_per_split, *ptrs, S, eps,
-                                   SPLIT_BF16=bf16, **meta)
+        _proj_fwd_kernel[(n_t, S)](x_TD, w, part, T, D, d_per_split, K=K, KP=KP, BT=BT,
+                                   BD=BD, SPLIT_BF16=bf16, num_warps=warps,
+                                   num_stages=stages)
     return part
 
 

@@ -214,13 +214,15 @@ def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
 
 def proj_backward(x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC, H_pre, dx_extra, *,
                   C, N, K, KP, bf16, presplit, tile, t_per_split, S):
-    """Launch (4): ``_proj_bwd_tma_kernel`` where it applies (``CONFIG["proj_bwd_tma"]``,
-    bf16, presplit dproj, DW_T, aligned operands), else ``_proj_bwd_kernel``."""
+    """Launch (4): ``_proj_bwd_tma_kernel`` where it applies (``CONFIG["proj_bwd_tma"]``, or
+    ``"proj_bwd_site_tma"`` with the site's operands; bf16, presplit dproj, DW_T, aligned
+    operands), else ``_proj_bwd_kernel``."""
     T, D = x_TD.shape
     BT, BD, warps, stages, dw_t, _ = tile
     agg, extra = du_TC is not None, dx_extra is not None
     operands = [x_TD, dx_TD] + ([du_TC] if agg else []) + ([dx_extra] if extra else [])
-    if (CONFIG["proj_bwd_tma"] and bf16 and presplit and dw_t
+    if (CONFIG["proj_bwd_site_tma" if agg or extra else "proj_bwd_tma"] and bf16 and presplit
+            and dw_t
             and all(_tma_ok(t) for t in operands)):
         from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -139,8 +139,8 @@ def _force_tma(monkeypatch, tma: bool) -> None:
     tma the plain kernels are removed, so a silent fallback fails the test."""
     from mhc_model.kernels import triton_proj, triton_proj_bwd
 
-    monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_tma", tma)
-    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_tma", tma)
+    for key in ("proj_fwd_tma", "proj_bwd_tma", "proj_bwd_site_tma"):
+        monkeypatch.setitem(triton_proj.CONFIG, key, tma)
     if tma:
         monkeypatch.setattr(triton_proj, "_proj_fwd_kernel", None)
         monkeypatch.setattr(triton_proj_bwd, "_proj_bwd_kernel", None)
@@ -161,49 +161,12 @@ def test_projection_tma_falls_back_on_unaligned_rows(monkeypatch):
     # D % 8 != 0: the row stride is not 16-byte aligned, TMA cannot describe x
     from mhc_model.kernels import triton_proj, triton_proj_bwd
 
-    monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_tma", True)
-    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_tma", True)
+    for key in ("proj_fwd_tma", "proj_bwd_tma", "proj_bwd_site_tma"):
+        monkeypatch.setitem(triton_proj.CONFIG, key, True)
     monkeypatch.setattr(triton_proj, "_proj_fwd_tma_kernel", None)
     monkeypatch.setattr(triton_proj_bwd, "_proj_bwd_tma_kernel", None)
     gen = torch.Generator(device="cuda").manual_seed(23)
     _check_coefficients(_coef_inputs(3, 333, torch.bfloat16, gen), 20, "deepseek")
-
-
-@pytest.mark.parametrize("conv", CONVS)
-@pytest.mark.parametrize("variant", ["bf16", "bf16-tma", "fp32"])
-def test_coefficients_fused_epilogue_is_bitwise_the_two_launch_pipeline(monkeypatch, variant,
-                                                                         conv):
-    # the epilogue run by each token block's last split (one launch) sums the same partials
-    # in the same order as the epilogue kernel: the summed lanes and the gates are bitwise
-    # equal; Sinkhorn's 4-term row / column sums run in another register layout (8 warps, 32
-    # tokens vs 4 warps, 64), so H_res may differ by fp32 reassociation, far below the 1e-4
-    # the kernels are held to against the reference.  T 3001 spans many token blocks and
-    # leaves a partial one
-    from mhc_model.kernels import triton_coef, triton_proj
-
-    dtype = torch.float32 if variant == "fp32" else torch.bfloat16
-    monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_tma", variant == "bf16-tma")
-    gen = torch.Generator(device="cuda").manual_seed(29)
-    x, W, b, *al = (t.detach() for t in _coef_inputs(4, 1000, dtype, gen, T_=3001))
-    runs = []
-    for fused in (False, True):
-        monkeypatch.setitem(triton_proj.CONFIG, "fused_epi", fused)
-        H, saved, _ = triton_coef.coef_forward(x, W, b, al, 20, conv, 1e-6)
-        runs.append((*H, saved[-1]))
-    for name, a, f in zip(["H_pre", "H_post", "proj"], *(r[:2] + r[3:] for r in runs)):
-        assert torch.equal(a, f), name
-    err = (runs[0][2] - runs[1][2]).abs().max().item()  # entries in [0, 1]
-    print(f"H_res: max |two-launch - fused| {err:.1e}")
-    assert err <= 1e-6
-
-
-@pytest.mark.parametrize("conv", CONVS)
-def test_coefficients_fused_epilogue_against_reference(monkeypatch, conv):
-    from mhc_model.kernels import triton_proj
-
-    monkeypatch.setitem(triton_proj.CONFIG, "fused_epi", True)
-    gen = torch.Generator(device="cuda").manual_seed(31)
-    _check_coefficients(_coef_inputs(6, 1000, torch.bfloat16, gen, T_=1000), 20, conv)
 
 
 def test_split_weight_is_round_to_nearest_pair():
@@ -284,14 +247,6 @@ def test_site_pre_post_tma(monkeypatch, C, conv):
     # the site's projection backward (AGG / EXTRA operands) through TMA descriptors
     _force_tma(monkeypatch, True)
     _check_site(4, C, torch.bfloat16, conv)
-
-
-@pytest.mark.parametrize("conv", CONVS)
-def test_site_pre_post_fused_epilogue(monkeypatch, conv):
-    from mhc_model.kernels import triton_proj
-
-    monkeypatch.setitem(triton_proj.CONFIG, "fused_epi", True)
-    _check_site(4, 256, torch.bfloat16, conv)
 
 
 def _check_site(N, C, dtype, conv):
