@@ -145,7 +145,7 @@ _MIX = [{"mix_bwd": c} for c in [(16384, 4), (8192, 2)]]
 # projection + epilogue per token block over the whole of D (131-405 µs against 114) and the
 # epilogue run by each token block's last split (164-193 µs against 99-101).
 _CF = ([{"waves": 8}, {"proj_fwd_tma_tile": (128, 128, 4, 3)}, {"proj_fwd_tma": False}]
-       + [{"coef_fwd": c} for c in [(16, 1), (8, 1), (32, 1), (32, 2), (16, 2), (64, 8)]])
+       + [{"coef_fwd": c} for c in [(4, 1), (16, 1), (64, 4)]])
 _PBC = [{"proj_bwd": c} for c in
         [(64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 4), (64, 128, 4, 4, True, 2)]]
 SWEEP = [

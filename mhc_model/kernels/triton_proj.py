@@ -52,7 +52,9 @@ CONFIG = {
     # spill at BT 64, BD 128, 4 warps (255 registers, 110 spills, 1104 us); H200 sweeps
     # 2026-12-01: 628 / 630 us at (64, 64, 4) (214 registers) vs 637 / 640 at (32, 64, 4)
     "proj_bwd_site": (64, 64, 4, 3, True, 4),
-    "coef_fwd": (64, 4),  # H200 sweep 2026-12-01: coefficient forward 107 us vs 113 at BT 16
+    # H200 sweep 2026-12-01: coefficient forward 91.3 us at (8, 1) vs 94.5 at (16, 1), 98.5
+    # at (64, 4): many one-warp programs hide the serial Sinkhorn iterations' latency
+    "coef_fwd": (8, 1),
     "coef_bwd": (8, 1),  # same sweep: 196 us vs 203 at (16, 2) (coefficient backward)
     "finalize": (2048, 256, 8),
 }
