@@ -1,8 +1,10 @@
 """Where one training step's time goes, mHC off vs on (issue 16): a torch.profiler trace of one
 forward+backward step of a ``bench/overhead.py`` stack, GPU kernel time summed by kernel name,
-for the plain residual and for our fused mHC, and the difference. Not a test.
+for the plain residual and for our fused mHC, and the difference; with ``--recompute L`` the
+two runs are our fused mHC without and with block recompute. Not a test.
 
-    python bench/profile_step.py [--stack swiglu] [--tokens 8192] [--top 25] [--out FILE]
+    python bench/profile_step.py [--stack swiglu] [--tokens 8192] [--recompute 2] [--top 25]
+                                 [--out FILE]
 """
 
 from __future__ import annotations
@@ -60,14 +62,22 @@ def main() -> None:
     ap.add_argument("--stack", default="swiglu")
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--recompute", type=int, default=None,
+                    help="compare mHC on without / with mhc_recompute_layer_num L")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     base = overhead.stacks()[args.stack]
+    on = base.replace(mhc=MHCConfig(enable_hyper_connections=True,
+                                    num_residual_streams=overhead.N_STREAMS))
+    if args.recompute is None:
+        pair, labels = (base, on), ("off", "on")
+    else:
+        pair = (on, on.with_mhc(mhc_recompute_layer_num=args.recompute))
+        labels = ("on", f"recompute {args.recompute}")
     ids = torch.randint(0, 1024, (1, args.tokens), device="cuda",
                         generator=torch.Generator(device="cuda").manual_seed(0))
     runs = {}
-    for label, cfg in (("off", base), ("on", base.replace(mhc=MHCConfig(
-            enable_hyper_connections=True, num_residual_streams=overhead.N_STREAMS)))):
+    for label, cfg in zip(("off", "on"), pair):
         torch.manual_seed(0)
         with torch.device("cuda"):
             model = HybridModel(cfg)
@@ -77,16 +87,16 @@ def main() -> None:
     (off, off_ms, off_ops), (on, on_ms, on_ops) = runs["off"], runs["on"]
     lines = [f"# One step of the {args.stack} stack, {args.tokens} tokens, on "
              f"{torch.cuda.get_device_name()} (torch {torch.__version__})", "",
-             f"Step wall (CUDA events, profiler on): off {off_ms:.2f} ms, on {on_ms:.2f} ms; "
-             f"GPU kernel sums: off {sum(off.values()) / 1e3:.2f} ms, on "
-             f"{sum(on.values()) / 1e3:.2f} ms.", "",
-             "| kernel | off µs | on µs | on - off µs |", "|---|---|---|---|"]
+             f"Step wall (CUDA events, profiler on): {labels[0]} {off_ms:.2f} ms, {labels[1]} "
+             f"{on_ms:.2f} ms; GPU kernel sums: {labels[0]} {sum(off.values()) / 1e3:.2f} ms, "
+             f"{labels[1]} {sum(on.values()) / 1e3:.2f} ms.", "",
+             f"| kernel | {labels[0]} µs | {labels[1]} µs | difference µs |", "|---|---|---|---|"]
     names = sorted(set(off) | set(on), key=lambda k: -abs(on.get(k, 0) - off.get(k, 0)))
     for k in names[:args.top]:
         lines.append(f"| `{k}` | {off.get(k, 0):.1f} | {on.get(k, 0):.1f} | "
                      f"{on.get(k, 0) - off.get(k, 0):+.1f} |")
     lines += ["", "By launching op (CPU op and input shapes; GPU µs of the kernels it launched):",
-              "", "| op | off µs | on µs | on - off µs |", "|---|---|---|---|"]
+              "", f"| op | {labels[0]} µs | {labels[1]} µs | difference µs |", "|---|---|---|---|"]
     names = sorted(set(off_ops) | set(on_ops),
                    key=lambda k: -abs(on_ops.get(k, 0) - off_ops.get(k, 0)))
     for k in names[:args.top]:
