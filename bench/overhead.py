@@ -12,9 +12,11 @@ reference under torch.compile; Megatron dev's ``HyperConnectionModule`` fused an
 (when ``MHC_MEGATRON_SRC`` names a tree; ``bench/peers.py``); TileKernels when tilelang imports.
 Memory: peak allocated above the weights (activations + gradients) and its floor
 (``bench/memfloor.py``: the plain stack's peak plus the bytes mHC must keep, counted).
+Then mHC off, ours fused and fused + recompute again, interleaved (``interleaved``): time
+ratios that clock drift between rows does not move.
 
     python bench/overhead.py [--out results.md] [--iters 10] [--stacks swiglu,nemotron]
-                             [--skip 'torch.compile,eager']
+                             [--skip 'torch.compile,eager'] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -96,6 +98,42 @@ def measure(build, ids: torch.Tensor, iters: int) -> tuple[float, float]:
     return start.elapsed_time(end) / iters, peak
 
 
+def interleaved(builds: dict, ids: torch.Tensor, rounds: int, steps: int) -> dict:
+    """ms/step of every model, the models resident together and timed in turn, ``rounds``
+    times ``steps`` steps each: clock drift over the run (the sequential rows' first / last
+    mHC-off pair moved 0.3-1.8%) then hits every model of a round alike.  Returns, per label,
+    the per-round ms and the per-round ratio to the first label."""
+    models = {}
+    for label, build in builds.items():
+        torch.manual_seed(0)
+        models[label] = build()
+    ms = {label: [] for label in models}
+    for _ in range(rounds):
+        for label, model in models.items():
+            for _ in range(2):  # refill the caches this model's last round left to the others
+                model(ids).float().mean().backward()
+                model.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(steps):
+                model(ids).float().mean().backward()
+                model.zero_grad(set_to_none=True)
+            end.record()
+            torch.cuda.synchronize()
+            ms[label].append(start.elapsed_time(end) / steps)
+    first = next(iter(ms))
+    del models
+    torch.cuda.empty_cache()
+    return {label: (v, [a / b for a, b in zip(v, ms[first])]) for label, v in ms.items()}
+
+
+def _median(v: list[float]) -> float:
+    v = sorted(v)
+    return (v[(len(v) - 1) // 2] + v[len(v) // 2]) / 2
+
+
 def rows(base: HybridConfig):
     """(label, config, context manager factory, model transform, floor kind)."""
     n = N_STREAMS
@@ -130,6 +168,8 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     ap.add_argument("--skip", default="", help="comma-separated substrings of row labels to "
                     "leave out (e.g. 'torch.compile' when its compile time does not fit)")
+    ap.add_argument("--rounds", type=int, default=5,
+                    help="rounds of the interleaved off / fused / recompute timing (0: none)")
     args = ap.parse_args()
     skip = [s for s in args.skip.split(",") if s]
     ids = torch.randint(0, 1024, (1, args.tokens), device="cuda",
@@ -158,7 +198,7 @@ def main() -> None:
     for name in args.stacks.split(","):
         base = stacks()[name]
         stack_scan = scan if "M" in base.hybrid_layer_pattern else "-"
-        results = []
+        results, builds = [], {}
         for label, cfg, ctx, transform, floor_kind in rows(base):
             if any(s in label for s in skip):
                 continue
@@ -172,6 +212,9 @@ def main() -> None:
                     print(f"GPU-side build failed ({type(e).__name__}: {e}); building on CPU")
                     m = HybridModel(cfg).cuda()
                 return transform(m) if transform else m
+
+            if label == "mHC off (first)" or label.startswith("ours fused"):
+                builds[label.replace(" (first)", "")] = build
 
             try:
                 with ctx():
@@ -198,6 +241,13 @@ def main() -> None:
                 notes.append(f"- {name}, {label}: {f.describe()}")
             lines.append(f"| {name} | {stack_scan} | {label} | {ms:.1f} | {ms / off_t:.3f} | "
                          f"{peak:.2f} | {peak / off_m:.3f} | {fl} | {fs} |")
+        if args.rounds:
+            res = interleaved(builds, ids, args.rounds, 5)
+            notes.append(f"- {name}, interleaved ({len(builds)} models resident, {args.rounds} "
+                         "rounds of 5 steps each, in turn): " + "; ".join(
+                             f"{label} median {_median(v):.1f} ms, ratio to mHC off median "
+                             f"{_median(r):.3f} (rounds {min(r):.3f}-{max(r):.3f})"
+                             for label, (v, r) in res.items()))
         drift = offs[-1][1] / offs[0][1] - 1 if len(offs) == 2 else float("nan")
         notes.append(f"- {name}: mHC-off drift last vs first {100 * drift:+.1f}% time, "
                      f"{100 * (offs[-1][2] / offs[0][2] - 1):+.1f}% memory.")
