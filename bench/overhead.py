@@ -31,6 +31,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import memcensus  # noqa: E402
 import memfloor  # noqa: E402
 import peers  # noqa: E402
 
@@ -102,11 +103,13 @@ def interleaved(builds: dict, ids: torch.Tensor, rounds: int, steps: int) -> dic
     """ms/step of every model, the models resident together and timed in turn, ``rounds``
     times ``steps`` steps each: clock drift over the run (the sequential rows' first / last
     mHC-off pair moved 0.3-1.8%) then hits every model of a round alike.  Returns, per label,
-    the per-round ms and the per-round ratio to the first label."""
+    the per-round ms and the per-round ratio to the first label; and, per label, the bytes
+    one forward keeps for backward by autograd node (``memcensus``)."""
     models = {}
     for label, build in builds.items():
         torch.manual_seed(0)
         models[label] = build()
+    census = {label: memcensus.model_census(model, ids) for label, model in models.items()}
     ms = {label: [] for label in models}
     for _ in range(rounds):
         for label, model in models.items():
@@ -126,7 +129,8 @@ def interleaved(builds: dict, ids: torch.Tensor, rounds: int, steps: int) -> dic
     first = next(iter(ms))
     del models
     torch.cuda.empty_cache()
-    return {label: (v, [a / b for a, b in zip(v, ms[first])]) for label, v in ms.items()}
+    return ({label: (v, [a / b for a, b in zip(v, ms[first])]) for label, v in ms.items()},
+            census)
 
 
 def _median(v: list[float]) -> float:
@@ -242,7 +246,9 @@ def main() -> None:
             lines.append(f"| {name} | {stack_scan} | {label} | {ms:.1f} | {ms / off_t:.3f} | "
                          f"{peak:.2f} | {peak / off_m:.3f} | {fl} | {fs} |")
         if args.rounds:
-            res = interleaved(builds, ids, args.rounds, 5)
+            res, census = interleaved(builds, ids, args.rounds, 5)
+            notes.append(f"- {name}, kept for backward (bench/memcensus.py, by autograd node, "
+                         "difference from mHC off): " + memcensus.describe(census, args.tokens))
             notes.append(f"- {name}, interleaved ({len(builds)} models resident, {args.rounds} "
                          "rounds of 5 steps each, in turn): " + "; ".join(
                              f"{label} median {_median(v):.1f} ms, ratio to mHC off median "
