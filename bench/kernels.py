@@ -147,14 +147,15 @@ _MIX = [{"mix_bwd": c} for c in [(16384, 4), (8192, 2)]]
 _CF = ([{"waves": 8}, {"proj_fwd_tma_tile": (128, 128, 4, 3)}, {"proj_fwd_tma": False}]
        + [{"coef_fwd": c} for c in [(4, 1), (16, 1), (64, 4)]])
 _PBC = [{"proj_bwd": c} for c in
-        [(64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 4), (64, 128, 4, 4, True, 2)]]
+        [(64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 4), (64, 128, 4, 4, True, 2),
+         (64, 128, 4, 3, True, 1)]]
 SWEEP = [
     ("coef_fwd", ("coefficients", 0), triton_proj.CONFIG, _CF),
     ("proj_bwd", ("coefficients", 1), triton_proj.CONFIG, _PBC),
     ("proj_bwd_site", ("site", 1), triton_proj.CONFIG, _PBS),
     ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, _MIX),
     ("coef_bwd", ("coefficients", 1), triton_proj.CONFIG,
-     [{"coef_bwd": c} for c in [(8, 1), (16, 2)]]),
+     [{"coef_bwd": c} for c in [(8, 1), (4, 1), (16, 2)]]),
 ]
 
 
