@@ -38,7 +38,7 @@ import triton
 import triton.language as tl
 
 from mhc_model.conventions import convention
-from mhc_model.kernels.triton_epi import _load_alphas, _rms, coef_epi_block
+from mhc_model.kernels.triton_epi import _rms, coef_epi_block, coef_index, gate_logits
 from mhc_model.kernels.triton_proj import CONFIG, _pow2, _sm_count, proj_forward
 from mhc_model.kernels.triton_proj_bwd import _finalize_kernel, proj_backward
 from mhc_model.kernels.triton_sinkhorn import sinkhorn_bwd
@@ -65,31 +65,14 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, bias_ptr,
                      BT: tl.constexpr, ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
                      RMS_INV_NORM: tl.constexpr, DP_SPLIT: tl.constexpr):
     pid = tl.program_id(0)
-    t = pid * BT + tl.arange(0, BT)
-    mt = t < T
-    n = tl.arange(0, NP)
-    mn = n < N
-    t2 = t[:, None]
-    n2 = n[None, :]
-    m2 = mt[:, None] & mn[None, :]
-    t3 = t[:, None, None]
-    i3 = n[None, :, None]
-    j3 = n[None, None, :]
-    valid = (i3 < N) & (j3 < N)
-    m3 = mt[:, None, None] & valid
-    k_res = 2 * N + i3 * N + j3
+    t, mt, n, mn, t2, n2, m2, t3, i3, j3, valid, m3, k_res = coef_index(pid * BT, T, N, NP, BT)
     p_pre = tl.load(proj_ptr + t2 * KP + n2, mask=m2, other=0.0)
     p_post = tl.load(proj_ptr + t2 * KP + N + n2, mask=m2, other=0.0)
     p_res = tl.load(proj_ptr + t3 * KP + k_res, mask=m3, other=0.0)
     ss = tl.load(proj_ptr + t * KP + K, mask=mt, other=0.0)
     r = _rms(ss, D, eps, RMS_INV_NORM)
-    a_pre, a_post, a_res = _load_alphas(apre_ptr, apost_ptr, ares_ptr)
-    b_pre = tl.load(bias_ptr + n2, mask=mn[None, :], other=0.0).to(tl.float32)
-    b_post = tl.load(bias_ptr + N + n2, mask=mn[None, :], other=0.0).to(tl.float32)
-    b_res = tl.load(bias_ptr + k_res, mask=valid, other=0.0).to(tl.float32)
-    h_pre = r[:, None] * p_pre * a_pre + b_pre
-    h_post = r[:, None] * p_post * a_post + b_post
-    h_res = r[:, None, None] * p_res * a_res + b_res
+    h_pre, h_post, h_res, a_pre, a_post, a_res = gate_logits(
+        p_pre, p_post, p_res, r, bias_ptr, apre_ptr, apost_ptr, ares_ptr, n2, mn, k_res, valid, N)
     # Gates: d sigmoid = s (1 - s); H_post = 2 sigmoid.
     s_pre = tl.sigmoid(h_pre)
     s_post = tl.sigmoid(h_post)

@@ -34,6 +34,37 @@ def _load_alphas(apre_ptr, apost_ptr, ares_ptr):
 
 
 @triton.jit
+def coef_index(t0, T, N: tl.constexpr, NP: tl.constexpr, BT: tl.constexpr):
+    """Index tiles of BT tokens from t0: [BT, NP] (pre / post groups) and [BT, NP, NP] (res
+    group, lane 2N + i N + j), with their masks."""
+    t = t0 + tl.arange(0, BT)
+    mt = t < T
+    n = tl.arange(0, NP)
+    mn = n < N
+    m2 = mt[:, None] & mn[None, :]
+    i3 = n[None, :, None]
+    j3 = n[None, None, :]
+    valid = (i3 < N) & (j3 < N)
+    m3 = mt[:, None, None] & valid
+    return t, mt, n, mn, t[:, None], n[None, :], m2, t[:, None, None], i3, j3, valid, m3, \
+        2 * N + i3 * N + j3
+
+
+@triton.jit
+def gate_logits(p_pre, p_post, p_res, r, bias_ptr, apre_ptr, apost_ptr, ares_ptr, n2, mn,
+                k_res, valid, N: tl.constexpr):
+    """Eq. 16: h = r * proj * alpha + bias per group [pre | post | res]; also the alphas."""
+    a_pre, a_post, a_res = _load_alphas(apre_ptr, apost_ptr, ares_ptr)
+    b_pre = tl.load(bias_ptr + n2, mask=mn[None, :], other=0.0).to(tl.float32)
+    b_post = tl.load(bias_ptr + N + n2, mask=mn[None, :], other=0.0).to(tl.float32)
+    b_res = tl.load(bias_ptr + k_res, mask=valid, other=0.0).to(tl.float32)
+    h_pre = r[:, None] * p_pre * a_pre + b_pre
+    h_post = r[:, None] * p_post * a_post + b_post
+    h_res = r[:, None, None] * p_res * a_res + b_res
+    return h_pre, h_post, h_res, a_pre, a_post, a_res
+
+
+@triton.jit
 def coef_epi_block(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
                    pre_ptr, post_ptr, res_ptr, proj_ptr, t0, T, D, n_split, eps,
                    N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
@@ -41,19 +72,7 @@ def coef_epi_block(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
                    PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr):
     """Tokens t0 .. t0 + BT: H_pre [T, N], H_post [T, N], H_res [T, N, N] and proj [T, KP]
     (the summed lanes, lane K the sum of squares, saved for the backward)."""
-    t = t0 + tl.arange(0, BT)
-    mt = t < T
-    n = tl.arange(0, NP)
-    mn = n < N
-    t2 = t[:, None]
-    n2 = n[None, :]
-    m2 = mt[:, None] & mn[None, :]
-    t3 = t[:, None, None]
-    i3 = n[None, :, None]
-    j3 = n[None, None, :]
-    valid = (i3 < N) & (j3 < N)
-    m3 = mt[:, None, None] & valid
-    k_res = 2 * N + i3 * N + j3
+    t, mt, n, mn, t2, n2, m2, t3, i3, j3, valid, m3, k_res = coef_index(t0, T, N, NP, BT)
     p_pre = tl.zeros((BT, NP), tl.float32)
     p_post = tl.zeros((BT, NP), tl.float32)
     p_res = tl.zeros((BT, NP, NP), tl.float32)
@@ -69,14 +88,8 @@ def coef_epi_block(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
     tl.store(proj_ptr + t3 * KP + k_res, p_res, mask=m3)
     tl.store(proj_ptr + t * KP + K, ss, mask=mt)
     r = _rms(ss, D, eps, RMS_INV_NORM)
-    a_pre, a_post, a_res = _load_alphas(apre_ptr, apost_ptr, ares_ptr)
-    # Eq. 16: h = r * proj * alpha + bias, per group [pre | post | res].
-    b_pre = tl.load(bias_ptr + n2, mask=mn[None, :], other=0.0).to(tl.float32)
-    b_post = tl.load(bias_ptr + N + n2, mask=mn[None, :], other=0.0).to(tl.float32)
-    b_res = tl.load(bias_ptr + k_res, mask=valid, other=0.0).to(tl.float32)
-    h_pre = r[:, None] * p_pre * a_pre + b_pre
-    h_post = r[:, None] * p_post * a_post + b_post
-    h_res = r[:, None, None] * p_res * a_res + b_res
+    h_pre, h_post, h_res, _, _, _ = gate_logits(p_pre, p_post, p_res, r, bias_ptr, apre_ptr,
+                                                apost_ptr, ares_ptr, n2, mn, k_res, valid, N)
     # Eq. 17-18: H_pre = sigmoid (+eps with PRE_EPS), H_post = 2 sigmoid.
     H_pre = tl.sigmoid(h_pre)
     if PRE_EPS:
