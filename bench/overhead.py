@@ -76,27 +76,36 @@ def warm_gpu(seconds: float) -> None:
         torch.cuda.synchronize()
 
 
+def train_steps(model, ids: torch.Tensor, steps: int) -> None:
+    for _ in range(steps):
+        model(ids).float().mean().backward()
+        model.zero_grad(set_to_none=True)
+
+
+def timed_steps(model, ids: torch.Tensor, steps: int) -> float:
+    """ms per forward+backward step over ``steps`` steps (CUDA events, synchronised)."""
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    train_steps(model, ids, steps)
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / steps
+
+
 def measure(build, ids: torch.Tensor, iters: int) -> tuple[float, float]:
     torch.manual_seed(0)
     model = build()
     torch.cuda.synchronize()
     base_mem = torch.cuda.memory_allocated()
-    for _ in range(2):
-        model(ids).float().mean().backward()
-        model.zero_grad(set_to_none=True)
+    train_steps(model, ids, 2)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(iters):
-        model(ids).float().mean().backward()
-        model.zero_grad(set_to_none=True)
-    end.record()
-    torch.cuda.synchronize()
+    ms = timed_steps(model, ids, iters)
     peak = (torch.cuda.max_memory_allocated() - base_mem) / 2**30
     del model
     torch.cuda.empty_cache()
-    return start.elapsed_time(end) / iters, peak
+    return ms, peak
 
 
 def interleaved(builds: dict, ids: torch.Tensor, rounds: int, steps: int) -> dict:
@@ -113,19 +122,8 @@ def interleaved(builds: dict, ids: torch.Tensor, rounds: int, steps: int) -> dic
     ms = {label: [] for label in models}
     for _ in range(rounds):
         for label, model in models.items():
-            for _ in range(2):  # refill the caches this model's last round left to the others
-                model(ids).float().mean().backward()
-                model.zero_grad(set_to_none=True)
-            torch.cuda.synchronize()
-            start = torch.cuda.Event(enable_timing=True)
-            end = torch.cuda.Event(enable_timing=True)
-            start.record()
-            for _ in range(steps):
-                model(ids).float().mean().backward()
-                model.zero_grad(set_to_none=True)
-            end.record()
-            torch.cuda.synchronize()
-            ms[label].append(start.elapsed_time(end) / steps)
+            train_steps(model, ids, 2)  # refill the caches the other models' turns used
+            ms[label].append(timed_steps(model, ids, steps))
     first = next(iter(ms))
     del models
     torch.cuda.empty_cache()

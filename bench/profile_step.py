@@ -29,19 +29,10 @@ def _kernel_us(model, ids, steps: int = 2
     the GPU µs per step of each aten op (with its input shapes) that launched kernels."""
     from torch.profiler import ProfilerActivity, profile
 
-    for _ in range(2):
-        model(ids).float().mean().backward()
-        model.zero_grad(set_to_none=True)
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    overhead.train_steps(model, ids, 2)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
                  record_shapes=True) as prof:
-        start.record()
-        for _ in range(steps):
-            model(ids).float().mean().backward()
-            model.zero_grad(set_to_none=True)
-        end.record()
-        torch.cuda.synchronize()
+        step_ms = overhead.timed_steps(model, ids, steps)
     per: dict[str, float] = defaultdict(float)
     ops: dict[str, float] = defaultdict(float)
     for e in prof.key_averages(group_by_input_shape=True):
@@ -54,7 +45,7 @@ def _kernel_us(model, ids, steps: int = 2
             ops[f"{e.key} {e.input_shapes}"[:110]] += dt / steps
         else:
             per[e.key[:70]] += dt / steps
-    return dict(per), start.elapsed_time(end) / steps, dict(ops)
+    return dict(per), step_ms, dict(ops)
 
 
 def main() -> None:

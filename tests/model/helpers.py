@@ -71,3 +71,19 @@ def perturb_norms_(model: torch.nn.Module, seed: int = 0) -> None:
 
 def tokens(batch: int = 2, seq: int = 11, vocab: int = 64, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def saved_stream_storages(model, ids: torch.Tensor, n: int, dim: int | None = None) -> int:
+    """How many distinct storages of n-stream size (T * n * C elements; of rank ``dim`` when
+    given) one forward of ``model`` saves for backward."""
+    numel = ids.numel() * n * model.config.hidden_size
+    seen = set()
+
+    def pack(t):
+        if t.numel() == numel and (dim is None or t.dim() == dim):
+            seen.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(ids)
+    return len(seen)

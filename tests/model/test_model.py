@@ -11,6 +11,7 @@ from tests.model.helpers import (
     ALL_PATTERNS,
     off_to_on,
     perturb_norms_,
+    saved_stream_storages,
     tiny_config,
     tokens,
 )
@@ -160,17 +161,6 @@ def test_recompute_keeps_no_stream_per_layer(contract):
         torch.manual_seed(0)
         model = HybridModel(tiny_config("M-*E-", mhc=True, contract=contract,
                                         mhc_recompute_layer_num=block))
-        ids = tokens()
-        stream_numel = ids.numel() * 4 * model.config.hidden_size
-        seen = set()
-
-        def pack(t, seen=seen, numel=stream_numel):
-            if t.numel() == numel and t.dim() == 3:
-                seen.add(t.untyped_storage().data_ptr())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(ids)
-        counts[block] = len(seen)
+        counts[block] = saved_stream_storages(model, tokens(), 4, dim=3)
     assert counts[None] >= 5
     assert counts[2] <= (1 if contract == "learned" else 0)

@@ -6,7 +6,13 @@ import torch
 
 from mhc_model import HybridModel, exact_enable_
 from mhc_model.conventions import CONVENTIONS
-from tests.model.helpers import off_to_on, perturb_norms_, tiny_config, tokens
+from tests.model.helpers import (
+    off_to_on,
+    perturb_norms_,
+    saved_stream_storages,
+    tiny_config,
+    tokens,
+)
 
 pytestmark = pytest.mark.gpu
 
@@ -58,18 +64,9 @@ def test_recompute_fused_saves_no_stream(monkeypatch):
         torch.manual_seed(0)
         cfg = tiny_config("M-*E-", mhc=True, contract="mean", mhc_recompute_layer_num=block)
         model = HybridModel(cfg).cuda()
-        ids = tokens().cuda()
-        numel = ids.numel() * cfg.mhc.num_residual_streams * cfg.hidden_size
-        seen = set()
-
-        def pack(t, seen=seen, numel=numel):
-            if t.numel() == numel:
-                seen.add(t.untyped_storage().data_ptr())
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            model(ids)
-        counts[block] = len(seen)
+        # any rank: the fused site saves x as [T, n C]
+        counts[block] = saved_stream_storages(model, tokens().cuda(),
+                                              cfg.mhc.num_residual_streams)
     assert counts[None] >= 5
     assert counts[2] == 0
 
