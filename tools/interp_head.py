@@ -1,0 +1,172 @@
+"""The fused learned head (``triton_head``) against ``mhc_ref.contract_learned`` on the CPU
+through the Triton interpreter, fp32 only (the interpreter's bf16 casts / dots are not the
+GPU's; bf16 is checked by ``tests/model/test_head_gpu.py``).
+
+    PYTHONPATH=/work/triton_cpu:. TRITON_INTERPRET=1 .venv/bin/python tools/interp_head.py
+
+``mhc_model.kernels.use_triton`` is patched to accept non-empty CPU tensors, so the fused
+path runs on CPU tensors.  Errors: max|a - b| / max|b|; d scale (a scalar summed over T N terms
+of both signs) against sum |dh p r| (as ``test_kernels_gpu._alpha_scales``).  Exits 1 when an
+error is over the fp32 tolerance of ``test_kernels_gpu.py`` (5e-5).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+
+import torch
+
+from mhc_model import kernels as K
+from mhc_model import mhc_ref as R
+
+TOL = 5e-5
+calls = {"fused": 0}
+
+
+def _patch():
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("run with TRITON_INTERPRET=1 (see the module docstring)")
+    from mhc_model.kernels import triton_mhc
+
+    def on_cpu(*ts):  # use_triton without the is_cuda test
+        if not K.triton_available() or os.environ.get("MHC_KERNELS", "") == "reference":
+            return False
+        return all(t.numel() > 0 for t in ts)
+
+    K.use_triton = on_cpu
+    inner = triton_mhc.contract_learned
+
+    def counted(*a, **k):
+        calls["fused"] += 1
+        return inner(*a, **k)
+
+    triton_mhc.contract_learned = counted
+
+
+def _rel(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30)).item()
+
+
+def _scale_terms(x, fn, base, scale, eps, dy):
+    xf = x.detach().reshape(x.shape[0], -1).float()
+    r = torch.rsqrt(xf.square().mean(-1, keepdim=True) + eps)
+    p = xf @ fn.detach().float().t()
+    h = (p * r * scale.detach().float() + base.detach().float()).requires_grad_()
+    pre = torch.sigmoid(h) + eps
+    (dh,) = torch.autograd.grad(torch.einsum("tn,tnc->tc", pre, x.detach().float()), h, dy)
+    return (dh * p * r).abs().sum().item()
+
+
+def check_head(T, N, C, seed, eps=1e-6):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(T, N, C, generator=gen).requires_grad_()
+    fn = (torch.randn(N, N * C, generator=gen) / (N * C) ** 0.5).requires_grad_()
+    base = torch.randn(N, generator=gen).requires_grad_()
+    scale = torch.tensor([0.7]).requires_grad_()
+    inputs = [x, fn, base, scale]
+    before = calls["fused"]
+    y = K.contract_learned(*inputs, eps)
+    assert calls["fused"] == before + 1, "the fused path did not run"
+    y_ref = R.contract_learned(*inputs, eps)
+    dy = torch.randn(y.shape, generator=gen)
+    g = torch.autograd.grad(y, inputs, dy)
+    g_ref = torch.autograd.grad(y_ref, inputs, dy)
+    errs = {"y": _rel(y, y_ref)}
+    for name, a, b in zip(("dx", "dfn", "dbase"), g[:3], g_ref[:3]):
+        assert a.shape == b.shape and a.dtype == b.dtype, name
+        errs[name] = _rel(a, b)
+    errs["dscale"] = (g[3] - g_ref[3]).abs().max().item() / _scale_terms(x, fn, base, scale,
+                                                                         eps, dy)
+    return errs
+
+
+def check_enable_point(T, N, C, eps=1e-6):
+    """scale = 0, base = logit(1/n - eps): the fused head returns the stream mean."""
+    x = torch.randn(T, N, C, generator=torch.Generator().manual_seed(5))
+    fn = torch.randn(N, N * C)
+    q = 1.0 / N - eps
+    base = torch.full((N,), math.log(q / (1.0 - q)))
+    y = K.contract_learned(x, fn, base, torch.zeros(1), eps)
+    mean = K.contract_mean(x)
+    # elementwise, in fp32 roundoff units of the terms' size mean_j |x_j|
+    units = ((y - mean).abs() / (x.abs().mean(1) * 2.0**-24)).max().item()
+    return _rel(y, mean), units
+
+
+def _model_grads(model, ids, fused: str):
+    """Logits and gradients with ``fused`` = "all" (every kernel fused), "head" (only the
+    learned head fused) or "none" (reference path)."""
+    from mhc_model.kernels import triton_mhc
+
+    os.environ["MHC_KERNELS"] = "" if fused == "all" else "reference"
+    saved = K.contract_learned
+    if fused == "head":
+        K.contract_learned = lambda *a: triton_mhc.contract_learned(*a)
+    try:
+        model.zero_grad()
+        before = calls["fused"]
+        logits = model(ids)
+        logits.float().square().mean().backward()
+        assert (calls["fused"] > before) == (fused != "none"), fused
+    finally:
+        K.contract_learned = saved
+        os.environ.pop("MHC_KERNELS")
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                             if p.grad is not None}
+
+
+def check_model(fused: str):
+    """Whole HybridModel, learned contract, fp32: logits and every gradient against the
+    reference path, with ``tests/model/test_model_gpu.py``'s whole-model criterion: logits
+    within 1e-4 (abs and rel), each gradient's error over max(its own max, 1e-3 x the
+    model's largest gradient) below 1e-3 (mHC alpha / head gradients are sums of cancelling
+    terms; near the enable point the final norm's gradient is orthogonal to the nearly equal
+    streams, so d pre is itself a cancelling sum)."""
+    from mhc_model import HybridModel
+    from tests.model.helpers import tiny_config, tokens
+
+    torch.manual_seed(0)
+    model = HybridModel(tiny_config("M-*E-", mhc=True, contract="learned"))
+    with torch.no_grad():  # off the enable point, so every head gradient is non-zero
+        model.decoder.hc_head_scale.fill_(0.6)
+        model.decoder.hc_head_base.normal_()
+    ids = tokens()
+    l_ref, g_ref = _model_grads(model, ids, "none")
+    l_fu, g_fu = _model_grads(model, ids, fused)
+    torch.testing.assert_close(l_fu, l_ref, atol=1e-4, rtol=1e-4)
+    top = max(g.abs().max().item() for g in g_ref.values())
+    norm = {n: (g_fu[n] - g_ref[n]).abs().max().item()
+            / max(g_ref[n].abs().max().item(), 1e-3 * top) for n in g_ref}
+    worst = max(norm, key=norm.get)
+    errs = {"logits": _rel(l_fu, l_ref), f"worst grad ({worst})": norm[worst]}
+    errs.update({n: norm[n] for n in g_ref if "hc_head" in n})
+    return errs
+
+
+def main():
+    _patch()
+    bad = []
+    cases = [(77, n, c) for n in (2, 4, 6) for c in (1000, 256)] + [(3001, 4, 256)]
+    for T, N, C in cases:
+        errs = check_head(T, N, C, seed=N * 1000 + C)
+        print(f"T={T} N={N} C={C}: " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+        bad += [(T, N, C, k) for k, v in errs.items() if v > TOL]
+    for N in (2, 4, 6):
+        e, units = check_enable_point(77, N, 256)
+        print(f"enable point N={N}: fused head vs contract_mean rel {e:.2e}, "
+              f"max {units:.1f} x 2^-24 mean_j |x_j|")
+        bad += [("enable", N)] if e > TOL else []
+    for fused in ("head", "all"):
+        errs = check_model(fused)
+        print(f"HybridModel M-*E- learned, {fused} fused (grads: test_model_gpu criterion, "
+              "tol 1e-3): " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+        bad += [("model", fused, k) for k, v in errs.items()
+                if v > (TOL if k == "logits" else 1e-3)]
+    print("FAIL " + str(bad) if bad else f"all within {TOL:.0e}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
