@@ -4,6 +4,9 @@ GPU's; bf16 is checked by ``tests/model/test_head_gpu.py``).
 
     PYTHONPATH=/work/triton_cpu:. TRITON_INTERPRET=1 .venv/bin/python tools/interp_head.py
 
+With ``MHC_MEGATRON_SRC_DEV`` / ``MHC_MEGATRON_SRC_DSV4`` set (``tests/megatron_env.py``) and
+einops on the path, the head is also checked against Megatron's ``learned_output_contract``.
+
 ``mhc_model.kernels.use_triton`` is patched to accept non-empty CPU tensors, so the fused
 path runs on CPU tensors.  Errors: max|a - b| / max|b|; d scale (a scalar summed over T N terms
 of both signs) against sum |dh p r| (as ``test_kernels_gpu._alpha_scales``).  Exits 1 when an
@@ -105,6 +108,29 @@ def check_model(fused: str):
     return errs
 
 
+def check_megatron(branch: str, tree):
+    """Megatron's own ``learned_output_contract`` (the tree's ``hyper_connection.py``) as the
+    oracle, as ``test_head_gpu.test_learned_head_matches_megatron`` on the GPU."""
+    import importlib
+
+    torch.cuda.nvtx.range_push = lambda *a, **k: 0  # CPU: Megatron's nvtx ranges are no-ops
+    torch.cuda.nvtx.range_pop = lambda *a, **k: 0
+    sys.path.insert(0, str(tree))
+    for name in [m for m in sys.modules if m == "megatron" or m.startswith("megatron.")]:
+        del sys.modules[name]
+    with torch._dynamo.config.patch(disable=True):
+        hc = importlib.import_module("megatron.core.transformer.hyper_connection")
+    sys.path.remove(str(tree))
+    T_, N, C = 77, 4, 256
+
+    def theirs(x_TNC, fn, base, scale, eps):
+        y = hc.learned_output_contract(x_TNC.reshape(T_, 1, N * C), fn, base, scale, N, eps)
+        return y.reshape(T_, C)
+
+    return head_errors(T_, N, C, torch.float32, device="cpu", seed=21, eps=1e-5,
+                       reference=theirs)
+
+
 def main():
     _patch()
     bad = []
@@ -127,6 +153,15 @@ def main():
         print(f"enable point N={N}: |head - contract_mean| <= {units:.1f} x 2^-24 mean_j |x_j|"
               " (test bound 16)")
         bad += [("enable", N)] if units > 16 else []
+    from tests.megatron_env import megatron_trees
+
+    for branch, tree in megatron_trees().items():
+        if tree is None or branch == "main":
+            continue  # MHC_MEGATRON_SRC_DEV / _DSV4 (and einops importable) add this check
+        errs = check_megatron(branch, tree)
+        print(f"vs Megatron {branch} learned_output_contract: "
+              + ", ".join(f"{k} {v:.2e}" for k, (v, _) in errs.items()))
+        bad += [(branch, k) for k, (v, tol) in errs.items() if v > tol]
     for fused in ("head", "all"):
         errs = check_model(fused)
         print(f"HybridModel M-*E- learned, {fused} fused (grads: test_model_gpu criterion, "

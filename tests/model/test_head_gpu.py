@@ -24,6 +24,7 @@ from mhc_model import mhc_ref as R
 
 # _exact_fp32_reference: the autouse fixture (no TF32 in the oracle's matmuls), imported to apply
 from tests.model.test_kernels_gpu import _exact_fp32_reference, _tol  # noqa: F401
+from tests.model.test_megatron_hc_parity import megatron  # noqa: F401 (fixture: the oracle)
 
 pytestmark = pytest.mark.gpu
 
@@ -59,15 +60,16 @@ def head_inputs(T_, N, C, dtype, device, seed):
     return [x, fn.requires_grad_(), base.requires_grad_(), scale.requires_grad_()], dy
 
 
-def head_errors(T_, N, C, dtype, device="cuda", seed=0,
-                eps=EPS) -> dict[str, tuple[float, float]]:
-    """{name: (error, tolerance)} of the fused head against the fp32 reference."""
+def head_errors(T_, N, C, dtype, device="cuda", seed=0, eps=EPS,
+                reference=R.contract_learned) -> dict[str, tuple[float, float]]:
+    """{name: (error, tolerance)} of the fused head against ``reference`` (the signature of
+    ``mhc_ref.contract_learned``) run on the inputs upcast to fp32."""
     inputs, dy = head_inputs(T_, N, C, dtype, device, seed)
     assert K.use_triton(*inputs)
     y = K.contract_learned(*inputs, eps)
     got = torch.autograd.grad(y, inputs, dy)
     ref_in = [t.detach().float().requires_grad_() for t in inputs]
-    y_ref = R.contract_learned(*ref_in, eps)
+    y_ref = reference(*ref_in, eps)
     want = torch.autograd.grad(y_ref, ref_in, dy.float())
     errs = {"y": (_rel(y, y_ref.to(dtype)), _tol(y, dtype))}
     for name, a, b, t in zip(("dx", "dfn", "dbase"), got, want, inputs):
@@ -102,6 +104,20 @@ def test_learned_head_many_tokens(dtype):
 def test_learned_head_large_eps(dtype):
     # eps enters twice (RMS, gate offset); at 1e-6 the offset is below the fp32 tolerance of y
     _assert_within(head_errors(77, 4, 256, dtype, seed=9, eps=0.05))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+def test_learned_head_matches_megatron(megatron, dtype):  # noqa: F811 (the imported fixture)
+    """Upstream as the oracle: Megatron's ``learned_output_contract`` (dev / dsv4
+    ``hyper_connection.py``, streams [s, b, n C], eps = layernorm_epsilon) on CUDA."""
+    _, hc, _ = megatron
+    T_, N, C = 77, 4, 256
+
+    def theirs(x_TNC, fn, base, scale, eps):
+        y = hc.learned_output_contract(x_TNC.reshape(T_, 1, N * C), fn, base, scale, N, eps)
+        return y.reshape(T_, C)
+
+    _assert_within(head_errors(T_, N, C, dtype, seed=21, eps=1e-5, reference=theirs))
 
 
 def enable_point_units(N, C, dtype, device="cuda") -> float:
