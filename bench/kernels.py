@@ -19,6 +19,7 @@ from triton.testing import do_bench
 
 from mhc_model import mhc_ref as R
 from mhc_model.kernels import triton_coef, triton_mhc, triton_proj, triton_proj_bwd, triton_stream
+from mhc_model.kernels import triton_head as _head
 
 T, N, C = 8192, 4, 4096
 ITERS = 20
@@ -39,7 +40,11 @@ def _setup(gen):
     W = (torch.randn(K, D, generator=gen, device="cuda") / D**0.5).requires_grad_()
     b = torch.randn(K, generator=gen, device="cuda").requires_grad_()
     al = [torch.tensor([0.5], device="cuda").requires_grad_() for _ in range(3)]
-    return x, W, b, al
+    # the learned head (hc_head_fn [N, D], base [N], scale [1]) off its enable point
+    head = [(torch.randn(N, D, generator=gen, device="cuda") / D**0.5).requires_grad_(),
+            torch.randn(N, generator=gen, device="cuda").requires_grad_(),
+            torch.tensor([0.7], device="cuda").requires_grad_()]
+    return x, W, b, al, head
 
 
 def _kernel_us(fn, reps: int = 5) -> tuple[float, dict[str, float]]:
@@ -90,7 +95,7 @@ def _direction_us(fn, inputs, which: int) -> float:
     return _kernel_us(lambda: torch.autograd.grad(outs, inputs, g, retain_graph=True))[0]
 
 
-def _ops(impl, x, W, b, al, H_pre, H_post, H_res, y, conv="deepseek"):
+def _ops(impl, x, W, b, al, head, H_pre, H_post, H_res, y, conv="deepseek"):
     def coef(x_, W_, b_, a0, a1, a2):
         return impl.coefficients(x_, W_, b_, a0, a1, a2, iters=ITERS, convention=conv)
 
@@ -111,6 +116,10 @@ def _ops(impl, x, W, b, al, H_pre, H_post, H_res, y, conv="deepseek"):
         "aggregate": (impl.aggregate, [x, H_pre], 2 * (N + 1), 2 * (2 * N + 1)),
         "mix_post": (lambda a, c, d, e: impl.mix_post(a, c, d, e, conv), [x, H_res, H_post, y],
                      2 * (2 * N + 1), 2 * (3 * N + 2)),
+        # bytes the op must move: fwd reads nC, writes C; bwd reads nC + C, writes nC (the
+        # fused forward reads x twice: projection, then aggregate)
+        "learned_head": (lambda *a: impl.contract_learned(*a, 1e-6), [x, *head],
+                         2 * (N + 1), 2 * (2 * N + 1)),
     }
 
 
@@ -290,6 +299,7 @@ def _compiled_stats() -> list[str]:
                       (triton_proj, "_proj_fwd_tma_kernel"),
                       (triton_proj_bwd, "_finalize_kernel"),
                       (triton_coef, "_coef_fwd_kernel"),
+                      (_head, "_head_fwd_kernel"), (_head, "_head_bwd_kernel"),
                       (triton_stream, "_mix_bwd_kernel"), (triton_stream, "_mix_fwd_kernel"),
                       (triton_stream, "_agg_bwd_kernel"), (triton_stream, "_agg_fwd_kernel")):
         fn = getattr(mod, name)
@@ -318,7 +328,7 @@ def main():
     args = ap.parse_args()
     torch.backends.cuda.matmul.allow_tf32 = False
     gen = torch.Generator(device="cuda").manual_seed(0)
-    x, W, b, al = _setup(gen)
+    x, W, b, al, head = _setup(gen)
     with torch.no_grad():
         H_pre, H_post, H_res = triton_mhc.coefficients(x, W, b, *al, iters=ITERS,
                                                        convention="deepseek")
@@ -337,8 +347,8 @@ def main():
              "fwd / copy | bwd µs bench | bwd µs kern | bwd bytes/tok (C) | bwd GB/s | "
              "bwd / copy |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    tri = _ops(triton_mhc, x, W, b, al, H_pre, H_post, H_res, y)
-    ref = _ops(R, x, W, b, al, H_pre, H_post, H_res, y)
+    tri = _ops(triton_mhc, x, W, b, al, head, H_pre, H_post, H_res, y)
+    ref = _ops(R, x, W, b, al, head, H_pre, H_post, H_res, y)
     breakdown = []
     for op in (args.ops.split(",") if args.ops else tri):
         for impl, ops in (("triton", tri), ("eager ref", ref)):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mhc_model import kernels, mhc_ref, recompute
+from mhc_model import kernels, recompute
 from mhc_model.config import HybridConfig
 from mhc_model.conventions import convention
 from mhc_model.hyper_connection import (
@@ -155,7 +155,7 @@ def contract(module: nn.Module, cfg: HybridConfig, x_SBNC: Tensor) -> Tensor:
     S, B, n, C = x_SBNC.shape
     x_TNC = x_SBNC.reshape(S * B, n, C)
     if cfg.mhc.mhc_output_contract == "learned":
-        h_TC = mhc_ref.contract_learned(x_TNC, module.hc_head_fn, module.hc_head_base,
+        h_TC = kernels.contract_learned(x_TNC, module.hc_head_fn, module.hc_head_base,
                                         module.hc_head_scale, head_eps(cfg))
     else:
         h_TC = kernels.contract_mean(x_TNC)

@@ -1,7 +1,7 @@
 """mHC per-layer math with a fused Triton path and the reference fallback.
 
-``coefficients``, ``aggregate`` and ``mix_post`` have exactly the signatures of
-``mhc_model.mhc_ref``; ``site_pre`` / ``site_post`` are one whole site (coefficients +
+``coefficients``, ``aggregate``, ``mix_post``, ``expand`` and the contracts have exactly the
+signatures of ``mhc_model.mhc_ref``; ``site_pre`` / ``site_post`` are one whole site (coefficients +
 aggregate, then the mix) whose fused backward writes the stream gradient once (see
 ``triton_site``), and on the reference path are exactly those three functions.  The Triton
 kernels run when triton imports, every tensor argument is on CUDA and the environment
@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - depends on the machine
     _triton = None
 
 __all__ = ["coefficients", "aggregate", "mix_post", "site_pre", "site_post", "expand",
-           "contract_mean", "triton_available", "use_triton"]
+           "contract_mean", "contract_learned", "triton_available", "use_triton"]
 
 
 def triton_available() -> bool:
@@ -73,6 +73,13 @@ def contract_mean(x_TNC: Tensor) -> Tensor:
     """Mean of the streams [T, C] in the stream dtype, as ``mhc_ref.contract_mean``."""
     impl = _triton if use_triton(x_TNC) else mhc_ref
     return impl.contract_mean(x_TNC)
+
+
+def contract_learned(x_TNC: Tensor, fn_ND: Tensor, base_N: Tensor, scale_1: Tensor,
+                     eps: float = 1e-6) -> Tensor:
+    """Learned contract (DeepSeek-V4 "hc_head") [T, C], as ``mhc_ref.contract_learned``."""
+    impl = _triton if use_triton(x_TNC, fn_ND, base_N, scale_1) else mhc_ref
+    return impl.contract_learned(x_TNC, fn_ND, base_N, scale_1, eps)
 
 
 def mix_post(

@@ -39,8 +39,8 @@ import triton.language as tl
 
 from mhc_model.conventions import convention
 from mhc_model.kernels.triton_epi import _rms, coef_epi_block, coef_index, gate_logits
-from mhc_model.kernels.triton_proj import CONFIG, _pow2, _sm_count, proj_forward
-from mhc_model.kernels.triton_proj_bwd import _finalize_kernel, proj_backward
+from mhc_model.kernels.triton_proj import CONFIG, _pow2, proj_forward
+from mhc_model.kernels.triton_proj_bwd import bwd_finish, bwd_work
 from mhc_model.kernels.triton_sinkhorn import sinkhorn_bwd
 
 
@@ -182,45 +182,22 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
     BT, cwarps = CONFIG["coef_bwd"]
     G = triton.cdiv(T, BT)
     agg, extra = du_TC is not None, dx_extra is not None
-    tile = CONFIG["proj_bwd_site" if agg or extra else "proj_bwd"]
-    BTb, BD, _, _, _, waves = tile
-    if agg and C % BD:
-        raise ValueError(f"C = {C} is not a multiple of the tile {BD}: see agg_fold_ok")
-    n_d = triton.cdiv(D, BD)
-    n_t = triton.cdiv(T, BTb)
-    S = max(1, min(n_t, round(waves * _sm_count(dev) / n_d)))
-    t_per_split = triton.cdiv(n_t, S) * BTb
-    S = triton.cdiv(T, t_per_split)
-    final = S == 1
-    dW = torch.empty((K, D), dtype=w_KD.dtype, device=dev)
-    dbias = torch.empty((K,), dtype=bias.dtype, device=dev)
-    dalpha = torch.empty((4,), dtype=f32, device=dev)
-    presplit = bf16 and CONFIG["proj_bwd_presplit"]
-    # one fp32 workspace: dproj (bf16 pair or fp32) | dW partials (S > 1) | Sinkhorn
-    # history | coef | dbias / dalpha partials
-    sizes = (T * KP, 0 if final else S * K * D, G * 2 * iters * BT * NP * NP, T, G * KP,
-             G * 4)
-    ws = torch.empty(sum(sizes), dtype=f32, device=dev)
-    dproj, dw_part, hist, coef, dbias_part, dalpha_part = ws.split(sizes)
-    if presplit:
-        dproj = dproj.view(torch.bfloat16)  # [2, T, KP] bf16 in the same bytes
-    if final:
-        dw_part = dW
+    work = bwd_work(T, D, K, KP, G, site=agg or extra, bf16=bf16, w_dtype=w_KD.dtype,
+                    device=dev, extra=G * 2 * iters * BT * NP * NP)  # extra: Sinkhorn history
+    if agg and C % work.tile[1]:
+        raise ValueError(f"C = {C} is not a multiple of the tile {work.tile[1]}: see agg_fold_ok")
     _coef_bwd_kernel[(G,)](dH_pre, dH_post, dH_res, proj, bias, a_pre, a_post, a_res,
-                           hist, dproj, coef, dbias_part, dalpha_part, T, D, eps,
+                           work.extra, work.dproj, work.coef, work.dbias_part,
+                           work.dalpha_part, T, D, eps,
                            N=N, NP=NP, K=K, KP=KP, BT=BT, ITERS=iters,
                            SINKHORN_SOFTMAX=f["SINKHORN_SOFTMAX"],
-                           RMS_INV_NORM=f["RMS_INV_NORM"], DP_SPLIT=presplit,
+                           RMS_INV_NORM=f["RMS_INV_NORM"], DP_SPLIT=work.presplit,
                            num_warps=cwarps)
     # the mix's dx (ours, contiguous [T, D]) is overwritten in place: one nC buffer fewer
     dx_TD = dx_extra if extra else torch.empty_like(x_TD)
-    proj_backward(x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC if agg else None,
-                  H_pre if agg else None, dx_extra, C=C, N=N, K=K, KP=KP, bf16=bf16,
-                  presplit=presplit, tile=tile, t_per_split=t_per_split, S=S)
-    BLOCK, BG, fwarps = CONFIG["finalize"]
-    _finalize_kernel[(1 + (0 if final else triton.cdiv(K * D, BLOCK)),)](
-        dw_part, dW, dbias_part, dbias, dalpha_part, dalpha, S, K * D, G,
-        K=K, KP=KP, BLOCK=BLOCK, BG=BG, num_warps=fwarps)
+    dW, dbias, dalpha = bwd_finish(work, x_TD, w_KD, bias.dtype, dx_TD,
+                                   du_TC if agg else None, H_pre if agg else None, dx_extra,
+                                   C=C, N=N, K=K, KP=KP, bf16=bf16)
     da = [dalpha[i:i + 1].view(a.shape) if a.dtype == f32 and a.numel() == 1
           else dalpha[i].reshape(a.shape).to(a.dtype)
           for i, a in enumerate((a_pre, a_post, a_res))]

@@ -3,7 +3,8 @@
 Kernels and autograd Functions live in ``triton_coef`` (Eq. 14-19: projection, RMS,
 gates, Sinkhorn; projection kernels in ``triton_proj``), ``triton_sinkhorn`` (register-tile
 Sinkhorn fwd/bwd), ``triton_stream`` (aggregate F_pre and mix+post F_post,res) and
-``triton_site`` (one site whose backward writes the stream gradient once).  Import requires
+``triton_site`` (one site whose backward writes the stream gradient once) and ``triton_head``
+(the learned output contract, DeepSeek-V4 "hc_head").  Import requires
 triton; use the dispatching ``mhc_model.kernels`` package instead of importing this module directly.
 """
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from mhc_model.conventions import Convention
 from mhc_model.conventions import convention as convention_record
 from mhc_model.kernels.triton_coef import Coefficients
+from mhc_model.kernels.triton_head import LearnedHead
 from mhc_model.kernels.triton_site import SiteLink, SitePost, SitePre
 from mhc_model.kernels.triton_stream import Aggregate, ContractMean, ExpandStreams, MixPost
 
@@ -42,6 +44,13 @@ def expand(h_TC: Tensor, n: int) -> Tensor:
 def contract_mean(x_TNC: Tensor) -> Tensor:
     """Mean of the streams in one pass, as ``mhc_ref.contract_mean`` (no fp32 copy of x)."""
     return ContractMean.apply(x_TNC)
+
+
+def contract_learned(x_TNC: Tensor, fn_ND: Tensor, base_N: Tensor, scale_1: Tensor,
+                     eps: float = 1e-6) -> Tensor:
+    """Learned contract [T, C] in the stream dtype, as ``mhc_ref.contract_learned`` (no fp32
+    copy of x kept for backward)."""
+    return LearnedHead.apply(x_TNC, fn_ND, base_N, scale_1, float(eps))
 
 
 def mix_post(x_TNC: Tensor, H_res_TNN: Tensor, H_post_TN: Tensor, y_TC: Tensor,

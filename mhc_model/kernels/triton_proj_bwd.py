@@ -10,16 +10,22 @@
                             descriptors (Hopper), loads and the dx store.
   ``_finalize_kernel``      fixed-order sums of the dW / d bias / d alpha partials.
 
-``proj_backward`` picks the kernel and launches it; ``triton_coef.coef_backward`` orders the
-whole backward.  Forward kernels and the tunables (``CONFIG``) live in ``triton_proj``.
+``proj_backward`` picks the kernel and launches it; ``bwd_work`` plans the T split and
+allocates the workspace that a gate backward (``triton_coef._coef_bwd_kernel``,
+``triton_head._head_bwd_kernel``) fills before ``bwd_finish`` launches (4) and (5).
+``triton_coef.coef_backward`` orders the whole coefficient backward.  Forward kernels and the
+tunables (``CONFIG``) live in ``triton_proj``.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
+import torch
 import triton
 import triton.language as tl
 
-from mhc_model.kernels.triton_proj import CONFIG, _tma_ok
+from mhc_model.kernels.triton_proj import CONFIG, _sm_count, _tma_ok
 
 
 @triton.jit
@@ -242,3 +248,60 @@ def proj_backward(x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC, H_pre, dx_extr
         H_pre if agg else coef, dx_extra if extra else x_TD, T, D, C, N, t_per_split,
         K=K, KP=KP, BT=BT, BD=BD, SPLIT_BF16=bf16, PRESPLIT=presplit, DW_T=dw_t, AGG=agg,
         EXTRA=extra, num_warps=warps, num_stages=stages)
+
+
+class BwdWork(NamedTuple):
+    """The projection backward's T split and its one fp32 workspace (``bwd_work``)."""
+
+    tile: tuple  # CONFIG["proj_bwd"] or CONFIG["proj_bwd_site"]
+    S: int  # T splits (dW partials); 1: the kernel writes dW itself
+    t_per_split: int
+    G: int  # programs of the gate backward (rows of the d bias / d alpha partials)
+    presplit: bool  # dproj is the bf16 (hi, lo) pair [2, T, KP]
+    dproj: torch.Tensor  # [T, KP] fp32, or the pair in the same bytes
+    dw_part: torch.Tensor  # [S, K, D] fp32 partials, or dW when S == 1
+    coef: torch.Tensor  # [T] RMS chain coefficient
+    dbias_part: torch.Tensor  # [G, KP]
+    dalpha_part: torch.Tensor  # [G, 4]
+    extra: torch.Tensor  # caller's scratch (the coefficient backward's Sinkhorn history)
+    dW: torch.Tensor  # [K, D] in the weight dtype
+
+
+def bwd_work(T, D, K, KP, G, *, site, bf16, w_dtype, device, extra=0) -> BwdWork:
+    """T split of the projection backward (``CONFIG["proj_bwd_site"]`` when the site's AGG /
+    EXTRA operands go in, ``"proj_bwd"`` otherwise; ``waves`` programs per SM) and one fp32
+    workspace: dproj | dW partials (S > 1) | coef | d bias / d alpha partials | extra."""
+    tile = CONFIG["proj_bwd_site" if site else "proj_bwd"]
+    BT, BD, _, _, _, waves = tile
+    n_d = triton.cdiv(D, BD)
+    n_t = triton.cdiv(T, BT)
+    S = max(1, min(n_t, round(waves * _sm_count(device) / n_d)))
+    t_per_split = triton.cdiv(n_t, S) * BT
+    S = triton.cdiv(T, t_per_split)
+    dW = torch.empty((K, D), dtype=w_dtype, device=device)
+    presplit = bf16 and CONFIG["proj_bwd_presplit"]
+    sizes = (T * KP, 0 if S == 1 else S * K * D, T, G * KP, G * 4, extra)
+    ws = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+    dproj, dw_part, coef, dbias_part, dalpha_part, extra_ws = ws.split(sizes)
+    if presplit:
+        dproj = dproj.view(torch.bfloat16)  # [2, T, KP] bf16 in the same bytes
+    return BwdWork(tile, S, t_per_split, G, presplit, dproj, dW if S == 1 else dw_part, coef,
+                   dbias_part, dalpha_part, extra_ws, dW)
+
+
+def bwd_finish(work: BwdWork, x_TD, w_KD, bias_dtype, dx_TD, du_TC, H_pre, dx_extra, *,
+               C, N, K, KP, bf16):
+    """Launches (4) and (5) once the gate backward has filled ``work``'s dproj, coef and
+    partials.  Returns (dW in the weight dtype, d bias [K] in ``bias_dtype``, d alpha [4]
+    fp32: lanes 0-2 the sums of the gate backward's d alpha partials)."""
+    proj_backward(x_TD, w_KD, work.dproj, work.coef, dx_TD, work.dw_part, du_TC, H_pre,
+                  dx_extra, C=C, N=N, K=K, KP=KP, bf16=bf16, presplit=work.presplit,
+                  tile=work.tile, t_per_split=work.t_per_split, S=work.S)
+    D = x_TD.shape[1]
+    dbias = torch.empty((K,), dtype=bias_dtype, device=x_TD.device)
+    dalpha = torch.empty((4,), dtype=torch.float32, device=x_TD.device)
+    BLOCK, BG, warps = CONFIG["finalize"]
+    _finalize_kernel[(1 + (0 if work.S == 1 else triton.cdiv(K * D, BLOCK)),)](
+        work.dw_part, work.dW, work.dbias_part, dbias, work.dalpha_part, dalpha, work.S,
+        K * D, work.G, K=K, KP=KP, BLOCK=BLOCK, BG=BG, num_warps=warps)
+    return work.dW, dbias, dalpha

@@ -229,3 +229,46 @@ def test_site_pre_reference_path_refuses_recompute_links():
     assert link is None and u.shape == (T, C)
     with pytest.raises(ValueError, match="fused path"):
         kernels.site_pre(*args, iters=3, convention="deepseek", streams=lambda: args[0])
+
+
+def test_contract_learned_dispatch_is_the_reference_off_cuda():
+    """``kernels.contract_learned`` on CPU tensors is ``mhc_ref.contract_learned``: same values
+    and gradients, bitwise."""
+    from mhc_model import kernels
+
+    g = torch.Generator().manual_seed(0)
+    T, n, C = 5, 4, 8
+    ins = [torch.randn(T, n, C, generator=g), torch.randn(n, n * C, generator=g),
+           torch.randn(n, generator=g), torch.tensor([0.7])]
+    ins = [t.requires_grad_() for t in ins]
+    assert not kernels.use_triton(*ins)
+    got = kernels.contract_learned(*ins, 1e-5)
+    want = mhc_ref.contract_learned(*ins, 1e-5)
+    assert torch.equal(got, want)
+    dy = torch.randn(T, C, generator=g)
+    for a, b in zip(torch.autograd.grad(got, ins, dy), torch.autograd.grad(want, ins, dy)):
+        assert torch.equal(a, b)
+
+
+def test_stack_contract_runs_the_dispatched_learned_head(monkeypatch):
+    """The model's learned contract goes through ``kernels.contract_learned`` (the fused head on
+    CUDA) with the decoder's head parameters and the convention's head eps."""
+    from mhc_model import HybridModel, kernels
+    from mhc_model.hyper_connection import head_eps
+    from tests.model.helpers import tiny_config, tokens
+
+    cfg = tiny_config("-", mhc=True, contract="learned")
+    model = HybridModel(cfg)
+    seen = []
+
+    def spy(x, fn, base, scale, eps):
+        seen.append((fn, base, scale, eps))
+        return mhc_ref.contract_learned(x, fn, base, scale, eps)
+
+    monkeypatch.setattr(kernels, "contract_learned", spy)
+    model(tokens())
+    d = model.decoder
+    assert len(seen) == 1
+    fn, base, scale, eps = seen[0]
+    assert fn is d.hc_head_fn and base is d.hc_head_base and scale is d.hc_head_scale
+    assert eps == head_eps(cfg)
