@@ -44,7 +44,8 @@ def _held(node) -> Iterator[Tensor]:
                 continue
     if hasattr(node, "saved_tensors"):  # custom autograd Function (the node is its ctx)
         with contextlib.suppress(RuntimeError):  # freed by an earlier backward
-            yield from node.saved_tensors
+            # None entries: optional inputs a Function saved (mamba-ssm's SSD scan does)
+            yield from _flat(node.saved_tensors, 0)
         for name, v in vars(node).items() if hasattr(node, "__dict__") else ():
             if not name.startswith("_"):
                 yield from _flat(v, 1)

@@ -37,11 +37,12 @@ class _Keep:
 
 
 class _Hold(torch.autograd.Function):
-    """Keeps one tensor through save_for_backward and another on an object of its ctx."""
+    """Keeps one tensor (and a None) through save_for_backward and another on an object of its
+    ctx."""
 
     @staticmethod
     def forward(ctx, a, b):
-        ctx.save_for_backward(a)
+        ctx.save_for_backward(a, None)  # an optional input that was not given
         ctx.keep = _Keep(b)
         return a * 1.0
 
