@@ -209,10 +209,13 @@ class DirectStream:
             self._release(i, error)
 
     def _write(self, data: memoryview, offset: int) -> None:
+        # read before the write: the other writer may turn O_DIRECT off while this write is
+        # already refused under it (then this one is retried too, not raised)
+        direct = self._direct
         try:
             _pwrite_all(self.fd, data, offset)
         except OSError as e:
-            if e.errno != errno.EINVAL or not self._direct:
+            if e.errno != errno.EINVAL or not direct:
                 raise
             with self._cv:  # the filesystem took O_DIRECT but not this write: page cache
                 self._buffered()

@@ -99,6 +99,31 @@ def test_einval_under_o_direct_falls_back_to_the_page_cache(tmp_path, small_buff
     assert digest == hashlib.sha256(data).hexdigest()
 
 
+def test_einval_racing_the_other_writers_fallback_is_retried(tmp_path, monkeypatch):
+    """Two writers: one write is refused under O_DIRECT while the other writer has already
+    switched the file to the page cache; it is retried there, not raised (this race failed
+    test_einval_under_o_direct_falls_back_to_the_page_cache about one run in two)."""
+    real = os.pwrite
+    fd = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        assert directio.try_direct(fd)
+        stream = directio.DirectStream(fd)
+        data = random.Random(2).randbytes(directio.ALIGN)
+
+        def refused_while_the_other_falls_back(fd_, buf, offset):
+            if fcntl.fcntl(fd_, fcntl.F_GETFL) & os.O_DIRECT:
+                stream._buffered()  # the other writer's fallback, between write and check
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real(fd_, buf, offset)
+
+        monkeypatch.setattr(os, "pwrite", refused_while_the_other_falls_back)
+        stream._write(memoryview(data), 0)
+        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
 def test_writer_thread_error_is_raised_and_threads_stop(tmp_path, small_buffers, monkeypatch):
     calls = []
     real = os.pwrite
