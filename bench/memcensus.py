@@ -2,8 +2,9 @@
 
 Walks every node reachable from ``root.grad_fn`` and counts the storages its backward holds:
 built-in nodes' ``_saved_*`` tensors, custom Functions' ``saved_tensors`` and the tensors their
-ctx attributes reach one object deep (``triton_site.SiteLink``, ``recompute.BlockCache``: the
-streams a recompute block keeps outside ``save_for_backward``).  Every storage is counted once,
+ctx attributes reach two objects deep, through closures and bound methods too (ctx ->
+``triton_site.SiteLink`` -> its ``streams`` closure -> ``recompute.BlockCache``: the streams a
+recompute block keeps outside ``save_for_backward``).  Every storage is counted once,
 whole (a view keeps its whole base alive), under the first node that holds it in graph order
 from the root; parameters are left out (they are not activations).  ``bench/overhead.py``
 prints it per token for mHC off, ours fused and fused + recompute next to the floor of
@@ -28,8 +29,15 @@ def _flat(v, depth: int) -> Iterator[Tensor]:
     elif isinstance(v, dict):
         for u in v.values():
             yield from _flat(u, depth)
-    elif depth > 0 and not isinstance(v, (nn.Module, str, bytes, int, float, bool, type(None))):
-        # one object deep: a link / cache object's own tensors (not modules' parameters)
+    elif isinstance(v, (nn.Module, str, bytes, int, float, bool, type(None))):
+        return  # modules hold parameters, not activations
+    elif hasattr(v, "__self__") and callable(v):  # a bound method: its object
+        yield from _flat(v.__self__, depth)
+    elif getattr(v, "__closure__", None):  # a closure: what it captured
+        for cell in v.__closure__:
+            yield from _flat(cell.cell_contents, depth)
+    elif depth > 0:
+        # an object (link, cache): its own attributes, one level further down
         names = list(getattr(v, "__dict__", {})) + list(getattr(type(v), "__slots__", ()))
         for name in names:
             yield from _flat(getattr(v, name, None), depth - 1)
@@ -48,7 +56,8 @@ def _held(node) -> Iterator[Tensor]:
             yield from _flat(node.saved_tensors, 0)
         for name, v in vars(node).items() if hasattr(node, "__dict__") else ():
             if not name.startswith("_"):
-                yield from _flat(v, 1)
+                # ctx -> SiteLink -> its ``streams`` closure -> BlockCache -> the block input
+                yield from _flat(v, 2)
 
 
 def saved_census(root: Tensor, params: Iterable[Tensor] = ()) -> dict[str, int]:

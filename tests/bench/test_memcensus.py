@@ -75,3 +75,38 @@ def test_model_census_orders_off_fused_and_recompute():
     assert totals["off"] < totals["rc"] < totals["on"]
     line = memcensus.describe({"off": {"A": 10}, "on": {"A": 10, "B": 22}}, 2)
     assert line == "off 5 B/token; on 16 B/token (B +11)"
+
+
+class _Cache:
+    def __init__(self, t):
+        self.t = t
+
+    def get(self):
+        return self.t
+
+
+class _Link:
+    __slots__ = ("streams", "done")
+
+    def __init__(self, streams, done):
+        self.streams, self.done = streams, done
+
+
+class _Recompute(torch.autograd.Function):
+    """Holds a tensor only through a closure and a bound method on a slotted link object, as
+    the fused site's recompute link holds its block cache."""
+
+    @staticmethod
+    def forward(ctx, a, cache):
+        ctx.link = _Link(lambda: cache.get(), cache.get)
+        return a * 1.0
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def test_tensors_behind_closures_and_bound_methods_count():
+    a = torch.randn(3, requires_grad=True)
+    cache = _Cache(torch.randn(6))
+    assert memcensus.saved_census(_Recompute.apply(a, cache).sum()) == {"_RecomputeBackward": 24}
