@@ -37,13 +37,13 @@ class _Keep:
 
 
 class _Hold(torch.autograd.Function):
-    """Keeps one tensor (and a None) through save_for_backward and another on an object of its
-    ctx."""
+    """Saves its input (and a None) through save_for_backward; ``attach(ctx)`` hangs further
+    tensors on ctx the way the site Functions do (objects, slotted links, closures)."""
 
     @staticmethod
-    def forward(ctx, a, b):
+    def forward(ctx, a, attach):
         ctx.save_for_backward(a, None)  # an optional input that was not given
-        ctx.keep = _Keep(b)
+        attach(ctx)
         return a * 1.0
 
     @staticmethod
@@ -54,7 +54,11 @@ class _Hold(torch.autograd.Function):
 def test_custom_function_saved_tensors_and_ctx_objects():
     a = torch.randn(3, requires_grad=True)
     b = torch.randn(10)
-    out = memcensus.saved_census(_Hold.apply(a, b).sum())
+
+    def keep(ctx):
+        ctx.keep = _Keep(b)
+
+    out = memcensus.saved_census(_Hold.apply(a, keep).sum())
     assert out == {"_HoldBackward": 3 * 4 + 10 * 4}
 
 
@@ -92,21 +96,11 @@ class _Link:
         self.streams, self.done = streams, done
 
 
-class _Recompute(torch.autograd.Function):
-    """Holds a tensor only through a closure and a bound method on a slotted link object, as
-    the fused site's recompute link holds its block cache."""
-
-    @staticmethod
-    def forward(ctx, a, cache):
-        ctx.link = _Link(lambda: cache.get(), cache.get)
-        return a * 1.0
-
-    @staticmethod
-    def backward(ctx, g):
-        return g, None
-
-
 def test_tensors_behind_closures_and_bound_methods_count():
     a = torch.randn(3, requires_grad=True)
     cache = _Cache(torch.randn(6))
-    assert memcensus.saved_census(_Recompute.apply(a, cache).sum()) == {"_RecomputeBackward": 24}
+
+    def link(ctx):  # as the fused site's recompute link reaches its block cache
+        ctx.link = _Link(lambda: cache.get(), cache.get)
+
+    assert memcensus.saved_census(_Hold.apply(a, link).sum()) == {"_HoldBackward": 3 * 4 + 24}
