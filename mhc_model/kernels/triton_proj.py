@@ -25,6 +25,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # host-side TMA descriptors (Triton >= 3.4); without them the plain kernels run
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - depends on the Triton version
+    TensorDescriptor = None
+
 # Tunables (the bench may override them).
 #   proj_fwd: (BT, BD, warps, stages); waves: D-split target in programs per SM.
 #   proj_bwd: (BT, BD, warps, stages, DW_T, waves).  DW_T computes dW^T = x^T @ dproj so
@@ -187,7 +192,8 @@ def _pow2(v: int) -> int:
 
 def _tma_ok(x_TD) -> bool:
     # TMA: 16-byte aligned base and row stride (D bf16 elements: D % 8 == 0)
-    return x_TD.data_ptr() % 16 == 0 and x_TD.shape[1] % 8 == 0
+    return (TensorDescriptor is not None and x_TD.data_ptr() % 16 == 0
+            and x_TD.shape[1] % 8 == 0)
 
 
 def proj_forward(x_TD, w_KD, K, KP, bf16):
@@ -205,8 +211,6 @@ def proj_forward(x_TD, w_KD, K, KP, bf16):
     part = torch.empty((S, T, KP), dtype=torch.float32, device=x_TD.device)
     w = split_weight(w_KD, KP) if bf16 else w_KD
     if tma:
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         x_desc = TensorDescriptor.from_tensor(x_TD, [BT, BD])
         w_desc = TensorDescriptor.from_tensor(w.view(2 * KP, D), [KP, BD])
         _proj_fwd_tma_kernel[(n_t, S)](x_desc, w_desc, part, T, d_per_split, K=K, KP=KP,

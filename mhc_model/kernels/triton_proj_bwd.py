@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mhc_model.kernels.triton_proj import CONFIG, _sm_count, _tma_ok
+from mhc_model.kernels.triton_proj import CONFIG, TensorDescriptor, _sm_count, _tma_ok
 
 
 @triton.jit
@@ -230,8 +230,6 @@ def proj_backward(x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC, H_pre, dx_extr
     if (CONFIG["proj_bwd_site_tma" if agg or extra else "proj_bwd_tma"] and bf16 and presplit
             and dw_t
             and all(_tma_ok(t) for t in operands)):
-        from triton.tools.tensor_descriptor import TensorDescriptor
-
         def desc(t):
             return TensorDescriptor.from_tensor(t, [BT, BD])
 
