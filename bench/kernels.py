@@ -149,12 +149,16 @@ _PBS = ([{"proj_bwd_site": c} for c in
         + [{"proj_bwd_site_tma": True, "proj_bwd_site": c} for c in
            [(64, 64, 4, 3, True, 4), (64, 64, 4, 3, True, 8)]])
 _MIX = [{"mix_bwd": c} for c in [(16384, 4), (8192, 2)]]
-# coefficient forward, split over D: waves and tiles, TMA descriptors and plain loads; the
-# epilogue's (token block, warps). Two one-launch forms were dropped (H200, 2026-12-01): the
-# projection + epilogue per token block over the whole of D (131-405 µs against 114) and the
-# epilogue run by each token block's last split (164-193 µs against 99-101).
-_CF = ([{"waves": 8}, {"proj_fwd_tma_tile": (128, 128, 4, 3)}, {"proj_fwd_tma": False}]
-       + [{"coef_fwd": c} for c in [(4, 1), (16, 1), (64, 4)]])
+# coefficient forward, split over D: tiles (with the programs per SM that set the split), TMA
+# descriptors and plain loads; the epilogue's (token block, warps). Dropped on the H200
+# (2026-12-01; kernels_sweeps_h200.md): two one-launch forms (the projection + epilogue per
+# token block over the whole of D, 104-405 µs against 81-114; the epilogue run by each token
+# block's last split, 164-193 against 99-101), the weight split per tile in registers
+# (95.5 against 73.7 µs), the weight pair read unpadded (3-d TMA blocks: no gain).
+_CF = ([{"proj_fwd_tma_tile": c} for c in
+        [(64, 128, 4, 3, 2), (64, 128, 4, 4, 2), (128, 128, 8, 3, 8)]]
+       + [{"proj_fwd_tma": False}]
+       + [{"coef_fwd": c} for c in [(8, 1), (32, 2)]])
 _PBC = [{"proj_bwd": c} for c in
         [(64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 4), (64, 128, 4, 4, True, 2),
          (64, 128, 4, 3, True, 1)]]

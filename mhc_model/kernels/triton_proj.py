@@ -31,7 +31,9 @@ except ImportError:  # pragma: no cover - depends on the Triton version
     TensorDescriptor = None
 
 # Tunables (the bench may override them).
-#   proj_fwd: (BT, BD, warps, stages); waves: D-split target in programs per SM.
+#   proj_fwd (plain loads) / proj_fwd_tma_tile (TMA): (BT, BD, warps, stages, per_sm); the D
+#     split gives per_sm programs per SM in all (rounded down: one full wave, no ragged
+#     second one; ``proj_split``).
 #   proj_bwd: (BT, BD, warps, stages, DW_T, waves).  DW_T computes dW^T = x^T @ dproj so
 #     every dot has M >= 64 (Hopper wgmma); waves: T-split target in programs per SM.
 #   proj_bwd_presplit: dproj goes to the projection backward as a bf16 (hi, lo) pair
@@ -39,14 +41,17 @@ except ImportError:  # pragma: no cover - depends on the Triton version
 #   *_tma: bf16 streams read (and dx written) through TMA descriptors where the operands
 #     allow it (16-byte aligned rows), else plain loads.
 #   coef_fwd / coef_bwd: (BT, warps) of the coefficient epilogue / its backward.
+#   split_w_block: D columns per program of ``split_weight``.
 #   finalize: (BLOCK of dW elements, BG rows of partials per step, warps).
 CONFIG = {
-    "proj_fwd": (128, 128, 8, 3),
-    "waves": 8,  # H200 sweep 2026-12-01: 111 us at 8 vs 119 at 1 (wave quantisation, 132 SMs)
-    # ``_proj_fwd_tma_kernel``: H200 2026-12-01, coefficient forward 98.9 vs 101.3 us
+    # H200 sweep 2026-12-01: 111 us at 8 programs per SM vs 119 at 1 (BT 128, 8 warps)
+    "proj_fwd": (128, 128, 8, 3, 8),
+    # ``_proj_fwd_tma_kernel``, H200 sweeps 2026-12-01 (bench/results/kernels_sweeps_h200.md,
+    # run 8): 64 x 128 tiles, 4 warps, 3 stages (96 KB: two programs per SM), D split 2 at
+    # T 8192: projection 69-70 us against 79-81 at (128, 128, 8 warps, 3 stages, split 16)
     "proj_fwd_tma": True,
-    "proj_fwd_tma_tile": (128, 128, 8, 3),
-    # waves 2 / 4: 167 / 170 us with TMA (204.8 / 199.0 plain loads)
+    "proj_fwd_tma_tile": (64, 128, 4, 3, 2),
+    "split_w_block": 128,  # 1.9 vs 2.2 us at 256 (D 16384)
     "proj_bwd": (64, 128, 4, 3, True, 2),
     "proj_bwd_presplit": True,
     # ``triton_proj_bwd._proj_bwd_tma_kernel``: H200 2026-12-01, coefficient backward 167 vs
@@ -57,9 +62,9 @@ CONFIG = {
     # spill at BT 64, BD 128, 4 warps (255 registers, 110 spills, 1104 us); H200 sweeps
     # 2026-12-01: 628 / 630 us at (64, 64, 4) (214 registers) vs 637 / 640 at (32, 64, 4)
     "proj_bwd_site": (64, 64, 4, 3, True, 4),
-    # H200 sweep 2026-12-01: coefficient forward 91.3 us at (8, 1) vs 94.5 at (16, 1), 98.5
-    # at (64, 4): many one-warp programs hide the serial Sinkhorn iterations' latency
-    "coef_fwd": (8, 1),
+    # one-warp programs hide the serial Sinkhorn iterations' latency; H200 2026-12-01 with
+    # the D split 2 forward: 4.4-4.6 us at (16, 1) vs 4.9-5.2 at (8, 1), 7.2 at (16, 2)
+    "coef_fwd": (16, 1),
     "coef_bwd": (8, 1),  # same sweep: 196 us vs 203 at (16, 2) (coefficient backward)
     "finalize": (2048, 256, 8),
 }
@@ -83,7 +88,7 @@ def split_weight(w_KD, KP: int):
     """[2, KP, D] bf16 (hi, lo) of the fp32 weight, zero-padded to KP rows (one launch)."""
     K, D = w_KD.shape
     out = torch.empty((2, KP, D), dtype=torch.bfloat16, device=w_KD.device)
-    BD = 256
+    BD = CONFIG["split_w_block"]
     _split_w_kernel[(triton.cdiv(D, BD),)](w_KD, out, D, K=K, KP=KP, BD=BD, num_warps=4)
     return out
 
@@ -153,23 +158,25 @@ def _proj_fwd_tma_kernel(x_desc, w_desc, part_ptr, T, d_per_split,
     """``_proj_fwd_kernel`` for bf16 streams with x and the (hi, lo) weight pair read through
     TMA descriptors (Hopper): the copy engine fills shared memory, no per-thread address
     math or masks; out-of-range rows / columns read as 0, which adds nothing to either the
-    projection or the sum of squares."""
+    projection or the sum of squares.  The squares are summed elementwise into a [BT, BD]
+    tile and reduced over BD once at the end (reduced per tile: 74.5 vs 70.0 us on the
+    H200, 2026-12-01)."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     t0 = pid_t * BT
     d_start = pid_s * d_per_split
     offs_k = tl.arange(0, KP)
     acc = tl.zeros((BT, KP), tl.float32)
-    ss = tl.zeros((BT,), tl.float32)
+    sq = tl.zeros((BT, BD), tl.float32)
     for d0 in range(0, d_per_split, BD):
         x = x_desc.load([t0, d_start + d0])
         xf = x.to(tl.float32)
-        ss += tl.sum(xf * xf, axis=1)
+        sq += xf * xf
         w_hi = w_desc.load([0, d_start + d0])  # [KP, BD]
         w_lo = w_desc.load([KP, d_start + d0])
         tile = tl.dot(x, tl.trans(w_hi))  # per-tile chain, fp32 sum (see _proj_tile)
         acc += tl.dot(x, tl.trans(w_lo), tile)
-    acc = tl.where(offs_k[None, :] == K, ss[:, None], acc)
+    acc = tl.where(offs_k[None, :] == K, tl.sum(sq, axis=1)[:, None], acc)
     _store_partial(part_ptr, acc, pid_s, t0, T, KP, BT)
 
 
@@ -196,29 +203,37 @@ def _tma_ok(x_TD) -> bool:
             and x_TD.shape[1] % 8 == 0)
 
 
+def proj_split(T: int, D: int, BT: int, BD: int, per_sm: int,
+               device: torch.device) -> tuple[int, int]:
+    """(S, d_per_split): the D split of the projection forward, S = per_sm programs per SM
+    over the token blocks, rounded down; d_per_split is a multiple of BD."""
+    n_t = triton.cdiv(T, BT)
+    n_d = triton.cdiv(D, BD)
+    S = max(1, min(n_d, per_sm * _sm_count(device) // n_t))
+    d_per_split = triton.cdiv(n_d, S) * BD
+    return triton.cdiv(D, d_per_split), d_per_split
+
+
 def proj_forward(x_TD, w_KD, K, KP, bf16):
     """Launch (1): returns the D-split partials [S, T, KP] (lane K: sum of squares).
     ``w_KD`` is the weight in its own dtype; bf16 streams split it into a hi + lo bf16 pair
-    once per call (``split_weight``; per tile it cost 109 vs 103 us on the H200)."""
+    once per call (``split_weight``; per tile it cost 109 vs 103 us on the H200 with plain
+    loads, 95.5 vs 73.7 with TMA)."""
     T, D = x_TD.shape
     tma = bf16 and CONFIG["proj_fwd_tma"] and _tma_ok(x_TD)
-    BT, BD, warps, stages = CONFIG["proj_fwd_tma_tile" if tma else "proj_fwd"]
-    n_t = triton.cdiv(T, BT)
-    n_d = triton.cdiv(D, BD)
-    S = max(1, min(n_d, triton.cdiv(CONFIG["waves"] * _sm_count(x_TD.device), n_t)))
-    d_per_split = triton.cdiv(n_d, S) * BD
-    S = triton.cdiv(D, d_per_split)
+    BT, BD, warps, stages, per_sm = CONFIG["proj_fwd_tma_tile" if tma else "proj_fwd"]
+    S, d_per_split = proj_split(T, D, BT, BD, per_sm, x_TD.device)
     part = torch.empty((S, T, KP), dtype=torch.float32, device=x_TD.device)
+    grid = (triton.cdiv(T, BT), S)
     w = split_weight(w_KD, KP) if bf16 else w_KD
     if tma:
         x_desc = TensorDescriptor.from_tensor(x_TD, [BT, BD])
         w_desc = TensorDescriptor.from_tensor(w.view(2 * KP, D), [KP, BD])
-        _proj_fwd_tma_kernel[(n_t, S)](x_desc, w_desc, part, T, d_per_split, K=K, KP=KP,
-                                       BT=BT, BD=BD, num_warps=warps, num_stages=stages)
+        _proj_fwd_tma_kernel[grid](x_desc, w_desc, part, T, d_per_split, K=K, KP=KP, BT=BT,
+                                   BD=BD, num_warps=warps, num_stages=stages)
     else:
-        _proj_fwd_kernel[(n_t, S)](x_TD, w, part, T, D, d_per_split, K=K, KP=KP, BT=BT,
-                                   BD=BD, SPLIT_BF16=bf16, num_warps=warps,
-                                   num_stages=stages)
+        _proj_fwd_kernel[grid](x_TD, w, part, T, D, d_per_split, K=K, KP=KP, BT=BT,
+                               BD=BD, SPLIT_BF16=bf16, num_warps=warps, num_stages=stages)
     return part
 
 
