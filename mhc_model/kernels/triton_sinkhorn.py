@@ -26,10 +26,20 @@ def _init(L, valid):
     return Lm, mx, E
 
 
+# Divisions: one reciprocal per reduced row / column, then products, where a division per
+# element (IEEE div.rn, a multi-instruction sequence) sat in every one of the 2 x ITERS
+# serial steps: gate backward 14.0 -> 13.1 us on the H200 (2026-12-01; the epilogue's
+# 4.6 us unchanged).  The product is within one rounding of the quotient.
 @triton.jit
 def _softmax(E):
     s = tl.sum(E, axis=2, keep_dims=True)
-    return E / tl.where(s == 0.0, 1.0, s)
+    return E * (1.0 / tl.where(s == 0.0, 1.0, s))
+
+
+@triton.jit
+def _norm(M, eps, AXIS: tl.constexpr):
+    # M' = M / (sum_AXIS M + eps)
+    return M * (1.0 / (tl.sum(M, axis=AXIS, keep_dims=True) + eps))
 
 
 @triton.jit
@@ -37,25 +47,25 @@ def sinkhorn_fwd(L, valid, eps, ITERS: tl.constexpr, SOFTMAX: tl.constexpr):
     Lm, mx, E = _init(L, valid)
     if SOFTMAX:
         M = tl.where(valid, _softmax(E) + eps, 0.0)
-        M = M / (tl.sum(M, axis=1, keep_dims=True) + eps)
+        M = _norm(M, eps, 1)
         for _ in range(ITERS - 1):
-            M = M / (tl.sum(M, axis=2, keep_dims=True) + eps)
-            M = M / (tl.sum(M, axis=1, keep_dims=True) + eps)
+            M = _norm(M, eps, 2)
+            M = _norm(M, eps, 1)
     else:
         M = E
         for _ in range(ITERS):
-            M = M / (tl.sum(M, axis=2, keep_dims=True) + eps)
-            M = M / (tl.sum(M, axis=1, keep_dims=True) + eps)
+            M = _norm(M, eps, 2)
+            M = _norm(M, eps, 1)
     return M
 
 
 @triton.jit
 def _norm_bwd(G, Min, valid, eps, AXIS: tl.constexpr):
     # M' = M / (sum_AXIS M + eps)  ->  dM = (dM' - sum_AXIS(dM' * M')) / (sum_AXIS M + eps)
-    den = tl.sum(Min, axis=AXIS, keep_dims=True) + eps
-    GMo = G * (Min / den)
+    inv = 1.0 / (tl.sum(Min, axis=AXIS, keep_dims=True) + eps)
+    GMo = G * (Min * inv)
     dot = tl.sum(GMo, axis=AXIS, keep_dims=True)
-    return tl.where(valid, (G - dot) / den, 0.0)
+    return tl.where(valid, (G - dot) * inv, 0.0)
 
 
 @triton.jit
@@ -76,7 +86,7 @@ def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, SOFTMAX: tl.const
         P = _softmax(E)
         M = tl.where(valid, P + eps, 0.0)
         tl.store(hist + off, M)
-        M = M / (tl.sum(M, axis=1, keep_dims=True) + eps)
+        M = _norm(M, eps, 1)
         base = 1
         pairs = ITERS - 1
     else:
@@ -88,9 +98,9 @@ def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, SOFTMAX: tl.const
     for it in range(pairs):
         s = base + 2 * it
         tl.store(hist + s * (BT * NP * NP) + off, M)
-        M = M / (tl.sum(M, axis=2, keep_dims=True) + eps)
+        M = _norm(M, eps, 2)
         tl.store(hist + (s + 1) * (BT * NP * NP) + off, M)
-        M = M / (tl.sum(M, axis=1, keep_dims=True) + eps)
+        M = _norm(M, eps, 1)
     # Make this program's scratch writes visible to all of its threads.
     tl.debug_barrier()
     G = tl.where(valid, dM, 0.0)
