@@ -66,7 +66,7 @@ CONFIG = {
     # the D split 2 forward: 4.4-4.6 us at (16, 1) vs 4.9-5.2 at (8, 1), 7.2 at (16, 2)
     "coef_fwd": (16, 1),
     "coef_bwd": (8, 1),  # same sweep: 196 us vs 203 at (16, 2) (coefficient backward)
-    "finalize": (2048, 256, 8),
+    "finalize": (2048, 1024, 8),
 }
 
 

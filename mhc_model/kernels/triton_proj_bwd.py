@@ -8,8 +8,7 @@
                             section 7 bytes).
   ``_proj_bwd_tma_kernel``  the same for bf16 streams with every [T, *] operand moved by TMA
                             descriptors (Hopper), loads and the dx store.
-  ``_finalize_kernel``      fixed-order sums of the dW / d bias / d alpha partials (the latter
-                            summed per program by the projection backward first).
+  ``_finalize_kernel``      fixed-order sums of the dW / d bias / d alpha partials.
 
 ``proj_backward`` picks the kernel and launches it; ``bwd_work`` plans the T split and
 allocates the workspace that a gate backward (``triton_coef._coef_bwd_kernel``,
@@ -26,54 +25,18 @@ import torch
 import triton
 import triton.language as tl
 
-from mhc_model.kernels.triton_proj import CONFIG, TensorDescriptor, _pow2, _sm_count, _tma_ok
+from mhc_model.kernels.triton_proj import CONFIG, TensorDescriptor, _sm_count, _tma_ok
 
 
 @triton.jit
-def _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G,
-                       K: tl.constexpr, KP: tl.constexpr, BG: tl.constexpr):
-    # d bias [K] (in the bias dtype) and d alpha [3] (fp32) from the per-program partials
-    # of the coefficient backward; fixed summation order.
+def _reduce_lane(part_ptr, out_ptr, G, lane, STRIDE: tl.constexpr, BG: tl.constexpr):
+    # out[lane] = sum over the G rows of part[:, lane] (rows STRIDE apart), fixed order, in
+    # out's dtype
     g = tl.arange(0, BG)
-    k = tl.arange(0, KP)
-    a = tl.arange(0, 4)
-    acc_b = tl.zeros((BG, KP), tl.float32)
-    acc_a = tl.zeros((BG, 4), tl.float32)
+    acc = tl.zeros((BG,), tl.float32)
     for g0 in range(0, G, BG):
-        mg = (g0 + g) < G
-        acc_b += tl.load(dbias_part_ptr + (g0 + g)[:, None] * KP + k[None, :],
-                         mask=mg[:, None], other=0.0)
-        acc_a += tl.load(dalpha_part_ptr + (g0 + g)[:, None] * 4 + a[None, :],
-                         mask=mg[:, None], other=0.0)
-    tl.store(dbias_ptr + k, tl.sum(acc_b, axis=0).to(dbias_ptr.dtype.element_ty), mask=k < K)
-    tl.store(dalpha_ptr + a, tl.sum(acc_a, axis=0), mask=a < 3)
-
-
-@triton.jit
-def _bias_alpha_rows(dbias_part_ptr, dalpha_part_ptr, G, rpp, K: tl.constexpr,
-                     KP: tl.constexpr, RB: tl.constexpr):
-    """Stage 1 of the d bias / d alpha sums, run by every projection-backward program: its
-    ``rpp`` rows of the gate backward's G partial rows, loaded first and summed by
-    ``_store_rows`` after the main loop (the loads' latency hides behind it); program 0 of
-    ``_finalize_kernel`` then sums one row per program.  Two fixed-order stages: as
-    deterministic as one, and the finalize no longer walks G rows alone (its program 0 was
-    the longest: 8.2 us at G 1024 on the H200, 2026-12-01)."""
-    p = tl.program_id(1) * tl.num_programs(0) + tl.program_id(0)
-    g = p * rpp + tl.arange(0, RB)
-    mg = (g < G) & (tl.arange(0, RB) < rpp)
-    k = tl.arange(0, KP)
-    # lanes K.. of the partials are never written: read as 0
-    b = tl.load(dbias_part_ptr + g[:, None] * KP + k[None, :],
-                mask=mg[:, None] & (k[None, :] < K), other=0.0)
-    al = tl.load(dalpha_part_ptr + g[:, None] * 4 + tl.arange(0, 4)[None, :],
-                 mask=mg[:, None], other=0.0)
-    return p, b, al
-
-
-@triton.jit
-def _store_rows(p, b, al, rows_b_ptr, rows_a_ptr, KP: tl.constexpr):
-    tl.store(rows_b_ptr + p * KP + tl.arange(0, KP), tl.sum(b, axis=0))
-    tl.store(rows_a_ptr + p * 4 + tl.arange(0, 4), tl.sum(al, axis=0))
+        acc += tl.load(part_ptr + (g0 + g) * STRIDE + lane, mask=(g0 + g) < G, other=0.0)
+    tl.store(out_ptr + lane, tl.sum(acc, axis=0).to(out_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -93,10 +56,8 @@ def _side_terms(du_ptr, hpre_ptr, dxe_ptr, offs_t, mask_t, x_off, mask_x, j, c0,
 
 @triton.jit
 def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
-                     du_ptr, hpre_ptr, dxe_ptr, dbp_ptr, dap_ptr, rows_b_ptr, rows_a_ptr,
-                     T, D, C, N, t_per_split, G, rpp,
+                     du_ptr, hpre_ptr, dxe_ptr, T, D, C, N, t_per_split,
                      K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                     RB: tl.constexpr,
                      SPLIT_BF16: tl.constexpr, PRESPLIT: tl.constexpr, DW_T: tl.constexpr,
                      AGG: tl.constexpr, EXTRA: tl.constexpr):
     """One [T-split, BD] stripe: W stays in registers / shared memory, x is streamed once.
@@ -108,9 +69,7 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
     EXTRA: dx += dx_extra [T, D] (another consumer's gradient of x); both summed in fp32 and
     rounded once; their loads are issued after the tile's dots (before them the site
     backward ran 1035 vs 640 us on the H200, 2026-12-01).  ``dx_ptr`` may be ``dxe_ptr`` (in place:
-    each element is read, then written, by the same program).  Each program also sums its
-    rows of the d bias / d alpha partials (``_bias_alpha_rows``)."""
-    p, row_b, row_a = _bias_alpha_rows(dbp_ptr, dap_ptr, G, rpp, K, KP, RB)
+    each element is read, then written, by the same program)."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_d = pid_d * BD + tl.arange(0, BD)
@@ -181,21 +140,24 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
                  mask=mask_d[:, None] & (offs_k[None, :] < K))
     else:
         tl.store(dw + w_off, acc, mask=w_mask)
-    _store_rows(p, row_b, row_a, rows_b_ptr, rows_a_ptr, KP)
 
 
 @triton.jit
 def _finalize_kernel(dw_part_ptr, dw_ptr, dbias_part_ptr, dbias_ptr, dalpha_part_ptr,
                      dalpha_ptr, S, KD, G,
                      K: tl.constexpr, KP: tl.constexpr, BLOCK: tl.constexpr, BG: tl.constexpr):
-    """Program 0: d bias and d alpha from the G rows the projection backward's programs
-    summed (``_bias_alpha_rows``); programs 1.. (only with several T splits): dW =
-    sum_s dw_part[s] in the weight dtype.  Fixed summation order: deterministic."""
+    """Programs 0 .. K-1: d bias[k], K .. K+2: d alpha[a], each the sum of one lane of the
+    gate backward's G partial rows (one lane per program: one program walking all G rows
+    was the kernel's longest, 7.8-8.2 us at G 1024 on the H200, 2026-12-01); programs
+    K+3 .. (only with several T splits): dW = sum_s dw_part[s] in the weight dtype.  Fixed
+    summation order, so the result is deterministic."""
     pid = tl.program_id(0)
-    if pid == 0:
-        _reduce_bias_alpha(dbias_part_ptr, dbias_ptr, dalpha_part_ptr, dalpha_ptr, G, K, KP, BG)
+    if pid < K:
+        _reduce_lane(dbias_part_ptr, dbias_ptr, G, pid, KP, BG)
+    elif pid < K + 3:
+        _reduce_lane(dalpha_part_ptr, dalpha_ptr, G, pid - K, 4, BG)
     else:
-        offs = (pid - 1) * BLOCK + tl.arange(0, BLOCK)
+        offs = (pid - K - 3) * BLOCK + tl.arange(0, BLOCK)
         m = offs < KD
         acc = tl.load(dw_part_ptr + offs, mask=m, other=0.0)
         for s in range(1, S):
@@ -205,15 +167,12 @@ def _finalize_kernel(dw_part_ptr, dw_ptr, dbias_part_ptr, dbias_ptr, dalpha_part
 
 @triton.jit
 def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
-                         du_desc, hpre_ptr, dxe_desc, dbp_ptr, dap_ptr, rows_b_ptr, rows_a_ptr,
-                         T, D, C, N, t_per_split, G, rpp,
+                         du_desc, hpre_ptr, dxe_desc, T, D, C, N, t_per_split,
                          K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                         RB: tl.constexpr,
                          AGG: tl.constexpr, EXTRA: tl.constexpr):
     """``_proj_bwd_kernel`` for bf16 streams, presplit dproj and DW_T, with x, the dproj pair,
     du and dx_extra loaded and dx stored through TMA descriptors: tiles past T read as 0
     (they add nothing to dW) and their dx rows are not written."""
-    p, row_b, row_a = _bias_alpha_rows(dbp_ptr, dap_ptr, G, rpp, K, KP, RB)
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     d0 = pid_d * BD
@@ -252,39 +211,36 @@ def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
     tl.store(dw_part_ptr + pid_s * K * D + offs_k[None, :] * D + offs_d[:, None],
              acc.to(dw_part_ptr.dtype.element_ty),
              mask=mask_d[:, None] & (offs_k[None, :] < K))
-    _store_rows(p, row_b, row_a, rows_b_ptr, rows_a_ptr, KP)
 
 
-def proj_backward(x_TD, w_KD, dx_TD, du_TC, H_pre, dx_extra, work, *, C, N, K, KP, bf16):
-    """Launch (4) on ``work`` (``bwd_work``): ``_proj_bwd_tma_kernel`` where it applies
-    (``CONFIG["proj_bwd_tma"]``, or ``"proj_bwd_site_tma"`` with the site's operands; bf16,
-    presplit dproj, DW_T, aligned operands), else ``_proj_bwd_kernel``."""
+def proj_backward(x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC, H_pre, dx_extra, *,
+                  C, N, K, KP, bf16, presplit, tile, t_per_split, S):
+    """Launch (4): ``_proj_bwd_tma_kernel`` where it applies (``CONFIG["proj_bwd_tma"]``, or
+    ``"proj_bwd_site_tma"`` with the site's operands; bf16, presplit dproj, DW_T, aligned
+    operands), else ``_proj_bwd_kernel``."""
     T, D = x_TD.shape
-    BT, BD, warps, stages, dw_t, _ = work.tile
+    BT, BD, warps, stages, dw_t, _ = tile
     agg, extra = du_TC is not None, dx_extra is not None
-    grid = (triton.cdiv(D, BD), work.S)
-    rows = (work.dbias_part, work.dalpha_part, work.rows_b, work.rows_a)
-    split = dict(G=work.G, rpp=triton.cdiv(work.G, grid[0] * grid[1]))
-    meta = dict(K=K, KP=KP, BT=BT, BD=BD, RB=_pow2(split["rpp"]), AGG=agg, EXTRA=extra,
-                num_warps=warps, num_stages=stages)
     operands = [x_TD, dx_TD] + ([du_TC] if agg else []) + ([dx_extra] if extra else [])
-    if (CONFIG["proj_bwd_site_tma" if agg or extra else "proj_bwd_tma"] and bf16
-            and work.presplit and dw_t and all(_tma_ok(t) for t in operands)):
+    if (CONFIG["proj_bwd_site_tma" if agg or extra else "proj_bwd_tma"] and bf16 and presplit
+            and dw_t
+            and all(_tma_ok(t) for t in operands)):
         def desc(t):
             return TensorDescriptor.from_tensor(t, [BT, BD])
 
         x_desc = desc(x_TD)
-        _proj_bwd_tma_kernel[grid](
-            x_desc, w_KD, TensorDescriptor.from_tensor(work.dproj.view(2, T, KP), [1, BT, KP]),
-            work.coef, desc(dx_TD), work.dw_part, desc(du_TC) if agg else x_desc,
-            H_pre if agg else work.coef, desc(dx_extra) if extra else x_desc, *rows,
-            T, D, C, N, work.t_per_split, **split, **meta)
+        _proj_bwd_tma_kernel[(triton.cdiv(D, BD), S)](
+            x_desc, w_KD, TensorDescriptor.from_tensor(dproj.view(2, T, KP), [1, BT, KP]),
+            coef, desc(dx_TD), dw_part, desc(du_TC) if agg else x_desc,
+            H_pre if agg else coef, desc(dx_extra) if extra else x_desc,
+            T, D, C, N, t_per_split, K=K, KP=KP, BT=BT, BD=BD, AGG=agg, EXTRA=extra,
+            num_warps=warps, num_stages=stages)
         return
-    _proj_bwd_kernel[grid](
-        x_TD, w_KD, work.dproj, work.coef, dx_TD, work.dw_part, du_TC if agg else x_TD,
-        H_pre if agg else work.coef, dx_extra if extra else x_TD, *rows,
-        T, D, C, N, work.t_per_split, **split, SPLIT_BF16=bf16, PRESPLIT=work.presplit,
-        DW_T=dw_t, **meta)
+    _proj_bwd_kernel[(triton.cdiv(D, BD), S)](
+        x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC if agg else x_TD,
+        H_pre if agg else coef, dx_extra if extra else x_TD, T, D, C, N, t_per_split,
+        K=K, KP=KP, BT=BT, BD=BD, SPLIT_BF16=bf16, PRESPLIT=presplit, DW_T=dw_t, AGG=agg,
+        EXTRA=extra, num_warps=warps, num_stages=stages)
 
 
 class BwdWork(NamedTuple):
@@ -300,8 +256,6 @@ class BwdWork(NamedTuple):
     coef: torch.Tensor  # [T] RMS chain coefficient
     dbias_part: torch.Tensor  # [G, KP]
     dalpha_part: torch.Tensor  # [G, 4]
-    rows_b: torch.Tensor  # [P, KP]: per projection-backward program, its d bias rows' sum
-    rows_a: torch.Tensor  # [P, 4]: the same for d alpha
     extra: torch.Tensor  # caller's scratch (the coefficient backward's Sinkhorn history)
     dW: torch.Tensor  # [K, D] in the weight dtype
 
@@ -309,8 +263,7 @@ class BwdWork(NamedTuple):
 def bwd_work(T, D, K, KP, G, *, site, bf16, w_dtype, device, extra=0) -> BwdWork:
     """T split of the projection backward (``CONFIG["proj_bwd_site"]`` when the site's AGG /
     EXTRA operands go in, ``"proj_bwd"`` otherwise; ``waves`` programs per SM) and one fp32
-    workspace: dproj | dW partials (S > 1) | coef | d bias / d alpha partials | their per-
-    program sums (P = programs of the projection backward) | extra."""
+    workspace: dproj | dW partials (S > 1) | coef | d bias / d alpha partials | extra."""
     tile = CONFIG["proj_bwd_site" if site else "proj_bwd"]
     BT, BD, _, _, _, waves = tile
     n_d = triton.cdiv(D, BD)
@@ -320,15 +273,13 @@ def bwd_work(T, D, K, KP, G, *, site, bf16, w_dtype, device, extra=0) -> BwdWork
     S = triton.cdiv(T, t_per_split)
     dW = torch.empty((K, D), dtype=w_dtype, device=device)
     presplit = bf16 and CONFIG["proj_bwd_presplit"]
-    P = n_d * S
-    sizes = (T * KP, 0 if S == 1 else S * K * D, T, G * KP, G * 4, P * KP, P * 4, extra)
+    sizes = (T * KP, 0 if S == 1 else S * K * D, T, G * KP, G * 4, extra)
     ws = torch.empty(sum(sizes), dtype=torch.float32, device=device)
-    dproj, dw_part, coef, dbias_part, dalpha_part, rows_b, rows_a, extra_ws = ws.split(sizes)
+    dproj, dw_part, coef, dbias_part, dalpha_part, extra_ws = ws.split(sizes)
     if presplit:
         dproj = dproj.view(torch.bfloat16)  # [2, T, KP] bf16 in the same bytes
     return BwdWork(tile, S, t_per_split, G, presplit, dproj, dW if S == 1 else dw_part, coef,
-                   dbias_part, dalpha_part, rows_b.view(P, KP), rows_a.view(P, 4), extra_ws,
-                   dW)
+                   dbias_part, dalpha_part, extra_ws, dW)
 
 
 def bwd_finish(work: BwdWork, x_TD, w_KD, bias_dtype, dx_TD, du_TC, H_pre, dx_extra, *,
@@ -336,13 +287,14 @@ def bwd_finish(work: BwdWork, x_TD, w_KD, bias_dtype, dx_TD, du_TC, H_pre, dx_ex
     """Launches (4) and (5) once the gate backward has filled ``work``'s dproj, coef and
     partials.  Returns (dW in the weight dtype, d bias [K] in ``bias_dtype``, d alpha [4]
     fp32: lanes 0-2 the sums of the gate backward's d alpha partials)."""
-    proj_backward(x_TD, w_KD, dx_TD, du_TC, H_pre, dx_extra, work, C=C, N=N, K=K, KP=KP,
-                  bf16=bf16)
+    proj_backward(x_TD, w_KD, work.dproj, work.coef, dx_TD, work.dw_part, du_TC, H_pre,
+                  dx_extra, C=C, N=N, K=K, KP=KP, bf16=bf16, presplit=work.presplit,
+                  tile=work.tile, t_per_split=work.t_per_split, S=work.S)
     D = x_TD.shape[1]
     dbias = torch.empty((K,), dtype=bias_dtype, device=x_TD.device)
     dalpha = torch.empty((4,), dtype=torch.float32, device=x_TD.device)
     BLOCK, BG, warps = CONFIG["finalize"]
-    _finalize_kernel[(1 + (0 if work.S == 1 else triton.cdiv(K * D, BLOCK)),)](
-        work.dw_part, work.dW, work.rows_b, dbias, work.rows_a, dalpha, work.S,
-        K * D, work.rows_b.shape[0], K=K, KP=KP, BLOCK=BLOCK, BG=BG, num_warps=warps)
+    _finalize_kernel[(K + 3 + (0 if work.S == 1 else triton.cdiv(K * D, BLOCK)),)](
+        work.dw_part, work.dW, work.dbias_part, dbias, work.dalpha_part, dalpha, work.S,
+        K * D, work.G, K=K, KP=KP, BLOCK=BLOCK, BG=BG, num_warps=warps)
     return work.dW, dbias, dalpha
