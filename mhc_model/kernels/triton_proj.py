@@ -48,7 +48,7 @@ CONFIG = {
     "proj_fwd": (128, 128, 8, 3, 8),
     # ``_proj_fwd_tma_kernel``, H200 sweeps 2026-12-01 (bench/results/kernels_sweeps_h200.md,
     # run 8): 64 x 128 tiles, 4 warps, 3 stages (96 KB: two programs per SM), D split 2 at
-    # T 8192: projection 69-70 us against 79-81 at (128, 128, 8 warps, 3 stages, split 16)
+    # T 8192: projection 67.6-69.6 us against 79-81 at (128, 128, 8 warps, 3 stages, split 16)
     "proj_fwd_tma": True,
     "proj_fwd_tma_tile": (64, 128, 4, 3, 2),
     "split_w_block": 128,  # 1.9 vs 2.2 us at 256 (D 16384)
@@ -66,7 +66,7 @@ CONFIG = {
     # the D split 2 forward: 4.4-4.6 us at (16, 1) vs 4.9-5.2 at (8, 1), 7.2 at (16, 2)
     "coef_fwd": (16, 1),
     "coef_bwd": (8, 1),  # same sweep: 196 us vs 203 at (16, 2) (coefficient backward)
-    "finalize": (2048, 1024, 8),
+    "finalize": (2048, 1024, 8),  # BG 1024: one step per lane at G 1024 (T 8192)
 }
 
 
