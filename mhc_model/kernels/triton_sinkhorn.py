@@ -27,9 +27,9 @@ def _init(L, valid):
 
 
 # Divisions: one reciprocal per reduced row / column, then products, where a division per
-# element (IEEE div.rn, a multi-instruction sequence) sat in every one of the 2 x ITERS
-# serial steps: gate backward 14.0 -> 13.1 us on the H200 (2026-12-01; the epilogue's
-# 4.6 us unchanged).  The product is within one rounding of the quotient.
+# element sat in every one of the 2 x ITERS serial steps: gate backward 14.0 -> 13.1 us on
+# the H200 (2026-12-01; the epilogue's 4.6 us unchanged).  The product is within one
+# rounding of the quotient.
 @triton.jit
 def _softmax(E):
     s = tl.sum(E, axis=2, keep_dims=True)
