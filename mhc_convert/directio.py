@@ -176,9 +176,11 @@ class DirectStream:
             raise self._error
 
     def _buffered(self) -> None:
+        # O_DIRECT off first, then the flag: a writer that reads the flag False must find the
+        # file buffered already, or its write is refused under O_DIRECT and raised
         if self._direct:
-            self._direct = False
             _set_direct(self.fd, False)
+            self._direct = False
 
     # -- the threads ----------------------------------------------------------------------------
     def _release(self, i: int, error: BaseException | None = None) -> None:

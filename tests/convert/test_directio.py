@@ -124,6 +124,40 @@ def test_einval_racing_the_other_writers_fallback_is_retried(tmp_path, monkeypat
     assert (tmp_path / "out.bin").read_bytes() == data
 
 
+def test_a_write_reading_the_flag_mid_fallback_is_not_refused(tmp_path, monkeypatch):
+    """The other interleaving: one writer reads the direct flag while the other is switching
+    the file to the page cache. The flag may read False only once O_DIRECT is off (flag
+    first, then fcntl, failed test_einval_under_o_direct_falls_back_to_the_page_cache in a
+    clean-clone CI run, 2026-12-01)."""
+    real_pwrite, real_set = os.pwrite, directio._set_direct
+    fd = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        assert directio.try_direct(fd)
+        stream = directio.DirectStream(fd)
+        data = random.Random(3).randbytes(directio.ALIGN)
+
+        def refused_under_direct(fd_, buf, offset):
+            if fcntl.fcntl(fd_, fcntl.F_GETFL) & os.O_DIRECT:
+                raise OSError(errno.EINVAL, "Invalid argument")
+            return real_pwrite(fd_, buf, offset)
+
+        switching = []
+
+        def set_direct(fd_, on):
+            if not on and not switching:  # the first fallback, before its fcntl
+                switching.append(fd_)
+                stream._write(memoryview(data), 0)  # the other writer, right now
+            real_set(fd_, on)
+
+        monkeypatch.setattr(os, "pwrite", refused_under_direct)
+        monkeypatch.setattr(directio, "_set_direct", set_direct)
+        stream._buffered()  # this writer's fallback
+        assert switching and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        os.close(fd)
+    assert (tmp_path / "out.bin").read_bytes() == data
+
+
 def test_writer_thread_error_is_raised_and_threads_stop(tmp_path, small_buffers, monkeypatch):
     calls = []
     real = os.pwrite
