@@ -82,79 +82,77 @@ def test_stream_bytes_digest_and_direct_writes(tmp_path, small_buffers, monkeypa
     assert [(o, n) for o, n, d in writes if not d] == [(full * SMALL, tail)]
 
 
+def _refuse_under_direct(monkeypatch, before_refusal=None):
+    """os.pwrite refuses (EINVAL) any write while the file is under O_DIRECT, after running
+    ``before_refusal`` (an interleaved step of the other writer)."""
+    real = os.pwrite
+
+    def pwrite(fd, buf, offset):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            if before_refusal is not None:
+                before_refusal()
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, buf, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+
+
+@pytest.fixture
+def direct_stream(tmp_path):
+    """(fd, DirectStream) over tmp_path / out.bin with O_DIRECT on; the fd is closed after."""
+    fd = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT)
+    try:
+        assert directio.try_direct(fd)
+        yield fd, directio.DirectStream(fd)
+    finally:
+        os.close(fd)
+
+
 def test_einval_under_o_direct_falls_back_to_the_page_cache(tmp_path, small_buffers,
                                                              monkeypatch):
     """A filesystem that takes O_DIRECT in ``fcntl`` but refuses the write: same bytes."""
-    real = os.pwrite
-
-    def picky(fd, data, offset):
-        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
-            raise OSError(errno.EINVAL, "Invalid argument")
-        return real(fd, data, offset)
-
-    monkeypatch.setattr(os, "pwrite", picky)
+    _refuse_under_direct(monkeypatch)
     data = random.Random(1).randbytes(4 * SMALL + 5)
     size, digest = _stream_file(tmp_path / "out.bin", [data[:9], data[9:]], b"")
     assert (tmp_path / "out.bin").read_bytes() == data
     assert digest == hashlib.sha256(data).hexdigest()
 
 
-def test_einval_racing_the_other_writers_fallback_is_retried(tmp_path, monkeypatch):
+def test_einval_racing_the_other_writers_fallback_is_retried(tmp_path, monkeypatch,
+                                                             direct_stream):
     """Two writers: one write is refused under O_DIRECT while the other writer has already
     switched the file to the page cache; it is retried there, not raised (this race failed
     test_einval_under_o_direct_falls_back_to_the_page_cache about one run in two)."""
-    real = os.pwrite
-    fd = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT)
-    try:
-        assert directio.try_direct(fd)
-        stream = directio.DirectStream(fd)
-        data = random.Random(2).randbytes(directio.ALIGN)
-
-        def refused_while_the_other_falls_back(fd_, buf, offset):
-            if fcntl.fcntl(fd_, fcntl.F_GETFL) & os.O_DIRECT:
-                stream._buffered()  # the other writer's fallback, between write and check
-                raise OSError(errno.EINVAL, "Invalid argument")
-            return real(fd_, buf, offset)
-
-        monkeypatch.setattr(os, "pwrite", refused_while_the_other_falls_back)
-        stream._write(memoryview(data), 0)
-        assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
-    finally:
-        os.close(fd)
+    fd, stream = direct_stream
+    data = random.Random(2).randbytes(directio.ALIGN)
+    # the other writer's fallback, between this write and its refusal
+    _refuse_under_direct(monkeypatch, before_refusal=stream._buffered)
+    stream._write(memoryview(data), 0)
+    assert not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
     assert (tmp_path / "out.bin").read_bytes() == data
 
 
-def test_a_write_reading_the_flag_mid_fallback_is_not_refused(tmp_path, monkeypatch):
+def test_a_write_reading_the_flag_mid_fallback_is_not_refused(tmp_path, monkeypatch,
+                                                              direct_stream):
     """The other interleaving: one writer reads the direct flag while the other is switching
     the file to the page cache. The flag may read False only once O_DIRECT is off (flag
     first, then fcntl, failed test_einval_under_o_direct_falls_back_to_the_page_cache in a
     clean-clone CI run, 2026-12-01)."""
-    real_pwrite, real_set = os.pwrite, directio._set_direct
-    fd = os.open(tmp_path / "out.bin", os.O_WRONLY | os.O_CREAT)
-    try:
-        assert directio.try_direct(fd)
-        stream = directio.DirectStream(fd)
-        data = random.Random(3).randbytes(directio.ALIGN)
+    fd, stream = direct_stream
+    data = random.Random(3).randbytes(directio.ALIGN)
+    real_set = directio._set_direct
+    switching = []
 
-        def refused_under_direct(fd_, buf, offset):
-            if fcntl.fcntl(fd_, fcntl.F_GETFL) & os.O_DIRECT:
-                raise OSError(errno.EINVAL, "Invalid argument")
-            return real_pwrite(fd_, buf, offset)
+    def set_direct(fd_, on):
+        if not on and not switching:  # the first fallback, before its fcntl
+            switching.append(fd_)
+            stream._write(memoryview(data), 0)  # the other writer, right now
+        real_set(fd_, on)
 
-        switching = []
-
-        def set_direct(fd_, on):
-            if not on and not switching:  # the first fallback, before its fcntl
-                switching.append(fd_)
-                stream._write(memoryview(data), 0)  # the other writer, right now
-            real_set(fd_, on)
-
-        monkeypatch.setattr(os, "pwrite", refused_under_direct)
-        monkeypatch.setattr(directio, "_set_direct", set_direct)
-        stream._buffered()  # this writer's fallback
-        assert switching and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
-    finally:
-        os.close(fd)
+    _refuse_under_direct(monkeypatch)
+    monkeypatch.setattr(directio, "_set_direct", set_direct)
+    stream._buffered()  # this writer's fallback
+    assert switching and not fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
     assert (tmp_path / "out.bin").read_bytes() == data
 
 
