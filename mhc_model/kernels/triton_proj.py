@@ -15,8 +15,9 @@ the coefficient forward 164-193 us against 99-101 (H200, 2026-12-01: the last pr
 Sinkhorn iterations run serially in the tail), so it was removed.
 
 bf16 streams: x is exact in bf16, the fp32 weight is split into W_hi + W_lo (both bf16; once
-up front for the forward, in registers per program for the backward), so two bf16 MMAs give
-~fp32 accuracy at tensor-core speed.  fp32 streams use exact fp32 dots.
+up front for the forward, in registers per program for the backward), so the hi and lo bf16
+products (two dots, or one against the stacked pair in the TMA forward) give ~fp32 accuracy
+at tensor-core speed.  fp32 streams use exact fp32 dots.
 """
 
 from __future__ import annotations
