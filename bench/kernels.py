@@ -168,7 +168,8 @@ SWEEP = [
     ("proj_bwd_site", ("site", 1), triton_proj.CONFIG, _PBS),
     ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, _MIX),
     ("coef_bwd", ("coefficients", 1), triton_proj.CONFIG,
-     [{"coef_bwd": c} for c in [(8, 1), (4, 1), (16, 2)]]),
+     [{"coef_bwd": c} for c in [(8, 1, 4), (4, 1, 4), (16, 2, 4)]]
+     + [{"coef_bwd_hist_regs": 0}, {"proj_bwd_pair_dots": False}]),
 ]
 
 

@@ -11,9 +11,10 @@ forward
      gates (Eq. 17-18) and the Sinkhorn-Knopp projection (Eq. 19), all in registers.
 backward
   3. ``_coef_bwd_kernel``   recomputes gates and Sinkhorn on-chip; the iterates of one
-     program go to a small scratch (L2 resident) and are replayed backwards, giving the
-     exact gradient of the unrolled iteration (the reference is unrolled, so an implicit
-     fixed-point gradient would differ).  Emits dproj (bf16 hi + lo pair for bf16
+     program are kept (in registers where they fit, else in a small L2-resident scratch
+     read ahead of use) and replayed backwards, giving the exact gradient of the unrolled
+     iteration (the reference is unrolled, so an implicit fixed-point gradient would
+     differ).  Emits dproj (bf16 hi + lo pair [T, 2, KP] for bf16
      streams), the RMS chain coefficient and per-program partials of d bias / d alpha.
   4. ``_proj_bwd_kernel``   dx = dproj @ W + coef * x and per-T-split partials of
      dW^T = x^T @ dproj in one pass over x (x is read once, W stays on-chip).
@@ -40,7 +41,7 @@ import triton.language as tl
 from mhc_model.conventions import convention
 from mhc_model.kernels.triton_epi import _rms, coef_epi_block, coef_index, gate_logits
 from mhc_model.kernels.triton_proj import CONFIG, _pow2, proj_forward
-from mhc_model.kernels.triton_proj_bwd import bwd_finish, bwd_work
+from mhc_model.kernels.triton_proj_bwd import bwd_finish, bwd_work, store_dproj_pair
 from mhc_model.kernels.triton_sinkhorn import sinkhorn_bwd
 
 
@@ -63,7 +64,8 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, bias_ptr,
                      T, D, eps,
                      N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                      BT: tl.constexpr, ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
-                     RMS_INV_NORM: tl.constexpr, DP_SPLIT: tl.constexpr):
+                     RMS_INV_NORM: tl.constexpr, DP_SPLIT: tl.constexpr,
+                     PREFETCH: tl.constexpr):
     pid = tl.program_id(0)
     t, mt, n, mn, t2, n2, m2, t3, i3, j3, valid, m3, k_res = coef_index(pid * BT, T, N, NP, BT)
     p_pre = tl.load(proj_ptr + t2 * KP + n2, mask=m2, other=0.0)
@@ -80,7 +82,8 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, bias_ptr,
     dh_post = tl.load(dpost_ptr + t2 * N + n2, mask=m2, other=0.0) * 2.0 * s_post * (1.0 - s_post)
     dH_res = tl.load(dres_ptr + t3 * (N * N) + i3 * N + j3, mask=m3, other=0.0)
     hist = hist_ptr + pid.to(tl.int64) * ((2 * ITERS) * BT * NP * NP)
-    dh_res = sinkhorn_bwd(h_res, dH_res, valid, hist, eps, ITERS, SINKHORN_SOFTMAX, BT, NP)
+    dh_res = sinkhorn_bwd(h_res, dH_res, valid, hist, eps, ITERS, SINKHORN_SOFTMAX, BT, NP,
+                          PREFETCH)
     dh_pre = tl.where(m2, dh_pre, 0.0)
     dh_post = tl.where(m2, dh_post, 0.0)
     dh_res = tl.where(m3, dh_res, 0.0)
@@ -92,23 +95,11 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, bias_ptr,
     dp_res = dh_res * r3 * a_res
     kp = tl.arange(0, KP)[None, :]
     mpad = mt[:, None] & (kp >= K)
-    if DP_SPLIT:
-        # bf16 (hi, lo) pair: hi = rn(v), lo = rn(v - hi); [2, T, KP], padding lanes 0
-        lo_ptr = dproj_ptr + T * KP
-        h = dp_pre.to(tl.bfloat16)
-        tl.store(dproj_ptr + t2 * KP + n2, h, mask=m2)
-        tl.store(lo_ptr + t2 * KP + n2, (dp_pre - h.to(tl.float32)).to(tl.bfloat16), mask=m2)
-        h = dp_post.to(tl.bfloat16)
-        tl.store(dproj_ptr + t2 * KP + N + n2, h, mask=m2)
-        tl.store(lo_ptr + t2 * KP + N + n2, (dp_post - h.to(tl.float32)).to(tl.bfloat16),
-                 mask=m2)
-        h3 = dp_res.to(tl.bfloat16)
-        tl.store(dproj_ptr + t3 * KP + k_res, h3, mask=m3)
-        tl.store(lo_ptr + t3 * KP + k_res, (dp_res - h3.to(tl.float32)).to(tl.bfloat16),
-                 mask=m3)
-        zero = tl.zeros((BT, KP), tl.bfloat16)
-        tl.store(dproj_ptr + t2 * KP + kp, zero, mask=mpad)
-        tl.store(lo_ptr + t2 * KP + kp, zero, mask=mpad)
+    if DP_SPLIT:  # the bf16 (hi, lo) pair [T, 2, KP], padding lanes 0
+        store_dproj_pair(dproj_ptr, t2, n2, dp_pre, m2, KP)
+        store_dproj_pair(dproj_ptr, t2, N + n2, dp_post, m2, KP)
+        store_dproj_pair(dproj_ptr, t3, k_res, dp_res, m3, KP)
+        store_dproj_pair(dproj_ptr, t2, kp, tl.zeros((BT, KP), tl.float32), mpad, KP)
     else:
         tl.store(dproj_ptr + t2 * KP + n2, dp_pre, mask=m2)
         tl.store(dproj_ptr + t2 * KP + N + n2, dp_post, mask=m2)
@@ -179,11 +170,14 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
     dH_post = torch.zeros((T, N), dtype=f32, device=dev) if dH_post is None else _f32(dH_post)
     dH_res = (torch.zeros((T, N, N), dtype=f32, device=dev) if dH_res is None
               else _f32(dH_res))
-    BT, cwarps = CONFIG["coef_bwd"]
+    BT, cwarps, prefetch = CONFIG["coef_bwd"]
     G = triton.cdiv(T, BT)
     agg, extra = du_TC is not None, dx_extra is not None
+    hist = 2 * iters * BT * NP * NP  # fp32 Sinkhorn step inputs of one program
+    if hist <= CONFIG["coef_bwd_hist_regs"] * 32 * cwarps:
+        prefetch = 0  # they fit in registers: no scratch
     work = bwd_work(T, D, K, KP, G, site=agg or extra, bf16=bf16, w_dtype=w_KD.dtype,
-                    device=dev, extra=G * 2 * iters * BT * NP * NP)  # extra: Sinkhorn history
+                    device=dev, extra=G * hist if prefetch else 0)
     if agg and C % work.tile[1]:
         raise ValueError(f"C = {C} is not a multiple of the tile {work.tile[1]}: see agg_fold_ok")
     _coef_bwd_kernel[(G,)](dH_pre, dH_post, dH_res, proj, bias, a_pre, a_post, a_res,
@@ -192,7 +186,7 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
                            N=N, NP=NP, K=K, KP=KP, BT=BT, ITERS=iters,
                            SINKHORN_SOFTMAX=f["SINKHORN_SOFTMAX"],
                            RMS_INV_NORM=f["RMS_INV_NORM"], DP_SPLIT=work.presplit,
-                           num_warps=cwarps)
+                           PREFETCH=prefetch, num_warps=cwarps)
     # the mix's dx (ours, contiguous [T, D]) is overwritten in place: one nC buffer fewer
     dx_TD = dx_extra if extra else torch.empty_like(x_TD)
     dW, dbias, dalpha = bwd_finish(work, x_TD, w_KD, bias.dtype, dx_TD,

@@ -40,7 +40,7 @@ import triton.language as tl
 
 from mhc_model.kernels.triton_epi import _rms
 from mhc_model.kernels.triton_proj import _pow2, agg_fold_ok, proj_forward
-from mhc_model.kernels.triton_proj_bwd import bwd_finish, bwd_work
+from mhc_model.kernels.triton_proj_bwd import bwd_finish, bwd_work, store_dproj_pair
 from mhc_model.kernels.triton_stream import agg_backward, agg_forward
 
 # (BT tokens per program, warps) of the gate kernels (2) and (5): N lanes a token and no
@@ -96,12 +96,8 @@ def _head_bwd_kernel(dpre_ptr, proj_ptr, base_ptr, scale_ptr, dproj_ptr, coef_pt
     dh = tl.where(m2, dh, 0.0)  # lanes >= N (the sum of squares, padding) carry nothing
     # h = p r scale + base  ->  dp = dh r scale, dr = sum_n dh p scale
     dp = dh * r[:, None] * scale
-    if DP_SPLIT:
-        # bf16 (hi, lo) pair [2, T, KP]: hi = rn(v), lo = rn(v - hi); padding lanes 0
-        hi = dp.to(tl.bfloat16)
-        tl.store(dproj_ptr + off, hi, mask=mt[:, None])
-        tl.store(dproj_ptr + T * KP + off, (dp - hi.to(tl.float32)).to(tl.bfloat16),
-                 mask=mt[:, None])
+    if DP_SPLIT:  # the bf16 (hi, lo) pair [T, 2, KP], padding lanes 0
+        store_dproj_pair(dproj_ptr, t[:, None], k[None, :], dp, mt[:, None], KP)
     else:
         tl.store(dproj_ptr + off, dp, mask=mt[:, None])
     g = tl.sum(dh * p, axis=1)

@@ -41,7 +41,12 @@ except ImportError:  # pragma: no cover - depends on the Triton version
 #     written by the coefficient backward, instead of fp32 split per tile.
 #   *_tma: bf16 streams read (and dx written) through TMA descriptors where the operands
 #     allow it (16-byte aligned rows), else plain loads.
-#   coef_fwd / coef_bwd: (BT, warps) of the coefficient epilogue / its backward.
+#   coef_fwd: (BT, warps) of the coefficient epilogue; coef_bwd: (BT, warps, prefetch) of
+#     its backward, prefetch the read-ahead in steps of the Sinkhorn history scratch, used
+#     only where the history (2 iters BT NP^2 fp32) exceeds coef_bwd_hist_regs per thread;
+#     below that it stays in registers.
+#   proj_bwd_pair_dots: the TMA projection backward takes the dproj (hi, lo) pair as one
+#     [BT, 2 KP] operand (3 dots a tile) instead of two halves (5 dots).
 #   split_w_block: D columns per program of ``split_weight``.
 #   finalize: (BLOCK of dW elements, BG rows of partials per step, warps).
 CONFIG = {
@@ -59,6 +64,8 @@ CONFIG = {
     # 199 us; the site's (AGG / EXTRA operands) ran slower with it, 669-751 vs 628-637 us
     "proj_bwd_tma": True,
     "proj_bwd_site_tma": False,
+    # H200 2026-12-01 (run 9): 139.5-141.1 us against 148.9-150.5 with the two halves
+    "proj_bwd_pair_dots": True,
     # the site's projection backward (AGG / EXTRA terms): the two extra [BT, BD] operands
     # spill at BT 64, BD 128, 4 warps (255 registers, 110 spills, 1104 us); H200 sweeps
     # 2026-12-01: 628 / 630 us at (64, 64, 4) (214 registers) vs 637 / 640 at (32, 64, 4)
@@ -66,7 +73,11 @@ CONFIG = {
     # one-warp programs hide the serial Sinkhorn iterations' latency; H200 2026-12-01 with
     # the D split 2 forward: 4.4-4.6 us at (16, 1) vs 4.9-5.2 at (8, 1), 7.2 at (16, 2)
     "coef_fwd": (16, 1),
-    "coef_bwd": (8, 1),  # same sweep: 196 us vs 203 at (16, 2) (coefficient backward)
+    # H200 2026-12-01 (kernels_sweeps_h200.md, run 9): the history in registers, 7.5-7.7 us
+    # at (8, 1) against 12.2-12.6 read from the L2 scratch (any read-ahead 1-8, BT 4-64;
+    # one token per thread, BT 32: 39-41 us); 156 floats a thread at ITERS 20, N 4
+    "coef_bwd": (8, 1, 4),
+    "coef_bwd_hist_regs": 160,
     "finalize": (2048, 1024, 8),  # BG 1024: one step per lane at G 1024 (T 8192)
 }
 

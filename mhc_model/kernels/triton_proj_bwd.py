@@ -29,6 +29,17 @@ from mhc_model.kernels.triton_proj import CONFIG, TensorDescriptor, _sm_count, _
 
 
 @triton.jit
+def store_dproj_pair(dproj_ptr, t, lane, v, mask, KP: tl.constexpr):
+    """dproj as the bf16 (hi, lo) pair the projection backward reads: [T, 2, KP], row t holds
+    hi = rn(v) in lanes 0 .. KP-1 and lo = rn(v - hi) in KP .. 2 KP-1, so one TMA box of
+    [BT, 2 KP] brings both halves (``_proj_bwd_tma_kernel``)."""
+    hi = v.to(tl.bfloat16)
+    row = dproj_ptr + t * (2 * KP) + lane
+    tl.store(row, hi, mask=mask)
+    tl.store(row + KP, (v - hi.to(tl.float32)).to(tl.bfloat16), mask=mask)
+
+
+@triton.jit
 def _reduce_lane(part_ptr, out_ptr, G, lane, STRIDE: tl.constexpr, BG: tl.constexpr):
     # out[lane] = sum over the G rows of part[:, lane] (rows STRIDE apart), fixed order, in
     # out's dtype
@@ -99,9 +110,10 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
         dp_off = offs_t[:, None] * KP + offs_k[None, :]
         cf = tl.load(coef_ptr + offs_t, mask=mask_t, other=0.0)
         if SPLIT_BF16:
-            if PRESPLIT:
-                dp_hi = tl.load(dproj_ptr + dp_off, mask=mask_t[:, None], other=0.0)
-                dp_lo = tl.load(dproj_ptr + T * KP + dp_off, mask=mask_t[:, None], other=0.0)
+            if PRESPLIT:  # [T, 2, KP] (store_dproj_pair)
+                dp_pair = dproj_ptr + offs_t[:, None] * (2 * KP) + offs_k[None, :]
+                dp_hi = tl.load(dp_pair, mask=mask_t[:, None], other=0.0)
+                dp_lo = tl.load(dp_pair + KP, mask=mask_t[:, None], other=0.0)
             else:
                 dp = tl.load(dproj_ptr + dp_off, mask=mask_t[:, None], other=0.0)
                 dp_hi = dp.to(tl.bfloat16)
@@ -169,21 +181,32 @@ def _finalize_kernel(dw_part_ptr, dw_ptr, dbias_part_ptr, dbias_ptr, dalpha_part
 def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
                          du_desc, hpre_ptr, dxe_desc, T, D, C, N, t_per_split,
                          K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                         AGG: tl.constexpr, EXTRA: tl.constexpr):
+                         AGG: tl.constexpr, EXTRA: tl.constexpr, PAIR_DOTS: tl.constexpr):
     """``_proj_bwd_kernel`` for bf16 streams, presplit dproj and DW_T, with x, the dproj pair,
     du and dx_extra loaded and dx stored through TMA descriptors: tiles past T read as 0
-    (they add nothing to dW) and their dx rows are not written."""
+    (they add nothing to dW) and their dx rows are not written.
+    PAIR_DOTS: the dproj pair [BT, 2 KP] (hi | lo, one TMA box) is one operand, so a tile is
+    3 dots: dx = pair @ [W_hi; W_hi] + pair @ [W_lo; W_lo] (hi hi + lo hi + hi lo, and the
+    lo lo term that only adds accuracy), dW^T += x^T @ pair with hi and lo in separate fp32
+    lanes added once at the end (as the forward); otherwise 5 dots over the halves."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     d0 = pid_d * BD
     offs_d = d0 + tl.arange(0, BD)
     mask_d = offs_d < D
     offs_k = tl.arange(0, KP)
-    w = tl.load(w_ptr + offs_k[:, None] * D + offs_d[None, :],
-                mask=mask_d[None, :] & (offs_k[:, None] < K), other=0.0).to(tl.float32)
+    if PAIR_DOTS:
+        # [2 KP, BD]: row r holds W[r % KP] (rows >= K of each half read as 0)
+        k2 = tl.arange(0, 2 * KP) % KP
+        w = tl.load(w_ptr + k2[:, None] * D + offs_d[None, :],
+                    mask=mask_d[None, :] & (k2[:, None] < K), other=0.0).to(tl.float32)
+        acc = tl.zeros((BD, 2 * KP), tl.float32)
+    else:
+        w = tl.load(w_ptr + offs_k[:, None] * D + offs_d[None, :],
+                    mask=mask_d[None, :] & (offs_k[:, None] < K), other=0.0).to(tl.float32)
+        acc = tl.zeros((BD, KP), tl.float32)
     w_hi = w.to(tl.bfloat16)  # W = W_hi + W_lo in bf16 (see triton_proj)
     w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
-    acc = tl.zeros((BD, KP), tl.float32)
     j = d0 // C  # AGG: C % BD == 0 (host), the tile lies in stream j
     c0 = d0 - j * C
     t_start = pid_s * t_per_split  # a multiple of BT: splits never overlap
@@ -192,15 +215,21 @@ def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
         offs_t = tt + tl.arange(0, BT)
         mask_t = offs_t < T
         x = x_desc.load([tt, d0])
-        dp_hi = dp_desc.load([0, tt, 0]).reshape(BT, KP)
-        dp_lo = dp_desc.load([1, tt, 0]).reshape(BT, KP)
         cf = tl.load(coef_ptr + offs_t, mask=mask_t, other=0.0)
-        dx = tl.dot(dp_hi, w_hi)
-        dx = tl.dot(dp_hi, w_lo, dx)
-        dx = tl.dot(dp_lo, w_hi, dx)
         xt = tl.trans(x)
-        tile = tl.dot(xt, dp_hi)
-        acc += tl.dot(xt, dp_lo, tile)  # per-tile chain, fp32 sum (see triton_proj)
+        if PAIR_DOTS:
+            dp = dp_desc.load([tt, 0])  # [BT, 2 KP]
+            dx = tl.dot(dp, w_hi)
+            dx = tl.dot(dp, w_lo, dx)
+            acc += tl.dot(xt, dp)  # per-tile chain, fp32 sum (see triton_proj)
+        else:
+            dp_hi = dp_desc.load([tt, 0])
+            dp_lo = dp_desc.load([tt, KP])
+            dx = tl.dot(dp_hi, w_hi)
+            dx = tl.dot(dp_hi, w_lo, dx)
+            dx = tl.dot(dp_lo, w_hi, dx)
+            tile = tl.dot(xt, dp_hi)
+            acc += tl.dot(xt, dp_lo, tile)  # per-tile chain, fp32 sum (see triton_proj)
         dx += cf[:, None] * x.to(tl.float32)
         if AGG:
             hp = tl.load(hpre_ptr + offs_t * N + j, mask=mask_t, other=0.0)
@@ -208,6 +237,8 @@ def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
         if EXTRA:
             dx += dxe_desc.load([tt, d0]).to(tl.float32)
         dx_desc.store([tt, d0], dx.to(dx_desc.dtype))
+    if PAIR_DOTS:
+        acc = tl.sum(tl.reshape(acc, (BD, 2, KP)), axis=1)
     tl.store(dw_part_ptr + pid_s * K * D + offs_k[None, :] * D + offs_d[:, None],
              acc.to(dw_part_ptr.dtype.element_ty),
              mask=mask_d[:, None] & (offs_k[None, :] < K))
@@ -229,12 +260,14 @@ def proj_backward(x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC, H_pre, dx_extr
             return TensorDescriptor.from_tensor(t, [BT, BD])
 
         x_desc = desc(x_TD)
+        pair_dots = CONFIG["proj_bwd_pair_dots"]
         _proj_bwd_tma_kernel[(triton.cdiv(D, BD), S)](
-            x_desc, w_KD, TensorDescriptor.from_tensor(dproj.view(2, T, KP), [1, BT, KP]),
+            x_desc, w_KD, TensorDescriptor.from_tensor(
+                dproj.view(T, 2 * KP), [BT, 2 * KP if pair_dots else KP]),
             coef, desc(dx_TD), dw_part, desc(du_TC) if agg else x_desc,
             H_pre if agg else coef, desc(dx_extra) if extra else x_desc,
             T, D, C, N, t_per_split, K=K, KP=KP, BT=BT, BD=BD, AGG=agg, EXTRA=extra,
-            num_warps=warps, num_stages=stages)
+            PAIR_DOTS=pair_dots, num_warps=warps, num_stages=stages)
         return
     _proj_bwd_kernel[(triton.cdiv(D, BD), S)](
         x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC if agg else x_TD,
@@ -250,7 +283,7 @@ class BwdWork(NamedTuple):
     S: int  # T splits (dW partials); 1: the kernel writes dW itself
     t_per_split: int
     G: int  # programs of the gate backward (rows of the d bias / d alpha partials)
-    presplit: bool  # dproj is the bf16 (hi, lo) pair [2, T, KP]
+    presplit: bool  # dproj is the bf16 (hi, lo) pair [T, 2, KP] (store_dproj_pair)
     dproj: torch.Tensor  # [T, KP] fp32, or the pair in the same bytes
     dw_part: torch.Tensor  # [S, K, D] fp32 partials, or dW when S == 1
     coef: torch.Tensor  # [T] RMS chain coefficient
@@ -277,7 +310,7 @@ def bwd_work(T, D, K, KP, G, *, site, bf16, w_dtype, device, extra=0) -> BwdWork
     ws = torch.empty(sum(sizes), dtype=torch.float32, device=device)
     dproj, dw_part, coef, dbias_part, dalpha_part, extra_ws = ws.split(sizes)
     if presplit:
-        dproj = dproj.view(torch.bfloat16)  # [2, T, KP] bf16 in the same bytes
+        dproj = dproj.view(torch.bfloat16)  # [T, 2, KP] bf16 in the same bytes
     return BwdWork(tile, S, t_per_split, G, presplit, dproj, dW if S == 1 else dw_part, coef,
                    dbias_part, dalpha_part, extra_ws, dW)
 

@@ -69,47 +69,62 @@ def _norm_bwd(G, Min, valid, eps, AXIS: tl.constexpr):
 
 
 @triton.jit
+def _keep(h, M, hist, s: tl.constexpr, off, STEP: tl.constexpr, REGS: tl.constexpr):
+    # the input of step s: in the register tuple h (REGS), else in the scratch
+    if REGS:
+        h = h + (M,)
+    else:
+        tl.store(hist + s * STEP + off, M)
+    return h
+
+
+@triton.jit
 def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, SOFTMAX: tl.constexpr,
-                 BT: tl.constexpr, NP: tl.constexpr):
+                 BT: tl.constexpr, NP: tl.constexpr, PREFETCH: tl.constexpr):
     """Gradient of the unrolled iteration w.r.t. the logits L.
 
-    The input of each normalisation step is recomputed and stored to this program's slice
-    of ``hist`` (L2 resident, 2*ITERS*BT*NP*NP fp32), then replayed in reverse.  For
+    The input of each normalisation step is recomputed, kept, then replayed in reverse.  For
     M' = M / (sum_axis M + eps):  dM = (dM' - sum_axis(dM' * M')) / (sum_axis M + eps).
-    Steps run as static (row, col) pairs, so each step reduces along its own axis only.
+    Both passes are unrolled (static steps), so each step reduces along its own axis only.
+    PREFETCH 0: the step inputs stay in registers (a tuple; ``hist`` unused).  PREFETCH p > 0:
+    they go to this program's slice of ``hist`` (L2 resident, (2 ITERS) BT NP NP fp32) and
+    the replay loads each one p steps before it is needed, so the serial chain does not wait
+    on L2 latency.
     """
     off = (tl.arange(0, BT)[:, None, None] * (NP * NP) + tl.arange(0, NP)[None, :, None] * NP
            + tl.arange(0, NP)[None, None, :])
+    STEP: tl.constexpr = BT * NP * NP
+    REGS: tl.constexpr = PREFETCH == 0
+    # softmax_first: col, then (ITERS - 1) x {row, col}; exp_rowmax: ITERS x {row, col}
+    BASE: tl.constexpr = 1 if SOFTMAX else 0
+    S: tl.constexpr = 2 * ITERS - BASE  # steps; step s reduces rows when (s - BASE) is even
     Lm, mx, E = _init(L, valid)
+    h = ()
     if SOFTMAX:
-        # steps: col, then (ITERS - 1) x {row, col}
         P = _softmax(E)
         M = tl.where(valid, P + eps, 0.0)
-        tl.store(hist + off, M)
-        M = _norm(M, eps, 1)
-        base = 1
-        pairs = ITERS - 1
     else:
-        # steps: ITERS x {row, col}
         P = E
         M = E
-        base = 0
-        pairs = ITERS
-    for it in range(pairs):
-        s = base + 2 * it
-        tl.store(hist + s * (BT * NP * NP) + off, M)
-        M = _norm(M, eps, 2)
-        tl.store(hist + (s + 1) * (BT * NP * NP) + off, M)
-        M = _norm(M, eps, 1)
-    # Make this program's scratch writes visible to all of its threads.
-    tl.debug_barrier()
+    for s in tl.static_range(S):
+        h = _keep(h, M, hist, s, off, STEP, REGS)
+        M = _norm(M, eps, 2 if (s - BASE) % 2 == 0 else 1)
+    q = ()
+    if not REGS:
+        # Make this program's scratch writes visible to all of its threads.
+        tl.debug_barrier()
+        for r in tl.static_range(min(PREFETCH, S)):
+            q = q + (tl.load(hist + (S - 1 - r) * STEP + off),)
     G = tl.where(valid, dM, 0.0)
-    for k in range(pairs):
-        s = base + 2 * (pairs - 1 - k)
-        G = _norm_bwd(G, tl.load(hist + (s + 1) * (BT * NP * NP) + off), valid, eps, 1)
-        G = _norm_bwd(G, tl.load(hist + s * (BT * NP * NP) + off), valid, eps, 2)
+    for r in tl.static_range(S):
+        if REGS:
+            Min = h[S - 1 - r]
+        else:
+            if r + PREFETCH < S:
+                q = q + (tl.load(hist + (S - 1 - r - PREFETCH) * STEP + off),)
+            Min = q[r]
+        G = _norm_bwd(G, Min, valid, eps, 2 if (S - 1 - r - BASE) % 2 == 0 else 1)
     if SOFTMAX:
-        G = _norm_bwd(G, tl.load(hist + off), valid, eps, 1)
         # M0 = softmax(L) + eps: softmax backward, row-wise.
         dL = P * (G - tl.sum(G * P, axis=2, keep_dims=True))
     else:
