@@ -158,10 +158,11 @@ _MIX = [{"mix_bwd": c} for c in [(16384, 4), (8192, 2)]]
 _CF = ([{"proj_fwd_tma_tile": c} for c in
         [(64, 128, 4, 3, 2), (64, 128, 4, 4, 2), (128, 128, 8, 3, 8)]]
        + [{"proj_fwd_tma": False}]
-       + [{"coef_fwd": c} for c in [(8, 1), (32, 2)]])
+       + [{"coef_fwd": c} for c in [(8, 1), (32, 2)]]
+       + [{"split_w_block": c} for c in [64, 256]])
 _PBC = [{"proj_bwd": c} for c in
         [(64, 128, 4, 3, True, 2), (64, 128, 4, 3, True, 4), (64, 128, 4, 4, True, 2),
-         (64, 128, 4, 3, True, 1)]]
+         (64, 128, 4, 3, True, 1), (64, 128, 4, 2, True, 2), (64, 64, 4, 3, True, 4)]]
 SWEEP = [
     ("coef_fwd", ("coefficients", 0), triton_proj.CONFIG, _CF),
     ("proj_bwd", ("coefficients", 1), triton_proj.CONFIG, _PBC),
