@@ -83,14 +83,21 @@ CONFIG = {
 
 
 @triton.jit
+def bf16_pair(v):
+    """The (hi, lo) bf16 pair of fp32 v: hi = rn(v), lo = rn(v - hi), so hi + lo carries
+    ~16 mantissa bits and two bf16 products give ~fp32 accuracy on tensor cores."""
+    hi = v.to(tl.bfloat16)
+    return hi, (v - hi.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
 def _split_w_kernel(w_ptr, out_ptr, D, K: tl.constexpr, KP: tl.constexpr, BD: tl.constexpr):
     # out [2, KP, D] bf16: W = hi + lo (hi = rn(W), lo = rn(W - hi)); rows >= K are 0
     d = tl.program_id(0) * BD + tl.arange(0, BD)
     k = tl.arange(0, KP)
     m = (k[:, None] < K) & (d[None, :] < D)
     w = tl.load(w_ptr + k[:, None] * D + d[None, :], mask=m, other=0.0).to(tl.float32)
-    hi = w.to(tl.bfloat16)
-    lo = (w - hi.to(tl.float32)).to(tl.bfloat16)
+    hi, lo = bf16_pair(w)
     md = (k[:, None] < KP) & (d[None, :] < D)
     tl.store(out_ptr + k[:, None] * D + d[None, :], hi, mask=md)
     tl.store(out_ptr + KP * D + k[:, None] * D + d[None, :], lo, mask=md)

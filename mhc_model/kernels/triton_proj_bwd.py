@@ -25,7 +25,13 @@ import torch
 import triton
 import triton.language as tl
 
-from mhc_model.kernels.triton_proj import CONFIG, TensorDescriptor, _sm_count, _tma_ok
+from mhc_model.kernels.triton_proj import (
+    CONFIG,
+    TensorDescriptor,
+    _sm_count,
+    _tma_ok,
+    bf16_pair,
+)
 
 
 @triton.jit
@@ -33,6 +39,8 @@ def store_dproj_pair(dproj_ptr, t, lane, v, mask, KP: tl.constexpr):
     """dproj as the bf16 (hi, lo) pair the projection backward reads: [T, 2, KP], row t holds
     hi = rn(v) in lanes 0 .. KP-1 and lo = rn(v - hi) in KP .. 2 KP-1, so one TMA box of
     [BT, 2 KP] brings both halves (``_proj_bwd_tma_kernel``)."""
+    # ``bf16_pair``'s rule, with hi stored before lo is formed: computing both first changed
+    # the gate backward's SASS (4 scalar stores, 3 more branch regions; Triton 3.6 ptxas)
     hi = v.to(tl.bfloat16)
     row = dproj_ptr + t * (2 * KP) + lane
     tl.store(row, hi, mask=mask)
@@ -91,8 +99,7 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
     w = tl.load(w_ptr + w_off, mask=w_mask, other=0.0).to(tl.float32)
     if SPLIT_BF16:
         # W = W_hi + W_lo in bf16 (see the module docstring)
-        w_hi = w.to(tl.bfloat16)
-        w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
+        w_hi, w_lo = bf16_pair(w)
     if DW_T:  # noqa: SIM108 (constexpr branch)
         acc = tl.zeros((BD, KP), tl.float32)
     else:
@@ -116,8 +123,7 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
                 dp_lo = tl.load(dp_pair + KP, mask=mask_t[:, None], other=0.0)
             else:
                 dp = tl.load(dproj_ptr + dp_off, mask=mask_t[:, None], other=0.0)
-                dp_hi = dp.to(tl.bfloat16)
-                dp_lo = (dp - dp_hi.to(tl.float32)).to(tl.bfloat16)
+                dp_hi, dp_lo = bf16_pair(dp)
             # dproj = hi + lo in bf16; the hi*lo cross terms keep ~fp32 accuracy.
             dx = tl.dot(dp_hi, w_hi)
             dx = tl.dot(dp_hi, w_lo, dx)
@@ -205,8 +211,7 @@ def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
         w = tl.load(w_ptr + offs_k[:, None] * D + offs_d[None, :],
                     mask=mask_d[None, :] & (offs_k[:, None] < K), other=0.0).to(tl.float32)
         acc = tl.zeros((BD, KP), tl.float32)
-    w_hi = w.to(tl.bfloat16)  # W = W_hi + W_lo in bf16 (see triton_proj)
-    w_lo = (w - w_hi.to(tl.float32)).to(tl.bfloat16)
+    w_hi, w_lo = bf16_pair(w)  # W = W_hi + W_lo in bf16 (see triton_proj)
     j = d0 // C  # AGG: C % BD == 0 (host), the tile lies in stream j
     c0 = d0 - j * C
     t_start = pid_s * t_per_split  # a multiple of BT: splits never overlap
