@@ -170,7 +170,7 @@ SWEEP = [
     ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, _MIX),
     ("coef_bwd", ("coefficients", 1), triton_proj.CONFIG,
      [{"coef_bwd": c} for c in [(8, 1, 4), (4, 1, 4), (16, 2, 4)]]
-     + [{"coef_bwd_hist_regs": 0}, {"proj_bwd_pair_dots": False}]
+     + [{"coef_bwd_hist_regs": 0}]
      + [{"finalize": c} for c in [(1024, 1024, 4), (4096, 1024, 8)]]),
 ]
 

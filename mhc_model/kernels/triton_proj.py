@@ -45,8 +45,6 @@ except ImportError:  # pragma: no cover - depends on the Triton version
 #     its backward, prefetch the read-ahead in steps of the Sinkhorn history scratch, used
 #     only where the history (2 iters BT NP^2 fp32) exceeds coef_bwd_hist_regs per thread;
 #     below that it stays in registers.
-#   proj_bwd_pair_dots: the TMA projection backward takes the dproj (hi, lo) pair as one
-#     [BT, 2 KP] operand (3 dots a tile) instead of two halves (5 dots).
 #   split_w_block: D columns per program of ``split_weight``.
 #   finalize: (BLOCK of dW elements, BG rows of partials per step, warps).
 CONFIG = {
@@ -64,8 +62,6 @@ CONFIG = {
     # 199 us; the site's (AGG / EXTRA operands) ran slower with it, 669-751 vs 628-637 us
     "proj_bwd_tma": True,
     "proj_bwd_site_tma": False,
-    # H200 2026-12-01 (run 9): 139.5-141.1 us against 148.9-150.5 with the two halves
-    "proj_bwd_pair_dots": True,
     # the site's projection backward (AGG / EXTRA terms): the two extra [BT, BD] operands
     # spill at BT 64, BD 128, 4 warps (255 registers, 110 spills, 1104 us); H200 sweeps
     # 2026-12-01: 628 / 630 us at (64, 64, 4) (214 registers) vs 637 / 640 at (32, 64, 4)

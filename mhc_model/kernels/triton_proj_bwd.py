@@ -187,31 +187,28 @@ def _finalize_kernel(dw_part_ptr, dw_ptr, dbias_part_ptr, dbias_ptr, dalpha_part
 def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
                          du_desc, hpre_ptr, dxe_desc, T, D, C, N, t_per_split,
                          K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                         AGG: tl.constexpr, EXTRA: tl.constexpr, PAIR_DOTS: tl.constexpr):
+                         AGG: tl.constexpr, EXTRA: tl.constexpr):
     """``_proj_bwd_kernel`` for bf16 streams, presplit dproj and DW_T, with x, the dproj pair,
     du and dx_extra loaded and dx stored through TMA descriptors: tiles past T read as 0
     (they add nothing to dW) and their dx rows are not written.
-    PAIR_DOTS: the dproj pair [BT, 2 KP] (hi | lo, one TMA box) is one operand, so a tile is
-    3 dots: dx = pair @ [W_hi; W_hi] + pair @ [W_lo; W_lo] (hi hi + lo hi + hi lo, and the
-    lo lo term that only adds accuracy), dW^T += x^T @ pair with hi and lo in separate fp32
-    lanes added once at the end (as the forward); otherwise 5 dots over the halves."""
+    The dproj pair [BT, 2 KP] (hi | lo, one TMA box) is one operand, so a tile is 3 dots:
+    dx = pair @ [W_hi; W_hi] + pair @ [W_lo; W_lo] (hi hi + lo hi + hi lo, and the lo lo term
+    that only adds accuracy), dW^T += x^T @ pair with hi and lo in separate fp32 lanes added
+    once at the end (as the forward).  Five dots over the two halves ran 148.9-150.5 us
+    against 139.5-141.1 (coefficient backward, H200, 2026-12-01: kernels_sweeps_h200.md
+    run 9)."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     d0 = pid_d * BD
     offs_d = d0 + tl.arange(0, BD)
     mask_d = offs_d < D
     offs_k = tl.arange(0, KP)
-    if PAIR_DOTS:
-        # [2 KP, BD]: row r holds W[r % KP] (rows >= K of each half read as 0)
-        k2 = tl.arange(0, 2 * KP) % KP
-        w = tl.load(w_ptr + k2[:, None] * D + offs_d[None, :],
-                    mask=mask_d[None, :] & (k2[:, None] < K), other=0.0).to(tl.float32)
-        acc = tl.zeros((BD, 2 * KP), tl.float32)
-    else:
-        w = tl.load(w_ptr + offs_k[:, None] * D + offs_d[None, :],
-                    mask=mask_d[None, :] & (offs_k[:, None] < K), other=0.0).to(tl.float32)
-        acc = tl.zeros((BD, KP), tl.float32)
+    # [2 KP, BD]: row r holds W[r % KP] (rows >= K of each half read as 0)
+    k2 = tl.arange(0, 2 * KP) % KP
+    w = tl.load(w_ptr + k2[:, None] * D + offs_d[None, :],
+                mask=mask_d[None, :] & (k2[:, None] < K), other=0.0).to(tl.float32)
     w_hi, w_lo = bf16_pair(w)  # W = W_hi + W_lo in bf16 (see triton_proj)
+    acc = tl.zeros((BD, 2 * KP), tl.float32)
     j = d0 // C  # AGG: C % BD == 0 (host), the tile lies in stream j
     c0 = d0 - j * C
     t_start = pid_s * t_per_split  # a multiple of BT: splits never overlap
@@ -222,19 +219,10 @@ def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
         x = x_desc.load([tt, d0])
         cf = tl.load(coef_ptr + offs_t, mask=mask_t, other=0.0)
         xt = tl.trans(x)
-        if PAIR_DOTS:
-            dp = dp_desc.load([tt, 0])  # [BT, 2 KP]
-            dx = tl.dot(dp, w_hi)
-            dx = tl.dot(dp, w_lo, dx)
-            acc += tl.dot(xt, dp)  # per-tile chain, fp32 sum (see triton_proj)
-        else:
-            dp_hi = dp_desc.load([tt, 0])
-            dp_lo = dp_desc.load([tt, KP])
-            dx = tl.dot(dp_hi, w_hi)
-            dx = tl.dot(dp_hi, w_lo, dx)
-            dx = tl.dot(dp_lo, w_hi, dx)
-            tile = tl.dot(xt, dp_hi)
-            acc += tl.dot(xt, dp_lo, tile)  # per-tile chain, fp32 sum (see triton_proj)
+        dp = dp_desc.load([tt, 0])  # [BT, 2 KP]
+        dx = tl.dot(dp, w_hi)
+        dx = tl.dot(dp, w_lo, dx)
+        acc += tl.dot(xt, dp)  # per-tile chain, fp32 sum (see triton_proj)
         dx += cf[:, None] * x.to(tl.float32)
         if AGG:
             hp = tl.load(hpre_ptr + offs_t * N + j, mask=mask_t, other=0.0)
@@ -242,8 +230,7 @@ def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
         if EXTRA:
             dx += dxe_desc.load([tt, d0]).to(tl.float32)
         dx_desc.store([tt, d0], dx.to(dx_desc.dtype))
-    if PAIR_DOTS:
-        acc = tl.sum(tl.reshape(acc, (BD, 2, KP)), axis=1)
+    acc = tl.sum(tl.reshape(acc, (BD, 2, KP)), axis=1)
     tl.store(dw_part_ptr + pid_s * K * D + offs_k[None, :] * D + offs_d[:, None],
              acc.to(dw_part_ptr.dtype.element_ty),
              mask=mask_d[:, None] & (offs_k[None, :] < K))
@@ -265,14 +252,12 @@ def proj_backward(x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC, H_pre, dx_extr
             return TensorDescriptor.from_tensor(t, [BT, BD])
 
         x_desc = desc(x_TD)
-        pair_dots = CONFIG["proj_bwd_pair_dots"]
         _proj_bwd_tma_kernel[(triton.cdiv(D, BD), S)](
-            x_desc, w_KD, TensorDescriptor.from_tensor(
-                dproj.view(T, 2 * KP), [BT, 2 * KP if pair_dots else KP]),
+            x_desc, w_KD, TensorDescriptor.from_tensor(dproj.view(T, 2 * KP), [BT, 2 * KP]),
             coef, desc(dx_TD), dw_part, desc(du_TC) if agg else x_desc,
             H_pre if agg else coef, desc(dx_extra) if extra else x_desc,
             T, D, C, N, t_per_split, K=K, KP=KP, BT=BT, BD=BD, AGG=agg, EXTRA=extra,
-            PAIR_DOTS=pair_dots, num_warps=warps, num_stages=stages)
+            num_warps=warps, num_stages=stages)
         return
     _proj_bwd_kernel[(triton.cdiv(D, BD), S)](
         x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC if agg else x_TD,

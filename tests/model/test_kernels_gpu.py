@@ -159,14 +159,12 @@ def test_coefficients_projection_tma(monkeypatch, tma, T_, conv):
 
 @pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("hist_regs", [0, 10**6], ids=["scratch", "registers"])
-@pytest.mark.parametrize("pair_dots", [True, False], ids=["pair", "halves"])
-def test_coefficients_backward_forms(monkeypatch, pair_dots, hist_regs, conv):
-    # the Sinkhorn history read ahead from the L2 scratch or kept in registers, and the
-    # TMA projection backward with the dproj pair as one operand or as two halves
+def test_coefficients_backward_forms(monkeypatch, hist_regs, conv):
+    # the Sinkhorn history read ahead from the L2 scratch or kept in registers, with the
+    # TMA projection backward
     from mhc_model.kernels import triton_proj
 
     monkeypatch.setitem(triton_proj.CONFIG, "coef_bwd_hist_regs", hist_regs)
-    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_pair_dots", pair_dots)
     _force_tma(monkeypatch, True)
     gen = torch.Generator(device="cuda").manual_seed(29)
     _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001), 20, conv)
