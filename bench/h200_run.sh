@@ -2,7 +2,7 @@
 # One device call on the H200 (issue 16): the GPU test suite without and with the `gpu` extra,
 # then bench/kernels.py and bench/overhead.py. Run from the repository root with the Megatron
 # trees at ../mlm/{dev,dsv4} and the wheels (mamba-ssm pure-Python, fla-core) at ../whl.
-# Logs and tables go to $OUT.  STEPS picks a subset: tests,extra,kernels,overhead.
+# Logs and tables go to $OUT.  STEPS picks a subset: tests,extra,kernels,overhead,repeat.
 set -u
 OUT=${OUT:-/tmp/mhc_out}
 STEPS=${STEPS:-tests,extra,kernels,overhead}
@@ -17,7 +17,7 @@ pip install -q --no-index --no-deps --target /tmp/site "$WHL"/*.whl && : > /tmp/
   python3 -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
   cat "$MLM/dev/COMMIT" "$MLM/dsv4/COMMIT"
 } > "$OUT/device.txt" 2>&1
-TESTS=(${TEST_PATHS:-tests} --ignore=tests/cli --ignore=tests/test_readme.py -m gpu -o addopts= -q -rs -p no:cacheprovider -n ${NPROC:-6})
+TESTS=(${TEST_PATHS:-tests} --ignore=tests/cli --ignore=tests/test_readme.py -m "gpu or triton" -o addopts= -q -rs -p no:cacheprovider -n ${NPROC:-6})
 step() { case ",$STEPS," in *",$1,"*) return 0;; *) return 1;; esac; }
 t0=$SECONDS
 if step tests; then
@@ -43,6 +43,13 @@ if step overhead; then
     --out "$OUT/overhead_h200.md" > "$OUT/overhead.log" 2>&1
   echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/overhead.log"
 fi
-for f in tests_plain tests_extra kernels overhead; do
+t0=$SECONDS
+if step repeat; then  # bitwise repeatability of the projection (bench/tma_repeat.py)
+  for a in "" "--plain" "--backward"; do
+    PYTHONPATH=$ROOT timeout ${T_REPEAT:-60} python3 bench/tma_repeat.py --seconds ${REPEAT_S:-15} $a
+  done > "$OUT/repeat.log" 2>&1
+  echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/repeat.log"
+fi
+for f in tests_plain tests_extra kernels overhead repeat; do
   [ -f "$OUT/$f.log" ] && { echo "== $f"; tail -n 4 "$OUT/$f.log"; }
 done

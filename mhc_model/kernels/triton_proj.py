@@ -173,26 +173,33 @@ def _proj_fwd_tma_kernel(x_desc, w_desc, part_ptr, T, d_per_split,
     """``_proj_fwd_kernel`` for bf16 streams with x and the (hi, lo) weight pair read through
     TMA descriptors (Hopper): the copy engine fills shared memory, no per-thread address
     math or masks; out-of-range rows / columns read as 0, which adds nothing to either the
-    projection or the sum of squares.
-    One [BT, BD] x [BD, 2 KP] dot per tile against the pair stacked as it lies in memory
-    (hi rows, then lo rows): hi and lo products are summed over the tiles in separate fp32
-    lanes and added once at the end (two N = KP dots per tile: 68.4-69.1 vs 67.6-67.7 us,
-    H200, 2026-12-01).  The squares are summed elementwise into a [BT, BD] tile and reduced
-    over BD once at the end (reduced per tile: 74.5 vs 70.0 us)."""
+    projection or the sum of squares.  The squares are summed elementwise into a [BT, BD]
+    tile and reduced over BD once at the end (reduced per tile: 74.5 vs 70.0 us, H200).
+
+    Two N = KP dots per tile, hi then lo chained on the tile, added to ``acc`` in fp32 on
+    the CUDA cores.  That add consumes the dots inside the iteration, so every wgmma has
+    completed when the pipeliner issues the TMA loads two tiles ahead.  The one-dot form
+    ``acc2 += dot(x, [hi; lo]^T)`` (67.6-67.7 vs 68.4-69.1 us) is folded by Triton 3.6 into
+    a wgmma left pending across the TMA issue, while x, also loaded to registers for the
+    squares, gets a ring of only 2 buffers at prefetch distance 2: the TMA for tile i + 2
+    overwrites the x tile wgmma i is still reading.  On the H200 that returned a wrong
+    row in 982 of 107,200 launches (T 3001, 3 stages; bench/results/tma_race_h200.md);
+    ``tests/model/test_kernels_ir.py`` checks the compiled loop for it."""
     pid_t = tl.program_id(0)
     pid_s = tl.program_id(1)
     t0 = pid_t * BT
     d_start = pid_s * d_per_split
     offs_k = tl.arange(0, KP)
-    acc2 = tl.zeros((BT, 2 * KP), tl.float32)
+    acc = tl.zeros((BT, KP), tl.float32)
     sq = tl.zeros((BT, BD), tl.float32)
     for d0 in range(0, d_per_split, BD):
         x = x_desc.load([t0, d_start + d0])
         xf = x.to(tl.float32)
         sq += xf * xf
-        w = w_desc.load([0, d_start + d0])  # [2 KP, BD]
-        acc2 += tl.dot(x, tl.trans(w))  # per-tile chain, fp32 sum (see _proj_tile)
-    acc = tl.sum(tl.reshape(acc2, (BT, 2, KP)), axis=1)
+        w_hi = w_desc.load([0, d_start + d0])  # [KP, BD]
+        w_lo = w_desc.load([KP, d_start + d0])
+        tile = tl.dot(x, tl.trans(w_hi))  # per-tile chain, fp32 sum (see _proj_tile)
+        acc += tl.dot(x, tl.trans(w_lo), tile)
     acc = tl.where(offs_k[None, :] == K, tl.sum(sq, axis=1)[:, None], acc)
     _store_partial(part_ptr, acc, pid_s, t0, T, KP, BT)
 
@@ -245,7 +252,7 @@ def proj_forward(x_TD, w_KD, K, KP, bf16):
     w = split_weight(w_KD, KP) if bf16 else w_KD
     if tma:
         x_desc = TensorDescriptor.from_tensor(x_TD, [BT, BD])
-        w_desc = TensorDescriptor.from_tensor(w.view(2 * KP, D), [2 * KP, BD])
+        w_desc = TensorDescriptor.from_tensor(w.view(2 * KP, D), [KP, BD])
         _proj_fwd_tma_kernel[grid](x_desc, w_desc, part, T, d_per_split, K=K, KP=KP, BT=BT,
                                    BD=BD, num_warps=warps, num_stages=stages)
     else:

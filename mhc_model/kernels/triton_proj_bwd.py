@@ -220,9 +220,14 @@ def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
         cf = tl.load(coef_ptr + offs_t, mask=mask_t, other=0.0)
         xt = tl.trans(x)
         dp = dp_desc.load([tt, 0])  # [BT, 2 KP]
+        # dW first: Triton 3.6 folds this add into a wgmma it leaves pending, and x (also
+        # loaded to registers below) gets a ring of 2 at prefetch distance 2, so a wgmma
+        # still pending when the TMA for tile i + 2 is issued reads an overwritten x tile
+        # (see triton_proj._proj_fwd_tma_kernel).  The dx dots after it wait for every
+        # wgmma group before the TMA is issued.
+        acc += tl.dot(xt, dp)  # per-tile chain, fp32 sum (see triton_proj)
         dx = tl.dot(dp, w_hi)
         dx = tl.dot(dp, w_lo, dx)
-        acc += tl.dot(xt, dp)  # per-tile chain, fp32 sum (see triton_proj)
         dx += cf[:, None] * x.to(tl.float32)
         if AGG:
             hp = tl.load(hpre_ptr + offs_t * N + j, mask=mask_t, other=0.0)
