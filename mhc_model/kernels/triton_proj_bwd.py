@@ -194,7 +194,10 @@ def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
     The dproj pair [BT, 2 KP] (hi | lo, one TMA box) is one operand, so a tile is 3 dots:
     dx = pair @ [W_hi; W_hi] + pair @ [W_lo; W_lo] (hi hi + lo hi + hi lo, and the lo lo term
     that only adds accuracy), dW^T += x^T @ pair with hi and lo in separate fp32 lanes added
-    once at the end (as the forward).  Five dots over the two halves ran 148.9-150.5 us
+    once at the end.  Triton folds that add into the wgmma accumulator, so the dW chain
+    runs on the tensor cores over the split's tiles, not one tile as in the forward: dW
+    5.3e-6 of max |dW| against fp64 at T 8192 (2.6e-6 with the 5 dots, whose tiles were
+    summed in fp32; run 9).  Five dots over the two halves ran 148.9-150.5 us
     against 139.5-141.1 (coefficient backward, H200, 2026-12-01: kernels_sweeps_h200.md
     run 9)."""
     pid_d = tl.program_id(0)
@@ -225,7 +228,7 @@ def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
         # still pending when the TMA for tile i + 2 is issued reads an overwritten x tile
         # (see triton_proj._proj_fwd_tma_kernel).  The dx dots after it wait for every
         # wgmma group before the TMA is issued.
-        acc += tl.dot(xt, dp)  # per-tile chain, fp32 sum (see triton_proj)
+        acc += tl.dot(xt, dp)  # chained over the tiles (see the docstring)
         dx = tl.dot(dp, w_hi)
         dx = tl.dot(dp, w_lo, dx)
         dx += cf[:, None] * x.to(tl.float32)
