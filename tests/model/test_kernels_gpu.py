@@ -194,6 +194,41 @@ def test_tma_projection_is_bitwise_repeatable(monkeypatch):
     assert bad.item() == 0, f"{bad.item()} gradients of 300 backward calls differ"
 
 
+@pytest.mark.parametrize("tma", [True, False], ids=["tma", "plain"])
+def test_site_and_head_are_bitwise_repeatable(monkeypatch, tma):
+    # every sum has a fixed order, so any launch that differs from the first is a race; the
+    # fused site and the learned head, forward and backward (C 1024: the aggregate's dx is
+    # folded into the projection backward)
+    _force_tma(monkeypatch, tma)
+    gen = torch.Generator(device="cuda").manual_seed(71)
+    T_, N, C = 3001, 4, 1024
+    ins = _coef_inputs(N, C, torch.bfloat16, gen, T_=T_)
+    y, g_u, g_out = (torch.randn(*shape, generator=gen, device="cuda").bfloat16()
+                     for shape in ((T_, C), (T_, C), (T_, N, C)))
+    y.requires_grad_()
+    head = [ins[0], (torch.randn(N, N * C, generator=gen, device="cuda") / (N * C) ** 0.5),
+            torch.randn(N, generator=gen, device="cuda"), torch.tensor([0.7], device="cuda")]
+    for t in head[1:]:
+        t.requires_grad_()
+
+    def site():
+        u, H_post, H_res, link = K.site_pre(*ins, iters=20, convention="deepseek")
+        assert link is not None  # the fused site ran
+        out = K.site_post(ins[0], H_res, H_post, y, "deepseek", link)
+        return (u, out, *torch.autograd.grad((u, out), [*ins, y], (g_u, g_out)))
+
+    def learned_head():
+        out = K.contract_learned(*head, 1e-6)
+        return (out, *torch.autograd.grad(out, head, g_u))
+
+    for name, fn in (("site", site), ("learned head", learned_head)):
+        first = [t.clone() for t in fn()]
+        bad = torch.zeros((), dtype=torch.int64, device="cuda")
+        for _ in range(200):
+            bad += sum((a != b).any().long() for a, b in zip(fn(), first))
+        assert bad.item() == 0, f"{name}: {bad.item()} outputs of 200 calls differ from the first"
+
+
 def test_projection_tma_falls_back_on_unaligned_rows(monkeypatch):
     # D % 8 != 0: the row stride is not 16-byte aligned, TMA cannot describe x
     from mhc_model.kernels import triton_proj, triton_proj_bwd
