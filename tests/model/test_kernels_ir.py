@@ -1,16 +1,17 @@
-"""The projection kernels' compiled loops for Hopper (sm_90): no wgmma in flight when a copy
-into shared memory is issued.
+"""The projection kernels' compiled loops for Hopper (sm_90): no copy into shared memory
+overwrites a buffer that a pending wgmma may still read.
 
-Triton's software pipeliner prefetches the tiles of later iterations while the wgmma of this
-one runs.  A wgmma still pending at that point may be reading the buffer the copy fills:
-Triton 3.6 gave x, loaded to registers as well as fed to a wgmma, a ring of 2 buffers at
-prefetch distance 2, and the H200 returned a wrong row in about 1% of launches
-(``triton_proj._proj_fwd_tma_kernel``, bench/results/tma_race_h200.md).  The check is on the
-TTGIR, so it runs wherever Triton's NVIDIA backend compiles (no GPU needed): inside each loop,
-taken twice so pending groups carry over, count the async ``warp_group_dot`` issued and lower
-the count at each ``warp_group_dot_wait {pendings = p}``; every copy into shared memory must
-see 0.  That is stricter than the hazard (a deep enough ring would be safe), and it is what the
-kernels guarantee.
+Triton's software pipeliner prefetches the tiles of later iterations (num_stages - 1 ahead)
+while the wgmma of this one runs.  Triton 3.6 gave x, loaded to registers as well as fed to a
+wgmma, a ring of only 2 buffers at prefetch distance 2, and the H200 returned a wrong row in
+about 1% of launches (``triton_proj._proj_fwd_tma_kernel``, bench/results/tma_race_h200.md).
+The check reads the TTGIR, so it runs wherever Triton's NVIDIA backend compiles (no GPU
+needed).  Inside each loop, taken three times so pending groups carry over, it keeps the
+async ``warp_group_dot`` issued and drops them at each ``warp_group_dot_wait {pendings = p}``
+(all but the newest p).  At every copy into a shared-memory buffer, no pending wgmma may read
+that buffer unless its ring is deep enough for any prefetch distance the pipeliner can use
+(1 .. num_stages - 1): num_stages buffers for a wgmma of this iteration, one more for each
+iteration it has been pending.
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ from mhc_model.kernels.triton_head import head_lanes  # noqa: E402
 
 _COPY = re.compile(r"ttng\.async_tma_copy_global_to_local|ttg\.async_copy_global_to_local")
 _WAIT = re.compile(r"ttng\.warp_group_dot_wait .*\{pendings = (\d+)")
-_DOT = re.compile(r"ttng\.warp_group_dot %.*isAsync = true")
+_DOT = re.compile(r"ttng\.warp_group_dot (%[\w.]+), (%[\w.]+),.*isAsync = true")
+_DEF = re.compile(r"^\s*(%[\w.]+)(?::\d+)? = (\S+) (%[\w.]+)")
+_RING = re.compile(r"^\s*(%[\w.]+) = ttg\.local_alloc : \(\) -> !ttg\.memdesc<(\d+)x\d+x\d+x")
+_VIEWS = ("ttg.memdesc_index", "ttg.memdesc_trans", "ttg.memdesc_subslice")
+_NAME = re.compile(r"^\s*(%[\w.]+)(?::\d+)? = ")
 
 
 def _ttgir(fn, warps, stages, const, types):
@@ -46,7 +51,7 @@ def _ttgir(fn, warps, stages, const, types):
     src = ASTSource(fn, sig, const)
     k = triton.compile(src, target=GPUTarget("cuda", 90, 32),
                        options={"num_warps": warps, "num_stages": stages})
-    return k.asm["ttgir"]
+    return k.asm["ttgir"], stages
 
 
 def _loops(ttgir: str) -> list[list[str]]:
@@ -66,20 +71,44 @@ def _loops(ttgir: str) -> list[list[str]]:
     return out
 
 
-def _copies_under_pending_wgmma(ttgir: str) -> list[str]:
-    bad = []
+def _hazards(ttgir: str, stages: int) -> list[str]:
+    rings = {m.group(1): int(m.group(2)) for m in map(_RING.match, ttgir.splitlines()) if m}
+    src = {}  # value -> the buffer it is a view of (SSA names are unique in the function)
+    for line in ttgir.splitlines():
+        m = _DEF.match(line)
+        if m and m.group(2) in _VIEWS:
+            src[m.group(1)] = src.get(m.group(3), m.group(3))
     loops = _loops(ttgir)
     assert loops, "no loop in the kernel"
+    bad = []
     for body in loops:
-        pending = 0
-        for rnd in range(2):
+        defined = {m.group(1) for m in map(_NAME.match, body) if m}
+        defined -= set(src)  # views are traced
+        pending: list[list[tuple[int, str]]] = []  # per wgmma: (round issued, buffer) each
+        for rnd in range(3):
             for line in body:
-                if _DOT.search(line):
-                    pending += 1
+                if m := _DOT.search(line):
+                    # its shared-memory operands (register A operands are ptxas's to guard)
+                    types = line.split("} : ", 1)[1].split(" -> ")[0].split(" * ")
+                    pending.append([(rnd, src.get(op, op)) for op, ty in zip(m.groups(), types)
+                                    if ty.startswith("!ttg.memdesc")])
                 elif m := _WAIT.search(line):
-                    pending = min(pending, int(m.group(1)))
-                elif _COPY.search(line) and pending and rnd == 1:
-                    bad.append(f"{pending} wgmma pending at: {line.strip()[:120]}")
+                    keep = int(m.group(1))
+                    pending = pending[len(pending) - keep:] if keep else []
+                elif (m := _COPY.search(line)) and rnd == 2:
+                    dst = re.search(r"\] (%[\w.]+)", line).group(1)
+                    dst = src.get(dst, dst)
+                    for issued, buf in (op for ops in pending for op in ops):
+                        if buf in defined:  # made in the loop by something not a view
+                            bad.append(f"untraced operand {buf} of a pending wgmma")
+                            continue
+                        # the copy fills slot i + d (d in 1 .. stages - 1) of a ring of R; a
+                        # wgmma issued k iterations ago reads slot i - k: safe iff R >= stages + k
+                        k, depth = rnd - issued, rings.get(buf, 1)
+                        if buf == dst and depth < stages + k:
+                            bad.append(f"{buf} (ring of {depth}, {stages} stages) is read by a "
+                                       f"wgmma issued {k} iterations back and still pending "
+                                       f"at: {line.strip()[:80]}")
     return bad
 
 
@@ -87,8 +116,9 @@ def _desc(rows, cols):
     return f"tensordesc<bf16[{rows},{cols}]>"
 
 
-def _fwd_tma(K, KP):
-    BT, BD, warps, stages, _ = triton_proj.CONFIG["proj_fwd_tma_tile"]
+def _fwd_tma(K, KP, stages=None):
+    BT, BD, warps, cfg_stages, _ = triton_proj.CONFIG["proj_fwd_tma_tile"]
+    stages = stages or cfg_stages
     return _ttgir(triton_proj._proj_fwd_tma_kernel, warps, stages,
                   {"K": K, "KP": KP, "BT": BT, "BD": BD},
                   {"x_desc": _desc(BT, BD), "w_desc": _desc(KP, BD)})
@@ -101,8 +131,9 @@ def _fwd_plain(K, KP):
                   {"x_ptr": "*bf16", "w_ptr": "*bf16"})
 
 
-def _bwd_tma(key, agg, extra):
-    BT, BD, warps, stages, _, _ = triton_proj.CONFIG[key]
+def _bwd_tma(key, agg, extra, stages=None):
+    BT, BD, warps, cfg_stages, _, _ = triton_proj.CONFIG[key]
+    stages = stages or cfg_stages
     d = _desc(BT, BD)
     return _ttgir(triton_proj_bwd._proj_bwd_tma_kernel, warps, stages,
                   {"K": 24, "KP": 32, "BT": BT, "BD": BD, "AGG": agg, "EXTRA": extra},
@@ -128,12 +159,17 @@ CASES = {
     "bwd_tma_site": lambda: _bwd_tma("proj_bwd_site", True, True),
     "bwd_plain": lambda: _bwd_plain("proj_bwd", False),
     "bwd_plain_site": lambda: _bwd_plain("proj_bwd_site", True),
+    # the stage counts bench/kernels.py sweeps
+    "fwd_tma_coef_2_stages": lambda: _fwd_tma(24, 32, 2),
+    "fwd_tma_coef_4_stages": lambda: _fwd_tma(24, 32, 4),
+    "bwd_tma_2_stages": lambda: _bwd_tma("proj_bwd", False, False, 2),
+    "bwd_tma_4_stages": lambda: _bwd_tma("proj_bwd", False, False, 4),
 }
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_no_wgmma_in_flight_at_a_shared_memory_copy(case):
-    ttgir = CASES[case]()
+def test_no_copy_overwrites_what_a_pending_wgmma_reads(case):
+    ttgir, stages = CASES[case]()
     assert _DOT.search(ttgir), "the loop has no async wgmma: the check would see nothing"
-    bad = _copies_under_pending_wgmma(ttgir)
+    bad = _hazards(ttgir, stages)
     assert not bad, f"{case}: " + "; ".join(bad)
