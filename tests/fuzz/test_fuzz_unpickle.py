@@ -67,7 +67,12 @@ ODD = st.sampled_from([
 
 
 def _set(obj, name, value):
-    object.__setattr__(obj, name, value)  # frozen dataclasses too (BUILD can do the same)
+    # frozen dataclasses too (BUILD can do the same); an earlier edit may have put a plain
+    # value (list, str, Size) where an object was, which has no fields to edit
+    try:
+        object.__setattr__(obj, name, value)
+    except (AttributeError, TypeError):
+        pass
 
 
 @st.composite
