@@ -10,6 +10,7 @@ copy of the real checkpoint; the third through ``safe_pickle_load`` + the reader
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import pickle
@@ -69,10 +70,8 @@ ODD = st.sampled_from([
 def _set(obj, name, value):
     # frozen dataclasses too (BUILD can do the same); an earlier edit may have put a plain
     # value (list, str, Size) where an object was, which has no fields to edit
-    try:
+    with contextlib.suppress(AttributeError, TypeError):
         object.__setattr__(obj, name, value)
-    except (AttributeError, TypeError):
-        pass
 
 
 @st.composite
