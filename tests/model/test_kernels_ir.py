@@ -131,14 +131,14 @@ def _fwd_plain(K, KP):
                   {"x_ptr": "*bf16", "w_ptr": "*bf16"})
 
 
-def _bwd_tma(key, agg, extra, stages=None):
+def _bwd_tma(key, agg, extra, stages=None, K=24, KP=32):
     BT, BD, warps, cfg_stages, _, _ = triton_proj.CONFIG[key]
     stages = stages or cfg_stages
     d = _desc(BT, BD)
     return _ttgir(triton_proj_bwd._proj_bwd_tma_kernel, warps, stages,
-                  {"K": 24, "KP": 32, "BT": BT, "BD": BD, "AGG": agg, "EXTRA": extra},
+                  {"K": K, "KP": KP, "BT": BT, "BD": BD, "AGG": agg, "EXTRA": extra},
                   {"x_desc": d, "dx_desc": d, "du_desc": d, "dxe_desc": d,
-                   "dp_desc": _desc(BT, 64)})
+                   "dp_desc": _desc(BT, 2 * KP)})
 
 
 def _bwd_plain(key, agg):
@@ -159,6 +159,11 @@ CASES = {
     "bwd_tma_site": lambda: _bwd_tma("proj_bwd_site", True, True),
     "bwd_plain": lambda: _bwd_plain("proj_bwd", False),
     "bwd_plain_site": lambda: _bwd_plain("proj_bwd_site", True),
+    # N 6 (K 48, KP 64) and N 2 (K 8, KP 16): wider and narrower dots
+    "fwd_tma_coef_n6": lambda: _fwd_tma(48, 64),
+    "bwd_tma_n6": lambda: _bwd_tma("proj_bwd", False, False, K=48, KP=64),
+    "fwd_tma_coef_n2": lambda: _fwd_tma(8, 16),
+    "bwd_tma_n2": lambda: _bwd_tma("proj_bwd", False, False, K=8, KP=16),
     # the stage counts bench/kernels.py sweeps
     "fwd_tma_coef_2_stages": lambda: _fwd_tma(24, 32, 2),
     "fwd_tma_coef_4_stages": lambda: _fwd_tma(24, 32, 4),
