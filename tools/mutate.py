@@ -243,6 +243,20 @@ MUTANTS: list[Mutant] = [
            "    return (t_1S <= i_S1) & (t_1S >= i_S1 - window)",
            "the sliding window admits one token too many",
            ("tests/model/test_dsv4_attention.py",)),
+    # the pipelined TMA projection loops (the race of bench/results/tma_race_h200.md)
+    Mutant("tma-fwd-chained-dots", "mhc_model/kernels/triton_proj.py",
+           "        tile = tl.dot(x, tl.trans(w_hi))  # per-tile chain, fp32 sum (see _proj_tile)\n"
+           "        acc += tl.dot(x, tl.trans(w_lo), tile)\n",
+           "        acc = tl.dot(x, tl.trans(w_lo), tl.dot(x, tl.trans(w_hi), acc))\n",
+           "TMA forward chains its dots through acc: a wgmma stays pending over the x prefetch",
+           ("tests/model/test_kernels_ir.py",)),
+    Mutant("tma-bwd-dw-dot-last", "mhc_model/kernels/triton_proj_bwd.py",
+           "        acc += tl.dot(xt, dp)  # chained over the tiles (see the docstring)\n"
+           "        dx = tl.dot(dp, w_hi)\n        dx = tl.dot(dp, w_lo, dx)\n",
+           "        dx = tl.dot(dp, w_hi)\n        dx = tl.dot(dp, w_lo, dx)\n"
+           "        acc += tl.dot(xt, dp)\n",
+           "TMA backward issues the dW dot last: it stays pending over the x prefetch",
+           ("tests/model/test_kernels_ir.py",)),
 ]
 
 FALLBACK = ("tests", "-m", "not gpu")
