@@ -141,11 +141,11 @@ def _bwd_tma(key, agg, extra, stages=None, K=24, KP=32):
                    "dp_desc": _desc(BT, 2 * KP)})
 
 
-def _bwd_plain(key, agg):
+def _bwd_plain(key, agg, K=24, KP=32):
     BT, BD, warps, stages, dw_t, _ = triton_proj.CONFIG[key]
     bf = "*bf16"
     return _ttgir(triton_proj_bwd._proj_bwd_kernel, warps, stages,
-                  {"K": 24, "KP": 32, "BT": BT, "BD": BD, "SPLIT_BF16": True,
+                  {"K": K, "KP": KP, "BT": BT, "BD": BD, "SPLIT_BF16": True,
                    "PRESPLIT": True, "DW_T": dw_t, "AGG": agg, "EXTRA": False},
                   {"x_ptr": bf, "dproj_ptr": bf, "dx_ptr": bf, "du_ptr": bf, "dxe_ptr": bf})
 
@@ -159,6 +159,8 @@ CASES = {
     "bwd_tma_site": lambda: _bwd_tma("proj_bwd_site", True, True),
     "bwd_plain": lambda: _bwd_plain("proj_bwd", False),
     "bwd_plain_site": lambda: _bwd_plain("proj_bwd_site", True),
+    "bwd_plain_head": lambda: _bwd_plain("proj_bwd_site", True, K=4, KP=head_lanes(4)),
+    "bwd_tma_head": lambda: _bwd_tma("proj_bwd_site", True, False, K=4, KP=head_lanes(4)),
     # N 6 (K 48, KP 64) and N 2 (K 8, KP 16): wider and narrower dots
     "fwd_tma_coef_n6": lambda: _fwd_tma(48, 64),
     "bwd_tma_n6": lambda: _bwd_tma("proj_bwd", False, False, K=48, KP=64),
