@@ -155,3 +155,28 @@ def test_stale_temp_output_is_reported(tmp_path, src):
     assert f"mhc-convert clean {tmp_path}" in warning[0]
     # nothing stale beside another destination: no warning
     assert "WARNING" not in cli("enable", src, tmp_path / "other", "-q", code=0).stderr
+
+
+def test_convert_runs_with_triton_unimportable(tmp_path, src):
+    """mhc_convert needs no Triton (the CPU install path has it for the kernel checks, so it
+    is blocked here): enable, verify and disable with every ``triton`` import refused."""
+    on, off = tmp_path / "on", tmp_path / "off"
+    code = ("import sys\n"
+            "class _NoTriton:\n"
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if name == 'triton' or name.startswith('triton.'):\n"
+            "            raise ImportError('triton blocked by the test')\n"
+            "sys.meta_path.insert(0, _NoTriton())\n"
+            "from mhc_convert.cli import main\n"
+            f"for argv in (['enable', {str(src)!r}, {str(on)!r}, '--streams', '4'],\n"
+            f"             ['verify', {str(src)!r}, {str(on)!r}],\n"
+            f"             ['disable', {str(on)!r}, {str(off)!r}]):\n"
+            "    sys.argv = ['mhc-convert', *argv]\n"
+            "    try:\n        main()\n    except SystemExit as e:\n"
+            "        assert e.code in (0, None), (argv, e.code)\n"
+            "print('triton' in sys.modules)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines()[-1] == "False", proc.stdout[-2000:]
+    assert (off / "model.safetensors").is_file() or any(off.iterdir())
