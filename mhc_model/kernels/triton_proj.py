@@ -16,8 +16,7 @@ Sinkhorn iterations run serially in the tail), so it was removed.
 
 bf16 streams: x is exact in bf16, the fp32 weight is split into W_hi + W_lo (both bf16; once
 up front for the forward, in registers per program for the backward), so the hi and lo bf16
-products (two dots, or one against the stacked pair in the TMA forward) give ~fp32 accuracy
-at tensor-core speed.  fp32 streams use exact fp32 dots.
+products (two dots) give ~fp32 accuracy at tensor-core speed.  fp32 streams use exact fp32 dots.
 """
 
 from __future__ import annotations
@@ -52,7 +51,7 @@ CONFIG = {
     "proj_fwd": (128, 128, 8, 3, 8),
     # ``_proj_fwd_tma_kernel``, H200 sweeps 2026-12-01 (bench/results/kernels_sweeps_h200.md,
     # run 8): 64 x 128 tiles, 4 warps, 3 stages (96 KB: two programs per SM), D split 2 at
-    # T 8192: projection 67.6-69.6 us against 79-81 at (128, 128, 8 warps, 3 stages, split 16)
+    # T 8192: projection 68.4-69.1 us against 79-81 at (128, 128, 8 warps, 3 stages, split 16)
     "proj_fwd_tma": True,
     "proj_fwd_tma_tile": (64, 128, 4, 3, 2),
     "split_w_block": 128,  # 1.9 vs 2.2 us at 256 (D 16384)

@@ -23,6 +23,12 @@ ROOT = Path(__file__).resolve().parents[2]
 VERSION = metadata.version("mhc-hybrid")
 
 
+def _python(code: str, timeout: int = 120) -> subprocess.CompletedProcess:
+    """``python -c code`` in a fresh interpreter with the repository importable."""
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=timeout)
+
+
 # ---------------------------------------------------------------------------- version, help
 def test_version_everywhere():
     assert mhc_convert.__version__ == VERSION
@@ -60,17 +66,14 @@ def test_start_up_does_not_import_torch(argv):
             "try:\n    main()\nexcept SystemExit as e:\n    assert e.code == 0, e.code\n"
             "print(sorted(m for m in ('torch', 'rich', 'numpy', 'safetensors') "
             "if m in sys.modules))\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    proc = _python(code)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-1] == "[]", proc.stdout
 
 
 def test_import_mhc_convert_is_light():
-    proc = subprocess.run([sys.executable, "-c", "import sys, mhc_convert, mhc_model; "
-                           "print('torch' in sys.modules, mhc_convert.__version__)"],
-                          capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = _python("import sys, mhc_convert, mhc_model; "
+                   "print('torch' in sys.modules, mhc_convert.__version__)")
     assert proc.stdout.split() == ["False", VERSION], proc.stderr
 
 
@@ -175,8 +178,7 @@ def test_convert_runs_with_triton_unimportable(tmp_path, src):
             "    try:\n        main()\n    except SystemExit as e:\n"
             "        assert e.code in (0, None), (argv, e.code)\n"
             "print('triton' in sys.modules)\n")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    proc = _python(code, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.splitlines()[-1] == "False", proc.stdout[-2000:]
     assert (off / "model.safetensors").is_file() or any(off.iterdir())
