@@ -170,35 +170,38 @@ def test_coefficients_backward_forms(monkeypatch, hist_regs, conv):
     _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001), 20, conv)
 
 
+def _differing_calls(fn, calls: int) -> int:
+    """How many of ``calls`` further calls of ``fn`` (a tuple of tensors) differ bitwise from
+    its first call: every sum has a fixed order, so any difference is a race."""
+    first = [t.clone() for t in fn()]
+    bad = torch.zeros((), dtype=torch.int64, device="cuda")
+    for _ in range(calls):
+        bad += sum((a != b).any().long() for a, b in zip(fn(), first))
+    return int(bad.item())
+
+
 def test_tma_projection_is_bitwise_repeatable(monkeypatch):
     # The pipelined TMA loops once let a wgmma read an x tile the next prefetch had already
     # overwritten: a wrong row in ~1% of forward launches on the H200 (T 3001; see
-    # test_kernels_ir.py).  Fixed-order sums make every launch bitwise equal to the first.
+    # test_kernels_ir.py).
     from mhc_model.kernels import triton_proj
 
     _force_tma(monkeypatch, True)
     gen = torch.Generator(device="cuda").manual_seed(67)
     ins = _coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001)
     x_TD, W = ins[0].detach().view(3001, 4000), ins[1].detach()
-    first = triton_proj.proj_forward(x_TD, W, 24, 32, True)
-    bad = torch.zeros((), dtype=torch.int64, device="cuda")
-    for _ in range(2000):
-        bad += (triton_proj.proj_forward(x_TD, W, 24, 32, True) != first).any()
-    assert bad.item() == 0, f"{bad.item()} of 2000 forward launches differ from the first"
+    bad = _differing_calls(lambda: (triton_proj.proj_forward(x_TD, W, 24, 32, True),), 2000)
+    assert bad == 0, f"{bad} of 2000 forward launches differ from the first"
     outs = K.coefficients(*ins, iters=20, convention="megatron_dsv4")
     gs = [torch.randn_like(o) for o in outs]
-    ref = torch.autograd.grad(outs, ins, gs, retain_graph=True)
-    for _ in range(300):
-        got = torch.autograd.grad(outs, ins, gs, retain_graph=True)
-        bad += sum((a != b).any().long() for a, b in zip(got, ref))
-    assert bad.item() == 0, f"{bad.item()} gradients of 300 backward calls differ"
+    bad = _differing_calls(lambda: torch.autograd.grad(outs, ins, gs, retain_graph=True), 300)
+    assert bad == 0, f"{bad} gradients of 300 backward calls differ from the first"
 
 
 @pytest.mark.parametrize("tma", [True, False], ids=["tma", "plain"])
 def test_site_and_head_are_bitwise_repeatable(monkeypatch, tma):
-    # every sum has a fixed order, so any launch that differs from the first is a race; the
-    # fused site and the learned head, forward and backward (C 1024: the aggregate's dx is
-    # folded into the projection backward)
+    # the fused site and the learned head, forward and backward (C 1024: the aggregate's dx
+    # is folded into the projection backward)
     _force_tma(monkeypatch, tma)
     gen = torch.Generator(device="cuda").manual_seed(71)
     T_, N, C = 3001, 4, 1024
@@ -222,11 +225,8 @@ def test_site_and_head_are_bitwise_repeatable(monkeypatch, tma):
         return (out, *torch.autograd.grad(out, head, g_u))
 
     for name, fn in (("site", site), ("learned head", learned_head)):
-        first = [t.clone() for t in fn()]
-        bad = torch.zeros((), dtype=torch.int64, device="cuda")
-        for _ in range(200):
-            bad += sum((a != b).any().long() for a, b in zip(fn(), first))
-        assert bad.item() == 0, f"{name}: {bad.item()} outputs of 200 calls differ from the first"
+        bad = _differing_calls(fn, 200)
+        assert bad == 0, f"{name}: {bad} outputs of 200 calls differ from the first"
 
 
 def test_projection_tma_falls_back_on_unaligned_rows(monkeypatch):
