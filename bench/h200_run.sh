@@ -19,37 +19,42 @@ pip install -q --no-index --no-deps --target /tmp/site "$WHL"/*.whl && : > /tmp/
 } > "$OUT/device.txt" 2>&1
 TESTS=(${TEST_PATHS:-tests} --ignore=tests/cli --ignore=tests/test_readme.py -m "gpu or triton" -o addopts= -q -rs -p no:cacheprovider -n ${NPROC:-6})
 step() { case ",$STEPS," in *",$1,"*) return 0;; *) return 1;; esac; }
+FAILED=""
+# done_step RC LOG: the step's exit status and wall time go to the end of its log; a failed step
+# fails the script (after every selected step has run)
+done_step() { echo "rc=$1 wall=$((SECONDS - t0))s" >> "$2"; [ "$1" = 0 ] || FAILED="$FAILED $(basename "$2")"; }
 t0=$SECONDS
 if step tests; then
   PYTHONPATH=$ROOT timeout ${T_TESTS:-90} python3 -m pytest "${TESTS[@]}" > "$OUT/tests_plain.log" 2>&1
-  echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/tests_plain.log"
+  done_step $? "$OUT/tests_plain.log"
 fi
 t0=$SECONDS
 if step extra; then
   PYTHONPATH=/tmp/site:$ROOT MHC_MEGATRON_SRC_DEV=$MLM/dev MHC_MEGATRON_SRC_DSV4=$MLM/dsv4 \
     TRITON_F32_DEFAULT=ieee MAMBA_DETERMINISTIC=1 \
     timeout ${T_EXTRA:-300} python3 -m pytest "${TESTS[@]}" > "$OUT/tests_extra.log" 2>&1
-  echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/tests_extra.log"
+  done_step $? "$OUT/tests_extra.log"
 fi
 t0=$SECONDS
 if step kernels; then
   PYTHONPATH=$ROOT timeout ${T_KERNELS:-90} python3 bench/kernels.py ${KERNEL_ARGS:---sweep} --diag --out "$OUT/kernels_h200.md" \
     > "$OUT/kernels.log" 2>&1
-  echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/kernels.log"
+  done_step $? "$OUT/kernels.log"
 fi
 t0=$SECONDS
 if step overhead; then
   PYTHONPATH=/tmp/site:$ROOT MHC_MEGATRON_SRC=$MLM/dev timeout ${T_OVERHEAD:-200} python3 bench/overhead.py ${OVERHEAD_ARGS:-} \
     --out "$OUT/overhead_h200.md" > "$OUT/overhead.log" 2>&1
-  echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/overhead.log"
+  done_step $? "$OUT/overhead.log"
 fi
 t0=$SECONDS
 if step repeat; then  # bitwise repeatability of the projection (bench/tma_repeat.py)
   for a in "" "--plain" "--backward"; do
     PYTHONPATH=$ROOT timeout ${T_REPEAT:-60} python3 bench/tma_repeat.py --seconds ${REPEAT_S:-15} $a
   done > "$OUT/repeat.log" 2>&1
-  echo "rc=$? wall=$((SECONDS - t0))s" >> "$OUT/repeat.log"
+  done_step $? "$OUT/repeat.log"
 fi
 for f in tests_plain tests_extra kernels overhead repeat; do
-  [ -f "$OUT/$f.log" ] && { echo "== $f"; tail -n 4 "$OUT/$f.log"; }
+  if [ -f "$OUT/$f.log" ]; then echo "== $f"; tail -n 4 "$OUT/$f.log"; fi
 done
+[ -z "$FAILED" ] || { echo "FAILED:$FAILED"; exit 1; }
