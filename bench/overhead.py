@@ -156,6 +156,9 @@ def rows(base: HybridConfig):
             out.append((f"Megatron dev HyperConnectionModule, {'fused' if fused else 'native'}",
                         base.replace(mhc=on), null,
                         lambda m, f=fused: peers.megatron_sites(m, f), None))
+    if peers.tilelang_status() is None:
+        out.append(("DeepSeek TileKernels (tilelang)", base.replace(mhc=on), null,
+                    peers.tilekernels_sites, None))
     out.append(("mHC off (last)", base, null, None, None))
     return out
 
@@ -184,13 +187,15 @@ def main() -> None:
     tree = peers.megatron_tree()
     mlm = (f"Megatron tree {tree} ({peers.megatron_commit(tree)})" if tree
            else "Megatron rows skipped (MHC_MEGATRON_SRC unset)")
-    tl_note = peers.tilelang_status() or "tilelang and tile_kernels import"
+    tl_why = peers.tilelang_status()
+    tl_note = (f"TileKernels row: skipped, {tl_why}" if tl_why else
+               f"TileKernels {peers.tilekernels_provenance()}")
     lines = [f"# mHC step-time and memory overhead on {torch.cuda.get_device_name()}", "",
              f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton.__version__}; "
              f"{args.tokens} tokens, bf16, n = {N_STREAMS}, forward+backward, mean of "
              f"{args.iters} steps after 2 warm-up steps, one process, after {args.warmup_s:.0f} s "
              f"of GPU load. {mlm}. "
-             f"TileKernels row: skipped, {tl_note}. Peak = allocated memory above the weights "
+             f"{tl_note}. Peak = allocated memory above the weights "
              "(activations + gradients). Ratios against the mean of the two mHC-off rows.", "",
              "| stack | Mamba2 scan | config | ms/step | time ratio | peak GiB | mem ratio | "
              "floor GiB | peak / floor |",
@@ -252,6 +257,11 @@ def main() -> None:
                              f"{label} median {_median(v):.1f} ms, ratio to mHC off median "
                              f"{_median(r):.3f} (rounds {min(r):.3f}-{max(r):.3f})"
                              for label, (v, r) in res.items()))
+        if peers.TK_PARITY:
+            notes.append(f"- {name}, TileKernels site against ours (layer 0, the same "
+                         "parameters, 512 tokens, bf16, no grad): max |difference| / max |ours| "
+                         f"{peers.TK_PARITY['layer 0']:.2e}")
+            peers.TK_PARITY.clear()
         drift = offs[-1][1] / offs[0][1] - 1 if len(offs) == 2 else float("nan")
         notes.append(f"- {name}: mHC-off drift last vs first {100 * drift:+.1f}% time, "
                      f"{100 * (offs[-1][2] / offs[0][2] - 1):+.1f}% memory.")

@@ -12,8 +12,13 @@ embedding, expand/contract and the head stay ours, so only the mHC site differs.
     torch.compile'd path).  Per layer: ``hc(x) -> (aggregated, h_res, h_post, residual)``, our
     branch on ``aggregated``, then ``hc.fused_h_res_h_post_bda`` (dropout 0), the call sequence of
     Megatron's own ``HyperConnectionHybridLayer``.  Its parameters are fp32, like ours.
-  * ``tilelang_status``: DeepSeek's TileKernels need tilelang; the row is skipped (and says why)
-    unless it imports.
+  * ``tilekernels_sites``: DeepSeek's TileKernels (tilelang kernels; ``tile_kernels.modeling.mhc
+    .functional``): per layer ``mhc_pre(x, fn, scale, base) -> (u, (post, comb))``, our branch on
+    ``u``, then ``mhc_post(y, x, post, comb)``, with the layer's own mHC parameters (fn = our
+    ``mapping_proj.weight``, rows pre | post | res; scale = the three alphas; base = our bias),
+    the deepseek convention's constants (post multiplier 2, eps ``mhc_eps``, our Sinkhorn
+    iteration count instead of TileKernels' default 10).  ``tilelang_status`` says why the row
+    is skipped when tilelang or tile_kernels does not import.
 """
 
 from __future__ import annotations
@@ -110,12 +115,70 @@ def megatron_sites(model: nn.Module, fused: bool) -> nn.Module:
 
 
 def megatron_commit(tree: str) -> str:
-    """The commit the tree was exported from, when a COMMIT / provenance file names it."""
+    """The commit a source tree (Megatron's, TileKernels') was exported from, when a COMMIT /
+    provenance file names it."""
     for name in ("COMMIT", "REVISION", ".commit"):
         path = os.path.join(tree, name)
         if os.path.isfile(path):
             return open(path).read().strip()
     return "unknown commit"
+
+
+class _TileKernelsSite(nn.Module):
+    """x_SBNC -> TileKernels' mhc_pre, our branch ``inner``, TileKernels' mhc_post -> x'_SBNC."""
+
+    def __init__(self, fx, hc: nn.Module, inner: nn.Module, n: int, iters: int, eps: float):
+        super().__init__()
+        self.fx, self.inner, self.n, self.iters, self.eps = fx, inner, n, iters, eps
+        with torch.no_grad():  # copies: the peer trains its own parameters
+            self.fn = nn.Parameter(hc.mapping_proj.weight.detach().clone())
+            self.scale = nn.Parameter(torch.cat([hc.alpha_pre, hc.alpha_post, hc.alpha_res]))
+            self.base = nn.Parameter(hc.bias.detach().clone())
+
+    def forward(self, x_SBNC: Tensor) -> Tensor:
+        u_SBC, (post, comb) = self.fx.mhc_pre(
+            x_SBNC, self.fn, self.scale, self.base, norm_eps=self.eps, mhc_mult=self.n,
+            post_mult_value=2.0, pre_eps=self.eps, sinkhorn_eps=self.eps,
+            sinkhorn_repeat=self.iters)
+        return self.fx.mhc_post(self.inner(u_SBC), x_SBNC, post, comb)
+
+
+# max |TileKernels site - our site| / max |ours| of layer 0 on the tensors of the last
+# ``tilekernels_sites`` call (T 512), printed by bench/overhead.py next to the row
+TK_PARITY: dict[str, float] = {}
+
+
+def tilekernels_sites(model: nn.Module, fx=None) -> nn.Module:
+    """Replace every mHC layer of ``model`` (ours, mHC on, deepseek convention, on CUDA) by
+    TileKernels' site around the same branch; returns the model.  First compares layer 0's
+    output with ours on one random input (``TK_PARITY``)."""
+    fx = fx or importlib.import_module("tile_kernels.modeling.mhc.functional")
+    mhc = model.config.mhc
+    if mhc.mhc_convention != "deepseek":
+        raise ValueError(f"TileKernels computes the deepseek convention, not {mhc.mhc_convention}")
+    layers = model.decoder.layers
+    for i, layer in enumerate(layers):
+        site = _TileKernelsSite(fx, layer.hyper_connection, layer.inner_layer,
+                                mhc.num_residual_streams, mhc.mhc_sinkhorn_iterations,
+                                mhc.mhc_eps)
+        if i == 0:
+            dev, C = site.fn.device, model.config.hidden_size
+            x = torch.randn(512, 1, mhc.num_residual_streams, C, device=dev,
+                            generator=torch.Generator(device=dev).manual_seed(0))
+            x = x.to(layer.branch_dtype)  # the streams' dtype (TileKernels takes bf16)
+            with torch.no_grad():
+                ours, theirs = layer(x).float(), site(x).float()
+            TK_PARITY["layer 0"] = ((theirs - ours).abs().max() / ours.abs().max()).item()
+        layers[i] = site
+    return model
+
+
+def tilekernels_provenance() -> str:
+    """'<commit of the tile_kernels tree> with tilelang <version>' (after tilelang_status())."""
+    tk, tl = sys.modules["tile_kernels"], sys.modules["tilelang"]
+    tree = os.path.dirname(os.path.dirname(os.path.abspath(tk.__file__)))
+    return (f"tree {tree} ({megatron_commit(tree)}) with tilelang "
+            f"{getattr(tl, '__version__', 'unknown version')}")
 
 
 def tilelang_status() -> str | None:

@@ -1,0 +1,82 @@
+"""Our ``deepseek`` convention against DeepSeek TileKernels' own torch references.
+
+The fixture (fixtures/tilekernels/make.py, deepseek-ai/TileKernels 36d9e45d) holds one mHC
+site computed by ``tile_kernels/torch/mhc.py``: pre_norm_fn -> pre_split_mixes ->
+sinkhorn_normalize -> pre_apply_mix, then post, with the DeepSeek-V4 constants.  Our reference
+(``mhc_model.mhc_ref``) must give the same H_pre / H_post / H_res (TileKernels' pre / post /
+comb), the same aggregate u and the same stream update, from the same parameters: fn is our
+``mapping_proj.weight`` (rows pre | post | res), scale our three alphas, base our bias.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from mhc_model import mhc_ref
+from tests.paths import TILEKERNELS_SITE as SITE
+
+
+@pytest.fixture(scope="module")
+def tk():
+    with safe_open(str(SITE), "pt") as f:
+        meta = json.loads(f.metadata()["fixture"])
+        names = f.keys()  # a safe_open handle is not iterable
+        return meta, {k: f.get_tensor(k) for k in names}
+
+
+def _ours(meta, t, iters=None, conv="deepseek"):
+    N = meta["N"]
+    x_TNC = t["x"].reshape(-1, N, meta["C"])
+    a_pre, a_post, a_res = t["scale"].reshape(3, 1)
+    H_pre, H_post, H_res = mhc_ref.coefficients(
+        x_TNC, t["fn"], t["base"], a_pre, a_post, a_res, iters=iters or meta["iters"],
+        convention=conv, eps=meta["eps"])
+    return x_TNC, H_pre, H_post, H_res
+
+
+def test_fixture_names_its_upstream_commit(tk):
+    meta, _ = tk
+    assert meta["tilekernels_commit"] == "36d9e45d38e204ebb87e6f6e833821eee0482fe5"
+    assert (meta["post_mult"], meta["iters"]) == (2.0, 20)
+
+
+def _theirs(meta, t):
+    N = meta["N"]
+    return t["pre"].reshape(-1, N), t["post"].reshape(-1, N), t["comb"].reshape(-1, N, N)
+
+
+def test_coefficients_match_tilekernels_bitwise(tk):
+    # the same fp32 operations in the same order (CPU torch): equal, not merely close
+    meta, t = tk
+    _, *ours = _ours(meta, t)
+    for name, a, b in zip(("H_pre", "H_post", "H_res"), ours, _theirs(meta, t)):
+        assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item():.3e}"
+
+
+@pytest.mark.parametrize("conv,iters", [("megatron_dev", 20), ("megatron_dsv4", 20),
+                                        ("deepseek", 10)])
+def test_other_conventions_and_iteration_counts_differ(tk, conv, iters):
+    # the bitwise check can fail: Megatron dev's norm-based RMS factor (1 / (rms + eps)),
+    # dsv4's Sinkhorn, or TileKernels' default of 10 iterations each give another result
+    meta, t = tk
+    _, *ours = _ours(meta, t, iters=iters, conv=conv)
+    assert any(not torch.equal(a, b) for a, b in zip(ours, _theirs(meta, t)))
+
+
+def test_aggregate_and_stream_update_match_tilekernels(tk):
+    meta, t = tk
+    x_TNC, H_pre, H_post, H_res = _ours(meta, t)
+    C = meta["C"]
+    u = mhc_ref.aggregate(x_TNC, H_pre)
+    torch.testing.assert_close(u, t["u"].reshape(-1, C), rtol=0, atol=0)
+    out = mhc_ref.mix_post(x_TNC, H_res, H_post, t["y"].reshape(-1, C), "deepseek")
+    ref = t["out"].reshape(out.shape)
+    # both round an fp32 result to bf16 once; products summed in another order may land
+    # on the other side of a rounding boundary: at most one bf16 ulp apart
+    ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().clamp_min(1e-30)
+    assert ((out.float() - ref.float()).abs() <= ulp).all()
+    assert (out != ref).float().mean() < 0.05
