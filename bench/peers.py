@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import os
 import sys
 from collections.abc import Iterator
@@ -177,15 +178,30 @@ def tilekernels_provenance() -> str:
     """'<commit of the tile_kernels tree> with tilelang <version>' (after tilelang_status())."""
     tk, tl = sys.modules["tile_kernels"], sys.modules["tilelang"]
     tree = os.path.dirname(os.path.dirname(os.path.abspath(tk.__file__)))
+    alias = f", module alias {', '.join(ALIASED)}" if ALIASED else ""
     return (f"tree {tree} ({megatron_commit(tree)}) with tilelang "
-            f"{getattr(tl, '__version__', 'unknown version')}")
+            f"{getattr(tl, '__version__', 'unknown version')}{alias}")
+
+
+# tilelang moved ``utils.target`` to ``backend.target`` after TileKernels 36d9e45d (2026-04-23)
+# was written against it (tilelang 0.1.15 has only the latter); TileKernels imports the old path
+# in one place (tile_kernels/quant/common.py), so the old name is aliased to the new module
+TILELANG_ALIASES = {"tilelang.utils.target": "tilelang.backend.target"}
+ALIASED: list[str] = []
 
 
 def tilelang_status() -> str | None:
     """None when tilelang and DeepSeek's tile_kernels import, else why not."""
-    for mod in ("tilelang", "tile_kernels"):
-        try:
-            importlib.import_module(mod)
-        except Exception as e:  # ImportError or a broken install: the row says which
-            return f"{mod} not importable ({type(e).__name__})"
+    try:
+        importlib.import_module("tilelang")
+    except Exception as e:  # ImportError or a broken install: the row says which
+        return f"tilelang not importable ({type(e).__name__})"
+    for old, new in TILELANG_ALIASES.items():
+        if importlib.util.find_spec(old) is None and old not in sys.modules:
+            sys.modules[old] = importlib.import_module(new)
+            ALIASED.append(f"{old} -> {new}")
+    try:
+        importlib.import_module("tile_kernels")
+    except Exception as e:
+        return f"tile_kernels not importable ({type(e).__name__}: {str(e)[:120]})"
     return None
