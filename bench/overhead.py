@@ -259,7 +259,8 @@ def main() -> None:
                              for label, (v, r) in res.items()))
         if peers.TK_PARITY:
             notes.append(f"- {name}, TileKernels site against ours (layer 0, the same "
-                         "parameters, 512 tokens, bf16, no grad): max |difference| / max |ours| "
+                         "parameters, 512 tokens, bf16, no grad: TileKernels' mhc_pre then runs "
+                         "its fused inference kernel): max |difference| / max |ours| "
                          f"{peers.TK_PARITY['layer 0']:.2e}")
             peers.TK_PARITY.clear()
         drift = offs[-1][1] / offs[0][1] - 1 if len(offs) == 2 else float("nan")

@@ -152,7 +152,8 @@ TK_PARITY: dict[str, float] = {}
 def tilekernels_sites(model: nn.Module, fx=None) -> nn.Module:
     """Replace every mHC layer of ``model`` (ours, mHC on, deepseek convention, on CUDA) by
     TileKernels' site around the same branch; returns the model.  First compares layer 0's
-    output with ours on one random input (``TK_PARITY``)."""
+    output with ours on one random input without grad (``TK_PARITY``; there TileKernels'
+    ``mhc_pre`` runs its fused inference kernel, the timed training steps its four ops)."""
     fx = fx or importlib.import_module("tile_kernels.modeling.mhc.functional")
     mhc = model.config.mhc
     if mhc.mhc_convention != "deepseek":
