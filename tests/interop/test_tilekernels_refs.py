@@ -5,7 +5,8 @@ site computed by ``tile_kernels/torch/mhc.py``: pre_norm_fn -> pre_split_mixes -
 sinkhorn_normalize -> pre_apply_mix, then post, with the DeepSeek-V4 constants.  Our reference
 (``mhc_model.mhc_ref``) must give the same H_pre / H_post / H_res (TileKernels' pre / post /
 comb), the same aggregate u and the same stream update, from the same parameters: fn is our
-``mapping_proj.weight`` (rows pre | post | res), scale our three alphas, base our bias.
+``mapping_proj.weight`` (rows pre | post | res), scale our three alphas, base our bias; and the
+learned output contract must equal TileKernels' ``mhc_head``.
 """
 
 from __future__ import annotations
@@ -80,3 +81,17 @@ def test_aggregate_and_stream_update_match_tilekernels(tk):
     ulp = torch.finfo(torch.bfloat16).eps * ref.float().abs().clamp_min(1e-30)
     assert ((out.float() - ref.float()).abs() <= ulp).all()
     assert (out != ref).float().mean() < 0.05
+
+
+def test_learned_head_matches_tilekernels(tk):
+    # TileKernels' mhc_head (the learned output contract, DeepSeek-V4 "hc_head") against ours
+    meta, t = tk
+    N, C = meta["N"], meta["C"]
+    x_TNC = t["x"].reshape(-1, N, C)
+    y = mhc_ref.contract_learned(x_TNC, t["head_fn"], t["head_base"], t["head_scale"],
+                                 meta["eps"])
+    ref = t["head_out"].reshape(y.shape)
+    assert torch.equal(y, ref)  # one fp32 sum over the N streams, rounded once: equal
+    # the check can fail: without the eps terms (RMS and mix) the head gives another result
+    y0 = mhc_ref.contract_learned(x_TNC, t["head_fn"], t["head_base"], t["head_scale"], 0.0)
+    assert not torch.equal(y0, ref)
