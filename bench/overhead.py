@@ -9,7 +9,8 @@ Stacks (bf16, 8192 tokens, n = 4, deepseek convention for ours):
 Rows: mHC off (first and last: the ratios use their mean, the drift is printed); ours fused
 (Triton), fused with block recompute at the paper's optimum, our eager reference, the
 reference under torch.compile; Megatron dev's ``HyperConnectionModule`` fused and native
-(when ``MHC_MEGATRON_SRC`` names a tree; ``bench/peers.py``); TileKernels when tilelang imports.
+(when ``MHC_MEGATRON_SRC`` names a tree; ``bench/peers.py``); DeepSeek's TileKernels when
+tilelang and tile_kernels import (``bench/tilekernels_env.sh`` builds them for the H200 box).
 Memory: peak allocated above the weights (activations + gradients) and its floor
 (``bench/memfloor.py``: the plain stack's peak plus the bytes mHC must keep, counted).
 Then mHC off, ours fused and fused + recompute again, interleaved (``interleaved``): time
