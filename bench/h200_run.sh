@@ -49,10 +49,12 @@ if step overhead; then
 fi
 t0=$SECONDS
 if step repeat; then  # bitwise repeatability of the projection (bench/tma_repeat.py)
+  rc=0  # any of the three runs failing (or finding a differing launch) fails the step
   for a in "" "--plain" "--backward"; do
-    PYTHONPATH=$ROOT timeout ${T_REPEAT:-60} python3 bench/tma_repeat.py --seconds ${REPEAT_S:-15} $a
+    PYTHONPATH=$ROOT timeout ${T_REPEAT:-60} python3 bench/tma_repeat.py --seconds ${REPEAT_S:-15} $a \
+      || rc=$?
   done > "$OUT/repeat.log" 2>&1
-  done_step $? "$OUT/repeat.log"
+  done_step $rc "$OUT/repeat.log"
 fi
 for f in tests_plain tests_extra kernels overhead repeat; do
   if [ -f "$OUT/$f.log" ]; then echo "== $f"; tail -n 4 "$OUT/$f.log"; fi

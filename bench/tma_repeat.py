@@ -5,6 +5,8 @@ race.  This found one: the TMA forward returned a wrong row in about 1% of launc
 H200 (bench/results/tma_race_h200.md; guarded by tests/model/test_kernels_ir.py).
 
     PYTHONPATH=. python bench/tma_repeat.py [--seconds 20] [--plain] [--stages 3] [--backward]
+
+Exit status 1 when any launch differs.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ N, C, T = 4, 1000, 3001  # T 3001 leaves a partial token block
 D, K, KP = N * C, N * N + 2 * N, 32
 
 
-def main() -> None:
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--plain", action="store_true", help="plain loads instead of TMA")
@@ -63,7 +65,8 @@ def main() -> None:
     form = "plain loads" if a.plain else "TMA"
     print(f"{torch.cuda.get_device_name()}, {what}, {form}, "
           f"{triton_proj.CONFIG['proj_fwd_tma_tile']}: {n} launches, {bad.item()} differ")
+    return 1 if bad.item() else 0  # a differing launch is a race: fail the run
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
