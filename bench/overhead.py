@@ -186,7 +186,7 @@ def main() -> None:
     import triton
 
     tree = peers.megatron_tree()
-    mlm = (f"Megatron tree {tree} ({peers.megatron_commit(tree)})" if tree
+    mlm = (f"Megatron tree {tree} ({peers.tree_commit(tree)})" if tree
            else "Megatron rows skipped (MHC_MEGATRON_SRC unset)")
     tl_why = peers.tilelang_status()
     tl_note = (f"TileKernels row: skipped, {tl_why}" if tl_why else

@@ -115,7 +115,7 @@ def megatron_sites(model: nn.Module, fused: bool) -> nn.Module:
     return model
 
 
-def megatron_commit(tree: str) -> str:
+def tree_commit(tree: str) -> str:
     """The commit a source tree (Megatron's, TileKernels') was exported from, when a COMMIT /
     provenance file names it."""
     for name in ("COMMIT", "REVISION", ".commit"):
@@ -176,11 +176,12 @@ def tilekernels_sites(model: nn.Module, fx=None) -> nn.Module:
 
 
 def tilekernels_provenance() -> str:
-    """'<commit of the tile_kernels tree> with tilelang <version>' (after tilelang_status())."""
+    """'tree <dir> (<its commit>) with tilelang <version>[, module alias ...]'; call after
+    ``tilelang_status()`` returned None (both packages imported)."""
     tk, tl = sys.modules["tile_kernels"], sys.modules["tilelang"]
     tree = os.path.dirname(os.path.dirname(os.path.abspath(tk.__file__)))
     alias = f", module alias {', '.join(ALIASED)}" if ALIASED else ""
-    return (f"tree {tree} ({megatron_commit(tree)}) with tilelang "
+    return (f"tree {tree} ({tree_commit(tree)}) with tilelang "
             f"{getattr(tl, '__version__', 'unknown version')}{alias}")
 
 
