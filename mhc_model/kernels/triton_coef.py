@@ -40,7 +40,7 @@ import triton.language as tl
 
 from mhc_model.conventions import convention
 from mhc_model.kernels.triton_epi import _rms, coef_epi_block, coef_index, gate_logits
-from mhc_model.kernels.triton_proj import CONFIG, _pow2, proj_forward
+from mhc_model.kernels.triton_proj import CONFIG, _pow2, proj_forward, rcp_approx
 from mhc_model.kernels.triton_proj_bwd import bwd_finish, bwd_work, store_dproj_pair
 from mhc_model.kernels.triton_sinkhorn import sinkhorn_bwd
 
@@ -51,10 +51,12 @@ def _coef_fwd_kernel(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
                      T, D, n_split, eps,
                      N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                      BT: tl.constexpr, ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
-                     PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr):
+                     PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr,
+                     RCP_APPROX: tl.constexpr):
     coef_epi_block(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr, pre_ptr, post_ptr,
                    res_ptr, proj_ptr, tl.program_id(0) * BT, T, D, n_split, eps,
-                   N, NP, K, KP, BT, ITERS, SINKHORN_SOFTMAX, PRE_EPS, RMS_INV_NORM)
+                   N, NP, K, KP, BT, ITERS, SINKHORN_SOFTMAX, PRE_EPS, RMS_INV_NORM,
+                   RCP_APPROX)
 
 
 @triton.jit
@@ -65,7 +67,7 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, bias_ptr,
                      N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                      BT: tl.constexpr, ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
                      RMS_INV_NORM: tl.constexpr, DP_SPLIT: tl.constexpr,
-                     PREFETCH: tl.constexpr):
+                     PREFETCH: tl.constexpr, RCP_APPROX: tl.constexpr):
     pid = tl.program_id(0)
     t, mt, n, mn, t2, n2, m2, t3, i3, j3, valid, m3, k_res = coef_index(pid * BT, T, N, NP, BT)
     p_pre = tl.load(proj_ptr + t2 * KP + n2, mask=m2, other=0.0)
@@ -83,7 +85,7 @@ def _coef_bwd_kernel(dpre_ptr, dpost_ptr, dres_ptr, proj_ptr, bias_ptr,
     dH_res = tl.load(dres_ptr + t3 * (N * N) + i3 * N + j3, mask=m3, other=0.0)
     hist = hist_ptr + pid.to(tl.int64) * ((2 * ITERS) * BT * NP * NP)
     dh_res = sinkhorn_bwd(h_res, dH_res, valid, hist, eps, ITERS, SINKHORN_SOFTMAX, BT, NP,
-                          PREFETCH)
+                          PREFETCH, RCP_APPROX)
     dh_pre = tl.where(m2, dh_pre, 0.0)
     dh_post = tl.where(m2, dh_post, 0.0)
     dh_res = tl.where(m3, dh_res, 0.0)
@@ -144,7 +146,7 @@ def coef_epilogue(part, bias_K, alphas, N, D, iters, conv, eps):
         part, bias_K, *alphas, H_pre, H_post, H_res, proj, T, D, S, eps,
         N=N, NP=_pow2(N), K=N * N + 2 * N, KP=KP, BT=BT, ITERS=iters,
         SINKHORN_SOFTMAX=f["SINKHORN_SOFTMAX"], PRE_EPS=f["PRE_EPS"],
-        RMS_INV_NORM=f["RMS_INV_NORM"], num_warps=warps)
+        RMS_INV_NORM=f["RMS_INV_NORM"], RCP_APPROX=rcp_approx(), num_warps=warps)
     return H_pre, H_post, H_res, proj
 
 
@@ -186,7 +188,7 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
                            N=N, NP=NP, K=K, KP=KP, BT=BT, ITERS=iters,
                            SINKHORN_SOFTMAX=f["SINKHORN_SOFTMAX"],
                            RMS_INV_NORM=f["RMS_INV_NORM"], DP_SPLIT=work.presplit,
-                           PREFETCH=prefetch, num_warps=cwarps)
+                           PREFETCH=prefetch, RCP_APPROX=rcp_approx(), num_warps=cwarps)
     # the mix's dx (ours, contiguous [T, D]) is overwritten in place: one nC buffer fewer
     dx_TD = dx_extra if extra else torch.empty_like(x_TD)
     dW, dbias, dalpha = bwd_finish(work, x_TD, w_KD, bias.dtype, dx_TD,

@@ -69,7 +69,8 @@ def coef_epi_block(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
                    pre_ptr, post_ptr, res_ptr, proj_ptr, t0, T, D, n_split, eps,
                    N: tl.constexpr, NP: tl.constexpr, K: tl.constexpr, KP: tl.constexpr,
                    BT: tl.constexpr, ITERS: tl.constexpr, SINKHORN_SOFTMAX: tl.constexpr,
-                   PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr):
+                   PRE_EPS: tl.constexpr, RMS_INV_NORM: tl.constexpr,
+                   RCP_APPROX: tl.constexpr):
     """Tokens t0 .. t0 + BT: H_pre [T, N], H_post [T, N], H_res [T, N, N] and proj [T, KP]
     (the summed lanes, lane K the sum of squares, saved for the backward)."""
     t, mt, n, mn, t2, n2, m2, t3, i3, j3, valid, m3, k_res = coef_index(t0, T, N, NP, BT)
@@ -98,5 +99,5 @@ def coef_epi_block(part_ptr, bias_ptr, apre_ptr, apost_ptr, ares_ptr,
     tl.store(pre_ptr + t2 * N + n2, H_pre, mask=m2)
     tl.store(post_ptr + t2 * N + n2, H_post, mask=m2)
     # Eq. 19: Sinkhorn-Knopp on the N x N logits, in registers.
-    M = sinkhorn_fwd(h_res, valid, eps, ITERS, SINKHORN_SOFTMAX)
+    M = sinkhorn_fwd(h_res, valid, eps, ITERS, SINKHORN_SOFTMAX, RCP_APPROX)
     tl.store(res_ptr + t3 * (N * N) + i3 * N + j3, M, mask=m3)

@@ -21,6 +21,8 @@ products (two dots) give ~fp32 accuracy at tensor-core speed.  fp32 streams use 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -46,6 +48,8 @@ except ImportError:  # pragma: no cover - depends on the Triton version
 #     below that it stays in registers.
 #   split_w_block: D columns per program of ``split_weight``.
 #   finalize: (BLOCK of dW elements, BG rows of partials per step, warps).
+#   rcp_approx: the Sinkhorn reciprocals as rcp.approx.ftz.f32 (``triton_sinkhorn._rcp``)
+#     where the target is NVIDIA; False: IEEE division everywhere.
 CONFIG = {
     # H200 sweep 2026-12-01: 111 us at 8 programs per SM vs 119 at 1 (BT 128, 8 warps)
     "proj_fwd": (128, 128, 8, 3, 8),
@@ -74,6 +78,7 @@ CONFIG = {
     "coef_bwd": (8, 1, 4),
     "coef_bwd_hist_regs": 160,
     "finalize": (2048, 1024, 8),  # BG 1024: one step per lane at G 1024 (T 8192)
+    "rcp_approx": True,
 }
 
 
@@ -201,6 +206,16 @@ def _proj_fwd_tma_kernel(x_desc, w_desc, part_ptr, T, d_per_split,
         acc += tl.dot(x, tl.trans(w_lo), tile)
     acc = tl.where(offs_k[None, :] == K, tl.sum(sq, axis=1)[:, None], acc)
     _store_partial(part_ptr, acc, pid_s, t0, T, KP, BT)
+
+
+def rcp_approx() -> bool:
+    """CONFIG["rcp_approx"] where the active Triton target is NVIDIA (the PTX instruction)."""
+    return CONFIG["rcp_approx"] and _nvidia()
+
+
+@functools.cache
+def _nvidia() -> bool:
+    return triton.runtime.driver.active.get_current_target().backend == "cuda"
 
 
 _SM_COUNT: dict[int, int] = {}

@@ -8,6 +8,8 @@ Forms (``Convention.sinkhorn``, DESIGN.md section 1), selected by the constexpr 
   softmax_first (SOFTMAX)  M = softmax_row(L) + eps; col; (iters - 1) x {row, col}
                                                                     -> 2*iters - 1 steps
   exp_rowmax               M = exp(L - rowmax);       iters x {row, col}  -> 2*iters steps
+
+APPROX (constexpr): every reciprocal is the SFU's ``rcp.approx.ftz.f32`` (``_rcp``).
 """
 
 from __future__ import annotations
@@ -26,43 +28,60 @@ def _init(L, valid):
     return Lm, mx, E
 
 
+@triton.jit
+def _rcp(v, APPROX: tl.constexpr):
+    """1 / v.  APPROX: one ``rcp.approx.ftz.f32`` (PTX ISA: at most 1 ulp from the correctly
+    rounded reciprocal; v here is a sum of positives + eps or >= 1, never subnormal) where
+    ``1.0 / v`` is div.rn.f32, a refinement sequence with a slow-path branch.  The 2 ITERS
+    Sinkhorn steps are one serial chain of them: the epilogue 4.3 -> 3.6 us on the H200
+    with outputs bitwise equal on that data (bench/results/kernels_sweeps_h200.md, run 11).
+    NVIDIA only (inline PTX): the host sets APPROX from the target."""
+    if APPROX:
+        r = tl.inline_asm_elementwise("rcp.approx.ftz.f32 $0, $1;", "=f,f", [v],
+                                      dtype=tl.float32, is_pure=True, pack=1)
+    else:
+        r = 1.0 / v
+    return r
+
+
 # Divisions: one reciprocal per reduced row / column, then products, where a division per
 # element sat in every one of the 2 x ITERS serial steps: gate backward 14.0 -> 13.1 us on
 # the H200 (2026-12-01; the epilogue's 4.6 us unchanged).  The product is within one
 # rounding of the quotient.
 @triton.jit
-def _softmax(E):
+def _softmax(E, APPROX: tl.constexpr):
     s = tl.sum(E, axis=2, keep_dims=True)
-    return E * (1.0 / tl.where(s == 0.0, 1.0, s))
+    return E * _rcp(tl.where(s == 0.0, 1.0, s), APPROX)
 
 
 @triton.jit
-def _norm(M, eps, AXIS: tl.constexpr):
+def _norm(M, eps, AXIS: tl.constexpr, APPROX: tl.constexpr):
     # M' = M / (sum_AXIS M + eps)
-    return M * (1.0 / (tl.sum(M, axis=AXIS, keep_dims=True) + eps))
+    return M * _rcp(tl.sum(M, axis=AXIS, keep_dims=True) + eps, APPROX)
 
 
 @triton.jit
-def sinkhorn_fwd(L, valid, eps, ITERS: tl.constexpr, SOFTMAX: tl.constexpr):
+def sinkhorn_fwd(L, valid, eps, ITERS: tl.constexpr, SOFTMAX: tl.constexpr,
+                 APPROX: tl.constexpr):
     Lm, mx, E = _init(L, valid)
     if SOFTMAX:
-        M = tl.where(valid, _softmax(E) + eps, 0.0)
-        M = _norm(M, eps, 1)
+        M = tl.where(valid, _softmax(E, APPROX) + eps, 0.0)
+        M = _norm(M, eps, 1, APPROX)
         for _ in range(ITERS - 1):
-            M = _norm(M, eps, 2)
-            M = _norm(M, eps, 1)
+            M = _norm(M, eps, 2, APPROX)
+            M = _norm(M, eps, 1, APPROX)
     else:
         M = E
         for _ in range(ITERS):
-            M = _norm(M, eps, 2)
-            M = _norm(M, eps, 1)
+            M = _norm(M, eps, 2, APPROX)
+            M = _norm(M, eps, 1, APPROX)
     return M
 
 
 @triton.jit
-def _norm_bwd(G, Min, valid, eps, AXIS: tl.constexpr):
+def _norm_bwd(G, Min, valid, eps, AXIS: tl.constexpr, APPROX: tl.constexpr):
     # M' = M / (sum_AXIS M + eps)  ->  dM = (dM' - sum_AXIS(dM' * M')) / (sum_AXIS M + eps)
-    inv = 1.0 / (tl.sum(Min, axis=AXIS, keep_dims=True) + eps)
+    inv = _rcp(tl.sum(Min, axis=AXIS, keep_dims=True) + eps, APPROX)
     GMo = G * (Min * inv)
     dot = tl.sum(GMo, axis=AXIS, keep_dims=True)
     return tl.where(valid, (G - dot) * inv, 0.0)
@@ -80,7 +99,8 @@ def _keep(h, M, hist, s: tl.constexpr, off, STEP: tl.constexpr, REGS: tl.constex
 
 @triton.jit
 def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, SOFTMAX: tl.constexpr,
-                 BT: tl.constexpr, NP: tl.constexpr, PREFETCH: tl.constexpr):
+                  BT: tl.constexpr, NP: tl.constexpr, PREFETCH: tl.constexpr,
+                 APPROX: tl.constexpr):
     """Gradient of the unrolled iteration w.r.t. the logits L.
 
     The input of each normalisation step is recomputed, kept, then replayed in reverse.  For
@@ -102,14 +122,14 @@ def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, SOFTMAX: tl.const
     Lm, mx, E = _init(L, valid)
     h = ()
     if SOFTMAX:
-        P = _softmax(E)
+        P = _softmax(E, APPROX)
         M = tl.where(valid, P + eps, 0.0)
     else:
         P = E
         M = E
     for s in tl.static_range(S):
         h = _keep(h, M, hist, s, off, STEP, REGS)
-        M = _norm(M, eps, 2 if (s - BASE) % 2 == 0 else 1)
+        M = _norm(M, eps, 2 if (s - BASE) % 2 == 0 else 1, APPROX)
     q = ()
     if not REGS:
         # Make this program's scratch writes visible to all of its threads.
@@ -124,7 +144,7 @@ def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, SOFTMAX: tl.const
             if r + PREFETCH < S:
                 q = q + (tl.load(hist + (S - 1 - r - PREFETCH) * STEP + off),)
             Min = q[r]
-        G = _norm_bwd(G, Min, valid, eps, 2 if (S - 1 - r - BASE) % 2 == 0 else 1)
+        G = _norm_bwd(G, Min, valid, eps, 2 if (S - 1 - r - BASE) % 2 == 0 else 1, APPROX)
     if SOFTMAX:
         # M0 = softmax(L) + eps: softmax backward, row-wise.
         dL = P * (G - tl.sum(G * P, axis=2, keep_dims=True))

@@ -170,6 +170,35 @@ def test_coefficients_backward_forms(monkeypatch, hist_regs, conv):
     _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001), 20, conv)
 
 
+@pytest.mark.parametrize("conv", CONVS)
+def test_sinkhorn_reciprocal_forms(monkeypatch, conv):
+    # the SFU reciprocal (rcp.approx.ftz.f32, <= 1 ulp) against IEEE division in every
+    # Sinkhorn step, forward and backward: both match the reference, and each other within
+    # the bound of 2 ITERS steps of one ulp each (2 * 20 * 2^-23 of the largest value)
+    from mhc_model.kernels import triton_proj
+
+    gen = torch.Generator(device="cuda").manual_seed(31)
+    inputs = _coef_inputs(4, 1000, torch.float32, gen, T_=3001)
+
+    def f(*a):
+        return K.coefficients(*a, iters=20, convention=conv)
+
+    runs = []
+    for approx in (True, False):
+        monkeypatch.setitem(triton_proj.CONFIG, "rcp_approx", approx)
+        assert triton_proj.rcp_approx() is approx
+        _check_coefficients(inputs, 20, conv)
+        outs, grads, gouts = _run(f, inputs)
+        runs.append(outs + grads)
+    # the alpha gradients are sums of both signs: measured against sum |terms| (as above)
+    scales = [None] * 6 + list(_alpha_scales(inputs, gouts, 20, conv))
+    bound = 2 * 20 * 2.0**-23
+    for i, (a, b) in enumerate(zip(*runs)):
+        ref = b.abs().max().clamp_min(1e-30) if scales[i] is None else scales[i]
+        err = ((a - b).abs().max() / ref).item()
+        assert err <= bound, f"output {i}: approx vs IEEE reciprocal {err:.2e} > {bound:.1e}"
+
+
 def _differing_calls(fn, calls: int) -> int:
     """How many of ``calls`` further calls of ``fn`` (a tuple of tensors) differ bitwise from
     its first call: every sum has a fixed order, so any difference is a race."""
