@@ -18,8 +18,8 @@ from torch import Tensor
 from mhc_model.conventions import Convention
 from mhc_model.conventions import convention as _resolve
 
-__all__ = ["Convention", "sinkhorn", "rms_factor", "coefficients", "aggregate", "mix_post",
-           "expand", "contract_mean", "contract_learned"]
+__all__ = ["Convention", "sinkhorn", "rms_factor", "coefficients", "mappings", "aggregate",
+           "mix_post", "expand", "contract_mean", "contract_learned"]
 
 
 def sinkhorn(logits_TNN: Tensor, iters: int, convention: str | Convention,
@@ -76,7 +76,16 @@ def coefficients(
     r_T1 = rms_factor(xf_TD, conv, eps)
     a = alpha_pre.float().reshape(1), alpha_post.float().reshape(1), alpha_res.float().reshape(1)
     scale_K = torch.cat([a[0].expand(N), a[1].expand(N), a[2].expand(N * N)])
-    h_TK = r_T1 * proj_TK * scale_K + bias_K.float()
+    return mappings(r_T1 * proj_TK * scale_K + bias_K.float(), N, iters=iters, convention=conv,
+                    eps=eps)
+
+
+def mappings(h_TK: Tensor, N: int, *, iters: int, convention: str | Convention,
+             eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
+    """(H_pre, H_post, H_res) from the logits h = r * proj * alpha + bias [T, N^2 + 2N]
+    (Eq. 17-19): the gates and Sinkhorn, elementwise on the rows."""
+    conv = _resolve(convention)
+    T = h_TK.shape[0]
     H_pre = torch.sigmoid(h_TK[:, :N])
     if conv.h_pre_eps:
         H_pre = H_pre + eps
