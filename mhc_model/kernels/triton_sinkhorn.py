@@ -99,7 +99,7 @@ def _keep(h, M, hist, s: tl.constexpr, off, STEP: tl.constexpr, REGS: tl.constex
 
 @triton.jit
 def sinkhorn_bwd(L, dM, valid, hist, eps, ITERS: tl.constexpr, SOFTMAX: tl.constexpr,
-                  BT: tl.constexpr, NP: tl.constexpr, PREFETCH: tl.constexpr,
+                 BT: tl.constexpr, NP: tl.constexpr, PREFETCH: tl.constexpr,
                  APPROX: tl.constexpr):
     """Gradient of the unrolled iteration w.r.t. the logits L.
 
