@@ -180,7 +180,9 @@ def tilekernels_provenance() -> str:
     ``tilelang_status()`` returned None (both packages imported)."""
     tk, tl = sys.modules["tile_kernels"], sys.modules["tilelang"]
     tree = os.path.dirname(os.path.dirname(os.path.abspath(tk.__file__)))
-    alias = f", module alias {', '.join(ALIASED)}" if ALIASED else ""
+    aliased = [f"{old} -> {new}" for old, new in TILELANG_ALIASES.items()
+               if getattr(sys.modules.get(old), "__name__", old) == new]
+    alias = f", module alias {', '.join(aliased)}" if aliased else ""
     return (f"tree {tree} ({tree_commit(tree)}) with tilelang "
             f"{getattr(tl, '__version__', 'unknown version')}{alias}")
 
@@ -189,7 +191,6 @@ def tilekernels_provenance() -> str:
 # was written against it (tilelang 0.1.15 has only the latter); TileKernels imports the old path
 # in one place (tile_kernels/quant/common.py), so the old name is aliased to the new module
 TILELANG_ALIASES = {"tilelang.utils.target": "tilelang.backend.target"}
-ALIASED: list[str] = []
 
 
 def tilelang_status() -> str | None:
@@ -201,7 +202,6 @@ def tilelang_status() -> str | None:
     for old, new in TILELANG_ALIASES.items():
         if importlib.util.find_spec(old) is None and old not in sys.modules:
             sys.modules[old] = importlib.import_module(new)
-            ALIASED.append(f"{old} -> {new}")
     try:
         importlib.import_module("tile_kernels")
     except Exception as e:

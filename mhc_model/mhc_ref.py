@@ -18,8 +18,8 @@ from torch import Tensor
 from mhc_model.conventions import Convention
 from mhc_model.conventions import convention as _resolve
 
-__all__ = ["Convention", "sinkhorn", "rms_factor", "coefficients", "mappings", "aggregate",
-           "mix_post", "expand", "contract_mean", "contract_learned"]
+__all__ = ["Convention", "sinkhorn", "rms_factor", "coefficients", "alpha_lanes", "mappings",
+           "aggregate", "mix_post", "expand", "contract_mean", "contract_learned"]
 
 
 def sinkhorn(logits_TNN: Tensor, iters: int, convention: str | Convention,
@@ -74,10 +74,17 @@ def coefficients(
     xf_TD = x_TNC.reshape(T, N * C).float()
     proj_TK = xf_TD @ weight_KD.float().t()
     r_T1 = rms_factor(xf_TD, conv, eps)
-    a = alpha_pre.float().reshape(1), alpha_post.float().reshape(1), alpha_res.float().reshape(1)
-    scale_K = torch.cat([a[0].expand(N), a[1].expand(N), a[2].expand(N * N)])
+    scale_K = alpha_lanes(alpha_pre, alpha_post, alpha_res, N)
     return mappings(r_T1 * proj_TK * scale_K + bias_K.float(), N, iters=iters, convention=conv,
                     eps=eps)
+
+
+def alpha_lanes(alpha_pre: Tensor, alpha_post: Tensor, alpha_res: Tensor, N: int) -> Tensor:
+    """[N^2 + 2N] fp32: each projection lane's alpha (Eq. 16), in the row order
+    pre (N) | post (N) | res (N^2)."""
+    a = (alpha_pre.float().reshape(1), alpha_post.float().reshape(1),
+         alpha_res.float().reshape(1))
+    return torch.cat([a[0].expand(N), a[1].expand(N), a[2].expand(N * N)])
 
 
 def mappings(h_TK: Tensor, N: int, *, iters: int, convention: str | Convention,

@@ -58,11 +58,6 @@ def _theirs(meta, t):
     return t["pre"].reshape(-1, N), t["post"].reshape(-1, N), t["comb"].reshape(-1, N, N)
 
 
-def _scale_K(t, N):
-    a = t["scale"]
-    return torch.cat([a[0].expand(N), a[1].expand(N), a[2].expand(N * N)])
-
-
 def test_projection_matches_tilekernels_within_the_gemm_bound(tk):
     # TileKernels' pre_norm_fn (mixes = rsqrt(mean x^2 + eps) * x @ fn^T) against our
     # r * proj: two fp32 dot products of D terms in different orders differ by at most
@@ -103,7 +98,7 @@ def test_coefficients_match_tilekernels_bitwise(tk):
     # same order (alpha / bias, gates, Sinkhorn): equal, not merely close
     meta, t = tk
     N = meta["N"]
-    h_TK = t["mixes"].reshape(-1, 2 * N + N * N) * _scale_K(t, N) + t["base"]
+    h_TK = t["mixes"].reshape(-1, 2 * N + N * N) * mhc_ref.alpha_lanes(*t["scale"], N) + t["base"]
     ours = mhc_ref.mappings(h_TK, N, iters=meta["iters"], convention="deepseek", eps=meta["eps"])
     for name, a, b in zip(("H_pre", "H_post", "H_res"), ours, _theirs(meta, t)):
         assert torch.equal(a, b), f"{name}: max |diff| {(a - b).abs().max().item():.3e}"
