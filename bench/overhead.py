@@ -206,20 +206,23 @@ def main() -> None:
     for name in args.stacks.split(","):
         base = stacks()[name]
         stack_scan = scan if "M" in base.hybrid_layer_pattern else "-"
-        results, builds = [], {}
+        results, builds, parity = [], {}, {}
         for label, cfg, ctx, transform, floor_kind in rows(base):
             if any(s in label for s in skip):
                 continue
             t0 = time.perf_counter()
 
-            def build(cfg=cfg, transform=transform):
+            def build(cfg=cfg, transform=transform, parity=parity):
                 try:  # initialise on the GPU: a CPU init of ~1e9 bf16 values takes ~15 s
                     with torch.device("cuda"):
                         m = HybridModel(cfg)
                 except Exception as e:  # noqa: BLE001 (any build problem: the CPU way)
                     print(f"GPU-side build failed ({type(e).__name__}: {e}); building on CPU")
                     m = HybridModel(cfg).cuda()
-                return transform(m) if transform else m
+                m = transform(m) if transform else m
+                if hasattr(m, "tilekernels_parity"):  # peers.tilekernels_sites
+                    parity["layer 0"] = m.tilekernels_parity
+                return m
 
             if label == "mHC off (first)" or label.startswith("ours fused"):
                 builds[label.replace(" (first)", "")] = build
@@ -258,12 +261,11 @@ def main() -> None:
                              f"{label} median {_median(v):.1f} ms, ratio to mHC off median "
                              f"{_median(r):.3f} (rounds {min(r):.3f}-{max(r):.3f})"
                              for label, (v, r) in res.items()))
-        if peers.TK_PARITY:
+        if parity:
             notes.append(f"- {name}, TileKernels site against ours (layer 0, the same "
                          "parameters, 512 tokens, bf16, no grad: TileKernels' mhc_pre then runs "
                          "its fused inference kernel): max |difference| / max |ours| "
-                         f"{peers.TK_PARITY['layer 0']:.2e}")
-            peers.TK_PARITY.clear()
+                         f"{parity['layer 0']:.2e}")
         drift = offs[-1][1] / offs[0][1] - 1 if len(offs) == 2 else float("nan")
         notes.append(f"- {name}: mHC-off drift last vs first {100 * drift:+.1f}% time, "
                      f"{100 * (offs[-1][2] / offs[0][2] - 1):+.1f}% memory.")

@@ -144,16 +144,13 @@ class _TileKernelsSite(nn.Module):
         return self.fx.mhc_post(self.inner(u_SBC), x_SBNC, post, comb)
 
 
-# max |TileKernels site - our site| / max |ours| of layer 0 on the tensors of the last
-# ``tilekernels_sites`` call (T 512), printed by bench/overhead.py next to the row
-TK_PARITY: dict[str, float] = {}
-
-
 def tilekernels_sites(model: nn.Module, fx=None) -> nn.Module:
     """Replace every mHC layer of ``model`` (ours, mHC on, deepseek convention, on CUDA) by
     TileKernels' site around the same branch; returns the model.  First compares layer 0's
-    output with ours on one random input without grad (``TK_PARITY``; there TileKernels'
-    ``mhc_pre`` runs its fused inference kernel, the timed training steps its four ops)."""
+    output with ours on one random input without grad (T 512; there TileKernels' ``mhc_pre``
+    runs its fused inference kernel, the timed training steps its four ops): max |theirs -
+    ours| / max |ours| is left on the model as ``tilekernels_parity`` (bench/overhead.py
+    prints it next to the row)."""
     fx = fx or importlib.import_module("tile_kernels.modeling.mhc.functional")
     mhc = model.config.mhc
     if mhc.mhc_convention != "deepseek":
@@ -170,8 +167,9 @@ def tilekernels_sites(model: nn.Module, fx=None) -> nn.Module:
             x = x.to(layer.branch_dtype)  # the streams' dtype (TileKernels takes bf16)
             with torch.no_grad():
                 ours, theirs = layer(x).float(), site(x).float()
-            TK_PARITY["layer 0"] = ((theirs - ours).abs().max() / ours.abs().max()).item()
+            parity = ((theirs - ours).abs().max() / ours.abs().max()).item()
         layers[i] = site
+    model.tilekernels_parity = parity
     return model
 
 

@@ -67,7 +67,7 @@ def test_tilekernels_sites_compute_our_model_with_the_layers_own_parameters():
     assert all(isinstance(layer, peers._TileKernelsSite) for layer in theirs.decoder.layers)
     assert calls[0] == dict(norm_eps=1e-6, mhc_mult=4, post_mult_value=2.0, pre_eps=1e-6,
                             sinkhorn_eps=1e-6, iters=7)
-    assert peers.TK_PARITY["layer 0"] == 0.0  # the same reference math: bitwise
+    assert theirs.tilekernels_parity == 0.0  # the same reference math: bitwise
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         a, b = ours(ids), theirs(ids)

@@ -79,11 +79,8 @@ def _alpha_scales(inputs, gouts, iters, conv):
     xf = x.reshape(T_, N * C).float()
     proj = xf @ W.float().t()
     r = R.rms_factor(xf, conv)
-    scale = torch.cat([a.float().reshape(1).expand(n) for a, n in zip(al, (N, N, N * N))])
-    h = (r * proj * scale + b.float()).requires_grad_()
-    outs = (torch.sigmoid(h[:, :N]), 2.0 * torch.sigmoid(h[:, N : 2 * N]),
-            R.sinkhorn(h[:, 2 * N :].reshape(T_, N, N), iters, conv))
-    (dh,) = torch.autograd.grad(outs, h, gouts)
+    h = (r * proj * R.alpha_lanes(*al, N) + b.float()).requires_grad_()
+    (dh,) = torch.autograd.grad(R.mappings(h, N, iters=iters, convention=conv), h, gouts)
     terms = (dh * r * proj).abs()
     return terms[:, :N].sum(), terms[:, N : 2 * N].sum(), terms[:, 2 * N :].sum()
 

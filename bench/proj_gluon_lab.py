@@ -1,0 +1,286 @@
+"""Gluon form of the projection forward (lab: ``bench/coef_fwd_variants.py`` times it).
+
+The shipped ``triton_proj._proj_fwd_tma_kernel`` with the pipeline written out: a ring of NS
+(x, weight pair) slots filled by TMA, the refill of the slot freed by the previous tile issued
+at the top of each iteration (before this tile's work, not after it), and the hi and lo
+wgmmas issued back to back on one chained accumulator with one wait.
+"""
+
+from __future__ import annotations
+
+import triton
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.hopper import (
+    mbarrier,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+
+@triton.constexpr_function
+def _square_layout(BD, num_warps):
+    # x read back for the squares: 16-byte rows of 8 bf16 per thread, BD // 8 threads a row
+    tpw = min(32, BD // 8)
+    return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // tpw, tpw],
+                            warps_per_cta=[num_warps, 1], order=[1, 0])
+
+
+@gluon.jit
+def _issue(x_desc, w_desc, bar, x_slot, w_slot, t0, d):
+    mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(x_desc, [t0, d], bar, x_slot)
+    tma.async_copy_global_to_shared(w_desc, [0, d], bar, w_slot)
+
+
+@gluon.jit
+def _proj_fwd_gl_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
+                        K: gl.constexpr, KP: gl.constexpr, NS: gl.constexpr,
+                        num_warps: gl.constexpr):
+    BT: gl.constexpr = x_desc.block_type.shape[0]
+    BD: gl.constexpr = x_desc.block_type.shape[1]
+    pid_t = gl.program_id(0)
+    pid_s = gl.program_id(1)
+    t0 = pid_t * BT
+    d0 = pid_s * d_per_split
+    x_s = gl.allocate_shared_memory(x_desc.dtype, [NS, BT, BD], x_desc.layout)
+    w_s = gl.allocate_shared_memory(w_desc.dtype, [NS, 2 * KP, BD], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(NS):
+        mbarrier.init(bars.index(b), count=1)
+    for p in gl.static_range(NS - 1):
+        _issue(x_desc, w_desc, bars.index(p), x_s.index(p), w_s.index(p), t0, d0 + p * BD)
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, KP, 16])
+    blk: gl.constexpr = _square_layout(BD, num_warps)
+    zero = gl.zeros([BT, KP], gl.float32, mma)
+    acc = gl.zeros([BT, KP], gl.float32, mma)
+    sq = gl.zeros([BT, BD], gl.float32, blk)
+    for i in range(n_tiles):
+        s = i % NS
+        mbarrier.wait(bars.index(s), (i // NS) & 1)
+        # every warp is past tile i - 1 (its squares loaded, its wgmma waited): its slot
+        # takes tile i + NS - 1 now, while this tile is worked on
+        gl.thread_barrier()
+        j = i + NS - 1
+        if j < n_tiles:
+            sj = j % NS
+            _issue(x_desc, w_desc, bars.index(sj), x_s.index(sj), w_s.index(sj), t0,
+                   d0 + j * BD)
+        xs = x_s.index(s)
+        ws = w_s.index(s)
+        # per-tile chain hi then lo on the tensor cores, added to acc in fp32 (as shipped)
+        tile = warpgroup_mma(xs, ws.slice(0, KP, dim=0).permute((1, 0)), zero,
+                             use_acc=False, is_async=True)
+        tile = warpgroup_mma(xs, ws.slice(KP, KP, dim=0).permute((1, 0)), tile,
+                             is_async=True)
+        xf = xs.load(blk).to(gl.float32)
+        sq += xf * xf
+        tile = warpgroup_mma_wait(num_outstanding=0, deps=(tile,))
+        acc += tile
+    for b in gl.static_range(NS):
+        mbarrier.invalidate(bars.index(b))
+    ss = gl.convert_layout(gl.sum(sq, axis=1), gl.SliceLayout(1, mma))
+    offs_t = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, mma))
+    offs_k = gl.arange(0, KP, layout=gl.SliceLayout(0, mma))
+    out = gl.where(offs_k[None, :] == K, ss[:, None], acc)
+    ptrs = part_ptr + pid_s * T * KP + offs_t[:, None] * KP + offs_k[None, :]
+    gl.store(ptrs, out, mask=(offs_t < T)[:, None])
+
+
+def descriptors(x_TD, w_pair, BT, BD, KP):
+    """Host TMA descriptors: x [T, D] boxes [BT, BD]; the (hi, lo) pair [2 KP, D], one box
+    [2 KP, BD] (hi rows 0 .. KP, lo rows KP .. 2 KP)."""
+    T, D = x_TD.shape
+    xl = gl.NVMMASharedLayout.get_default_for([BT, BD], gl.bfloat16)
+    wl = gl.NVMMASharedLayout.get_default_for([2 * KP, BD], gl.bfloat16)
+    w2 = w_pair.view(2 * KP, D)
+    return (TensorDescriptor(x_TD, [T, D], [D, 1], [BT, BD], xl),
+            TensorDescriptor(w2, [2 * KP, D], [D, 1], [2 * KP, BD], wl))
+
+
+def launch(x_TD, w_pair, part, S, d_per_split, K, KP, BT=64, BD=128, NS=3, warps=4):
+    T = x_TD.shape[0]
+    x_desc, w_desc = descriptors(x_TD, w_pair, BT, BD, KP)
+    _proj_fwd_gl_kernel[(triton.cdiv(T, BT), S)](
+        x_desc, w_desc, part, T, d_per_split, d_per_split // BD, K=K, KP=KP, NS=NS,
+        num_warps=warps)
+    return part
+
+
+@gluon.jit
+def _proj_fwd_gl_sk_kernel(x_desc, w_desc, part_ptr, T, n_items, NT, P,
+                           K: gl.constexpr, KP: gl.constexpr, NS: gl.constexpr,
+                           SMAX: gl.constexpr, num_warps: gl.constexpr):
+    """Stream-K: P programs (one per SM), program p takes the contiguous run of (token block,
+    D tile) items [p I / P, (p + 1) I / P), I = token blocks x NT, and writes one partial per
+    token block it touches into slot p - (first program touching that block); the program
+    that finishes a block zeroes the block's unused slots < SMAX."""
+    BT: gl.constexpr = x_desc.block_type.shape[0]
+    BD: gl.constexpr = x_desc.block_type.shape[1]
+    p = gl.program_id(0)
+    a = (p * n_items) // P
+    n = ((p + 1) * n_items) // P - a
+    x_s = gl.allocate_shared_memory(x_desc.dtype, [NS, BT, BD], x_desc.layout)
+    w_s = gl.allocate_shared_memory(w_desc.dtype, [NS, 2 * KP, BD], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(NS):
+        mbarrier.init(bars.index(b), count=1)
+    for q in gl.static_range(NS - 1):
+        if q < n:
+            it = a + q
+            _issue(x_desc, w_desc, bars.index(q), x_s.index(q), w_s.index(q), (it // NT) * BT,
+                   (it % NT) * BD)
+
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, KP, 16])
+    blk: gl.constexpr = _square_layout(BD, num_warps)
+    zero = gl.zeros([BT, KP], gl.float32, mma)
+    acc = gl.zeros([BT, KP], gl.float32, mma)
+    sq = gl.zeros([BT, BD], gl.float32, blk)
+    offs_k = gl.arange(0, KP, layout=gl.SliceLayout(0, mma))
+    rows = gl.arange(0, BT, layout=gl.SliceLayout(1, mma))
+    for i in range(n):
+        it = a + i
+        tb = it // NT
+        tile_d = it % NT
+        s = i % NS
+        mbarrier.wait(bars.index(s), (i // NS) & 1)
+        gl.thread_barrier()
+        j = i + NS - 1
+        if j < n:
+            sj = j % NS
+            jt = a + j
+            _issue(x_desc, w_desc, bars.index(sj), x_s.index(sj), w_s.index(sj),
+                   (jt // NT) * BT, (jt % NT) * BD)
+        xs = x_s.index(s)
+        ws = w_s.index(s)
+        tile = warpgroup_mma(xs, ws.slice(0, KP, dim=0).permute((1, 0)), zero,
+                             use_acc=False, is_async=True)
+        tile = warpgroup_mma(xs, ws.slice(KP, KP, dim=0).permute((1, 0)), tile,
+                             is_async=True)
+        xf = xs.load(blk).to(gl.float32)
+        sq += xf * xf
+        tile = warpgroup_mma_wait(num_outstanding=0, deps=(tile,))
+        acc += tile
+        if (tile_d == NT - 1) | (i == n - 1):
+            slot = p - ((tb * NT + 1) * P - 1) // n_items
+            ss = gl.convert_layout(gl.sum(sq, axis=1), gl.SliceLayout(1, mma))
+            offs_t = tb * BT + rows
+            mt = (offs_t < T)[:, None]
+            base = part_ptr + offs_t[:, None] * KP + offs_k[None, :]
+            gl.store(base + slot * T * KP, gl.where(offs_k[None, :] == K, ss[:, None], acc),
+                     mask=mt)
+            if tile_d == NT - 1:
+                for z in gl.static_range(1, SMAX):
+                    if slot + z < SMAX:
+                        gl.store(base + (slot + z) * T * KP, zero, mask=mt)
+            acc = zero
+            sq = gl.zeros([BT, BD], gl.float32, blk)
+    for b in gl.static_range(NS):
+        mbarrier.invalidate(bars.index(b))
+
+
+def launch_sk(x_TD, w_pair, part, K, KP, P, BT=128, BD=128, NS=4, warps=8):
+    """Stream-K form over P programs; ``part`` is [SMAX, T, KP] (SMAX >= the most programs
+    touching one token block)."""
+    T, D = x_TD.shape
+    NT = triton.cdiv(D, BD)
+    n_items = triton.cdiv(T, BT) * NT
+    x_desc, w_desc = descriptors(x_TD, w_pair, BT, BD, KP)
+    _proj_fwd_gl_sk_kernel[(P,)](x_desc, w_desc, part, T, n_items, NT, P, K=K, KP=KP, NS=NS,
+                                 SMAX=part.shape[0], num_warps=warps)
+    return part
+
+
+def sk_slots(T, D, BT, BD, P):
+    """The most programs of ``launch_sk`` that touch one token block."""
+    NT = triton.cdiv(D, BD)
+    n_items = triton.cdiv(T, BT) * NT
+    first = [((tb * NT + 1) * P - 1) // n_items for tb in range(triton.cdiv(T, BT))]
+    last = [(((tb + 1) * NT) * P - 1) // n_items for tb in range(triton.cdiv(T, BT))]
+    return max(b - a + 1 for a, b in zip(first, last))
+
+
+@gluon.jit
+def _ws_load(x_desc, w_desc, x_s, w_s, ready, empty, t0, d0, n_tiles,
+             NS: gl.constexpr, BD: gl.constexpr):
+    # producer warp: refill slot s once the consumer released it (empty[s])
+    for i in range(n_tiles):
+        s = i % NS
+        mbarrier.wait(empty.index(s), ((i // NS) & 1) ^ 1)
+        _issue(x_desc, w_desc, ready.index(s), x_s.index(s), w_s.index(s), t0, d0 + i * BD)
+
+
+@gluon.jit
+def _ws_compute(x_s, w_s, ready, empty, n_tiles, acc, sq, NS: gl.constexpr,
+                KP: gl.constexpr):
+    zero = gl.zeros_like(acc)
+    for i in range(n_tiles):
+        s = i % NS
+        mbarrier.wait(ready.index(s), (i // NS) & 1)
+        xs = x_s.index(s)
+        ws = w_s.index(s)
+        tile = warpgroup_mma(xs, ws.slice(0, KP, dim=0).permute((1, 0)), zero,
+                             use_acc=False, is_async=True)
+        tile = warpgroup_mma(xs, ws.slice(KP, KP, dim=0).permute((1, 0)), tile,
+                             is_async=True)
+        xf = xs.load(sq.type.layout).to(gl.float32)
+        sq += xf * xf
+        tile = warpgroup_mma_wait(num_outstanding=0, deps=(tile,))
+        mbarrier.arrive(empty.index(s), count=1)
+        acc += tile
+    return acc, sq
+
+
+@gluon.jit
+def _proj_fwd_gl_ws_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
+                           K: gl.constexpr, KP: gl.constexpr, NS: gl.constexpr,
+                           LOAD_REGS: gl.constexpr, num_warps: gl.constexpr):
+    """Warp-specialized: one producer warp issues the TMA loads into an NS-slot ring, the
+    default partition (num_warps) runs the wgmmas and the squares and releases each slot
+    through its own mbarrier; no CTA-wide barrier in the loop."""
+    BT: gl.constexpr = x_desc.block_type.shape[0]
+    BD: gl.constexpr = x_desc.block_type.shape[1]
+    pid_t = gl.program_id(0)
+    pid_s = gl.program_id(1)
+    t0 = pid_t * BT
+    d0 = pid_s * d_per_split
+    x_s = gl.allocate_shared_memory(x_desc.dtype, [NS, BT, BD], x_desc.layout)
+    w_s = gl.allocate_shared_memory(w_desc.dtype, [NS, 2 * KP, BD], w_desc.layout)
+    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(NS):
+        mbarrier.init(ready.index(b), count=1)
+        mbarrier.init(empty.index(b), count=1)
+    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                  instr_shape=[16, KP, 16])
+    blk: gl.constexpr = _square_layout(BD, num_warps)
+    acc = gl.zeros([BT, KP], gl.float32, mma)
+    sq = gl.zeros([BT, BD], gl.float32, blk)
+    acc, sq = gl.warp_specialize([
+        (_ws_compute, (x_s, w_s, ready, empty, n_tiles, acc, sq, NS, KP)),
+        (_ws_load, (x_desc, w_desc, x_s, w_s, ready, empty, t0, d0, n_tiles, NS, BD)),
+    ], [1], [LOAD_REGS])
+    for b in gl.static_range(NS):
+        mbarrier.invalidate(ready.index(b))
+        mbarrier.invalidate(empty.index(b))
+    ss = gl.convert_layout(gl.sum(sq, axis=1), gl.SliceLayout(1, mma))
+    offs_t = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, mma))
+    offs_k = gl.arange(0, KP, layout=gl.SliceLayout(0, mma))
+    out = gl.where(offs_k[None, :] == K, ss[:, None], acc)
+    ptrs = part_ptr + pid_s * T * KP + offs_t[:, None] * KP + offs_k[None, :]
+    gl.store(ptrs, out, mask=(offs_t < T)[:, None])
+
+
+def launch_ws(x_TD, w_pair, part, S, d_per_split, K, KP, BT=64, BD=128, NS=3, warps=4,
+              load_regs=48, maxnreg=None):
+    T = x_TD.shape[0]
+    x_desc, w_desc = descriptors(x_TD, w_pair, BT, BD, KP)
+    _proj_fwd_gl_ws_kernel[(triton.cdiv(T, BT), S)](
+        x_desc, w_desc, part, T, d_per_split, triton.cdiv(d_per_split, BD), K=K, KP=KP,
+        NS=NS, LOAD_REGS=load_regs, num_warps=warps, maxnreg=maxnreg)
+    return part

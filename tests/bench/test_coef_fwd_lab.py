@@ -1,0 +1,45 @@
+"""bench/coef_fwd_variants.py and bench/proj_gluon_lab.py: the coefficient-forward lab kernels
+(kernels_sweeps_h200.md run 12) still compile for Hopper, the Triton variants' loops pass the
+same wgmma / copy hazard check as the shipped kernels, and the stream-K slot count is right."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.model import test_kernels_ir as ir
+
+pytestmark = pytest.mark.triton
+triton = pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia")
+
+from bench import coef_fwd_variants as V  # noqa: E402
+
+CONST = {"K": 24, "KP": 32, "BD": 128, "WS": 0, "STAGES": 3}
+
+
+@pytest.mark.parametrize("BT, warps, mode, il, pf", [
+    (64, 4, 0, 0, 0), (64, 4, 0, 1, 0), (64, 4, 0, 0, 4), (128, 8, 0, 0, 0), (64, 4, 4, 0, 0)])
+def test_variant_loops_have_no_copy_over_a_pending_wgmma(BT, warps, mode, il, pf):
+    const = {**CONST, "BT": BT, "MODE": mode, "IL": il, "PF": pf, "PF_LINES": int(pf > 0)}
+    ttgir, stages = ir._ttgir(V._proj_var_kernel, warps, 3, const,
+                              {"x_desc": ir._desc(BT, 128), "w_desc": ir._desc(32, 128),
+                               "x_ptr": "*bf16"})
+    assert ir._loops(ttgir), "no loop compiled"
+    assert ir._hazards(ttgir, stages) == []
+
+
+def test_stream_k_slots_are_the_most_programs_touching_one_token_block():
+    pytest.importorskip("triton.experimental.gluon")  # Triton's Gluon (>= 3.5)
+    from bench import proj_gluon_lab as G
+
+    for T, D, BT, BD, P in [(8192, 16384, 128, 128, 132), (8192, 16384, 64, 128, 264),
+                            (3001, 4000, 64, 128, 132), (512, 1024, 64, 64, 7)]:
+        NT = triton.cdiv(D, BD)
+        n = triton.cdiv(T, BT) * NT
+
+        def start(p, n=n, P=P):
+            return (p * n) // P
+
+        most = max(sum(1 for p in range(P) if start(p) < (tb + 1) * NT and start(p + 1) > tb * NT)
+                   for tb in range(triton.cdiv(T, BT)))
+        assert G.sk_slots(T, D, BT, BD, P) == most
