@@ -3,18 +3,23 @@
 Not a benchmark of record (that is ``bench/kernels.py``): a lab bench for the pieces of the
 coefficient forward (weight split, projection, epilogue) at T 8192, C 4096, n 4, bf16.
 Every variant writes the shipped partial layout ``[S, T, KP]``, so any projection runs with
-any epilogue, and each whole forward is checked against the shipped outputs.
+any epilogue, and each whole forward is checked against the shipped outputs.  The groups are
+the tables of bench/results/kernels_sweeps_h200.md run 12 (12a-12c here, 12d the Gluon forms
+of ``bench/proj_gluon_lab.py``: groups gluon, ws, sk).
 
 Projection variants (``_proj_var_kernel``, the shipped TMA loop with switches):
   MODE 0 the shipped work (sum of squares + hi / lo dots), 1 the sum of squares only (the x
   stream with no weight: a floor), 2 the dots only, 3 the squares plus the weight loads
-  (no dots); IL: split s takes D tiles s, s + S, ... (interleaved) instead of a contiguous
-  range; WS: ``tl.range(warp_specialize=True)``.
+  (no dots), 4 / 5 the dots (with / without the squares) on the weight tile of D 0 loaded
+  once: no weight stream; IL: split s takes D tiles s, s + S, ... (interleaved) instead of a
+  contiguous range; WS: ``tl.range(warp_specialize=True)``; PF: x tile i + PF prefetched
+  into L2 at tile i, by bulk prefetches of 256-byte row segments or (PF_LINES) one
+  ``prefetch.global.L2`` per 128-byte line.
 Epilogue variants (``_epi_var_kernel``): the S partials summed in an unrolled loop (S a
 constexpr) with bias and alphas loaded before them, and optionally without the ``proj``
 copy the backward reads.
 
-    PYTHONPATH=. python bench/coef_fwd_variants.py [--rounds 3] [--only proj,epi,split]
+    PYTHONPATH=. python bench/coef_fwd_variants.py [--rounds 3] [--only 12a,gluon,ws,...]
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import triton
 import triton.language as tl
 from triton.testing import do_bench_cudagraph
 
+from bench.kernels import kernel_us
 from mhc_model.conventions import convention
 from mhc_model.kernels import triton_coef, triton_proj
 from mhc_model.kernels.triton_epi import _rms, coef_index
@@ -191,88 +197,99 @@ def shipped(x, W, b, al):
     return triton_coef.coef_forward(x.view(T, N, C), W, b, al, ITERS, "deepseek", EPS)[0]
 
 
-def _kernels(fn, reps=5):
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    per = {}
-    for e in prof.key_averages():
-        dt = getattr(e, "self_device_time_total", None)
-        if dt is None:
-            dt = e.self_cuda_time_total
-        if dt > 0:
-            per[e.key] = dt / reps
-    return sum(per.values()), per
-
-
 def _diff(a, b):
     return max(float((p - q).abs().max() / q.abs().max().clamp_min(1e-30)) for p, q in zip(a, b))
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", default="proj,gluon,epi,split")
-    args = ap.parse_args()
-    only = set(args.only.split(","))
-    x, W, b, al = _setup()
-    conv = convention("deepseek")
-    f = conv.kernel_flags()
-    assert not f["RMS_INV_NORM"] and f["SINKHORN_SOFTMAX"] and f["PRE_EPS"], f
-    ref = shipped(x, W, b, al)
-    base_tile = triton_proj.CONFIG["proj_fwd_tma_tile"]
-    wpair = triton_proj.split_weight(W, KP)
-    base_part = triton_proj.proj_forward(x, W, K, KP, True)
-    variants = {"shipped": lambda: shipped(x, W, b, al)}
-    if "proj" in only:
-        for name, tile, mode, il, ws, pf in [
-            ("var", base_tile, 0, False, False, 0),
-            ("var lines PF=2", base_tile, 0, False, False, 2),
-            ("var lines PF=4", base_tile, 0, False, False, 4),
-            ("var lines PF=8", base_tile, 0, False, False, 8),
-            ("var lines PF=4 (64,128,4,2,3)", (64, 128, 4, 2, 3), 0, False, False, 4),
-            ("var lines PF=6 (64,128,4,2,3)", (64, 128, 4, 2, 3), 0, False, False, 6),
-            ("var lines PF=4 (128,128,8,3,1)", (128, 128, 8, 3, 1), 0, False, False, 4),
-            ("sq only lines PF=4", base_tile, 1, False, False, 4),
-        ]:
-            def run(tile=tile, mode=mode, il=il, ws=ws, pf=pf):
-                part = proj_var(x, W, tile, mode, il, ws, pf=pf, pf_lines=pf > 0)
-                return triton_coef.coef_epilogue(part, b, al, N, D, ITERS, conv, EPS)[:3]
-            variants[f"proj {name}"] = run
-    if "gluon" in only:
-        from bench import proj_gluon_lab as G
+# (label, tile, MODE, IL, WS, PF, PF_LINES) per table of kernels_sweeps_h200.md run 12
+_B = None  # the shipped tile, CONFIG["proj_fwd_tma_tile"]
+PROJ_GROUPS = {
+    "12a": [("var", _B, 0, 0, 0, 0, 0), ("var IL", _B, 0, 1, 0, 0, 0),
+            ("var (64,128,8,3,2)", (64, 128, 8, 3, 2), 0, 0, 0, 0, 0),
+            ("var WS (64,128,8,3,2)", (64, 128, 8, 3, 2), 0, 0, 1, 0, 0),
+            ("var IL WS (64,128,8,3,2)", (64, 128, 8, 3, 2), 0, 1, 1, 0, 0),
+            ("var WS (64,128,8,4,2)", (64, 128, 8, 4, 2), 0, 0, 1, 0, 0),
+            ("sq only (floor)", _B, 1, 0, 0, 0, 0),
+            ("sq only 6 stages", (64, 128, 4, 6, 2), 1, 0, 0, 0, 0),
+            ("sq only IL", _B, 1, 1, 0, 0, 0), ("dots only", _B, 2, 0, 0, 0, 0),
+            ("sq + w loads", _B, 3, 0, 0, 0, 0),
+            ("var (128,128,8,4,1)", (128, 128, 8, 4, 1), 0, 0, 0, 0, 0),
+            ("var (128,128,8,4,2)", (128, 128, 8, 4, 2), 0, 0, 0, 0, 0),
+            ("var (128,128,8,3,1)", (128, 128, 8, 3, 1), 0, 0, 0, 0, 0),
+            ("var WS (128,128,8,3,1)", (128, 128, 8, 3, 1), 0, 0, 1, 0, 0),
+            ("var IL (128,128,8,4,1)", (128, 128, 8, 4, 1), 0, 1, 0, 0, 0)],
+    "12b": [("var", _B, 0, 0, 0, 0, 0)]
+    + [(f"var PF={pf}", _B, 0, 0, 0, pf, 0) for pf in (2, 3, 4, 6)]
+    + [("var PF=4 IL", _B, 0, 1, 0, 4, 0),
+       ("var PF=4 (64,128,4,2,2)", (64, 128, 4, 2, 2), 0, 0, 0, 4, 0),
+       ("var PF=4 (64,128,4,2,3)", (64, 128, 4, 2, 3), 0, 0, 0, 4, 0),
+       ("var PF=4 (128,128,8,3,1)", (128, 128, 8, 3, 1), 0, 0, 0, 4, 0),
+       ("var PF=8 (128,128,8,3,1)", (128, 128, 8, 3, 1), 0, 0, 0, 8, 0),
+       ("sq only (floor)", _B, 1, 0, 0, 0, 0), ("sq only PF=4", _B, 1, 0, 0, 4, 0),
+       ("fixed W: dots + sq", _B, 4, 0, 0, 0, 0), ("fixed W: dots only", _B, 5, 0, 0, 0, 0),
+       ("dots only", _B, 2, 0, 0, 0, 0)],
+    "12c": [("var", _B, 0, 0, 0, 0, 0)]
+    + [(f"var lines PF={pf}", _B, 0, 0, 0, pf, 1) for pf in (2, 4, 8)]
+    + [(f"var lines PF={pf} (64,128,4,2,3)", (64, 128, 4, 2, 3), 0, 0, 0, pf, 1)
+       for pf in (4, 6)]
+    + [("var lines PF=4 (128,128,8,3,1)", (128, 128, 8, 3, 1), 0, 0, 0, 4, 1),
+       ("sq only lines PF=4", _B, 1, 0, 0, 4, 1)],
+}
+# Gluon forms (run 12d): (BT, BD, NS, warps, programs per SM) / ws: (BT, NS, warps, per SM,
+# maxnreg) / stream-K: (BT, BD, NS, warps, programs per SM)
+GLUON = [(64, 128, 3, 4, 2), (64, 128, 2, 4, 3), (64, 128, 3, 4, 3), (128, 128, 4, 8, 1),
+         (128, 128, 3, 8, 2), (128, 128, 2, 8, 2), (128, 64, 4, 8, 2), (128, 64, 8, 8, 1),
+         (256, 128, 2, 8, 1)]
+GLUON_WS = [(64, 3, 4, 2, 128), (64, 3, 4, 2, None), (64, 2, 4, 3, 80), (128, 4, 8, 1, 168),
+            (128, 2, 8, 2, 80)]
+GLUON_SK = [(128, 128, 4, 8, 1), (64, 128, 3, 4, 2), (128, 64, 8, 8, 1), (128, 64, 4, 8, 2),
+            (128, 128, 3, 8, 1)]
+GROUPS = (*PROJ_GROUPS, "gluon", "ws", "sk", "epi", "split")
 
-        for BT, BD, NS, warps, per_sm in [(128, 128, 4, 8, 1), (128, 128, 2, 8, 2)]:
+
+def _variants(only, x, W, b, al, conv):
+    """{label: a whole coefficient forward} for the groups in ``only`` (the shipped form
+    first)."""
+    def epilogue(part):
+        return triton_coef.coef_epilogue(part, b, al, N, D, ITERS, conv, EPS)[:3]
+
+    def pair():
+        return triton_proj.split_weight(W, KP)
+
+    def parts(S):
+        return torch.empty((S, T, KP), dtype=torch.float32, device=x.device)
+
+    variants = {"shipped": lambda: shipped(x, W, b, al)}
+    for group in only & set(PROJ_GROUPS):
+        for name, tile, mode, il, ws, pf, lines in PROJ_GROUPS[group]:
+            tile = tile or triton_proj.CONFIG["proj_fwd_tma_tile"]
+            variants[f"{group} proj {name}"] = (
+                lambda tile=tile, mode=mode, il=il, ws=ws, pf=pf, lines=lines: epilogue(
+                    proj_var(x, W, tile, mode, bool(il), bool(ws), pf=pf,
+                             pf_lines=bool(lines))))
+    if only & {"gluon", "ws", "sk"}:
+        from bench import proj_gluon_lab as G
+    if "gluon" in only:
+        for BT, BD, NS, warps, per_sm in GLUON:
             def run(BT=BT, BD=BD, NS=NS, warps=warps, per_sm=per_sm):
                 S, dps = proj_split(T, D, BT, BD, per_sm, x.device)
-                part = torch.empty((S, T, KP), dtype=torch.float32, device=x.device)
-                G.launch(x, triton_proj.split_weight(W, KP), part, S, dps, K, KP, BT=BT,
-                         BD=BD, NS=NS, warps=warps)
-                return triton_coef.coef_epilogue(part, b, al, N, D, ITERS, conv, EPS)[:3]
+                return epilogue(G.launch(x, pair(), parts(S), S, dps, K, KP, BT=BT, BD=BD,
+                                         NS=NS, warps=warps))
             variants[f"gluon BT={BT} BD={BD} NS={NS} w={warps} per_sm={per_sm}"] = run
-        for BT, NS, warps, per_sm, mr in [(64, 3, 4, 2, 128), (64, 3, 4, 2, None),
-                                          (64, 2, 4, 3, 80), (128, 4, 8, 1, 168),
-                                          (128, 2, 8, 2, 80)]:
+    if "ws" in only:
+        for BT, NS, warps, per_sm, mr in GLUON_WS:
             def run(BT=BT, NS=NS, warps=warps, per_sm=per_sm, mr=mr):
                 S, dps = proj_split(T, D, BT, 128, per_sm, x.device)
-                part = torch.empty((S, T, KP), dtype=torch.float32, device=x.device)
-                G.launch_ws(x, triton_proj.split_weight(W, KP), part, S, dps, K, KP, BT=BT,
-                            NS=NS, warps=warps, maxnreg=mr)
-                return triton_coef.coef_epilogue(part, b, al, N, D, ITERS, conv, EPS)[:3]
+                return epilogue(G.launch_ws(x, pair(), parts(S), S, dps, K, KP, BT=BT, NS=NS,
+                                            warps=warps, maxnreg=mr))
             variants[f"gluon ws BT={BT} NS={NS} w={warps} per_sm={per_sm} maxnreg={mr}"] = run
-        sms = torch.cuda.get_device_properties(0).multi_processor_count
-        for BT, BD, NS, warps, per_sm in [(64, 128, 3, 4, 2)]:
+    if "sk" in only:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+        for BT, BD, NS, warps, per_sm in GLUON_SK:
             def run(BT=BT, BD=BD, NS=NS, warps=warps, P=per_sm * sms):
-                smax = G.sk_slots(T, D, BT, BD, P)
-                part = torch.empty((smax, T, KP), dtype=torch.float32, device=x.device)
-                G.launch_sk(x, triton_proj.split_weight(W, KP), part, K, KP, P, BT=BT, BD=BD,
-                            NS=NS, warps=warps)
-                return triton_coef.coef_epilogue(part, b, al, N, D, ITERS, conv, EPS)[:3]
+                part = parts(G.sk_slots(T, D, BT, BD, P))
+                return epilogue(G.launch_sk(x, pair(), part, K, KP, P, BT=BT, BD=BD, NS=NS,
+                                            warps=warps))
             variants[f"gluon sk BT={BT} BD={BD} NS={NS} w={warps} P={per_sm}x{sms}"] = run
     if "epi" in only:
         for BT, warps, sp in [(16, 1, True), (16, 1, False), (32, 1, True), (8, 1, True),
@@ -283,16 +300,30 @@ def main():
     if "split" in only:
         for bd, warps in itertools.product((64, 128, 256), (1, 2, 4)):
             def run(bd=bd, warps=warps):
-                old = triton_proj.CONFIG["split_w_block"]
-                triton_proj.CONFIG["split_w_block"] = bd
-                try:
-                    out = torch.empty((2, KP, D), dtype=torch.bfloat16, device="cuda")
-                    triton_proj._split_w_kernel[(triton.cdiv(D, bd),)](
-                        W, out, D, K=K, KP=KP, BD=bd, num_warps=warps)
-                finally:
-                    triton_proj.CONFIG["split_w_block"] = old
+                out = torch.empty((2, KP, D), dtype=torch.bfloat16, device=x.device)
+                triton_proj._split_w_kernel[(triton.cdiv(D, bd),)](
+                    W, out, D, K=K, KP=KP, BD=bd, num_warps=warps)
                 return out
             variants[f"split BD={bd} w={warps}"] = run
+    return variants
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", default="12a,epi,split",
+                    help=f"comma-separated groups of {', '.join(GROUPS)}")
+    args = ap.parse_args()
+    only = set(args.only.split(","))
+    if only - set(GROUPS):
+        raise SystemExit(f"unknown groups {sorted(only - set(GROUPS))}; known: {GROUPS}")
+    x, W, b, al = _setup()
+    conv = convention("deepseek")
+    f = conv.kernel_flags()
+    assert not f["RMS_INV_NORM"] and f["SINKHORN_SOFTMAX"] and f["PRE_EPS"], f
+    ref = shipped(x, W, b, al)
+    wpair = triton_proj.split_weight(W, KP)
+    variants = _variants(only, x, W, b, al, conv)
     results = {k: [] for k in variants}
     errs = {}
     for name, fn in variants.items():
@@ -307,12 +338,11 @@ def main():
                 errs[name] = _diff(out, ref)
         except Exception as e:  # a variant that does not compile is reported, not fatal
             errs[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
-    del base_part
     for _ in range(args.rounds):
         for name, fn in variants.items():
             if isinstance(errs[name], str):
                 continue
-            tot, per = _kernels(fn)
+            tot, per = kernel_us(fn)
             span = do_bench_cudagraph(fn, rep=50) * 1e3
             results[name].append((tot, span, per))
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "

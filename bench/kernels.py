@@ -47,7 +47,7 @@ def _setup(gen):
     return x, W, b, al, head
 
 
-def _kernel_us(fn, reps: int = 5) -> tuple[float, dict[str, float]]:
+def kernel_us(fn, reps: int = 5) -> tuple[float, dict[str, float]]:
     """GPU time of one call as the sum of its kernels' durations (torch.profiler / CUPTI),
     so host-side launch overhead does not count; also returns the per-kernel breakdown."""
     from torch.profiler import ProfilerActivity, profile
@@ -80,19 +80,19 @@ def _fwd_bwd(fn, inputs):
     def bwd():
         return torch.autograd.grad(outs, inputs, g, retain_graph=True)
 
-    kf, pf = _kernel_us(fwd)
-    kb, pb = _kernel_us(bwd)
+    kf, pf = kernel_us(fwd)
+    kb, pb = kernel_us(bwd)
     return _t(fwd), _t(bwd), kf, kb, pf, pb
 
 
 def _direction_us(fn, inputs, which: int) -> float:
     """Kernel-sum µs of the forward (which=0) or backward (which=1) alone."""
     if which == 0:
-        return _kernel_us(lambda: fn(*inputs))[0]
+        return kernel_us(lambda: fn(*inputs))[0]
     outs = fn(*inputs)
     outs = outs if isinstance(outs, tuple) else (outs,)
     g = [torch.randn_like(o) for o in outs]
-    return _kernel_us(lambda: torch.autograd.grad(outs, inputs, g, retain_graph=True))[0]
+    return kernel_us(lambda: torch.autograd.grad(outs, inputs, g, retain_graph=True))[0]
 
 
 def _ops(impl, x, W, b, al, head, H_pre, H_post, H_res, y, conv="deepseek"):
@@ -134,7 +134,7 @@ def _epilogue_time(x, W, b, al) -> float:
         return triton_coef.coef_epilogue(part, b.detach(), a3, N, N * C, ITERS, "deepseek",
                                          1e-6)
 
-    return _t(epi), _kernel_us(epi)[0]
+    return _t(epi), kernel_us(epi)[0]
 
 
 # (name, (op, direction), config dict, overrides): every candidate is timed as the kernel

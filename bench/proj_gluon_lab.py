@@ -28,6 +28,13 @@ def _square_layout(BD, num_warps):
                             warps_per_cta=[num_warps, 1], order=[1, 0])
 
 
+@triton.constexpr_function
+def _mma_layout(KP, num_warps):
+    # wgmma accumulator [BT, KP]: m16 x n KP x k16 instructions, warps stacked along the tokens
+    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                     instr_shape=[16, KP, 16])
+
+
 @gluon.jit
 def _issue(x_desc, w_desc, bar, x_slot, w_slot, t0, d):
     mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
@@ -36,29 +43,59 @@ def _issue(x_desc, w_desc, bar, x_slot, w_slot, t0, d):
 
 
 @gluon.jit
+def _ring(x_desc, w_desc, NS: gl.constexpr, KP: gl.constexpr, N_BARS: gl.constexpr):
+    """NS (x, weight pair) slots and N_BARS x NS mbarriers (count 1), initialised."""
+    BT: gl.constexpr = x_desc.block_type.shape[0]
+    BD: gl.constexpr = x_desc.block_type.shape[1]
+    x_s = gl.allocate_shared_memory(x_desc.dtype, [NS, BT, BD], x_desc.layout)
+    w_s = gl.allocate_shared_memory(w_desc.dtype, [NS, 2 * KP, BD], w_desc.layout)
+    bars = gl.allocate_shared_memory(gl.int64, [N_BARS * NS, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(N_BARS * NS):
+        mbarrier.init(bars.index(b), count=1)
+    return x_s, w_s, bars
+
+
+@gluon.jit
+def _tile(xs, ws, zero, acc, sq, KP: gl.constexpr):
+    """One [BT, BD] tile: the per-tile chain hi then lo on the tensor cores (one wait), added
+    to acc in fp32 as the shipped kernel does; the squares of x read back meanwhile."""
+    tile = warpgroup_mma(xs, ws.slice(0, KP, dim=0).permute((1, 0)), zero,
+                         use_acc=False, is_async=True)
+    tile = warpgroup_mma(xs, ws.slice(KP, KP, dim=0).permute((1, 0)), tile, is_async=True)
+    xf = xs.load(sq.type.layout).to(gl.float32)
+    sq += xf * xf
+    tile = warpgroup_mma_wait(num_outstanding=0, deps=(tile,))
+    return acc + tile, sq
+
+
+@gluon.jit
+def _store_partial(part_ptr, slot, T, t0, acc, sq, K: gl.constexpr, KP: gl.constexpr):
+    """The shipped partial layout [S, T, KP]: lanes < K the projection, lane K the sum of
+    squares, into slot ``slot``."""
+    BT: gl.constexpr = acc.shape[0]
+    mma: gl.constexpr = acc.type.layout
+    ss = gl.convert_layout(gl.sum(sq, axis=1), gl.SliceLayout(1, mma))
+    offs_t = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, mma))
+    offs_k = gl.arange(0, KP, layout=gl.SliceLayout(0, mma))
+    ptrs = part_ptr + slot * T * KP + offs_t[:, None] * KP + offs_k[None, :]
+    gl.store(ptrs, gl.where(offs_k[None, :] == K, ss[:, None], acc), mask=(offs_t < T)[:, None])
+
+
+@gluon.jit
 def _proj_fwd_gl_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
                         K: gl.constexpr, KP: gl.constexpr, NS: gl.constexpr,
                         num_warps: gl.constexpr):
     BT: gl.constexpr = x_desc.block_type.shape[0]
     BD: gl.constexpr = x_desc.block_type.shape[1]
-    pid_t = gl.program_id(0)
     pid_s = gl.program_id(1)
-    t0 = pid_t * BT
+    t0 = gl.program_id(0) * BT
     d0 = pid_s * d_per_split
-    x_s = gl.allocate_shared_memory(x_desc.dtype, [NS, BT, BD], x_desc.layout)
-    w_s = gl.allocate_shared_memory(w_desc.dtype, [NS, 2 * KP, BD], w_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(NS):
-        mbarrier.init(bars.index(b), count=1)
+    x_s, w_s, bars = _ring(x_desc, w_desc, NS, KP, 1)
     for p in gl.static_range(NS - 1):
         _issue(x_desc, w_desc, bars.index(p), x_s.index(p), w_s.index(p), t0, d0 + p * BD)
-
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, KP, 16])
-    blk: gl.constexpr = _square_layout(BD, num_warps)
-    zero = gl.zeros([BT, KP], gl.float32, mma)
-    acc = gl.zeros([BT, KP], gl.float32, mma)
-    sq = gl.zeros([BT, BD], gl.float32, blk)
+    zero = gl.zeros([BT, KP], gl.float32, _mma_layout(KP, num_warps))
+    acc = zero
+    sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
     for i in range(n_tiles):
         s = i % NS
         mbarrier.wait(bars.index(s), (i // NS) & 1)
@@ -70,25 +107,10 @@ def _proj_fwd_gl_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
             sj = j % NS
             _issue(x_desc, w_desc, bars.index(sj), x_s.index(sj), w_s.index(sj), t0,
                    d0 + j * BD)
-        xs = x_s.index(s)
-        ws = w_s.index(s)
-        # per-tile chain hi then lo on the tensor cores, added to acc in fp32 (as shipped)
-        tile = warpgroup_mma(xs, ws.slice(0, KP, dim=0).permute((1, 0)), zero,
-                             use_acc=False, is_async=True)
-        tile = warpgroup_mma(xs, ws.slice(KP, KP, dim=0).permute((1, 0)), tile,
-                             is_async=True)
-        xf = xs.load(blk).to(gl.float32)
-        sq += xf * xf
-        tile = warpgroup_mma_wait(num_outstanding=0, deps=(tile,))
-        acc += tile
+        acc, sq = _tile(x_s.index(s), w_s.index(s), zero, acc, sq, KP)
     for b in gl.static_range(NS):
         mbarrier.invalidate(bars.index(b))
-    ss = gl.convert_layout(gl.sum(sq, axis=1), gl.SliceLayout(1, mma))
-    offs_t = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, mma))
-    offs_k = gl.arange(0, KP, layout=gl.SliceLayout(0, mma))
-    out = gl.where(offs_k[None, :] == K, ss[:, None], acc)
-    ptrs = part_ptr + pid_s * T * KP + offs_t[:, None] * KP + offs_k[None, :]
-    gl.store(ptrs, out, mask=(offs_t < T)[:, None])
+    _store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
 
 
 def descriptors(x_TD, w_pair, BT, BD, KP):
@@ -124,25 +146,15 @@ def _proj_fwd_gl_sk_kernel(x_desc, w_desc, part_ptr, T, n_items, NT, P,
     p = gl.program_id(0)
     a = (p * n_items) // P
     n = ((p + 1) * n_items) // P - a
-    x_s = gl.allocate_shared_memory(x_desc.dtype, [NS, BT, BD], x_desc.layout)
-    w_s = gl.allocate_shared_memory(w_desc.dtype, [NS, 2 * KP, BD], w_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(NS):
-        mbarrier.init(bars.index(b), count=1)
+    x_s, w_s, bars = _ring(x_desc, w_desc, NS, KP, 1)
     for q in gl.static_range(NS - 1):
         if q < n:
             it = a + q
             _issue(x_desc, w_desc, bars.index(q), x_s.index(q), w_s.index(q), (it // NT) * BT,
                    (it % NT) * BD)
-
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, KP, 16])
-    blk: gl.constexpr = _square_layout(BD, num_warps)
-    zero = gl.zeros([BT, KP], gl.float32, mma)
-    acc = gl.zeros([BT, KP], gl.float32, mma)
-    sq = gl.zeros([BT, BD], gl.float32, blk)
-    offs_k = gl.arange(0, KP, layout=gl.SliceLayout(0, mma))
-    rows = gl.arange(0, BT, layout=gl.SliceLayout(1, mma))
+    zero = gl.zeros([BT, KP], gl.float32, _mma_layout(KP, num_warps))
+    acc = zero
+    sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
     for i in range(n):
         it = a + i
         tb = it // NT
@@ -156,30 +168,17 @@ def _proj_fwd_gl_sk_kernel(x_desc, w_desc, part_ptr, T, n_items, NT, P,
             jt = a + j
             _issue(x_desc, w_desc, bars.index(sj), x_s.index(sj), w_s.index(sj),
                    (jt // NT) * BT, (jt % NT) * BD)
-        xs = x_s.index(s)
-        ws = w_s.index(s)
-        tile = warpgroup_mma(xs, ws.slice(0, KP, dim=0).permute((1, 0)), zero,
-                             use_acc=False, is_async=True)
-        tile = warpgroup_mma(xs, ws.slice(KP, KP, dim=0).permute((1, 0)), tile,
-                             is_async=True)
-        xf = xs.load(blk).to(gl.float32)
-        sq += xf * xf
-        tile = warpgroup_mma_wait(num_outstanding=0, deps=(tile,))
-        acc += tile
+        acc, sq = _tile(x_s.index(s), w_s.index(s), zero, acc, sq, KP)
         if (tile_d == NT - 1) | (i == n - 1):
             slot = p - ((tb * NT + 1) * P - 1) // n_items
-            ss = gl.convert_layout(gl.sum(sq, axis=1), gl.SliceLayout(1, mma))
-            offs_t = tb * BT + rows
-            mt = (offs_t < T)[:, None]
-            base = part_ptr + offs_t[:, None] * KP + offs_k[None, :]
-            gl.store(base + slot * T * KP, gl.where(offs_k[None, :] == K, ss[:, None], acc),
-                     mask=mt)
+            _store_partial(part_ptr, slot, T, tb * BT, acc, sq, K, KP)
             if tile_d == NT - 1:
                 for z in gl.static_range(1, SMAX):
                     if slot + z < SMAX:
-                        gl.store(base + (slot + z) * T * KP, zero, mask=mt)
+                        _store_partial(part_ptr, slot + z, T, tb * BT, zero,
+                                       gl.zeros_like(sq), K, KP)
             acc = zero
-            sq = gl.zeros([BT, BD], gl.float32, blk)
+            sq = gl.zeros_like(sq)
     for b in gl.static_range(NS):
         mbarrier.invalidate(bars.index(b))
 
@@ -206,33 +205,25 @@ def sk_slots(T, D, BT, BD, P):
 
 
 @gluon.jit
-def _ws_load(x_desc, w_desc, x_s, w_s, ready, empty, t0, d0, n_tiles,
-             NS: gl.constexpr, BD: gl.constexpr):
-    # producer warp: refill slot s once the consumer released it (empty[s])
+def _ws_load(x_desc, w_desc, x_s, w_s, bars, t0, d0, n_tiles, NS: gl.constexpr,
+             BD: gl.constexpr):
+    # producer warp: refill slot s once the consumer released it (bars[NS + s]); the first
+    # pass waits on the phase before a fresh barrier's first, which counts as complete
     for i in range(n_tiles):
         s = i % NS
-        mbarrier.wait(empty.index(s), ((i // NS) & 1) ^ 1)
-        _issue(x_desc, w_desc, ready.index(s), x_s.index(s), w_s.index(s), t0, d0 + i * BD)
+        mbarrier.wait(bars.index(NS + s), ((i // NS) & 1) ^ 1)
+        _issue(x_desc, w_desc, bars.index(s), x_s.index(s), w_s.index(s), t0, d0 + i * BD)
 
 
 @gluon.jit
-def _ws_compute(x_s, w_s, ready, empty, n_tiles, acc, sq, NS: gl.constexpr,
-                KP: gl.constexpr):
+def _ws_compute(x_s, w_s, bars, n_tiles, acc, sq, NS: gl.constexpr, KP: gl.constexpr):
+    # consumer: bars[s] "ready" (the TMA landed), bars[NS + s] "empty" (released)
     zero = gl.zeros_like(acc)
     for i in range(n_tiles):
         s = i % NS
-        mbarrier.wait(ready.index(s), (i // NS) & 1)
-        xs = x_s.index(s)
-        ws = w_s.index(s)
-        tile = warpgroup_mma(xs, ws.slice(0, KP, dim=0).permute((1, 0)), zero,
-                             use_acc=False, is_async=True)
-        tile = warpgroup_mma(xs, ws.slice(KP, KP, dim=0).permute((1, 0)), tile,
-                             is_async=True)
-        xf = xs.load(sq.type.layout).to(gl.float32)
-        sq += xf * xf
-        tile = warpgroup_mma_wait(num_outstanding=0, deps=(tile,))
-        mbarrier.arrive(empty.index(s), count=1)
-        acc += tile
+        mbarrier.wait(bars.index(s), (i // NS) & 1)
+        acc, sq = _tile(x_s.index(s), w_s.index(s), zero, acc, sq, KP)
+        mbarrier.arrive(bars.index(NS + s), count=1)  # this slot's wgmma and squares are done
     return acc, sq
 
 
@@ -245,35 +236,19 @@ def _proj_fwd_gl_ws_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
     through its own mbarrier; no CTA-wide barrier in the loop."""
     BT: gl.constexpr = x_desc.block_type.shape[0]
     BD: gl.constexpr = x_desc.block_type.shape[1]
-    pid_t = gl.program_id(0)
     pid_s = gl.program_id(1)
-    t0 = pid_t * BT
-    d0 = pid_s * d_per_split
-    x_s = gl.allocate_shared_memory(x_desc.dtype, [NS, BT, BD], x_desc.layout)
-    w_s = gl.allocate_shared_memory(w_desc.dtype, [NS, 2 * KP, BD], w_desc.layout)
-    ready = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    empty = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(NS):
-        mbarrier.init(ready.index(b), count=1)
-        mbarrier.init(empty.index(b), count=1)
-    mma: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                  instr_shape=[16, KP, 16])
-    blk: gl.constexpr = _square_layout(BD, num_warps)
-    acc = gl.zeros([BT, KP], gl.float32, mma)
-    sq = gl.zeros([BT, BD], gl.float32, blk)
+    t0 = gl.program_id(0) * BT
+    x_s, w_s, bars = _ring(x_desc, w_desc, NS, KP, 2)
+    acc = gl.zeros([BT, KP], gl.float32, _mma_layout(KP, num_warps))
+    sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
     acc, sq = gl.warp_specialize([
-        (_ws_compute, (x_s, w_s, ready, empty, n_tiles, acc, sq, NS, KP)),
-        (_ws_load, (x_desc, w_desc, x_s, w_s, ready, empty, t0, d0, n_tiles, NS, BD)),
+        (_ws_compute, (x_s, w_s, bars, n_tiles, acc, sq, NS, KP)),
+        (_ws_load, (x_desc, w_desc, x_s, w_s, bars, t0, pid_s * d_per_split,
+                    n_tiles, NS, BD)),
     ], [1], [LOAD_REGS])
-    for b in gl.static_range(NS):
-        mbarrier.invalidate(ready.index(b))
-        mbarrier.invalidate(empty.index(b))
-    ss = gl.convert_layout(gl.sum(sq, axis=1), gl.SliceLayout(1, mma))
-    offs_t = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, mma))
-    offs_k = gl.arange(0, KP, layout=gl.SliceLayout(0, mma))
-    out = gl.where(offs_k[None, :] == K, ss[:, None], acc)
-    ptrs = part_ptr + pid_s * T * KP + offs_t[:, None] * KP + offs_k[None, :]
-    gl.store(ptrs, out, mask=(offs_t < T)[:, None])
+    for b in gl.static_range(2 * NS):
+        mbarrier.invalidate(bars.index(b))
+    _store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
 
 
 def launch_ws(x_TD, w_pair, part, S, d_per_split, K, KP, BT=64, BD=128, NS=3, warps=4,
