@@ -56,6 +56,19 @@ def _ring(x_desc, w_desc, NS: gl.constexpr, KP: gl.constexpr, N_BARS: gl.constex
 
 
 @gluon.jit
+def _next(x_desc, w_desc, x_s, w_s, bars, i, n, t_j, d_j, NS: gl.constexpr):
+    """Wait for tile i's slot; then, every warp being past tile i - 1 (its squares loaded, its
+    wgmma waited), refill the slot tile i - 1 freed with tile j = i + NS - 1 (at t_j, d_j)
+    while tile i is worked on."""
+    mbarrier.wait(bars.index(i % NS), (i // NS) & 1)
+    gl.thread_barrier()
+    j = i + NS - 1
+    if j < n:
+        sj = j % NS
+        _issue(x_desc, w_desc, bars.index(sj), x_s.index(sj), w_s.index(sj), t_j, d_j)
+
+
+@gluon.jit
 def _tile(xs, ws, zero, acc, sq, KP: gl.constexpr):
     """One [BT, BD] tile: the per-tile chain hi then lo on the tensor cores (one wait), added
     to acc in fp32 as the shipped kernel does; the squares of x read back meanwhile."""
@@ -97,17 +110,8 @@ def _proj_fwd_gl_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
     acc = zero
     sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
     for i in range(n_tiles):
-        s = i % NS
-        mbarrier.wait(bars.index(s), (i // NS) & 1)
-        # every warp is past tile i - 1 (its squares loaded, its wgmma waited): its slot
-        # takes tile i + NS - 1 now, while this tile is worked on
-        gl.thread_barrier()
-        j = i + NS - 1
-        if j < n_tiles:
-            sj = j % NS
-            _issue(x_desc, w_desc, bars.index(sj), x_s.index(sj), w_s.index(sj), t0,
-                   d0 + j * BD)
-        acc, sq = _tile(x_s.index(s), w_s.index(s), zero, acc, sq, KP)
+        _next(x_desc, w_desc, x_s, w_s, bars, i, n_tiles, t0, d0 + (i + NS - 1) * BD, NS)
+        acc, sq = _tile(x_s.index(i % NS), w_s.index(i % NS), zero, acc, sq, KP)
     for b in gl.static_range(NS):
         mbarrier.invalidate(bars.index(b))
     _store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
@@ -159,16 +163,9 @@ def _proj_fwd_gl_sk_kernel(x_desc, w_desc, part_ptr, T, n_items, NT, P,
         it = a + i
         tb = it // NT
         tile_d = it % NT
-        s = i % NS
-        mbarrier.wait(bars.index(s), (i // NS) & 1)
-        gl.thread_barrier()
-        j = i + NS - 1
-        if j < n:
-            sj = j % NS
-            jt = a + j
-            _issue(x_desc, w_desc, bars.index(sj), x_s.index(sj), w_s.index(sj),
-                   (jt // NT) * BT, (jt % NT) * BD)
-        acc, sq = _tile(x_s.index(s), w_s.index(s), zero, acc, sq, KP)
+        jt = it + NS - 1
+        _next(x_desc, w_desc, x_s, w_s, bars, i, n, (jt // NT) * BT, (jt % NT) * BD, NS)
+        acc, sq = _tile(x_s.index(i % NS), w_s.index(i % NS), zero, acc, sq, KP)
         if (tile_d == NT - 1) | (i == n - 1):
             slot = p - ((tb * NT + 1) * P - 1) // n_items
             _store_partial(part_ptr, slot, T, tb * BT, acc, sq, K, KP)

@@ -43,3 +43,28 @@ def test_stream_k_slots_are_the_most_programs_touching_one_token_block():
         most = max(sum(1 for p in range(P) if start(p) < (tb + 1) * NT and start(p + 1) > tb * NT)
                    for tb in range(triton.cdiv(T, BT)))
         assert G.sk_slots(T, D, BT, BD, P) == most
+
+
+@pytest.mark.parametrize("kernel, extra", [("_proj_fwd_gl_kernel", {}),
+                                           ("_proj_fwd_gl_sk_kernel", {"SMAX": 3}),
+                                           ("_proj_fwd_gl_ws_kernel", {"LOAD_REGS": 48})])
+def test_gluon_forms_compile_for_hopper(kernel, extra):
+    pytest.importorskip("triton.experimental.gluon")  # Triton's Gluon (>= 3.5)
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from bench import proj_gluon_lab as G
+
+    fn = getattr(G, kernel)
+    const = {"K": 24, "KP": 32, "NS": 3, "num_warps": 4, **extra}
+    sig = {a: "constexpr" if a in const else "i32" for a in fn.arg_names}
+    layout = repr(gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16))
+    sig.update(part_ptr="*fp32", x_desc=f"tensordesc<bf16[64,128],{layout}>",
+               w_desc=f"tensordesc<bf16[64,128],{layout}>")
+    k = triton.compile(GluonASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4})
+    ptx = k.asm["ptx"]
+    # the hi and lo wgmmas of a tile (8 k-steps each at BD 128), one wait, TMA loads
+    assert ptx.count("wgmma.mma_async") == 16 and ptx.count("wgmma.wait_group") == 1
+    assert "cp.async.bulk.tensor" in ptx
