@@ -20,3 +20,42 @@ def test_external_megatron_fixture_is_pristine():
     for line in (base / "SHA256SUMS").read_text().splitlines():
         digest, name = line.split(maxsplit=1)
         assert hashlib.sha256((base / name).read_bytes()).hexdigest() == digest, name
+
+
+def _sha256sums():
+    sys.path.insert(0, str(ROOT / "fixtures"))
+    import sha256sums
+
+    return sha256sums
+
+
+def test_the_sums_writer_reproduces_every_committed_tree_sums_file(tmp_path):
+    """fixtures/sha256sums.refresh, as report.write_sums / make_optim._sums and
+    tilekernels/make.py call it, writes each committed SHA256SUMS byte for byte."""
+    S = _sha256sums()
+    ext = ROOT / "fixtures" / "external"
+    cases = [(b / "SHA256SUMS", b, lambda rel: True) for b in sorted(ext.glob("megatron-*-*"))
+             if (b / "SHA256SUMS").exists()]
+    tk = next(ext.glob("tilekernels-*"))
+    cases.append((ext / "SHA256SUMS", ext, lambda rel, p=tk.name + "/": rel.startswith(p)))
+    assert len(cases) >= 3
+    for i, (sums, base, owns) in enumerate(cases):
+        out = tmp_path / f"{i}.sums"
+        out.write_bytes(sums.read_bytes())
+        tree = base if sums.parent == base and base != ext else tk
+        files = [p for p in tree.rglob("*") if p.is_file() and p.name != "SHA256SUMS"]
+        S.refresh(out, base, files, owns)
+        assert out.read_bytes() == sums.read_bytes(), sums
+
+
+def test_the_sums_writer_replaces_only_the_lines_it_owns(tmp_path):
+    S = _sha256sums()
+    (tmp_path / "optim_a").mkdir()
+    (tmp_path / "optim_a" / "x.bin").write_bytes(b"new")
+    (tmp_path / "b.txt").write_bytes(b"b")
+    sums = tmp_path / "SHA256SUMS"
+    sums.write_text(f"{'0' * 64}  optim_a/gone.bin\n{'1' * 64}  b.txt\n")
+    S.refresh(sums, tmp_path, [tmp_path / "optim_a" / "x.bin"],
+              owns=lambda rel: rel.startswith("optim_"))
+    assert sums.read_text() == (f"{'1' * 64}  b.txt\n"
+                                f"{S.sha256(tmp_path / 'optim_a' / 'x.bin')}  optim_a/x.bin\n")
