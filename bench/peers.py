@@ -156,6 +156,7 @@ def tilekernels_sites(model: nn.Module, fx=None) -> nn.Module:
     if mhc.mhc_convention != "deepseek":
         raise ValueError(f"TileKernels computes the deepseek convention, not {mhc.mhc_convention}")
     layers = model.decoder.layers
+    parity = float("nan")  # no layer, nothing compared
     for i, layer in enumerate(layers):
         site = _TileKernelsSite(fx, layer.hyper_connection, layer.inner_layer,
                                 mhc.num_residual_streams, mhc.mhc_sinkhorn_iterations,
