@@ -267,6 +267,14 @@ MUTANTS: list[Mutant] = [
            "        acc += tl.dot(xt, dp)\n",
            "TMA backward issues the dW dot last: it stays pending over the x prefetch",
            ("tests/model/test_kernels_ir.py",)),
+    Mutant("sums-keep-owned", "fixtures/sha256sums.py",
+           "            if not owns(rel):\n", "            if True:\n",
+           "the SHA256SUMS writer keeps the stale lines of the files it rewrites",
+           ("tests/test_fixtures.py",)),
+    Mutant("sums-unsorted", "fixtures/sha256sums.py",
+           "for rel in sorted(lines))", "for rel in lines)",
+           "the SHA256SUMS writer keeps insertion order instead of sorting by path",
+           ("tests/test_fixtures.py",)),
 ]
 
 FALLBACK = ("tests", "-m", "not gpu")
