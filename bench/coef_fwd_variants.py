@@ -202,7 +202,7 @@ def _diff(a, b):
 
 
 # (label, tile, MODE, IL, WS, PF, PF_LINES) per table of kernels_sweeps_h200.md run 12
-_B = None  # the shipped tile, CONFIG["proj_fwd_tma_tile"]
+_B = triton_proj.CONFIG["proj_fwd_tma_tile"]  # the shipped tile
 PROJ_GROUPS = {
     "12a": [("var", _B, 0, 0, 0, 0, 0), ("var IL", _B, 0, 1, 0, 0, 0),
             ("var (64,128,8,3,2)", (64, 128, 8, 3, 2), 0, 0, 0, 0, 0),
@@ -262,7 +262,6 @@ def _variants(only, x, W, b, al, conv):
     variants = {"shipped": lambda: shipped(x, W, b, al)}
     for group in only & set(PROJ_GROUPS):
         for name, tile, mode, il, ws, pf, lines in PROJ_GROUPS[group]:
-            tile = tile or triton_proj.CONFIG["proj_fwd_tma_tile"]
             variants[f"{group} proj {name}"] = (
                 lambda tile=tile, mode=mode, il=il, ws=ws, pf=pf, lines=lines: epilogue(
                     proj_var(x, W, tile, mode, bool(il), bool(ws), pf=pf,

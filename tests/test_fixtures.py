@@ -34,15 +34,15 @@ def test_the_sums_writer_reproduces_every_committed_tree_sums_file(tmp_path):
     tilekernels/make.py call it, writes each committed SHA256SUMS byte for byte."""
     S = _sha256sums()
     ext = ROOT / "fixtures" / "external"
-    cases = [(b / "SHA256SUMS", b, lambda rel: True) for b in sorted(ext.glob("megatron-*-*"))
-             if (b / "SHA256SUMS").exists()]
     tk = next(ext.glob("tilekernels-*"))
-    cases.append((ext / "SHA256SUMS", ext, lambda rel, p=tk.name + "/": rel.startswith(p)))
+    # (sums file, its base, the tree whose files are rewritten, the lines that tree owns)
+    cases = [(b / "SHA256SUMS", b, b, lambda rel: True) for b in sorted(ext.glob("megatron-*-*"))
+             if (b / "SHA256SUMS").exists()]
+    cases.append((ext / "SHA256SUMS", ext, tk, lambda rel, p=tk.name + "/": rel.startswith(p)))
     assert len(cases) >= 3
-    for i, (sums, base, owns) in enumerate(cases):
+    for i, (sums, base, tree, owns) in enumerate(cases):
         out = tmp_path / f"{i}.sums"
         out.write_bytes(sums.read_bytes())
-        tree = base if sums.parent == base and base != ext else tk
         files = [p for p in tree.rglob("*") if p.is_file() and p.name != "SHA256SUMS"]
         S.refresh(out, base, files, owns)
         assert out.read_bytes() == sums.read_bytes(), sums
