@@ -193,8 +193,14 @@ def epi_var(part, b, al, BT=16, warps=1, store_proj=True):
     return H_pre, H_post, H_res
 
 
-def shipped(x, W, b, al):
-    return triton_coef.coef_forward(x.view(T, N, C), W, b, al, ITERS, "deepseek", EPS)[0]
+def shipped(x, W, b, al, **config):
+    """The shipped coefficient forward, under ``triton_proj.CONFIG`` overrides ``config``."""
+    old = {k: triton_proj.CONFIG[k] for k in config}
+    triton_proj.CONFIG.update(config)
+    try:
+        return triton_coef.coef_forward(x.view(T, N, C), W, b, al, ITERS, "deepseek", EPS)[0]
+    finally:
+        triton_proj.CONFIG.update(old)
 
 
 def _diff(a, b):
@@ -244,7 +250,19 @@ GLUON_WS = [(64, 3, 4, 2, 128), (64, 3, 4, 2, None), (64, 2, 4, 3, 80), (128, 4,
             (128, 2, 8, 2, 80)]
 GLUON_SK = [(128, 128, 4, 8, 1), (64, 128, 3, 4, 2), (128, 64, 8, 8, 1), (128, 64, 4, 8, 2),
             (128, 128, 3, 8, 1)]
-GROUPS = (*PROJ_GROUPS, "gluon", "ws", "sk", "epi", "split")
+# (BT, BD, NS, warps, per_sm, mode): mode 1 x as the wgmma A operand in registers, squares
+# from them, 2 the same with the squares as the diagonal of x x^T on the tensor cores
+# (``proj_gluon_lab._tile_areg``); mode 0 the same ring reading x back for the squares
+GLUON_AREG = [(64, 128, 3, 4, 2, 0), (64, 128, 3, 4, 2, 1), (64, 128, 3, 4, 2, 2),
+              (64, 128, 2, 4, 3, 1), (64, 128, 2, 4, 3, 2), (64, 128, 4, 4, 2, 1),
+              (128, 128, 4, 8, 1, 0), (128, 128, 4, 8, 1, 1), (128, 128, 2, 8, 2, 1),
+              (128, 128, 3, 8, 1, 1)]
+# the A / B set for ``--interleave`` (run 13): the best areg rows of run 12's first call,
+# their read-back twins and the shipped tile's neighbours
+GLUON_AREG2 = [(128, 128, 3, 8, 1, 1), (128, 128, 3, 8, 1, 0), (128, 128, 4, 8, 1, 1),
+               (128, 128, 2, 8, 1, 1), (64, 128, 3, 4, 2, 1), (64, 128, 2, 4, 3, 2),
+               (128, 64, 5, 8, 1, 1), (256, 128, 2, 8, 1, 1)]
+GROUPS = (*PROJ_GROUPS, "gluon", "areg", "areg2", "ws", "sk", "epi", "split")
 
 
 def _variants(only, x, W, b, al, conv):
@@ -260,21 +278,27 @@ def _variants(only, x, W, b, al, conv):
         return torch.empty((S, T, KP), dtype=torch.float32, device=x.device)
 
     variants = {"shipped": lambda: shipped(x, W, b, al)}
+    if "areg2" in only:  # the Triton TMA kernel, shipped before gluon_proj
+        variants["shipped, proj_fwd_gluon False"] = lambda: shipped(x, W, b, al,
+                                                                    proj_fwd_gluon=False)
     for group in only & set(PROJ_GROUPS):
         for name, tile, mode, il, ws, pf, lines in PROJ_GROUPS[group]:
             variants[f"{group} proj {name}"] = (
                 lambda tile=tile, mode=mode, il=il, ws=ws, pf=pf, lines=lines: epilogue(
                     proj_var(x, W, tile, mode, bool(il), bool(ws), pf=pf,
                              pf_lines=bool(lines))))
-    if only & {"gluon", "ws", "sk"}:
+    if only & {"gluon", "areg", "areg2", "ws", "sk"}:
         from bench import proj_gluon_lab as G
-    if "gluon" in only:
-        for BT, BD, NS, warps, per_sm in GLUON:
-            def run(BT=BT, BD=BD, NS=NS, warps=warps, per_sm=per_sm):
-                S, dps = proj_split(T, D, BT, BD, per_sm, x.device)
-                return epilogue(G.launch(x, pair(), parts(S), S, dps, K, KP, BT=BT, BD=BD,
-                                         NS=NS, warps=warps))
-            variants[f"gluon BT={BT} BD={BD} NS={NS} w={warps} per_sm={per_sm}"] = run
+    rows = [(*c, 0) for c in GLUON] if "gluon" in only else []
+    rows += GLUON_AREG if "areg" in only else []
+    for BT, BD, NS, warps, per_sm, mode in rows + (GLUON_AREG2 if "areg2" in only else []):
+        def run(BT=BT, BD=BD, NS=NS, warps=warps, per_sm=per_sm, mode=mode):
+            S, dps = proj_split(T, D, BT, BD, per_sm, x.device)
+            return epilogue(G.launch(x, pair(), parts(S), S, dps, K, KP, BT=BT, BD=BD,
+                                     NS=NS, warps=warps, squares=mode))
+        tag = ("", " areg (shipped gluon_proj)", " areg sq_mma")[mode]
+        name = f"gluon{tag} BT={BT} BD={BD} NS={NS} w={warps} per_sm={per_sm}"
+        variants[name + " again" * (name in variants)] = run
     if "ws" in only:
         for BT, NS, warps, per_sm, mr in GLUON_WS:
             def run(BT=BT, NS=NS, warps=warps, per_sm=per_sm, mr=mr):
@@ -307,11 +331,60 @@ def _variants(only, x, W, b, al, conv):
     return variants
 
 
+def _gpu_kernels(prof):
+    """The profile's GPU kernel events in launch order: (name, µs)."""
+    ev = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    ev.sort(key=lambda e: e.time_range.start)
+    return [(e.name, e.time_range.elapsed_us()) for e in ev]
+
+
+def interleaved_us(fns, rounds):
+    """{name: (median kernel-sum µs of one call, [per-call µs], {kernel: median µs})}: every
+    fn called once a round, ``rounds`` rounds under one profile, so slow drifts of the GPU
+    (clocks, temperature) fall on every variant alike; each call's kernels are found by
+    their launch order (a dry run counts them)."""
+    from statistics import median
+
+    from torch.profiler import ProfilerActivity, profile
+
+    counts = {}
+    for name, fn in fns.items():
+        fn()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        counts[name] = len(_gpu_kernels(prof))
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(rounds):
+            for fn in fns.values():
+                fn()
+        torch.cuda.synchronize()
+    ks = _gpu_kernels(prof)
+    if len(ks) != rounds * sum(counts.values()):
+        raise RuntimeError(f"{len(ks)} kernels, expected {rounds} x {sum(counts.values())}")
+    calls = {name: [] for name in fns}
+    i = 0
+    for _ in range(rounds):
+        for name in fns:
+            calls[name].append(ks[i:i + counts[name]])
+            i += counts[name]
+    out = {}
+    for name, cs in calls.items():
+        sums = [sum(us for _, us in c) for c in cs]
+        per = {k: median(c[j][1] for c in cs) for j, (k, _) in enumerate(cs[0])}
+        out[name] = (median(sums), sums, per)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", default="12a,epi,split",
                     help=f"comma-separated groups of {', '.join(GROUPS)}")
+    ap.add_argument("--interleave", type=int, default=0, metavar="R",
+                    help="instead of --rounds: R rounds of one call per variant under one "
+                         "profile, medians (interleaved_us)")
     args = ap.parse_args()
     only = set(args.only.split(","))
     if only - set(GROUPS):
@@ -337,6 +410,24 @@ def main():
                 errs[name] = _diff(out, ref)
         except Exception as e:  # a variant that does not compile is reported, not fatal
             errs[name] = f"error: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    if args.interleave:
+        ok = {k: v for k, v in variants.items() if not isinstance(errs[k], str)}
+        res = interleaved_us(ok, args.interleave)
+        print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, triton "
+              f"{triton.__version__}; T {T}, C {C}, n {N}; {args.interleave} rounds, one "
+              "call per variant a round, one profile; medians")
+        print("| variant | kernel sum µs (median) | quartiles | vs shipped | per kernel µs "
+              "(medians) |")
+        print("|---|---|---|---|---|")
+        for name, (med, sums, per) in res.items():
+            q = sorted(sums)
+            print(f"| {name} | {med:.1f} | {q[len(q) // 4]:.1f}-{q[(3 * len(q)) // 4]:.1f} | "
+                  f"{errs[name]:.2e} | " + ", ".join(f"{k}={v:.1f}" for k, v in per.items())
+                  + " |")
+        for name in variants:
+            if isinstance(errs[name], str):
+                print(f"| {name} | | | {errs[name]} | |")
+        return
     for _ in range(args.rounds):
         for name, fn in variants.items():
             if isinstance(errs[name], str):

@@ -1,9 +1,11 @@
-"""Gluon form of the projection forward (lab: ``bench/coef_fwd_variants.py`` times it).
+"""Gluon forms of the projection forward (lab: ``bench/coef_fwd_variants.py`` times them),
+built on the shipped ring of ``mhc_model.kernels.gluon_proj``.
 
-The shipped ``triton_proj._proj_fwd_tma_kernel`` with the pipeline written out: a ring of NS
-(x, weight pair) slots filled by TMA, the refill of the slot freed by the previous tile issued
-at the top of each iteration (before this tile's work, not after it), and the hi and lo
-wgmmas issued back to back on one chained accumulator with one wait.
+``_proj_fwd_gl_kernel`` is the shipped kernel's ring with the squares of x taken another way:
+SQUARES 0 x read back from shared memory for them (the Triton TMA kernel's way), 2 x in the
+A-operand registers and the squares as the diagonal of x x^T on the tensor cores.  The
+shipped form (SQUARES 1: from the A registers) is ``gluon_proj.launch``.  Also stream-K and
+warp-specialized forms (run 12d).
 """
 
 from __future__ import annotations
@@ -13,11 +15,19 @@ from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
-from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+from mhc_model.kernels.gluon_proj import (
+    a_layout,
+    descriptors,
+    issue,
+    mma_layout,
+    next_slot,
+    ring,
+    store_partial,
+)
 
 
 @triton.constexpr_function
@@ -26,46 +36,6 @@ def _square_layout(BD, num_warps):
     tpw = min(32, BD // 8)
     return gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[32 // tpw, tpw],
                             warps_per_cta=[num_warps, 1], order=[1, 0])
-
-
-@triton.constexpr_function
-def _mma_layout(KP, num_warps):
-    # wgmma accumulator [BT, KP]: m16 x n KP x k16 instructions, warps stacked along the tokens
-    return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                     instr_shape=[16, KP, 16])
-
-
-@gluon.jit
-def _issue(x_desc, w_desc, bar, x_slot, w_slot, t0, d):
-    mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(x_desc, [t0, d], bar, x_slot)
-    tma.async_copy_global_to_shared(w_desc, [0, d], bar, w_slot)
-
-
-@gluon.jit
-def _ring(x_desc, w_desc, NS: gl.constexpr, KP: gl.constexpr, N_BARS: gl.constexpr):
-    """NS (x, weight pair) slots and N_BARS x NS mbarriers (count 1), initialised."""
-    BT: gl.constexpr = x_desc.block_type.shape[0]
-    BD: gl.constexpr = x_desc.block_type.shape[1]
-    x_s = gl.allocate_shared_memory(x_desc.dtype, [NS, BT, BD], x_desc.layout)
-    w_s = gl.allocate_shared_memory(w_desc.dtype, [NS, 2 * KP, BD], w_desc.layout)
-    bars = gl.allocate_shared_memory(gl.int64, [N_BARS * NS, 1], mbarrier.MBarrierLayout())
-    for b in gl.static_range(N_BARS * NS):
-        mbarrier.init(bars.index(b), count=1)
-    return x_s, w_s, bars
-
-
-@gluon.jit
-def _next(x_desc, w_desc, x_s, w_s, bars, i, n, t_j, d_j, NS: gl.constexpr):
-    """Wait for tile i's slot; then, every warp being past tile i - 1 (its squares loaded, its
-    wgmma waited), refill the slot tile i - 1 freed with tile j = i + NS - 1 (at t_j, d_j)
-    while tile i is worked on."""
-    mbarrier.wait(bars.index(i % NS), (i // NS) & 1)
-    gl.thread_barrier()
-    j = i + NS - 1
-    if j < n:
-        sj = j % NS
-        _issue(x_desc, w_desc, bars.index(sj), x_s.index(sj), w_s.index(sj), t_j, d_j)
 
 
 @gluon.jit
@@ -82,58 +52,65 @@ def _tile(xs, ws, zero, acc, sq, KP: gl.constexpr):
 
 
 @gluon.jit
-def _store_partial(part_ptr, slot, T, t0, acc, sq, K: gl.constexpr, KP: gl.constexpr):
-    """The shipped partial layout [S, T, KP]: lanes < K the projection, lane K the sum of
-    squares, into slot ``slot``."""
-    BT: gl.constexpr = acc.shape[0]
-    mma: gl.constexpr = acc.type.layout
-    ss = gl.convert_layout(gl.sum(sq, axis=1), gl.SliceLayout(1, mma))
-    offs_t = t0 + gl.arange(0, BT, layout=gl.SliceLayout(1, mma))
-    offs_k = gl.arange(0, KP, layout=gl.SliceLayout(0, mma))
-    ptrs = part_ptr + slot * T * KP + offs_t[:, None] * KP + offs_k[None, :]
-    gl.store(ptrs, gl.where(offs_k[None, :] == K, ss[:, None], acc), mask=(offs_t < T)[:, None])
+def _tile_gram(xs, ws, zero, acc, sq, KP: gl.constexpr):
+    """``gluon_proj.tile_areg`` with the squares as x x^T on the tensor cores (sq [BT, BT],
+    per-tile chain, fp32 add, its diagonal taken at the end)."""
+    x = xs.load(a_layout(KP, gl.num_warps()))
+    tile = warpgroup_mma(x, ws.slice(0, KP, dim=0).permute((1, 0)), zero,
+                         use_acc=False, is_async=True)
+    tile = warpgroup_mma(x, ws.slice(KP, KP, dim=0).permute((1, 0)), tile, is_async=True)
+    gram = warpgroup_mma(x, xs.permute((1, 0)), gl.zeros_like(sq), use_acc=False,
+                         is_async=True)
+    tile, gram, x = warpgroup_mma_wait(num_outstanding=0, deps=(tile, gram, x))
+    return acc + tile, sq + gram
 
 
 @gluon.jit
 def _proj_fwd_gl_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
                         K: gl.constexpr, KP: gl.constexpr, NS: gl.constexpr,
-                        num_warps: gl.constexpr):
+                        num_warps: gl.constexpr, SQUARES: gl.constexpr):
     BT: gl.constexpr = x_desc.block_type.shape[0]
     BD: gl.constexpr = x_desc.block_type.shape[1]
     pid_s = gl.program_id(1)
     t0 = gl.program_id(0) * BT
     d0 = pid_s * d_per_split
-    x_s, w_s, bars = _ring(x_desc, w_desc, NS, KP, 1)
+    x_s, w_s, bars = ring(x_desc, w_desc, NS, KP, 1)
     for p in gl.static_range(NS - 1):
-        _issue(x_desc, w_desc, bars.index(p), x_s.index(p), w_s.index(p), t0, d0 + p * BD)
-    zero = gl.zeros([BT, KP], gl.float32, _mma_layout(KP, num_warps))
+        issue(x_desc, w_desc, bars.index(p), x_s.index(p), w_s.index(p), t0, d0 + p * BD)
+    zero = gl.zeros([BT, KP], gl.float32, mma_layout(KP, num_warps))
     acc = zero
-    sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
+    if SQUARES == 2:
+        sq = gl.zeros([BT, BT], gl.float32, mma_layout(BT, num_warps))
+    else:
+        sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
     for i in range(n_tiles):
-        _next(x_desc, w_desc, x_s, w_s, bars, i, n_tiles, t0, d0 + (i + NS - 1) * BD, NS)
-        acc, sq = _tile(x_s.index(i % NS), w_s.index(i % NS), zero, acc, sq, KP)
+        next_slot(x_desc, w_desc, x_s, w_s, bars, i, n_tiles, t0, d0 + (i + NS - 1) * BD, NS)
+        if SQUARES == 2:
+            acc, sq = _tile_gram(x_s.index(i % NS), w_s.index(i % NS), zero, acc, sq, KP)
+        else:
+            acc, sq = _tile(x_s.index(i % NS), w_s.index(i % NS), zero, acc, sq, KP)
     for b in gl.static_range(NS):
         mbarrier.invalidate(bars.index(b))
-    _store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
+    if SQUARES == 2:  # the diagonal of the summed x x^T tiles: the sums of squares
+        rows = gl.arange(0, BT, layout=gl.SliceLayout(1, sq.type.layout))
+        cols = gl.arange(0, BT, layout=gl.SliceLayout(0, sq.type.layout))
+        sq = gl.where(rows[:, None] == cols[None, :], sq, 0.0)
+    store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
 
 
-def descriptors(x_TD, w_pair, BT, BD, KP):
-    """Host TMA descriptors: x [T, D] boxes [BT, BD]; the (hi, lo) pair [2 KP, D], one box
-    [2 KP, BD] (hi rows 0 .. KP, lo rows KP .. 2 KP)."""
-    T, D = x_TD.shape
-    xl = gl.NVMMASharedLayout.get_default_for([BT, BD], gl.bfloat16)
-    wl = gl.NVMMASharedLayout.get_default_for([2 * KP, BD], gl.bfloat16)
-    w2 = w_pair.view(2 * KP, D)
-    return (TensorDescriptor(x_TD, [T, D], [D, 1], [BT, BD], xl),
-            TensorDescriptor(w2, [2 * KP, D], [D, 1], [2 * KP, BD], wl))
-
-
-def launch(x_TD, w_pair, part, S, d_per_split, K, KP, BT=64, BD=128, NS=3, warps=4):
+def launch(x_TD, w_pair, part, S, d_per_split, K, KP, BT=64, BD=128, NS=3, warps=4,
+           squares=0):
+    """``_proj_fwd_gl_kernel`` (squares 0 / 2); squares 1 is the shipped
+    ``gluon_proj.launch``."""
+    if squares == 1:
+        from mhc_model.kernels import gluon_proj
+        return gluon_proj.launch(x_TD, w_pair, part[:S], d_per_split, K, KP, BT, BD, NS,
+                                 warps)
     T = x_TD.shape[0]
     x_desc, w_desc = descriptors(x_TD, w_pair, BT, BD, KP)
     _proj_fwd_gl_kernel[(triton.cdiv(T, BT), S)](
         x_desc, w_desc, part, T, d_per_split, d_per_split // BD, K=K, KP=KP, NS=NS,
-        num_warps=warps)
+        num_warps=warps, SQUARES=squares)
     return part
 
 
@@ -150,13 +127,13 @@ def _proj_fwd_gl_sk_kernel(x_desc, w_desc, part_ptr, T, n_items, NT, P,
     p = gl.program_id(0)
     a = (p * n_items) // P
     n = ((p + 1) * n_items) // P - a
-    x_s, w_s, bars = _ring(x_desc, w_desc, NS, KP, 1)
+    x_s, w_s, bars = ring(x_desc, w_desc, NS, KP, 1)
     for q in gl.static_range(NS - 1):
         if q < n:
             it = a + q
-            _issue(x_desc, w_desc, bars.index(q), x_s.index(q), w_s.index(q), (it // NT) * BT,
+            issue(x_desc, w_desc, bars.index(q), x_s.index(q), w_s.index(q), (it // NT) * BT,
                    (it % NT) * BD)
-    zero = gl.zeros([BT, KP], gl.float32, _mma_layout(KP, num_warps))
+    zero = gl.zeros([BT, KP], gl.float32, mma_layout(KP, num_warps))
     acc = zero
     sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
     for i in range(n):
@@ -164,15 +141,15 @@ def _proj_fwd_gl_sk_kernel(x_desc, w_desc, part_ptr, T, n_items, NT, P,
         tb = it // NT
         tile_d = it % NT
         jt = it + NS - 1
-        _next(x_desc, w_desc, x_s, w_s, bars, i, n, (jt // NT) * BT, (jt % NT) * BD, NS)
+        next_slot(x_desc, w_desc, x_s, w_s, bars, i, n, (jt // NT) * BT, (jt % NT) * BD, NS)
         acc, sq = _tile(x_s.index(i % NS), w_s.index(i % NS), zero, acc, sq, KP)
         if (tile_d == NT - 1) | (i == n - 1):
             slot = p - ((tb * NT + 1) * P - 1) // n_items
-            _store_partial(part_ptr, slot, T, tb * BT, acc, sq, K, KP)
+            store_partial(part_ptr, slot, T, tb * BT, acc, sq, K, KP)
             if tile_d == NT - 1:
                 for z in gl.static_range(1, SMAX):
                     if slot + z < SMAX:
-                        _store_partial(part_ptr, slot + z, T, tb * BT, zero,
+                        store_partial(part_ptr, slot + z, T, tb * BT, zero,
                                        gl.zeros_like(sq), K, KP)
             acc = zero
             sq = gl.zeros_like(sq)
@@ -209,7 +186,7 @@ def _ws_load(x_desc, w_desc, x_s, w_s, bars, t0, d0, n_tiles, NS: gl.constexpr,
     for i in range(n_tiles):
         s = i % NS
         mbarrier.wait(bars.index(NS + s), ((i // NS) & 1) ^ 1)
-        _issue(x_desc, w_desc, bars.index(s), x_s.index(s), w_s.index(s), t0, d0 + i * BD)
+        issue(x_desc, w_desc, bars.index(s), x_s.index(s), w_s.index(s), t0, d0 + i * BD)
 
 
 @gluon.jit
@@ -235,8 +212,8 @@ def _proj_fwd_gl_ws_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
     BD: gl.constexpr = x_desc.block_type.shape[1]
     pid_s = gl.program_id(1)
     t0 = gl.program_id(0) * BT
-    x_s, w_s, bars = _ring(x_desc, w_desc, NS, KP, 2)
-    acc = gl.zeros([BT, KP], gl.float32, _mma_layout(KP, num_warps))
+    x_s, w_s, bars = ring(x_desc, w_desc, NS, KP, 2)
+    acc = gl.zeros([BT, KP], gl.float32, mma_layout(KP, num_warps))
     sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
     acc, sq = gl.warp_specialize([
         (_ws_compute, (x_s, w_s, bars, n_tiles, acc, sq, NS, KP)),
@@ -245,7 +222,7 @@ def _proj_fwd_gl_ws_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
     ], [1], [LOAD_REGS])
     for b in gl.static_range(2 * NS):
         mbarrier.invalidate(bars.index(b))
-    _store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
+    store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
 
 
 def launch_ws(x_TD, w_pair, part, S, d_per_split, K, KP, BT=64, BD=128, NS=3, warps=4,

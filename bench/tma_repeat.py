@@ -4,7 +4,11 @@ Every sum in the projection forward and backward has a fixed order, so any diffe
 race.  This found one: the TMA forward returned a wrong row in about 1% of launches on the
 H200 (bench/results/tma_race_h200.md; guarded by tests/model/test_kernels_ir.py).
 
-    PYTHONPATH=. python bench/tma_repeat.py [--seconds 20] [--plain] [--stages 3] [--backward]
+    PYTHONPATH=. python bench/tma_repeat.py [--seconds 20] [--plain | --no-gluon] [--stages 3]
+        [--backward]
+
+The forward runs as ``proj_forward`` picks it (``gluon_proj`` on Hopper); --no-gluon takes the
+Triton TMA kernel, --plain plain loads.
 
 Exit status 1 when any launch differs.
 """
@@ -16,7 +20,7 @@ import time
 
 import torch
 
-from mhc_model.kernels import triton_mhc, triton_proj
+from mhc_model.kernels import gluon_proj, triton_mhc, triton_proj
 
 N, C, T = 4, 1000, 3001  # T 3001 leaves a partial token block
 D, K, KP = N * C, N * N + 2 * N, 32
@@ -26,12 +30,15 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--plain", action="store_true", help="plain loads instead of TMA")
+    ap.add_argument("--no-gluon", action="store_true", help="the Triton TMA forward")
     ap.add_argument("--stages", type=int, default=None, help="pipeline stages of the forward")
     ap.add_argument("--backward", action="store_true", help="repeat the coefficient backward")
     a = ap.parse_args()
     if a.plain:
         for key in ("proj_fwd_tma", "proj_bwd_tma"):
             triton_proj.CONFIG[key] = False
+    if a.no_gluon:
+        triton_proj.CONFIG["proj_fwd_gluon"] = False
     if a.stages is not None:
         tile = list(triton_proj.CONFIG["proj_fwd_tma_tile"])
         tile[3] = a.stages
@@ -62,9 +69,12 @@ def main() -> int:
             n += 1
         torch.cuda.synchronize()
     what = "coefficient backward" if a.backward else "projection forward"
-    form = "plain loads" if a.plain else "TMA"
-    print(f"{torch.cuda.get_device_name()}, {what}, {form}, "
-          f"{triton_proj.CONFIG['proj_fwd_tma_tile']}: {n} launches, {bad.item()} differ")
+    glu = (not a.plain and triton_proj.CONFIG["proj_fwd_gluon"]
+           and gluon_proj.available(x.device))
+    form = "plain loads" if a.plain else "TMA, Gluon" if glu else "TMA, Triton"
+    tile = triton_proj.CONFIG["proj_fwd_gluon_tile" if glu else "proj_fwd_tma_tile"]
+    print(f"{torch.cuda.get_device_name()}, {what}, {form}, {tile}: {n} launches, "
+          f"{bad.item()} differ")
     return 1 if bad.item() else 0  # a differing launch is a race: fail the run
 
 

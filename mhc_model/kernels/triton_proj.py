@@ -9,6 +9,8 @@ kernels live in ``triton_proj_bwd``.
   ``_proj_fwd_kernel``       x_TD @ W^T on tensor cores + sum of squares, split over D;
                              partials ``[S, T, KP]`` (lane K carries the sum of squares).
   ``_proj_fwd_tma_kernel``   the same for bf16 streams with x and the weight pair read by TMA.
+  ``gluon_proj``             the TMA form in Gluon with x as the wgmma A operand in
+                             registers (Hopper; run ahead of the Triton TMA kernel there).
 The coefficient epilogue is its own launch (``triton_coef``): run in this one by each token
 block's last split to finish (an arrival counter, CUTLASS ``GenericBarrier`` style) it made
 the coefficient forward 164-193 us against 99-101 (H200, 2026-12-01: the last programs' 20
@@ -26,6 +28,8 @@ import functools
 import torch
 import triton
 import triton.language as tl
+
+from mhc_model.kernels import gluon_proj
 
 try:  # host-side TMA descriptors (Triton >= 3.4); without them the plain kernels run
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -58,6 +62,11 @@ CONFIG = {
     # T 8192: projection 68.4-69.1 us against 79-81 at (128, 128, 8 warps, 3 stages, split 16)
     "proj_fwd_tma": True,
     "proj_fwd_tma_tile": (64, 128, 4, 3, 2),
+    # ``gluon_proj``, ahead of the Triton TMA kernel on Hopper where Gluon imports: H200
+    # 2026-12-02 (kernels_sweeps_h200.md run 13, 60 interleaved calls): coefficient forward
+    # 72.4 vs 76.1 us at (128, 128, 8 warps, 3 slots, split 2: 144 KB, one program per SM)
+    "proj_fwd_gluon": True,
+    "proj_fwd_gluon_tile": (128, 128, 8, 3, 1),
     "split_w_block": 128,  # 1.9 vs 2.2 us at 256 (D 16384)
     "proj_bwd": (64, 128, 4, 3, True, 2),
     "proj_bwd_presplit": True,
@@ -259,12 +268,16 @@ def proj_forward(x_TD, w_KD, K, KP, bf16):
     loads, 95.5 vs 73.7 with TMA)."""
     T, D = x_TD.shape
     tma = bf16 and CONFIG["proj_fwd_tma"] and _tma_ok(x_TD)
-    BT, BD, warps, stages, per_sm = CONFIG["proj_fwd_tma_tile" if tma else "proj_fwd"]
+    glu = tma and CONFIG["proj_fwd_gluon"] and gluon_proj.available(x_TD.device)
+    tile = "proj_fwd_gluon_tile" if glu else "proj_fwd_tma_tile" if tma else "proj_fwd"
+    BT, BD, warps, stages, per_sm = CONFIG[tile]
     S, d_per_split = proj_split(T, D, BT, BD, per_sm, x_TD.device)
     part = torch.empty((S, T, KP), dtype=torch.float32, device=x_TD.device)
     grid = (triton.cdiv(T, BT), S)
     w = split_weight(w_KD, KP) if bf16 else w_KD
-    if tma:
+    if glu:
+        gluon_proj.launch(x_TD, w, part, d_per_split, K, KP, BT, BD, stages, warps)
+    elif tma:
         x_desc = TensorDescriptor.from_tensor(x_TD, [BT, BD])
         w_desc = TensorDescriptor.from_tensor(w.view(2 * KP, D), [KP, BD])
         _proj_fwd_tma_kernel[grid](x_desc, w_desc, part, T, d_per_split, K=K, KP=KP, BT=BT,

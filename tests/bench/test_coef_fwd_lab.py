@@ -45,26 +45,16 @@ def test_stream_k_slots_are_the_most_programs_touching_one_token_block():
         assert G.sk_slots(T, D, BT, BD, P) == most
 
 
-@pytest.mark.parametrize("kernel, extra", [("_proj_fwd_gl_kernel", {}),
-                                           ("_proj_fwd_gl_sk_kernel", {"SMAX": 3}),
-                                           ("_proj_fwd_gl_ws_kernel", {"LOAD_REGS": 48})])
-def test_gluon_forms_compile_for_hopper(kernel, extra):
+@pytest.mark.parametrize("kernel, extra, dots", [
+    ("_proj_fwd_gl_kernel", {"SQUARES": 0}, 16), ("_proj_fwd_gl_kernel", {"SQUARES": 2}, 24),
+    ("_proj_fwd_gl_sk_kernel", {"SMAX": 3}, 16), ("_proj_fwd_gl_ws_kernel", {"LOAD_REGS": 48}, 16)])
+def test_gluon_forms_compile_for_hopper(kernel, extra, dots):
     pytest.importorskip("triton.experimental.gluon")  # Triton's Gluon (>= 3.5)
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     from bench import proj_gluon_lab as G
+    from tests.model.test_gluon_proj import gluon_ptx
 
-    fn = getattr(G, kernel)
-    const = {"K": 24, "KP": 32, "NS": 3, "num_warps": 4, **extra}
-    sig = {a: "constexpr" if a in const else "i32" for a in fn.arg_names}
-    layout = repr(gl.NVMMASharedLayout.get_default_for([64, 128], gl.bfloat16))
-    sig.update(part_ptr="*fp32", x_desc=f"tensordesc<bf16[64,128],{layout}>",
-               w_desc=f"tensordesc<bf16[64,128],{layout}>")
-    k = triton.compile(GluonASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4})
-    ptx = k.asm["ptx"]
-    # the hi and lo wgmmas of a tile (8 k-steps each at BD 128), one wait, TMA loads
-    assert ptx.count("wgmma.mma_async") == 16 and ptx.count("wgmma.wait_group") == 1
+    ptx = gluon_ptx(getattr(G, kernel), {"K": 24, "KP": 32, "NS": 3, **extra}, 64, 128, 32, 4)
+    # the hi and lo wgmmas of a tile (8 k-steps each at BD 128; SQUARES 2 adds x x^T), one
+    # wait, TMA loads
+    assert ptx.count("wgmma.mma_async") == dots and ptx.count("wgmma.wait_group") == 1
     assert "cp.async.bulk.tensor" in ptx

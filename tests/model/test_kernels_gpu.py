@@ -131,25 +131,38 @@ def test_coefficients_many_tokens_split_paths(conv):
     _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001), 20, conv)
 
 
-def _force_tma(monkeypatch, tma: bool) -> None:
-    """Projection forward and backward through TMA descriptors (tma) or plain loads; with
-    tma the plain kernels are removed, so a silent fallback fails the test."""
-    from mhc_model.kernels import triton_proj, triton_proj_bwd
+FORMS = ["gluon", "tma", "plain"]
 
+
+def _force_tma(monkeypatch, form) -> None:
+    """The projection forward as ``gluon_proj`` ("gluon", Hopper only: skipped elsewhere), the
+    Triton TMA kernel ("tma") or plain loads ("plain"; False), the backward by TMA for the
+    first two.  The kernels a form must not fall back to are removed, so a silent fallback
+    fails the test."""
+    from mhc_model.kernels import gluon_proj, triton_proj, triton_proj_bwd
+
+    form = {True: "tma", False: "plain"}.get(form, form)
+    if form == "gluon" and not gluon_proj.available(torch.device("cuda")):
+        pytest.skip("gluon_proj needs Gluon and a Hopper GPU")
+    tma = form != "plain"
     for key in ("proj_fwd_tma", "proj_bwd_tma", "proj_bwd_site_tma"):
         monkeypatch.setitem(triton_proj.CONFIG, key, tma)
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_gluon", form == "gluon")
     if tma:
         monkeypatch.setattr(triton_proj, "_proj_fwd_kernel", None)
         monkeypatch.setattr(triton_proj_bwd, "_proj_bwd_kernel", None)
+    if form == "gluon":
+        monkeypatch.setattr(triton_proj, "_proj_fwd_tma_kernel", None)
 
 
 @pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("T_", [1000, 3001])
-@pytest.mark.parametrize("tma", [True, False])
-def test_coefficients_projection_tma(monkeypatch, tma, T_, conv):
-    # the projection forward and backward with every [T, *] operand moved by TMA, and with
-    # plain loads; T 3001 leaves a partial token block (TMA reads it as zeros)
-    _force_tma(monkeypatch, tma)
+@pytest.mark.parametrize("form", FORMS)
+def test_coefficients_projection_forms(monkeypatch, form, T_, conv):
+    # the projection forward and backward with every [T, *] operand moved by TMA (the
+    # forward in Gluon or Triton), and with plain loads; T 3001 leaves a partial token block
+    # (TMA reads it as zeros)
+    _force_tma(monkeypatch, form)
     gen = torch.Generator(device="cuda").manual_seed(19)
     _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=T_), 20, conv)
 
@@ -206,13 +219,14 @@ def _differing_calls(fn, calls: int) -> int:
     return int(bad.item())
 
 
-def test_tma_projection_is_bitwise_repeatable(monkeypatch):
+@pytest.mark.parametrize("form", ["gluon", "tma"])
+def test_tma_projection_is_bitwise_repeatable(monkeypatch, form):
     # The pipelined TMA loops once let a wgmma read an x tile the next prefetch had already
     # overwritten: a wrong row in ~1% of forward launches on the H200 (T 3001; see
-    # test_kernels_ir.py).
+    # test_kernels_ir.py).  The Gluon ring refills a slot only after a CTA barrier.
     from mhc_model.kernels import triton_proj
 
-    _force_tma(monkeypatch, True)
+    _force_tma(monkeypatch, form)
     gen = torch.Generator(device="cuda").manual_seed(67)
     ins = _coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001)
     x_TD, W = ins[0].detach().view(3001, 4000), ins[1].detach()
@@ -224,7 +238,7 @@ def test_tma_projection_is_bitwise_repeatable(monkeypatch):
     assert bad == 0, f"{bad} gradients of 300 backward calls differ from the first"
 
 
-@pytest.mark.parametrize("tma", [True, False], ids=["tma", "plain"])
+@pytest.mark.parametrize("tma", FORMS)
 def test_site_and_head_are_bitwise_repeatable(monkeypatch, tma):
     # the fused site and the learned head, forward and backward (C 1024: the aggregate's dx
     # is folded into the projection backward)
