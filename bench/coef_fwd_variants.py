@@ -262,7 +262,11 @@ GLUON_AREG = [(64, 128, 3, 4, 2, 0), (64, 128, 3, 4, 2, 1), (64, 128, 3, 4, 2, 2
 GLUON_AREG2 = [(128, 128, 3, 8, 1, 1), (128, 128, 3, 8, 1, 0), (128, 128, 4, 8, 1, 1),
                (128, 128, 2, 8, 1, 1), (64, 128, 3, 4, 2, 1), (64, 128, 2, 4, 3, 2),
                (128, 64, 5, 8, 1, 1), (256, 128, 2, 8, 1, 1)]
-GROUPS = (*PROJ_GROUPS, "gluon", "areg", "areg2", "ws", "sk", "epi", "split")
+# run 13b: the shipped Gluon tile against warp-specialized areg forms (BT, NS, warps, per_sm,
+# maxnreg) and larger tiles (BT, BD, NS, warps, per_sm, mode)
+AREG_WS = [(128, 3, 8, 1, 168), (128, 3, 8, 1, None), (128, 4, 8, 1, 168), (128, 2, 8, 1, 168)]
+AREG_TILES = [(128, 256, 2, 8, 1, 1), (128, 128, 3, 8, 1, 1)]
+GROUPS = (*PROJ_GROUPS, "gluon", "areg", "areg2", "areg3", "ws", "sk", "epi", "split")
 
 
 def _variants(only, x, W, b, al, conv):
@@ -278,7 +282,7 @@ def _variants(only, x, W, b, al, conv):
         return torch.empty((S, T, KP), dtype=torch.float32, device=x.device)
 
     variants = {"shipped": lambda: shipped(x, W, b, al)}
-    if "areg2" in only:  # the Triton TMA kernel, shipped before gluon_proj
+    if only & {"areg2", "areg3"}:  # the Triton TMA kernel, shipped before gluon_proj
         variants["shipped, proj_fwd_gluon False"] = lambda: shipped(x, W, b, al,
                                                                     proj_fwd_gluon=False)
     for group in only & set(PROJ_GROUPS):
@@ -287,10 +291,11 @@ def _variants(only, x, W, b, al, conv):
                 lambda tile=tile, mode=mode, il=il, ws=ws, pf=pf, lines=lines: epilogue(
                     proj_var(x, W, tile, mode, bool(il), bool(ws), pf=pf,
                              pf_lines=bool(lines))))
-    if only & {"gluon", "areg", "areg2", "ws", "sk"}:
+    if only & {"gluon", "areg", "areg2", "areg3", "ws", "sk"}:
         from bench import proj_gluon_lab as G
     rows = [(*c, 0) for c in GLUON] if "gluon" in only else []
     rows += GLUON_AREG if "areg" in only else []
+    rows += AREG_TILES if "areg3" in only else []
     for BT, BD, NS, warps, per_sm, mode in rows + (GLUON_AREG2 if "areg2" in only else []):
         def run(BT=BT, BD=BD, NS=NS, warps=warps, per_sm=per_sm, mode=mode):
             S, dps = proj_split(T, D, BT, BD, per_sm, x.device)
@@ -299,6 +304,20 @@ def _variants(only, x, W, b, al, conv):
         tag = ("", " areg (shipped gluon_proj)", " areg sq_mma")[mode]
         name = f"gluon{tag} BT={BT} BD={BD} NS={NS} w={warps} per_sm={per_sm}"
         variants[name + " again" * (name in variants)] = run
+    if "areg3" in only:
+        for BT, NS, warps, per_sm, mr in AREG_WS:
+            def run(BT=BT, NS=NS, warps=warps, per_sm=per_sm, mr=mr):
+                S, dps = proj_split(T, D, BT, 128, per_sm, x.device)
+                return epilogue(G.launch_ws(x, pair(), parts(S), S, dps, K, KP, BT=BT, NS=NS,
+                                            warps=warps, maxnreg=mr, squares=1))
+            variants[f"gluon ws areg BT={BT} NS={NS} w={warps} per_sm={per_sm} "
+                     f"maxnreg={mr}"] = run
+        for BT, NS in ((128, 3), (128, 2)):
+            def run(BT=BT, NS=NS):  # the weight split in the kernel (no split launch)
+                S, dps = proj_split(T, D, BT, 128, 1, x.device)
+                return epilogue(G.launch_w32(x, W, parts(S), S, dps, K, KP, BT=BT, NS=NS))
+            variants[f"gluon w32 BT={BT} BD=128 NS={NS} w=8 per_sm=1"] = run
+        variants["shipped (again, last)"] = lambda: shipped(x, W, b, al)
     if "ws" in only:
         for BT, NS, warps, per_sm, mr in GLUON_WS:
             def run(BT=BT, NS=NS, warps=warps, per_sm=per_sm, mr=mr):

@@ -18,7 +18,14 @@ import torch
 from triton.testing import do_bench
 
 from mhc_model import mhc_ref as R
-from mhc_model.kernels import triton_coef, triton_mhc, triton_proj, triton_proj_bwd, triton_stream
+from mhc_model.kernels import (
+    gluon_proj,
+    triton_coef,
+    triton_mhc,
+    triton_proj,
+    triton_proj_bwd,
+    triton_stream,
+)
 from mhc_model.kernels import triton_head as _head
 
 T, N, C = 8192, 4, 4096
@@ -155,8 +162,12 @@ _MIX = [{"mix_bwd": c} for c in [(16384, 4), (8192, 2)]]
 # token block over the whole of D, 104-405 µs against 81-114; the epilogue run by each token
 # block's last split, 164-193 against 99-101), the weight split per tile in registers
 # (95.5 against 73.7 µs), the weight pair read unpadded (3-d TMA blocks: no gain).
-_CF = ([{"proj_fwd_tma_tile": c} for c in
-        [(64, 128, 4, 3, 2), (64, 128, 4, 4, 2), (128, 128, 8, 3, 8)]]
+# The Gluon forward (gluon_proj, shipped on Hopper) at its tile and neighbours, then the
+# Triton TMA kernel (the shipped form before it) at its own tiles.
+_CF = ([{"proj_fwd_gluon_tile": c} for c in
+        [(128, 128, 8, 3, 1), (128, 128, 8, 4, 1), (64, 128, 4, 3, 2)]]
+       + [{"proj_fwd_gluon": False, "proj_fwd_tma_tile": c} for c in
+          [(64, 128, 4, 3, 2), (64, 128, 4, 4, 2)]]
        + [{"proj_fwd_tma": False}]
        + [{"coef_fwd": c} for c in [(8, 1), (32, 2)]]
        + [{"split_w_block": c} for c in [64, 256]])
@@ -304,12 +315,13 @@ def _compiled_stats() -> list[str]:
                       (triton_proj_bwd, "_proj_bwd_tma_kernel"),
                       (triton_coef, "_coef_bwd_kernel"), (triton_proj, "_proj_fwd_kernel"),
                       (triton_proj, "_proj_fwd_tma_kernel"),
+                      (gluon_proj, "_proj_fwd_gluon_kernel"),
                       (triton_proj_bwd, "_finalize_kernel"),
                       (triton_coef, "_coef_fwd_kernel"),
                       (_head, "_head_fwd_kernel"), (_head, "_head_bwd_kernel"),
                       (triton_stream, "_mix_bwd_kernel"), (triton_stream, "_mix_fwd_kernel"),
                       (triton_stream, "_agg_bwd_kernel"), (triton_stream, "_agg_fwd_kernel")):
-        fn = getattr(mod, name)
+        fn = getattr(mod, name, None)  # gluon_proj's kernel exists only where Gluon imports
         for caches in getattr(fn, "device_caches", {}).values():
             for k in caches[0].values():
                 try:

@@ -14,10 +14,13 @@ import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
+    fence_async_shared,
     mbarrier,
+    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
 from mhc_model.kernels.gluon_proj import (
     a_layout,
@@ -27,6 +30,7 @@ from mhc_model.kernels.gluon_proj import (
     next_slot,
     ring,
     store_partial,
+    tile_areg,
 )
 
 
@@ -111,6 +115,102 @@ def launch(x_TD, w_pair, part, S, d_per_split, K, KP, BT=64, BD=128, NS=3, warps
     _proj_fwd_gl_kernel[(triton.cdiv(T, BT), S)](
         x_desc, w_desc, part, T, d_per_split, d_per_split // BD, K=K, KP=KP, NS=NS,
         num_warps=warps, SQUARES=squares)
+    return part
+
+
+@triton.constexpr_function
+def _w32_layout(num_warps):
+    # the fp32 weight tile [KP, BD] read from shared memory for the split: 4 floats a thread
+    return gl.BlockedLayout(size_per_thread=[1, 4], threads_per_warp=[1, 32],
+                            warps_per_cta=[num_warps, 1], order=[1, 0])
+
+
+@gluon.jit
+def _split_tile(w32_slot, pair, KP: gl.constexpr, num_warps: gl.constexpr):
+    """The fp32 weight tile in shared memory as its (hi, lo) bf16 pair into ``pair`` [2 KP, BD]
+    (``triton_proj.bf16_pair``: hi = rn(w), lo = rn(w - hi))."""
+    w = w32_slot.load(_w32_layout(num_warps))
+    hi = w.to(gl.bfloat16)
+    lo = (w - hi.to(gl.float32)).to(gl.bfloat16)
+    pair.slice(0, KP, dim=0).store(hi)
+    pair.slice(KP, KP, dim=0).store(lo)
+
+
+@gluon.jit
+def _issue_w32(x_desc, w_desc, bar, x_slot, w_slot, t0, d):
+    mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
+    tma.async_copy_global_to_shared(x_desc, [t0, d], bar, x_slot)
+    tma.async_copy_global_to_shared(w_desc, [0, d], bar, w_slot)
+
+
+@gluon.jit
+def _proj_fwd_gl_w32_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
+                            K: gl.constexpr, KP: gl.constexpr, NS: gl.constexpr,
+                            num_warps: gl.constexpr):
+    """``gluon_proj._proj_fwd_gluon_kernel`` reading the fp32 weight by TMA ([KP, BD] boxes of
+    W [K, D], rows >= K as 0) and splitting it into the (hi, lo) pair in the kernel, one tile
+    ahead, into a double-buffered pair in shared memory: no weight-split launch.  Iteration i
+    refills the slot tile i - 1 freed, runs tile i's wgmmas on pair i % 2 and meanwhile splits
+    tile i + 1's weight into pair (i + 1) % 2 (read last by tile i - 1's wgmmas, waited); a
+    fence and one CTA barrier end the iteration."""
+    BT: gl.constexpr = x_desc.block_type.shape[0]
+    BD: gl.constexpr = x_desc.block_type.shape[1]
+    pid_s = gl.program_id(1)
+    t0 = gl.program_id(0) * BT
+    d0 = pid_s * d_per_split
+    x_s = gl.allocate_shared_memory(x_desc.dtype, [NS, BT, BD], x_desc.layout)
+    w_s = gl.allocate_shared_memory(w_desc.dtype, [NS, KP, BD], w_desc.layout)
+    pl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([2 * KP, BD], gl.bfloat16)
+    pairs = gl.allocate_shared_memory(gl.bfloat16, [2, 2 * KP, BD], pl)
+    bars = gl.allocate_shared_memory(gl.int64, [NS, 1], mbarrier.MBarrierLayout())
+    for b in gl.static_range(NS):
+        mbarrier.init(bars.index(b), count=1)
+    for p in gl.static_range(NS - 1):
+        if p < n_tiles:
+            _issue_w32(x_desc, w_desc, bars.index(p), x_s.index(p), w_s.index(p), t0,
+                       d0 + p * BD)
+    mbarrier.wait(bars.index(0), 0)
+    _split_tile(w_s.index(0), pairs.index(0), KP, num_warps)
+    fence_async_shared()
+    gl.thread_barrier()
+    zero = gl.zeros([BT, KP], gl.float32, mma_layout(KP, num_warps))
+    acc = zero
+    sq = gl.zeros([BT, BD], gl.float32, a_layout(KP, num_warps))
+    for i in range(n_tiles):
+        j = i + NS - 1
+        if j < n_tiles:
+            sj = j % NS
+            _issue_w32(x_desc, w_desc, bars.index(sj), x_s.index(sj), w_s.index(sj), t0,
+                       d0 + j * BD)
+        x = x_s.index(i % NS).load(sq.type.layout)
+        ws = pairs.index(i % 2)
+        tile = warpgroup_mma(x, ws.slice(0, KP, dim=0).permute((1, 0)), zero,
+                             use_acc=False, is_async=True)
+        tile = warpgroup_mma(x, ws.slice(KP, KP, dim=0).permute((1, 0)), tile, is_async=True)
+        xf = x.to(gl.float32)
+        sq += xf * xf
+        if i + 1 < n_tiles:
+            mbarrier.wait(bars.index((i + 1) % NS), ((i + 1) // NS) & 1)
+            _split_tile(w_s.index((i + 1) % NS), pairs.index((i + 1) % 2), KP, num_warps)
+        tile, x = warpgroup_mma_wait(num_outstanding=0, deps=(tile, x))
+        acc = acc + tile
+        fence_async_shared()
+        gl.thread_barrier()
+    for b in gl.static_range(NS):
+        mbarrier.invalidate(bars.index(b))
+    store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
+
+
+def launch_w32(x_TD, w_KD, part, S, d_per_split, K, KP, BT=128, BD=128, NS=3, warps=8):
+    """``_proj_fwd_gl_w32_kernel`` on the fp32 weight itself (no ``split_weight``)."""
+    T, D = x_TD.shape
+    xl = gl.NVMMASharedLayout.get_default_for([BT, BD], gl.bfloat16)
+    wl = gl.NVMMASharedLayout.get_default_for([KP, BD], gl.float32)
+    x_desc = TensorDescriptor(x_TD, [T, D], [D, 1], [BT, BD], xl)
+    w_desc = TensorDescriptor(w_KD, [K, D], [D, 1], [KP, BD], wl)
+    _proj_fwd_gl_w32_kernel[(triton.cdiv(T, BT), S)](
+        x_desc, w_desc, part, T, d_per_split, triton.cdiv(d_per_split, BD), K=K, KP=KP, NS=NS,
+        num_warps=warps)
     return part
 
 
@@ -202,9 +302,22 @@ def _ws_compute(x_s, w_s, bars, n_tiles, acc, sq, NS: gl.constexpr, KP: gl.const
 
 
 @gluon.jit
+def _ws_compute_areg(x_s, w_s, bars, n_tiles, acc, sq, NS: gl.constexpr, KP: gl.constexpr):
+    # ``_ws_compute`` on ``gluon_proj.tile_areg`` (sq in the A-operand layout)
+    zero = gl.zeros_like(acc)
+    for i in range(n_tiles):
+        s = i % NS
+        mbarrier.wait(bars.index(s), (i // NS) & 1)
+        acc, sq = tile_areg(x_s.index(s), w_s.index(s), zero, acc, sq, KP)
+        mbarrier.arrive(bars.index(NS + s), count=1)
+    return acc, sq
+
+
+@gluon.jit
 def _proj_fwd_gl_ws_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
                            K: gl.constexpr, KP: gl.constexpr, NS: gl.constexpr,
-                           LOAD_REGS: gl.constexpr, num_warps: gl.constexpr):
+                           LOAD_REGS: gl.constexpr, num_warps: gl.constexpr,
+                           SQUARES: gl.constexpr = 0):
     """Warp-specialized: one producer warp issues the TMA loads into an NS-slot ring, the
     default partition (num_warps) runs the wgmmas and the squares and releases each slot
     through its own mbarrier; no CTA-wide barrier in the loop."""
@@ -214,22 +327,29 @@ def _proj_fwd_gl_ws_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
     t0 = gl.program_id(0) * BT
     x_s, w_s, bars = ring(x_desc, w_desc, NS, KP, 2)
     acc = gl.zeros([BT, KP], gl.float32, mma_layout(KP, num_warps))
-    sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
-    acc, sq = gl.warp_specialize([
-        (_ws_compute, (x_s, w_s, bars, n_tiles, acc, sq, NS, KP)),
-        (_ws_load, (x_desc, w_desc, x_s, w_s, bars, t0, pid_s * d_per_split,
-                    n_tiles, NS, BD)),
-    ], [1], [LOAD_REGS])
+    d0 = pid_s * d_per_split
+    if SQUARES == 1:
+        sq = gl.zeros([BT, BD], gl.float32, a_layout(KP, num_warps))
+        acc, sq = gl.warp_specialize([
+            (_ws_compute_areg, (x_s, w_s, bars, n_tiles, acc, sq, NS, KP)),
+            (_ws_load, (x_desc, w_desc, x_s, w_s, bars, t0, d0, n_tiles, NS, BD)),
+        ], [1], [LOAD_REGS])
+    else:
+        sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
+        acc, sq = gl.warp_specialize([
+            (_ws_compute, (x_s, w_s, bars, n_tiles, acc, sq, NS, KP)),
+            (_ws_load, (x_desc, w_desc, x_s, w_s, bars, t0, d0, n_tiles, NS, BD)),
+        ], [1], [LOAD_REGS])
     for b in gl.static_range(2 * NS):
         mbarrier.invalidate(bars.index(b))
     store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
 
 
 def launch_ws(x_TD, w_pair, part, S, d_per_split, K, KP, BT=64, BD=128, NS=3, warps=4,
-              load_regs=48, maxnreg=None):
+              load_regs=48, maxnreg=None, squares=0):
     T = x_TD.shape[0]
     x_desc, w_desc = descriptors(x_TD, w_pair, BT, BD, KP)
     _proj_fwd_gl_ws_kernel[(triton.cdiv(T, BT), S)](
         x_desc, w_desc, part, T, d_per_split, triton.cdiv(d_per_split, BD), K=K, KP=KP,
-        NS=NS, LOAD_REGS=load_regs, num_warps=warps, maxnreg=maxnreg)
+        NS=NS, LOAD_REGS=load_regs, num_warps=warps, maxnreg=maxnreg, SQUARES=squares)
     return part

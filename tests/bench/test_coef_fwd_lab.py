@@ -47,7 +47,9 @@ def test_stream_k_slots_are_the_most_programs_touching_one_token_block():
 
 @pytest.mark.parametrize("kernel, extra, dots", [
     ("_proj_fwd_gl_kernel", {"SQUARES": 0}, 16), ("_proj_fwd_gl_kernel", {"SQUARES": 2}, 24),
-    ("_proj_fwd_gl_sk_kernel", {"SMAX": 3}, 16), ("_proj_fwd_gl_ws_kernel", {"LOAD_REGS": 48}, 16)])
+    ("_proj_fwd_gl_sk_kernel", {"SMAX": 3}, 16),
+    ("_proj_fwd_gl_ws_kernel", {"LOAD_REGS": 48, "SQUARES": 0}, 16),
+    ("_proj_fwd_gl_ws_kernel", {"LOAD_REGS": 48, "SQUARES": 1}, 16)])
 def test_gluon_forms_compile_for_hopper(kernel, extra, dots):
     pytest.importorskip("triton.experimental.gluon")  # Triton's Gluon (>= 3.5)
     from bench import proj_gluon_lab as G
@@ -58,3 +60,25 @@ def test_gluon_forms_compile_for_hopper(kernel, extra, dots):
     # wait, TMA loads
     assert ptx.count("wgmma.mma_async") == dots and ptx.count("wgmma.wait_group") == 1
     assert "cp.async.bulk.tensor" in ptx
+
+
+def test_gluon_in_kernel_weight_split_compiles_for_hopper():
+    # the fp32 weight by TMA, split into the pair in shared memory, fenced for the wgmmas
+    pytest.importorskip("triton.experimental.gluon")
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from bench import proj_gluon_lab as G
+
+    fn = G._proj_fwd_gl_w32_kernel
+    const = {"K": 24, "KP": 32, "NS": 3, "num_warps": 8}
+    sig = {a: "constexpr" if a in const else "i32" for a in fn.arg_names}
+    xl = repr(gl.NVMMASharedLayout.get_default_for([128, 128], gl.bfloat16))
+    wl = repr(gl.NVMMASharedLayout.get_default_for([32, 128], gl.float32))
+    sig.update(part_ptr="*fp32", x_desc=f"tensordesc<bf16[128,128],{xl}>",
+               w_desc=f"tensordesc<fp32[32,128],{wl}>")
+    ptx = triton.compile(GluonASTSource(fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                         options={"num_warps": 8}).asm["ptx"]
+    assert ptx.count("wgmma.mma_async") == 16 and ptx.count("wgmma.wait_group") == 1
+    assert ptx.count("fence.proxy.async") >= 2 and "st.shared" in ptx
