@@ -49,8 +49,8 @@ if step overhead; then
 fi
 t0=$SECONDS
 if step repeat; then  # bitwise repeatability of the projection (bench/tma_repeat.py)
-  rc=0  # any of the four runs failing (or finding a differing launch) fails the step
-  for a in "" "--no-gluon" "--plain" "--backward"; do
+  rc=0  # any of the five runs failing (or finding a differing launch) fails the step
+  for a in "" "--ring" "--no-gluon" "--plain" "--backward"; do
     PYTHONPATH=$ROOT timeout ${T_REPEAT:-60} python3 bench/tma_repeat.py --seconds ${REPEAT_S:-15} $a \
       || rc=$?
   done > "$OUT/repeat.log" 2>&1

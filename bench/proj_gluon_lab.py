@@ -26,11 +26,11 @@ from mhc_model.kernels.gluon_proj import (
     a_layout,
     descriptors,
     issue,
+    load_part,
     mma_layout,
     next_slot,
     ring,
     store_partial,
-    tile_areg,
 )
 
 
@@ -279,17 +279,6 @@ def sk_slots(T, D, BT, BD, P):
 
 
 @gluon.jit
-def _ws_load(x_desc, w_desc, x_s, w_s, bars, t0, d0, n_tiles, NS: gl.constexpr,
-             BD: gl.constexpr):
-    # producer warp: refill slot s once the consumer released it (bars[NS + s]); the first
-    # pass waits on the phase before a fresh barrier's first, which counts as complete
-    for i in range(n_tiles):
-        s = i % NS
-        mbarrier.wait(bars.index(NS + s), ((i // NS) & 1) ^ 1)
-        issue(x_desc, w_desc, bars.index(s), x_s.index(s), w_s.index(s), t0, d0 + i * BD)
-
-
-@gluon.jit
 def _ws_compute(x_s, w_s, bars, n_tiles, acc, sq, NS: gl.constexpr, KP: gl.constexpr):
     # consumer: bars[s] "ready" (the TMA landed), bars[NS + s] "empty" (released)
     zero = gl.zeros_like(acc)
@@ -302,22 +291,9 @@ def _ws_compute(x_s, w_s, bars, n_tiles, acc, sq, NS: gl.constexpr, KP: gl.const
 
 
 @gluon.jit
-def _ws_compute_areg(x_s, w_s, bars, n_tiles, acc, sq, NS: gl.constexpr, KP: gl.constexpr):
-    # ``_ws_compute`` on ``gluon_proj.tile_areg`` (sq in the A-operand layout)
-    zero = gl.zeros_like(acc)
-    for i in range(n_tiles):
-        s = i % NS
-        mbarrier.wait(bars.index(s), (i // NS) & 1)
-        acc, sq = tile_areg(x_s.index(s), w_s.index(s), zero, acc, sq, KP)
-        mbarrier.arrive(bars.index(NS + s), count=1)
-    return acc, sq
-
-
-@gluon.jit
 def _proj_fwd_gl_ws_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
                            K: gl.constexpr, KP: gl.constexpr, NS: gl.constexpr,
-                           LOAD_REGS: gl.constexpr, num_warps: gl.constexpr,
-                           SQUARES: gl.constexpr = 0):
+                           LOAD_REGS: gl.constexpr, num_warps: gl.constexpr):
     """Warp-specialized: one producer warp issues the TMA loads into an NS-slot ring, the
     default partition (num_warps) runs the wgmmas and the squares and releases each slot
     through its own mbarrier; no CTA-wide barrier in the loop."""
@@ -327,19 +303,12 @@ def _proj_fwd_gl_ws_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
     t0 = gl.program_id(0) * BT
     x_s, w_s, bars = ring(x_desc, w_desc, NS, KP, 2)
     acc = gl.zeros([BT, KP], gl.float32, mma_layout(KP, num_warps))
-    d0 = pid_s * d_per_split
-    if SQUARES == 1:
-        sq = gl.zeros([BT, BD], gl.float32, a_layout(KP, num_warps))
-        acc, sq = gl.warp_specialize([
-            (_ws_compute_areg, (x_s, w_s, bars, n_tiles, acc, sq, NS, KP)),
-            (_ws_load, (x_desc, w_desc, x_s, w_s, bars, t0, d0, n_tiles, NS, BD)),
-        ], [1], [LOAD_REGS])
-    else:
-        sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
-        acc, sq = gl.warp_specialize([
-            (_ws_compute, (x_s, w_s, bars, n_tiles, acc, sq, NS, KP)),
-            (_ws_load, (x_desc, w_desc, x_s, w_s, bars, t0, d0, n_tiles, NS, BD)),
-        ], [1], [LOAD_REGS])
+    sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
+    acc, sq = gl.warp_specialize([
+        (_ws_compute, (x_s, w_s, bars, n_tiles, acc, sq, NS, KP)),
+        (load_part, (x_desc, w_desc, x_s, w_s, bars, t0, pid_s * d_per_split, n_tiles, NS,
+                     BD)),
+    ], [1], [LOAD_REGS])
     for b in gl.static_range(2 * NS):
         mbarrier.invalidate(bars.index(b))
     store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
@@ -347,9 +316,15 @@ def _proj_fwd_gl_ws_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
 
 def launch_ws(x_TD, w_pair, part, S, d_per_split, K, KP, BT=64, BD=128, NS=3, warps=4,
               load_regs=48, maxnreg=None, squares=0):
+    """The warp-specialized form reading x back (squares 0); squares 1 is the shipped
+    ``gluon_proj`` ws kernel (its producer warp at ``gluon_proj.LOAD_REGS``)."""
+    if squares == 1:
+        from mhc_model.kernels import gluon_proj
+        return gluon_proj.launch(x_TD, w_pair, part[:S], d_per_split, K, KP, BT, BD, NS,
+                                 warps, ws=True)
     T = x_TD.shape[0]
     x_desc, w_desc = descriptors(x_TD, w_pair, BT, BD, KP)
     _proj_fwd_gl_ws_kernel[(triton.cdiv(T, BT), S)](
         x_desc, w_desc, part, T, d_per_split, triton.cdiv(d_per_split, BD), K=K, KP=KP,
-        NS=NS, LOAD_REGS=load_regs, num_warps=warps, maxnreg=maxnreg, SQUARES=squares)
+        NS=NS, LOAD_REGS=load_regs, num_warps=warps, maxnreg=maxnreg)
     return part

@@ -4,8 +4,8 @@ Every sum in the projection forward and backward has a fixed order, so any diffe
 race.  This found one: the TMA forward returned a wrong row in about 1% of launches on the
 H200 (bench/results/tma_race_h200.md; guarded by tests/model/test_kernels_ir.py).
 
-    PYTHONPATH=. python bench/tma_repeat.py [--seconds 20] [--plain | --no-gluon] [--stages 3]
-        [--backward]
+    PYTHONPATH=. python bench/tma_repeat.py [--seconds 20] [--plain | --no-gluon | --ring]
+        [--stages 3] [--backward]
 
 The forward runs as ``proj_forward`` picks it (``gluon_proj`` on Hopper); --no-gluon takes the
 Triton TMA kernel, --plain plain loads.
@@ -31,6 +31,8 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=20.0)
     ap.add_argument("--plain", action="store_true", help="plain loads instead of TMA")
     ap.add_argument("--no-gluon", action="store_true", help="the Triton TMA forward")
+    ap.add_argument("--ring", action="store_true",
+                    help="gluon_proj's one-barrier ring, not its warp-specialized kernel")
     ap.add_argument("--stages", type=int, default=None, help="pipeline stages of the forward")
     ap.add_argument("--backward", action="store_true", help="repeat the coefficient backward")
     a = ap.parse_args()
@@ -39,6 +41,8 @@ def main() -> int:
             triton_proj.CONFIG[key] = False
     if a.no_gluon:
         triton_proj.CONFIG["proj_fwd_gluon"] = False
+    if a.ring:
+        triton_proj.CONFIG["proj_fwd_gluon_ws"] = False
     if a.stages is not None:
         tile = list(triton_proj.CONFIG["proj_fwd_tma_tile"])
         tile[3] = a.stages
@@ -71,7 +75,8 @@ def main() -> int:
     what = "coefficient backward" if a.backward else "projection forward"
     glu = (not a.plain and triton_proj.CONFIG["proj_fwd_gluon"]
            and gluon_proj.available(x.device))
-    form = "plain loads" if a.plain else "TMA, Gluon" if glu else "TMA, Triton"
+    ws = " warp-specialized" if triton_proj.CONFIG["proj_fwd_gluon_ws"] else " ring"
+    form = "plain loads" if a.plain else f"TMA, Gluon{ws}" if glu else "TMA, Triton"
     tile = triton_proj.CONFIG["proj_fwd_gluon_tile" if glu else "proj_fwd_tma_tile"]
     print(f"{torch.cuda.get_device_name()}, {what}, {form}, {tile}: {n} launches, "
           f"{bad.item()} differ")

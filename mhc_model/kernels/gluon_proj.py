@@ -162,6 +162,52 @@ if gluon is not None:
         store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
 
 
+    @gluon.jit
+    def load_part(x_desc, w_desc, x_s, w_s, bars, t0, d0, n_tiles, NS: gl.constexpr,
+                  BD: gl.constexpr):
+        """Producer warp: refill slot s once the consumers released it (bars[NS + s]); the
+        first pass waits on the phase before a fresh barrier's first, which counts as done."""
+        for i in range(n_tiles):
+            s = i % NS
+            mbarrier.wait(bars.index(NS + s), ((i // NS) & 1) ^ 1)
+            issue(x_desc, w_desc, bars.index(s), x_s.index(s), w_s.index(s), t0, d0 + i * BD)
+
+    @gluon.jit
+    def mma_part(x_s, w_s, bars, n_tiles, acc, sq, NS: gl.constexpr, KP: gl.constexpr):
+        """Consumers: tile i once bars[s] says it landed, then release slot s (bars[NS + s])
+        after its wgmmas have been waited."""
+        zero = gl.zeros_like(acc)
+        for i in range(n_tiles):
+            s = i % NS
+            mbarrier.wait(bars.index(s), (i // NS) & 1)
+            acc, sq = tile_areg(x_s.index(s), w_s.index(s), zero, acc, sq, KP)
+            mbarrier.arrive(bars.index(NS + s), count=1)
+        return acc, sq
+
+    @gluon.jit
+    def _proj_fwd_gluon_ws_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
+                                  K: gl.constexpr, KP: gl.constexpr, NS: gl.constexpr,
+                                  LOAD_REGS: gl.constexpr, num_warps: gl.constexpr):
+        """``_proj_fwd_gluon_kernel`` warp-specialized: one producer warp issues the TMA
+        loads into the ring, the num_warps consumers run ``tile_areg`` and release each slot
+        through its own mbarrier, so no CTA-wide barrier stalls the loop."""
+        BT: gl.constexpr = x_desc.block_type.shape[0]
+        BD: gl.constexpr = x_desc.block_type.shape[1]
+        pid_s = gl.program_id(1)
+        t0 = gl.program_id(0) * BT
+        x_s, w_s, bars = ring(x_desc, w_desc, NS, KP, 2)
+        acc = gl.zeros([BT, KP], gl.float32, mma_layout(KP, num_warps))
+        sq = gl.zeros([BT, BD], gl.float32, a_layout(KP, num_warps))
+        acc, sq = gl.warp_specialize([
+            (mma_part, (x_s, w_s, bars, n_tiles, acc, sq, NS, KP)),
+            (load_part, (x_desc, w_desc, x_s, w_s, bars, t0, pid_s * d_per_split, n_tiles,
+                         NS, BD)),
+        ], [1], [LOAD_REGS])
+        for b in gl.static_range(2 * NS):
+            mbarrier.invalidate(bars.index(b))
+        store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
+
+
 def descriptors(x_TD, w_pair, BT: int, BD: int, KP: int):
     """Host TMA descriptors: x [T, D] in boxes [BT, BD]; the (hi, lo) pair [2, KP, D] as
     [2 KP, D] in boxes [2 KP, BD] (hi rows 0 .. KP, lo rows KP .. 2 KP)."""
@@ -174,12 +220,23 @@ def descriptors(x_TD, w_pair, BT: int, BD: int, KP: int):
 
 
 def launch(x_TD, w_pair, part, d_per_split: int, K: int, KP: int, BT: int, BD: int,
-           NS: int, warps: int):
+           NS: int, warps: int, ws: bool = True):
     """Fill ``part`` [S, T, KP] (fp32) from bf16 x_TD [T, D] (contiguous, TMA-aligned) and
-    ``split_weight``'s pair [2, KP, D]; split s covers columns s * d_per_split onwards."""
+    ``split_weight``'s pair [2, KP, D]; split s covers columns s * d_per_split onwards.  ws:
+    the warp-specialized kernel (a producer warp of LOAD_REGS registers), else the ring with
+    one CTA barrier a tile."""
     S, T = part.shape[0], x_TD.shape[0]
     x_desc, w_desc = descriptors(x_TD, w_pair, BT, BD, KP)
-    _proj_fwd_gluon_kernel[(triton.cdiv(T, BT), S)](
-        x_desc, w_desc, part, T, d_per_split, triton.cdiv(d_per_split, BD), K=K, KP=KP,
-        NS=NS, num_warps=warps)
+    grid = (triton.cdiv(T, BT), S)
+    n_tiles = triton.cdiv(d_per_split, BD)
+    if ws:
+        _proj_fwd_gluon_ws_kernel[grid](x_desc, w_desc, part, T, d_per_split, n_tiles, K=K,
+                                        KP=KP, NS=NS, LOAD_REGS=LOAD_REGS, num_warps=warps)
+    else:
+        _proj_fwd_gluon_kernel[grid](x_desc, w_desc, part, T, d_per_split, n_tiles, K=K,
+                                     KP=KP, NS=NS, num_warps=warps)
     return part
+
+
+# registers of the producer warp (TMA issue and barrier waits only)
+LOAD_REGS = 48

@@ -131,28 +131,32 @@ def test_coefficients_many_tokens_split_paths(conv):
     _check_coefficients(_coef_inputs(4, 1000, torch.bfloat16, gen, T_=3001), 20, conv)
 
 
-FORMS = ["gluon", "tma", "plain"]
+FORMS = ["gluon", "gluon_ring", "tma", "plain"]
 
 
 def _force_tma(monkeypatch, form) -> None:
-    """The projection forward as ``gluon_proj`` ("gluon", Hopper only: skipped elsewhere), the
-    Triton TMA kernel ("tma") or plain loads ("plain"; False), the backward by TMA for the
-    first two.  The kernels a form must not fall back to are removed, so a silent fallback
-    fails the test."""
+    """The projection forward as ``gluon_proj`` ("gluon": warp-specialized, "gluon_ring": one
+    CTA barrier a tile; Hopper only, skipped elsewhere), the Triton TMA kernel ("tma") or plain
+    loads ("plain"; False), the backward by TMA for all but plain.  The kernels a form must not
+    fall back to are removed, so a silent fallback fails the test."""
     from mhc_model.kernels import gluon_proj, triton_proj, triton_proj_bwd
 
     form = {True: "tma", False: "plain"}.get(form, form)
-    if form == "gluon" and not gluon_proj.available(torch.device("cuda")):
+    glu = form.startswith("gluon")
+    if glu and not gluon_proj.available(torch.device("cuda")):
         pytest.skip("gluon_proj needs Gluon and a Hopper GPU")
     tma = form != "plain"
     for key in ("proj_fwd_tma", "proj_bwd_tma", "proj_bwd_site_tma"):
         monkeypatch.setitem(triton_proj.CONFIG, key, tma)
-    monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_gluon", form == "gluon")
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_gluon", glu)
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_gluon_ws", form == "gluon")
     if tma:
         monkeypatch.setattr(triton_proj, "_proj_fwd_kernel", None)
         monkeypatch.setattr(triton_proj_bwd, "_proj_bwd_kernel", None)
-    if form == "gluon":
+    if glu:
         monkeypatch.setattr(triton_proj, "_proj_fwd_tma_kernel", None)
+        other = "_proj_fwd_gluon_kernel" if form == "gluon" else "_proj_fwd_gluon_ws_kernel"
+        monkeypatch.setattr(gluon_proj, other, None)
 
 
 @pytest.mark.parametrize("conv", CONVS)
@@ -219,7 +223,7 @@ def _differing_calls(fn, calls: int) -> int:
     return int(bad.item())
 
 
-@pytest.mark.parametrize("form", ["gluon", "tma"])
+@pytest.mark.parametrize("form", ["gluon", "gluon_ring", "tma"])
 def test_tma_projection_is_bitwise_repeatable(monkeypatch, form):
     # The pipelined TMA loops once let a wgmma read an x tile the next prefetch had already
     # overwritten: a wrong row in ~1% of forward launches on the H200 (T 3001; see
