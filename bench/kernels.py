@@ -17,6 +17,7 @@ import os
 import torch
 from triton.testing import do_bench
 
+from bench.timing import kernel_us
 from mhc_model import mhc_ref as R
 from mhc_model.kernels import (
     gluon_proj,
@@ -52,27 +53,6 @@ def _setup(gen):
             torch.randn(N, generator=gen, device="cuda").requires_grad_(),
             torch.tensor([0.7], device="cuda").requires_grad_()]
     return x, W, b, al, head
-
-
-def kernel_us(fn, reps: int = 5) -> tuple[float, dict[str, float]]:
-    """GPU time of one call as the sum of its kernels' durations (torch.profiler / CUPTI),
-    so host-side launch overhead does not count; also returns the per-kernel breakdown."""
-    from torch.profiler import ProfilerActivity, profile
-
-    fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            fn()
-        torch.cuda.synchronize()
-    per = {}
-    for e in prof.key_averages():
-        dt = getattr(e, "self_device_time_total", None)
-        if dt is None:
-            dt = e.self_cuda_time_total
-        if dt > 0:
-            per[e.key] = dt / reps
-    return sum(per.values()), per
 
 
 def _fwd_bwd(fn, inputs):

@@ -267,6 +267,12 @@ MUTANTS: list[Mutant] = [
            "        acc += tl.dot(xt, dp)\n",
            "TMA backward issues the dW dot last: it stays pending over the x prefetch",
            ("tests/model/test_kernels_ir.py",)),
+    # the Gluon projection forward reads x from shared memory once (gluon_proj.tile_areg)
+    Mutant("gluon-a-from-shared", "mhc_model/kernels/gluon_proj.py",
+           "        tile = warpgroup_mma(x, ws.slice(0, KP, dim=0).permute((1, 0)), zero,\n",
+           "        tile = warpgroup_mma(xs, ws.slice(0, KP, dim=0).permute((1, 0)), zero,\n",
+           "the Gluon forward's hi wgmma reads x from shared memory again, not from registers",
+           ("tests/model/test_gluon_proj.py",)),
     Mutant("sums-keep-owned", "fixtures/sha256sums.py",
            "            if not owns(rel):\n", "            if True:\n",
            "the SHA256SUMS writer keeps the stale lines of the files it rewrites",

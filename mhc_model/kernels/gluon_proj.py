@@ -11,16 +11,18 @@ What differs is where x goes after TMA lands it in shared memory:
     wgmmas take A from those registers and the squares are summed from them.  The Triton
     kernel feeds the wgmma from shared memory and reads the tile back a second time for the
     squares (in Triton 3.6 a ``tl.dot`` operand loaded by TMA stays in shared memory).
-  * the ring of NS (x, weight pair) slots is written out: tile i's slot is waited on its
-    mbarrier; after a CTA barrier (every warp has its tile i - 1 in registers and its wgmma
-    waited) the slot tile i - 1 freed is refilled with tile i + NS - 1, before tile i's work.
-    No copy can land in a slot a wgmma still reads, by construction (the Triton kernel needs
-    ``tests/model/test_kernels_ir.py`` for that).
+  * the ring of NS (x, weight pair) slots is written out, so no copy can land in a slot a
+    wgmma still reads, by construction (the Triton kernel needs
+    ``tests/model/test_kernels_ir.py`` for that).  Two forms: ``_proj_fwd_gluon_ws_kernel``
+    (shipped: one producer warp issues the TMA loads, the consumers release each slot through
+    its own mbarrier after their wgmma wait) and ``_proj_fwd_gluon_kernel`` (every warp waits
+    on tile i's mbarrier, then after a CTA barrier the slot tile i - 1 freed is refilled with
+    tile i + NS - 1, before tile i's work).
 
 H200 (bench/results/kernels_sweeps_h200.md run 13, 60 interleaved calls, medians): whole
-coefficient forward 72.4 us against 76.1 for the Triton TMA kernel (projection 66.4 vs 70.1) at
-128-token tiles, 8 warps, 3 slots, D split 2; the same ring reading x back for the squares
-took 69.6.
+coefficient forward 73.7 us (ws) and 74.5-75.3 (ring) against 76.7 for the Triton TMA kernel in
+one call, at 128-token tiles, 8 warps, 3 slots, D split 2; the ring reading x back for the
+squares instead took 75.6-76.1.  ``bench/kernels.py``: 73.5 us, 0.86 of copy bandwidth.
 
 Gluon and its Hopper ops are imported only where Triton ships them (>= 3.5); ``available``
 says whether this form can run on a device: Triton's NVIDIA backend, Gluon present,

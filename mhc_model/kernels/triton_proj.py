@@ -64,7 +64,8 @@ CONFIG = {
     "proj_fwd_tma_tile": (64, 128, 4, 3, 2),
     # ``gluon_proj``, ahead of the Triton TMA kernel on Hopper where Gluon imports: H200
     # 2026-12-02 (kernels_sweeps_h200.md run 13, 60 interleaved calls): coefficient forward
-    # 72.4 vs 76.1 us at (128, 128, 8 warps, 3 slots, split 2: 144 KB, one program per SM)
+    # 72.4-75.3 vs 76.1-76.7 us at (128, 128, 8 warps, 3 slots, split 2: 144 KB, one program
+    # per SM); kernels.py 73.5 vs 75.9 us
     "proj_fwd_gluon": True,
     "proj_fwd_gluon_tile": (128, 128, 8, 3, 1),
     # its warp-specialized form (a producer warp, slots released by mbarrier): 73.7 vs 74.5-

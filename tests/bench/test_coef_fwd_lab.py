@@ -1,4 +1,4 @@
-"""bench/coef_fwd_variants.py and bench/proj_gluon_lab.py: the coefficient-forward lab kernels
+"""bench/proj_triton_lab.py and bench/proj_gluon_lab.py: the coefficient-forward lab kernels
 (kernels_sweeps_h200.md run 12) still compile for Hopper, the Triton variants' loops pass the
 same wgmma / copy hazard check as the shipped kernels, and the stream-K slot count is right."""
 
@@ -12,7 +12,7 @@ pytestmark = pytest.mark.triton
 triton = pytest.importorskip("triton")
 pytest.importorskip("triton.backends.nvidia")
 
-from bench import coef_fwd_variants as V  # noqa: E402
+from bench import proj_triton_lab as V  # noqa: E402
 
 CONST = {"K": 24, "KP": 32, "BD": 128, "WS": 0, "STAGES": 3}
 
