@@ -92,8 +92,6 @@ PROJ_GROUPS = {
 GLUON = [(64, 128, 3, 4, 2), (64, 128, 2, 4, 3), (64, 128, 3, 4, 3), (128, 128, 4, 8, 1),
          (128, 128, 3, 8, 2), (128, 128, 2, 8, 2), (128, 64, 4, 8, 2), (128, 64, 8, 8, 1),
          (256, 128, 2, 8, 1)]
-GLUON_WS = [(64, 3, 4, 2, 128), (64, 3, 4, 2, None), (64, 2, 4, 3, 80), (128, 4, 8, 1, 168),
-            (128, 2, 8, 2, 80)]
 GLUON_SK = [(128, 128, 4, 8, 1), (64, 128, 3, 4, 2), (128, 64, 8, 8, 1), (128, 64, 4, 8, 2),
             (128, 128, 3, 8, 1)]
 # (BT, BD, NS, warps, per_sm, mode): mode 1 x as the wgmma A operand in registers, squares
@@ -110,11 +108,11 @@ GLUON_AREG2 = [(128, 128, 3, 8, 1, 1), (128, 128, 3, 8, 1, 0), (128, 128, 4, 8, 
                (128, 64, 5, 8, 1, 1), (256, 128, 2, 8, 1, 1)]
 # run 13b: the shipped Gluon tile against warp-specialized areg forms (BT, NS, warps, per_sm,
 # maxnreg) and larger tiles (BT, BD, NS, warps, per_sm, mode)
-# (13e ran them on the lab's copy of the ws kernel, maxnreg 168 / None / 168 / 168; it is
-# now gluon_proj's, which takes no maxnreg)
-AREG_WS = [(128, 3, 8, 1, None), (128, 4, 8, 1, None), (128, 2, 8, 1, None)]
+# (BT, NS, warps, per_sm) of gluon_proj's warp-specialized kernel; 13e ran the lab's copy of
+# it (maxnreg 168 / none / 168 / 168 at NS 3 / 3 / 4 / 2)
+AREG_WS = [(128, 3, 8, 1), (128, 4, 8, 1), (128, 2, 8, 1)]
 AREG_TILES = [(128, 256, 2, 8, 1, 1), (128, 128, 3, 8, 1, 1)]
-GROUPS = (*PROJ_GROUPS, "gluon", "areg", "areg2", "areg3", "ws", "sk", "epi", "split")
+GROUPS = (*PROJ_GROUPS, "gluon", "areg", "areg2", "areg3", "sk", "epi", "split")
 
 
 def _variants(only, x, W, b, al, conv):
@@ -139,7 +137,7 @@ def _variants(only, x, W, b, al, conv):
                 lambda tile=tile, mode=mode, il=il, ws=ws, pf=pf, lines=lines: epilogue(
                     proj_var(x, W, tile, mode, bool(il), bool(ws), pf=pf,
                              pf_lines=bool(lines))))
-    if only & {"gluon", "areg", "areg2", "areg3", "ws", "sk"}:
+    if only & {"gluon", "areg", "areg2", "areg3", "sk"}:
         from bench import proj_gluon_lab as G
     rows = [(*c, 0) for c in GLUON] if "gluon" in only else []
     rows += GLUON_AREG if "areg" in only else []
@@ -153,11 +151,11 @@ def _variants(only, x, W, b, al, conv):
         name = f"gluon{tag} BT={BT} BD={BD} NS={NS} w={warps} per_sm={per_sm}"
         variants[name + " again" * (name in variants)] = run
     if "areg3" in only:
-        for BT, NS, warps, per_sm, mr in AREG_WS:
-            def run(BT=BT, NS=NS, warps=warps, per_sm=per_sm, mr=mr):
+        for BT, NS, warps, per_sm in AREG_WS:
+            def run(BT=BT, NS=NS, warps=warps, per_sm=per_sm):
                 S, dps = proj_split(T, D, BT, 128, per_sm, x.device)
-                return epilogue(G.launch_ws(x, pair(), parts(S), S, dps, K, KP, BT=BT, NS=NS,
-                                            warps=warps, maxnreg=mr, squares=1))
+                return epilogue(G.launch(x, pair(), parts(S), S, dps, K, KP, BT=BT, NS=NS,
+                                         warps=warps, squares=1, ws=True))
             variants[f"gluon ws areg (gluon_proj ws) BT={BT} NS={NS} w={warps} "
                      f"per_sm={per_sm}"] = run
         for BT, NS in ((128, 3), (128, 2)):
@@ -166,13 +164,6 @@ def _variants(only, x, W, b, al, conv):
                 return epilogue(G.launch_w32(x, W, parts(S), S, dps, K, KP, BT=BT, NS=NS))
             variants[f"gluon w32 BT={BT} BD=128 NS={NS} w=8 per_sm=1"] = run
         variants["shipped (again, last)"] = lambda: shipped(x, W, b, al)
-    if "ws" in only:
-        for BT, NS, warps, per_sm, mr in GLUON_WS:
-            def run(BT=BT, NS=NS, warps=warps, per_sm=per_sm, mr=mr):
-                S, dps = proj_split(T, D, BT, 128, per_sm, x.device)
-                return epilogue(G.launch_ws(x, pair(), parts(S), S, dps, K, KP, BT=BT, NS=NS,
-                                            warps=warps, maxnreg=mr))
-            variants[f"gluon ws BT={BT} NS={NS} w={warps} per_sm={per_sm} maxnreg={mr}"] = run
     if "sk" in only:
         sms = torch.cuda.get_device_properties(x.device).multi_processor_count
         for BT, BD, NS, warps, per_sm in GLUON_SK:

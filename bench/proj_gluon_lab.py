@@ -4,8 +4,10 @@ built on the shipped ring of ``mhc_model.kernels.gluon_proj``.
 ``_proj_fwd_gl_kernel`` is the shipped kernel's ring with the squares of x taken another way:
 SQUARES 0 x read back from shared memory for them (the Triton TMA kernel's way), 2 x in the
 A-operand registers and the squares as the diagonal of x x^T on the tensor cores.  The
-shipped form (SQUARES 1: from the A registers) is ``gluon_proj.launch``.  Also stream-K and
-warp-specialized forms (run 12d).
+shipped form (SQUARES 1: from the A registers) is ``gluon_proj.launch``.  Also stream-K (run
+12d) and the weight split in the kernel (``_proj_fwd_gl_w32_kernel``, run 13e).  Run 12d's
+warp-specialized form reading x back for the squares was removed once ``gluon_proj`` shipped
+the warp-specialized ring with the A operand in registers; it is in this file at 3f26a0c.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.hopper import (
     fence_async_shared,
     mbarrier,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -26,10 +27,10 @@ from mhc_model.kernels.gluon_proj import (
     a_layout,
     descriptors,
     issue,
-    load_part,
     mma_layout,
     next_slot,
     ring,
+    ring_start,
     store_partial,
 )
 
@@ -75,12 +76,7 @@ def _proj_fwd_gl_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
                         num_warps: gl.constexpr, SQUARES: gl.constexpr):
     BT: gl.constexpr = x_desc.block_type.shape[0]
     BD: gl.constexpr = x_desc.block_type.shape[1]
-    pid_s = gl.program_id(1)
-    t0 = gl.program_id(0) * BT
-    d0 = pid_s * d_per_split
-    x_s, w_s, bars = ring(x_desc, w_desc, NS, KP, 1)
-    for p in gl.static_range(NS - 1):
-        issue(x_desc, w_desc, bars.index(p), x_s.index(p), w_s.index(p), t0, d0 + p * BD)
+    t0, d0, x_s, w_s, bars = ring_start(x_desc, w_desc, d_per_split, n_tiles, NS, KP)
     zero = gl.zeros([BT, KP], gl.float32, mma_layout(KP, num_warps))
     acc = zero
     if SQUARES == 2:
@@ -99,17 +95,17 @@ def _proj_fwd_gl_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
         rows = gl.arange(0, BT, layout=gl.SliceLayout(1, sq.type.layout))
         cols = gl.arange(0, BT, layout=gl.SliceLayout(0, sq.type.layout))
         sq = gl.where(rows[:, None] == cols[None, :], sq, 0.0)
-    store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
+    store_partial(part_ptr, gl.program_id(1), T, t0, acc, sq, K, KP)
 
 
 def launch(x_TD, w_pair, part, S, d_per_split, K, KP, BT=64, BD=128, NS=3, warps=4,
-           squares=0):
-    """``_proj_fwd_gl_kernel`` (squares 0 / 2); squares 1 is the shipped
-    ``gluon_proj.launch``."""
+           squares=0, ws=False):
+    """``_proj_fwd_gl_kernel`` (squares 0 / 2); squares 1 is the shipped ``gluon_proj.launch``
+    (its ring, or with ws its warp-specialized kernel)."""
     if squares == 1:
         from mhc_model.kernels import gluon_proj
         return gluon_proj.launch(x_TD, w_pair, part[:S], d_per_split, K, KP, BT, BD, NS,
-                                 warps)
+                                 warps, ws=ws)
     T = x_TD.shape[0]
     x_desc, w_desc = descriptors(x_TD, w_pair, BT, BD, KP)
     _proj_fwd_gl_kernel[(triton.cdiv(T, BT), S)](
@@ -137,13 +133,6 @@ def _split_tile(w32_slot, pair, KP: gl.constexpr, num_warps: gl.constexpr):
 
 
 @gluon.jit
-def _issue_w32(x_desc, w_desc, bar, x_slot, w_slot, t0, d):
-    mbarrier.expect(bar, x_desc.block_type.nbytes + w_desc.block_type.nbytes)
-    tma.async_copy_global_to_shared(x_desc, [t0, d], bar, x_slot)
-    tma.async_copy_global_to_shared(w_desc, [0, d], bar, w_slot)
-
-
-@gluon.jit
 def _proj_fwd_gl_w32_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
                             K: gl.constexpr, KP: gl.constexpr, NS: gl.constexpr,
                             num_warps: gl.constexpr):
@@ -167,7 +156,7 @@ def _proj_fwd_gl_w32_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
         mbarrier.init(bars.index(b), count=1)
     for p in gl.static_range(NS - 1):
         if p < n_tiles:
-            _issue_w32(x_desc, w_desc, bars.index(p), x_s.index(p), w_s.index(p), t0,
+            issue(x_desc, w_desc, bars.index(p), x_s.index(p), w_s.index(p), t0,
                        d0 + p * BD)
     mbarrier.wait(bars.index(0), 0)
     _split_tile(w_s.index(0), pairs.index(0), KP, num_warps)
@@ -180,7 +169,7 @@ def _proj_fwd_gl_w32_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
         j = i + NS - 1
         if j < n_tiles:
             sj = j % NS
-            _issue_w32(x_desc, w_desc, bars.index(sj), x_s.index(sj), w_s.index(sj), t0,
+            issue(x_desc, w_desc, bars.index(sj), x_s.index(sj), w_s.index(sj), t0,
                        d0 + j * BD)
         x = x_s.index(i % NS).load(sq.type.layout)
         ws = pairs.index(i % 2)
@@ -276,55 +265,3 @@ def sk_slots(T, D, BT, BD, P):
     first = [((tb * NT + 1) * P - 1) // n_items for tb in range(triton.cdiv(T, BT))]
     last = [(((tb + 1) * NT) * P - 1) // n_items for tb in range(triton.cdiv(T, BT))]
     return max(b - a + 1 for a, b in zip(first, last))
-
-
-@gluon.jit
-def _ws_compute(x_s, w_s, bars, n_tiles, acc, sq, NS: gl.constexpr, KP: gl.constexpr):
-    # consumer: bars[s] "ready" (the TMA landed), bars[NS + s] "empty" (released)
-    zero = gl.zeros_like(acc)
-    for i in range(n_tiles):
-        s = i % NS
-        mbarrier.wait(bars.index(s), (i // NS) & 1)
-        acc, sq = _tile(x_s.index(s), w_s.index(s), zero, acc, sq, KP)
-        mbarrier.arrive(bars.index(NS + s), count=1)  # this slot's wgmma and squares are done
-    return acc, sq
-
-
-@gluon.jit
-def _proj_fwd_gl_ws_kernel(x_desc, w_desc, part_ptr, T, d_per_split, n_tiles,
-                           K: gl.constexpr, KP: gl.constexpr, NS: gl.constexpr,
-                           LOAD_REGS: gl.constexpr, num_warps: gl.constexpr):
-    """Warp-specialized: one producer warp issues the TMA loads into an NS-slot ring, the
-    default partition (num_warps) runs the wgmmas and the squares and releases each slot
-    through its own mbarrier; no CTA-wide barrier in the loop."""
-    BT: gl.constexpr = x_desc.block_type.shape[0]
-    BD: gl.constexpr = x_desc.block_type.shape[1]
-    pid_s = gl.program_id(1)
-    t0 = gl.program_id(0) * BT
-    x_s, w_s, bars = ring(x_desc, w_desc, NS, KP, 2)
-    acc = gl.zeros([BT, KP], gl.float32, mma_layout(KP, num_warps))
-    sq = gl.zeros([BT, BD], gl.float32, _square_layout(BD, num_warps))
-    acc, sq = gl.warp_specialize([
-        (_ws_compute, (x_s, w_s, bars, n_tiles, acc, sq, NS, KP)),
-        (load_part, (x_desc, w_desc, x_s, w_s, bars, t0, pid_s * d_per_split, n_tiles, NS,
-                     BD)),
-    ], [1], [LOAD_REGS])
-    for b in gl.static_range(2 * NS):
-        mbarrier.invalidate(bars.index(b))
-    store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
-
-
-def launch_ws(x_TD, w_pair, part, S, d_per_split, K, KP, BT=64, BD=128, NS=3, warps=4,
-              load_regs=48, maxnreg=None, squares=0):
-    """The warp-specialized form reading x back (squares 0); squares 1 is the shipped
-    ``gluon_proj`` ws kernel (its producer warp at ``gluon_proj.LOAD_REGS``)."""
-    if squares == 1:
-        from mhc_model.kernels import gluon_proj
-        return gluon_proj.launch(x_TD, w_pair, part[:S], d_per_split, K, KP, BT, BD, NS,
-                                 warps, ws=True)
-    T = x_TD.shape[0]
-    x_desc, w_desc = descriptors(x_TD, w_pair, BT, BD, KP)
-    _proj_fwd_gl_ws_kernel[(triton.cdiv(T, BT), S)](
-        x_desc, w_desc, part, T, d_per_split, triton.cdiv(d_per_split, BD), K=K, KP=KP,
-        NS=NS, LOAD_REGS=load_regs, num_warps=warps, maxnreg=maxnreg)
-    return part

@@ -99,6 +99,21 @@ if gluon is not None:
         return x_s, w_s, bars
 
     @gluon.jit
+    def ring_start(x_desc, w_desc, d_per_split, n_tiles, NS: gl.constexpr, KP: gl.constexpr):
+        """The ring (one mbarrier a slot) of program (token block, D split), its first NS - 1
+        tiles issued: (t0, d0, x_s, w_s, bars)."""
+        BT: gl.constexpr = x_desc.block_type.shape[0]
+        BD: gl.constexpr = x_desc.block_type.shape[1]
+        t0 = gl.program_id(0) * BT
+        d0 = gl.program_id(1) * d_per_split
+        x_s, w_s, bars = ring(x_desc, w_desc, NS, KP, 1)
+        for p in gl.static_range(NS - 1):
+            if p < n_tiles:
+                issue(x_desc, w_desc, bars.index(p), x_s.index(p), w_s.index(p), t0,
+                      d0 + p * BD)
+        return t0, d0, x_s, w_s, bars
+
+    @gluon.jit
     def next_slot(x_desc, w_desc, x_s, w_s, bars, i, n, t_j, d_j, NS: gl.constexpr):
         """Wait for tile i's slot; then, every warp being past tile i - 1, refill the slot
         tile i - 1 freed with tile j = i + NS - 1 (at t_j, d_j) while tile i is worked on."""
@@ -144,14 +159,7 @@ if gluon is not None:
         pid_s * d_per_split (TMA reads columns >= D and rows >= T as 0)."""
         BT: gl.constexpr = x_desc.block_type.shape[0]
         BD: gl.constexpr = x_desc.block_type.shape[1]
-        pid_s = gl.program_id(1)
-        t0 = gl.program_id(0) * BT
-        d0 = pid_s * d_per_split
-        x_s, w_s, bars = ring(x_desc, w_desc, NS, KP, 1)
-        for p in gl.static_range(NS - 1):
-            if p < n_tiles:
-                issue(x_desc, w_desc, bars.index(p), x_s.index(p), w_s.index(p), t0,
-                      d0 + p * BD)
+        t0, d0, x_s, w_s, bars = ring_start(x_desc, w_desc, d_per_split, n_tiles, NS, KP)
         zero = gl.zeros([BT, KP], gl.float32, mma_layout(KP, num_warps))
         acc = zero
         sq = gl.zeros([BT, BD], gl.float32, a_layout(KP, num_warps))
@@ -161,7 +169,7 @@ if gluon is not None:
             acc, sq = tile_areg(x_s.index(i % NS), w_s.index(i % NS), zero, acc, sq, KP)
         for b in gl.static_range(NS):
             mbarrier.invalidate(bars.index(b))
-        store_partial(part_ptr, pid_s, T, t0, acc, sq, K, KP)
+        store_partial(part_ptr, gl.program_id(1), T, t0, acc, sq, K, KP)
 
 
     @gluon.jit

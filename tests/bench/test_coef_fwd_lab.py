@@ -47,8 +47,7 @@ def test_stream_k_slots_are_the_most_programs_touching_one_token_block():
 
 @pytest.mark.parametrize("kernel, extra, dots", [
     ("_proj_fwd_gl_kernel", {"SQUARES": 0}, 16), ("_proj_fwd_gl_kernel", {"SQUARES": 2}, 24),
-    ("_proj_fwd_gl_sk_kernel", {"SMAX": 3}, 16),
-    ("_proj_fwd_gl_ws_kernel", {"LOAD_REGS": 48}, 16)])
+    ("_proj_fwd_gl_sk_kernel", {"SMAX": 3}, 16)])
 def test_gluon_forms_compile_for_hopper(kernel, extra, dots):
     pytest.importorskip("triton.experimental.gluon")  # Triton's Gluon (>= 3.5)
     from bench import proj_gluon_lab as G
