@@ -37,9 +37,11 @@ except ImportError:  # pragma: no cover - depends on the Triton version
     TensorDescriptor = None
 
 # Tunables (the bench may override them).
-#   proj_fwd (plain loads) / proj_fwd_tma_tile (TMA): (BT, BD, warps, stages, per_sm); the D
-#     split gives per_sm programs per SM in all (rounded down: one full wave, no ragged
-#     second one; ``proj_split``).
+#   proj_fwd (plain loads) / proj_fwd_tma_tile (TMA) / proj_fwd_gluon_tile (``gluon_proj``,
+#     stages = its ring's slots): (BT, BD, warps, stages, per_sm); the D split gives per_sm
+#     programs per SM in all (rounded down: one full wave, no ragged second one;
+#     ``proj_split``).  proj_fwd_gluon_ws: ``gluon_proj``'s warp-specialized kernel, else
+#     its one-barrier ring.
 #   proj_bwd: (BT, BD, warps, stages, DW_T, waves).  DW_T computes dW^T = x^T @ dproj so
 #     every dot has M >= 64 (Hopper wgmma); waves: T-split target in programs per SM.
 #   proj_bwd_presplit: dproj goes to the projection backward as a bf16 (hi, lo) pair
