@@ -296,6 +296,7 @@ def _compiled_stats() -> list[str]:
                       (triton_coef, "_coef_bwd_kernel"), (triton_proj, "_proj_fwd_kernel"),
                       (triton_proj, "_proj_fwd_tma_kernel"),
                       (gluon_proj, "_proj_fwd_gluon_kernel"),
+                      (gluon_proj, "_proj_fwd_gluon_ws_kernel"),
                       (triton_proj_bwd, "_finalize_kernel"),
                       (triton_coef, "_coef_fwd_kernel"),
                       (_head, "_head_fwd_kernel"), (_head, "_head_bwd_kernel"),
