@@ -24,14 +24,17 @@ coefficient forward 73.7 us (ws) and 74.5-75.3 (ring) against 76.7 for the Trito
 one call, at 128-token tiles, 8 warps, 3 slots, D split 2; the ring reading x back for the
 squares instead took 75.6-76.1.  ``bench/kernels.py``: 73.5 us, 0.86 of copy bandwidth.
 
-Gluon and its Hopper ops are imported only where Triton ships them (>= 3.5); ``available``
-says whether this form can run on a device: Triton's NVIDIA backend, Gluon present,
-compute capability 9.x (wgmma exists on Hopper only).
+Gluon and its Hopper ops are imported only where Triton ships them; ``available`` says whether
+this form can run on a device: Triton's NVIDIA backend, Gluon present, Triton at least
+``TRITON_MIN`` (the version it was written and measured on: Gluon's API still moves between
+releases, e.g. ``warp_specialize``'s signature), compute capability 9.x (wgmma exists on
+Hopper only).  Elsewhere ``proj_forward`` runs the Triton kernels.
 """
 
 from __future__ import annotations
 
 import functools
+import re
 
 import torch
 import triton
@@ -50,10 +53,19 @@ except ImportError:  # pragma: no cover - depends on the Triton version
     gluon = None
 
 
+TRITON_MIN = (3, 6)
+
+
+def triton_ok(version: str) -> bool:
+    """Whether Triton ``version`` ("3.6.0", "3.7.0+git...") is at least ``TRITON_MIN``."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    return m is not None and (int(m[1]), int(m[2])) >= TRITON_MIN
+
+
 def available(device: torch.device) -> bool:
-    """Whether ``launch`` can run on ``device``: Gluon importable, a CUDA device of compute
-    capability 9.x."""
-    if gluon is None or device.type != "cuda":
+    """Whether ``launch`` can run on ``device``: Gluon importable, Triton >= ``TRITON_MIN``, a
+    CUDA device of compute capability 9.x."""
+    if gluon is None or device.type != "cuda" or not triton_ok(triton.__version__):
         return False
     idx = device.index if device.index is not None else torch.cuda.current_device()
     return _hopper(idx)

@@ -67,3 +67,11 @@ def test_available_only_on_hopper_cuda_devices():
     import torch
 
     assert not gluon_proj.available(torch.device("cpu"))
+
+
+@pytest.mark.parametrize("version, ok", [
+    ("3.6.0", True), ("3.7.1", True), ("4.0.0", True), ("3.6.0+git1234", True),
+    ("3.10.0", True), ("3.5.1", False), ("2.9.0", False), ("dev", False)])
+def test_triton_version_gate(version, ok):
+    # written and measured on Triton 3.6: older Gluon APIs differ (warp_specialize)
+    assert gluon_proj.triton_ok(version) is ok
