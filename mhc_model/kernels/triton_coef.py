@@ -155,12 +155,14 @@ def _f32(g):
 
 
 def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
-                  dx_extra=None):
+                  dx_extra=None, mix_g=None):
     """Launches (3)-(5): gradients of x, W, bias and the alphas from those of the mappings.
     ``saved`` = (x_TD, w_KD, bias, a_pre, a_post, a_res, proj) as the forward keeps them.
     With ``du_TC`` and ``H_pre`` the aggregate's dx (H_pre[j] du) and with ``dx_extra`` [T, D]
     a further gradient of x are added inside the projection backward's single pass;
-    ``dx_extra`` (contiguous, x's dtype, owned by the caller) is overwritten with dx."""
+    ``dx_extra`` (contiguous, x's dtype, owned by the caller) is overwritten with dx.
+    ``mix_g`` = (g [T, D], fp32 H_res, mix_transposed): the mix's dx formed from its output
+    gradient inside the pass, on GROUP tiles (``triton_proj.site_group_ok``)."""
     x_TD, w_KD, bias, a_pre, a_post, a_res, proj = saved
     T, N, C, K, KP, bf16, iters, conv, eps = meta
     f = conv.kernel_flags()
@@ -174,12 +176,12 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
               else _f32(dH_res))
     BT, cwarps, prefetch = CONFIG["coef_bwd"]
     G = triton.cdiv(T, BT)
-    agg, extra = du_TC is not None, dx_extra is not None
+    agg, extra, group = du_TC is not None, dx_extra is not None, mix_g is not None
     hist = 2 * iters * BT * NP * NP  # fp32 Sinkhorn step inputs of one program
     if hist <= CONFIG["coef_bwd_hist_regs"] * 32 * cwarps:
         prefetch = 0  # they fit in registers: no scratch
     work = bwd_work(T, D, K, KP, G, site=agg or extra, bf16=bf16, w_dtype=w_KD.dtype,
-                    device=dev, extra=G * hist if prefetch else 0)
+                    device=dev, extra=G * hist if prefetch else 0, group_n=N if group else 0)
     if agg and C % work.tile[1]:
         raise ValueError(f"C = {C} is not a multiple of the tile {work.tile[1]}: see agg_fold_ok")
     _coef_bwd_kernel[(G,)](dH_pre, dH_post, dH_res, proj, bias, a_pre, a_post, a_res,
@@ -193,7 +195,7 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
     dx_TD = dx_extra if extra else torch.empty_like(x_TD)
     dW, dbias, dalpha = bwd_finish(work, x_TD, w_KD, bias.dtype, dx_TD,
                                    du_TC if agg else None, H_pre if agg else None, dx_extra,
-                                   C=C, N=N, K=K, KP=KP, bf16=bf16)
+                                   C=C, N=N, K=K, KP=KP, bf16=bf16, mix_g=mix_g)
     da = [dalpha[i:i + 1].view(a.shape) if a.dtype == f32 and a.numel() == 1
           else dalpha[i].reshape(a.shape).to(a.dtype)
           for i, a in enumerate((a_pre, a_post, a_res))]

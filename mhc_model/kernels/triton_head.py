@@ -28,7 +28,8 @@ backward (dy [T, C])
      coef = -r^3 / D sum_n dh p scale, per-program partials of d base = sum_t dh and
      d scale = sum_t,n dh p r.
   6. ``triton_proj_bwd.bwd_finish`` the projection backward's single pass over x: dx =
-     dproj @ fn + coef x + pre_j dy (AGG fold) or + dx_agg (EXTRA, overwritten in place), dfn
+     dproj @ fn + coef x + pre_j dy (AGG fold; on GROUP tiles where ``site_group_ok``, so dy
+     is read once) or + dx_agg (EXTRA, overwritten in place), dfn
      partials; then ``_finalize_kernel``: dfn, d base, d scale in fixed order (deterministic).
 """
 
@@ -39,7 +40,7 @@ import triton
 import triton.language as tl
 
 from mhc_model.kernels.triton_epi import _rms
-from mhc_model.kernels.triton_proj import _pow2, agg_fold_ok, proj_forward
+from mhc_model.kernels.triton_proj import _pow2, agg_fold_ok, proj_forward, site_group_ok
 from mhc_model.kernels.triton_proj_bwd import bwd_finish, bwd_work, store_dproj_pair
 from mhc_model.kernels.triton_stream import agg_backward, agg_forward
 
@@ -152,12 +153,13 @@ class LearnedHead(torch.autograd.Function):
         T, N, C = x.shape
         D = N * C
         dy = _contiguous(dy_TC)
-        fold = agg_fold_ok(C)
+        group = site_group_ok(N, C)  # GROUP tiles: du read once, not once per stream
+        fold = group or agg_fold_ok(C)
         dx_agg, dpre = agg_backward(x, pre, dy, not fold, True)
         BT, warps = CONFIG["head_bwd"]
         G = triton.cdiv(T, BT)
         work = bwd_work(T, D, N, KP, G, site=True, bf16=bf16, w_dtype=fn.dtype,
-                        device=x.device)
+                        device=x.device, group_n=N if group else 0)
         _head_bwd_kernel[(G,)](dpre, proj, base, scale, work.dproj, work.coef,
                                work.dbias_part, work.dalpha_part, T, D, eps, N=N, KP=KP,
                                BT=BT, DP_SPLIT=work.presplit, num_warps=warps)

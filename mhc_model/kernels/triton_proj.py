@@ -84,6 +84,11 @@ CONFIG = {
     # spill at BT 64, BD 128, 4 warps (255 registers, 110 spills, 1104 us); H200 sweeps
     # 2026-12-01: 628 / 630 us at (64, 64, 4) (214 registers) vs 637 / 640 at (32, 64, 4)
     "proj_bwd_site": (64, 64, 4, 3, True, 4),
+    # the site's projection backward on GROUP tiles (``_proj_bwd_kernel``: a C block of every
+    # stream per program, du read once, the mix's dx formed from g in the kernel so the mix
+    # backward writes none); (BT, C block, warps, stages, DW_T, waves), the tile N C-blocks wide
+    "proj_bwd_site_group": True,
+    "proj_bwd_group": (32, 16, 4, 3, True, 4),
     # one-warp programs hide the serial Sinkhorn iterations' latency; H200 2026-12-01 with
     # the D split 2 forward: 4.4-4.6 us at (16, 1) vs 4.9-5.2 at (8, 1), 7.2 at (16, 2)
     "coef_fwd": (16, 1),
@@ -293,6 +298,13 @@ def proj_forward(x_TD, w_KD, K, KP, bf16):
         _proj_fwd_kernel[grid](x_TD, w, part, T, D, d_per_split, K=K, KP=KP, BT=BT,
                                BD=BD, SPLIT_BF16=bf16, num_warps=warps, num_stages=stages)
     return part
+
+
+def site_group_ok(N: int, C: int) -> bool:
+    """Whether the site's projection backward runs GROUP tiles (``CONFIG``
+    ``"proj_bwd_site_group"``): N a power of two, C a multiple of the tile's C block."""
+    return (CONFIG["proj_bwd_site_group"] and N & (N - 1) == 0
+            and C % CONFIG["proj_bwd_group"][1] == 0)
 
 
 def agg_fold_ok(C: int, site: bool = True) -> bool:

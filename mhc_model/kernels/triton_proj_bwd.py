@@ -74,11 +74,44 @@ def _side_terms(du_ptr, hpre_ptr, dxe_ptr, offs_t, mask_t, x_off, mask_x, j, c0,
 
 
 @triton.jit
+def _group_side(du_ptr, hpre_ptr, g_ptr, hres_ptr, offs_t, mask_t, c0, C, N: tl.constexpr,
+                BT: tl.constexpr, BC: tl.constexpr, AGG: tl.constexpr, MIXG: tl.constexpr,
+                MIX_T: tl.constexpr):
+    """fp32 [BT, N BC] in GROUP's column order (j, c0 + cc): H_pre[t, j] du[t, c] (AGG) +
+    sum_i Hm[i, j] g[t, i, c] (MIXG: the mix's dx, the F_post,res backward of Eq. 3, formed
+    from its output gradient g [T, N, C] and the fp32 mapping [T, N, N] as
+    ``triton_stream._mix_bwd_kernel`` forms it).  du and every g_i are read once per program:
+    its tile holds the C block of all N streams."""
+    cc = c0 + tl.arange(0, BC)
+    jn = tl.arange(0, N)
+    t64 = offs_t.to(tl.int64)
+    mt = mask_t[:, None]
+    side = tl.zeros((BT, N, BC), tl.float32)
+    if AGG:
+        du = tl.load(du_ptr + t64[:, None] * C + cc[None, :], mask=mt, other=0.0)
+        hp = tl.load(hpre_ptr + offs_t[:, None] * N + jn[None, :], mask=mt, other=0.0)
+        side += hp[:, :, None] * du.to(tl.float32)[:, None, :]
+    if MIXG:
+        for i in tl.static_range(N):
+            g = tl.load(g_ptr + t64[:, None] * (N * C) + i * C + cc[None, :], mask=mt,
+                        other=0.0)
+            if MIX_T:  # noqa: SIM108 (constexpr branch); Hm[i, j] = H[j, i]
+                hoff = jn * N + i
+            else:
+                hoff = i * N + jn
+            hm = tl.load(hres_ptr + offs_t[:, None] * (N * N) + hoff[None, :], mask=mt,
+                         other=0.0)
+            side += hm[:, :, None] * g.to(tl.float32)[:, None, :]
+    return tl.reshape(side, (BT, N * BC))
+
+
+@triton.jit
 def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
-                     du_ptr, hpre_ptr, dxe_ptr, T, D, C, N, t_per_split,
-                     K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
-                     SPLIT_BF16: tl.constexpr, PRESPLIT: tl.constexpr, DW_T: tl.constexpr,
-                     AGG: tl.constexpr, EXTRA: tl.constexpr):
+                     du_ptr, hpre_ptr, dxe_ptr, g_ptr, hres_ptr, T, D, C, t_per_split,
+                     N: tl.constexpr, K: tl.constexpr, KP: tl.constexpr, BT: tl.constexpr,
+                     BD: tl.constexpr, SPLIT_BF16: tl.constexpr, PRESPLIT: tl.constexpr,
+                     DW_T: tl.constexpr, AGG: tl.constexpr, EXTRA: tl.constexpr,
+                     GROUP: tl.constexpr, MIXG: tl.constexpr, MIX_T: tl.constexpr):
     """One [T-split, BD] stripe: W stays in registers / shared memory, x is streamed once.
     dx = dproj @ W + coef * x is stored per tile; the dW partial of the stripe is
     accumulated over the split's tokens ([BD, KP] as dW^T when DW_T) and stored once; with
@@ -88,10 +121,23 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
     EXTRA: dx += dx_extra [T, D] (another consumer's gradient of x); both summed in fp32 and
     rounded once; their loads are issued after the tile's dots (before them the site
     backward ran 1035 vs 640 us on the H200, 2026-12-01).  ``dx_ptr`` may be ``dxe_ptr`` (in place:
-    each element is read, then written, by the same program)."""
+    each element is read, then written, by the same program).
+    GROUP: program pid_d holds the C block c0 = pid_d BC (BC = BD / N) of every stream, columns
+    j C + c0 + cc in the tile, so AGG reads du once (not once per stream) and MIXG can add the
+    mix's dx sum_i Hm[i, j] g_i from g itself (``_group_side``): the mix backward then writes
+    no dx (``triton_site``); needs N a power of two and C % BC == 0 (``site_group_ok``)."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
-    offs_d = pid_d * BD + tl.arange(0, BD)
+    if GROUP:
+        BC: tl.constexpr = BD // N
+        dd = tl.arange(0, BD)
+        c0 = pid_d * BC
+        offs_d = (dd // BC) * C + c0 + dd % BC
+    else:
+        offs_d = pid_d * BD + tl.arange(0, BD)
+        # AGG: C % BD == 0 (host), so the tile lies in one stream j and du loads are contiguous
+        j = (pid_d * BD) // C
+        c0 = pid_d * BD - j * C
     mask_d = offs_d < D
     offs_k = tl.arange(0, KP)
     w_off = offs_k[:, None] * D + offs_d[None, :]
@@ -104,9 +150,6 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
         acc = tl.zeros((BD, KP), tl.float32)
     else:
         acc = tl.zeros((KP, BD), tl.float32)
-    # AGG: C % BD == 0 (host), so the tile lies in one stream j and du loads are contiguous
-    j = (pid_d * BD) // C
-    c0 = pid_d * BD - j * C
     t_start = pid_s * t_per_split  # a multiple of BT: splits never overlap
     for t0 in range(0, t_per_split, BT):
         offs_t = t_start + t0 + tl.arange(0, BT)
@@ -147,7 +190,13 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
             else:
                 acc = tl.dot(tl.trans(dp), xf, acc, input_precision="ieee")
         dx += cf[:, None] * xf
-        if AGG or EXTRA:
+        if GROUP:
+            if AGG or MIXG:
+                dx += _group_side(du_ptr, hpre_ptr, g_ptr, hres_ptr, offs_t, mask_t, c0, C, N,
+                                  BT, BC, AGG, MIXG, MIX_T)
+            if EXTRA:
+                dx += tl.load(dxe_ptr + x_off, mask=mask_x, other=0.0).to(tl.float32)
+        elif AGG or EXTRA:
             dx += _side_terms(du_ptr, hpre_ptr, dxe_ptr, offs_t, mask_t, x_off, mask_x, j, c0,
                               C, N, BD, AGG, EXTRA)
         tl.store(dx_ptr + x_off, dx.to(dx_ptr.dtype.element_ty), mask=mask_x)
@@ -245,17 +294,17 @@ def _proj_bwd_tma_kernel(x_desc, w_ptr, dp_desc, coef_ptr, dx_desc, dw_part_ptr,
 
 
 def proj_backward(x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC, H_pre, dx_extra, *,
-                  C, N, K, KP, bf16, presplit, tile, t_per_split, S):
+                  C, N, K, KP, bf16, presplit, tile, t_per_split, S, mix_g=None, group=False):
     """Launch (4): ``_proj_bwd_tma_kernel`` where it applies (``CONFIG["proj_bwd_tma"]``, or
     ``"proj_bwd_site_tma"`` with the site's operands; bf16, presplit dproj, DW_T, aligned
-    operands), else ``_proj_bwd_kernel``."""
+    operands), else ``_proj_bwd_kernel`` (GROUP tiles when ``group``; ``mix_g`` = (g [T, D],
+    fp32 H_res [T, N, N], mix_transposed): the mix's dx formed in the kernel, MIXG)."""
     T, D = x_TD.shape
     BT, BD, warps, stages, dw_t, _ = tile
     agg, extra = du_TC is not None, dx_extra is not None
     operands = [x_TD, dx_TD] + ([du_TC] if agg else []) + ([dx_extra] if extra else [])
-    if (CONFIG["proj_bwd_site_tma" if agg or extra else "proj_bwd_tma"] and bf16 and presplit
-            and dw_t
-            and all(_tma_ok(t) for t in operands)):
+    if (not group and CONFIG["proj_bwd_site_tma" if agg or extra else "proj_bwd_tma"] and bf16
+            and presplit and dw_t and all(_tma_ok(t) for t in operands)):
         def desc(t):
             return TensorDescriptor.from_tensor(t, [BT, BD])
 
@@ -267,17 +316,25 @@ def proj_backward(x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC, H_pre, dx_extr
             T, D, C, N, t_per_split, K=K, KP=KP, BT=BT, BD=BD, AGG=agg, EXTRA=extra,
             num_warps=warps, num_stages=stages)
         return
-    _proj_bwd_kernel[(triton.cdiv(D, BD), S)](
+    if group:  # tile[1] is the C block BC of each stream; the tile is N BC wide
+        assert C % BD == 0 and N & (N - 1) == 0, (C, BD, N)
+        grid, BD = (C // BD, S), N * BD
+    else:
+        grid = (triton.cdiv(D, BD), S)
+    g, hres, mix_t = mix_g if mix_g is not None else (x_TD, coef, False)
+    _proj_bwd_kernel[grid](
         x_TD, w_KD, dproj, coef, dx_TD, dw_part, du_TC if agg else x_TD,
-        H_pre if agg else coef, dx_extra if extra else x_TD, T, D, C, N, t_per_split,
-        K=K, KP=KP, BT=BT, BD=BD, SPLIT_BF16=bf16, PRESPLIT=presplit, DW_T=dw_t, AGG=agg,
-        EXTRA=extra, num_warps=warps, num_stages=stages)
+        H_pre if agg else coef, dx_extra if extra else x_TD, g, hres, T, D, C, t_per_split,
+        N=N, K=K, KP=KP, BT=BT, BD=BD, SPLIT_BF16=bf16, PRESPLIT=presplit, DW_T=dw_t,
+        AGG=agg, EXTRA=extra, GROUP=group, MIXG=mix_g is not None, MIX_T=mix_t,
+        num_warps=warps, num_stages=stages)
 
 
 class BwdWork(NamedTuple):
     """The projection backward's T split and its one fp32 workspace (``bwd_work``)."""
 
-    tile: tuple  # CONFIG["proj_bwd"] or CONFIG["proj_bwd_site"]
+    tile: tuple  # CONFIG["proj_bwd"], ["proj_bwd_site"] or ["proj_bwd_group"]
+    group: bool  # GROUP tiles (``_proj_bwd_kernel``): tile[1] is the C block of a stream
     S: int  # T splits (dW partials); 1: the kernel writes dW itself
     t_per_split: int
     G: int  # programs of the gate backward (rows of the d bias / d alpha partials)
@@ -291,13 +348,14 @@ class BwdWork(NamedTuple):
     dW: torch.Tensor  # [K, D] in the weight dtype
 
 
-def bwd_work(T, D, K, KP, G, *, site, bf16, w_dtype, device, extra=0) -> BwdWork:
+def bwd_work(T, D, K, KP, G, *, site, bf16, w_dtype, device, extra=0, group_n=0) -> BwdWork:
     """T split of the projection backward (``CONFIG["proj_bwd_site"]`` when the site's AGG /
-    EXTRA operands go in, ``"proj_bwd"`` otherwise; ``waves`` programs per SM) and one fp32
-    workspace: dproj | dW partials (S > 1) | coef | d bias / d alpha partials | extra."""
-    tile = CONFIG["proj_bwd_site" if site else "proj_bwd"]
+    EXTRA operands go in, ``"proj_bwd_group"`` for GROUP tiles of ``group_n`` streams,
+    ``"proj_bwd"`` otherwise; ``waves`` programs per SM) and one fp32 workspace:
+    dproj | dW partials (S > 1) | coef | d bias / d alpha partials | extra."""
+    tile = CONFIG["proj_bwd_group" if group_n else "proj_bwd_site" if site else "proj_bwd"]
     BT, BD, _, _, _, waves = tile
-    n_d = triton.cdiv(D, BD)
+    n_d = triton.cdiv(D, BD * (group_n or 1))
     n_t = triton.cdiv(T, BT)
     S = max(1, min(n_t, round(waves * _sm_count(device) / n_d)))
     t_per_split = triton.cdiv(n_t, S) * BT
@@ -309,18 +367,20 @@ def bwd_work(T, D, K, KP, G, *, site, bf16, w_dtype, device, extra=0) -> BwdWork
     dproj, dw_part, coef, dbias_part, dalpha_part, extra_ws = ws.split(sizes)
     if presplit:
         dproj = dproj.view(torch.bfloat16)  # [T, 2, KP] bf16 in the same bytes
-    return BwdWork(tile, S, t_per_split, G, presplit, dproj, dW if S == 1 else dw_part, coef,
-                   dbias_part, dalpha_part, extra_ws, dW)
+    return BwdWork(tile, group_n > 0, S, t_per_split, G, presplit, dproj,
+                   dW if S == 1 else dw_part, coef, dbias_part, dalpha_part, extra_ws, dW)
 
 
 def bwd_finish(work: BwdWork, x_TD, w_KD, bias_dtype, dx_TD, du_TC, H_pre, dx_extra, *,
-               C, N, K, KP, bf16):
+               C, N, K, KP, bf16, mix_g=None):
     """Launches (4) and (5) once the gate backward has filled ``work``'s dproj, coef and
-    partials.  Returns (dW in the weight dtype, d bias [K] in ``bias_dtype``, d alpha [4]
-    fp32: lanes 0-2 the sums of the gate backward's d alpha partials)."""
+    partials (``mix_g``: see ``proj_backward``).  Returns (dW in the weight dtype, d bias [K]
+    in ``bias_dtype``, d alpha [4] fp32: lanes 0-2 the sums of the gate backward's d alpha
+    partials)."""
     proj_backward(x_TD, w_KD, work.dproj, work.coef, dx_TD, work.dw_part, du_TC, H_pre,
                   dx_extra, C=C, N=N, K=K, KP=KP, bf16=bf16, presplit=work.presplit,
-                  tile=work.tile, t_per_split=work.t_per_split, S=work.S)
+                  tile=work.tile, t_per_split=work.t_per_split, S=work.S, mix_g=mix_g,
+                  group=work.group)
     D = x_TD.shape[1]
     dbias = torch.empty((K,), dtype=bias_dtype, device=x_TD.device)
     dalpha = torch.empty((4,), dtype=torch.float32, device=x_TD.device)

@@ -86,7 +86,9 @@ def _mix_fwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, out_ptr, C, N: tl.constex
 @triton.jit
 def _mix_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr, dhpost_ptr,
                     dy_ptr, C, N: tl.constexpr, NP: tl.constexpr, BC: tl.constexpr,
-                    MIX_T: tl.constexpr):
+                    MIX_T: tl.constexpr, NEED_DX: tl.constexpr):
+    # NEED_DX False: the site's projection backward forms dx_j = sum_i Hm[i, j] g_i itself
+    # from g (``triton_site``), so this pass writes no nC tensor
     t = tl.program_id(0).to(tl.int64)
     i = tl.arange(0, NP)[:, None, None]
     j = tl.arange(0, NP)[None, :, None]
@@ -112,8 +114,10 @@ def _mix_bwd_kernel(x_ptr, hres_ptr, hpost_ptr, y_ptr, g_ptr, dx_ptr, dhres_ptr,
         # dy = sum_i H_post[i] g_i ; dx_j = sum_i Hm[i, j] g_i
         dy = tl.sum(hp * G, axis=0, keep_dims=True)
         tl.store(dy_ptr + t * C + c, dy.to(dy_ptr.dtype.element_ty), mask=mc)
-        dx = tl.sum(Hm * G, axis=0, keep_dims=True)
-        tl.store(dx_ptr + t * N * C + j * C + c, dx.to(dx_ptr.dtype.element_ty), mask=mj & mc)
+        if NEED_DX:
+            dx = tl.sum(Hm * G, axis=0, keep_dims=True)
+            tl.store(dx_ptr + t * N * C + j * C + c, dx.to(dx_ptr.dtype.element_ty),
+                     mask=mj & mc)
         acc_res += tl.sum(G * X, axis=2, keep_dims=True)
         acc_post += tl.sum(G * y, axis=2, keep_dims=True)
     # dHm[i, j] = sum_c g_i x_j, written back through the same (transposing) offsets.
@@ -207,20 +211,19 @@ def mix_forward(x, hr, hp, y, mix_t: bool):
     return out
 
 
-def mix_backward(x, hr, hp, y, g, mix_t: bool):
-    """(dx, dH_res fp32, dH_post fp32, dy) of ``mix_forward``."""
+def mix_backward(x, hr, hp, y, g, mix_t: bool, need_dx: bool = True):
+    """(dx or None, dH_res fp32, dH_post fp32, dy) of ``mix_forward``; g contiguous."""
     T, N, C = x.shape
     NP = _pow2(N)
-    g = g.contiguous()
-    dx = torch.empty_like(x)
+    dx = torch.empty_like(x) if need_dx else x
     dy = torch.empty_like(y)
     dhr = torch.empty((T, N, N), dtype=torch.float32, device=x.device)
     dhp = torch.empty((T, N), dtype=torch.float32, device=x.device)
     BC, warps = _bc(C, NP, "mix_bwd", True)
     if T > 0:
         _mix_bwd_kernel[(T,)](x, hr, hp, y, g, dx, dhr, dhp, dy, C, N=N, NP=NP, BC=BC,
-                              MIX_T=mix_t, num_warps=warps)
-    return dx, dhr, dhp, dy
+                              MIX_T=mix_t, NEED_DX=need_dx, num_warps=warps)
+    return (dx if need_dx else None), dhr, dhp, dy
 
 
 class Aggregate(torch.autograd.Function):
@@ -255,7 +258,7 @@ class MixPost(torch.autograd.Function):
     def backward(ctx, g_TNC):
         x, hr, hp, y = ctx.saved_tensors
         mix_t, hr_dtype, hp_dtype = ctx.meta
-        dx, dhr, dhp, dy = mix_backward(x, hr, hp, y, g_TNC, mix_t)
+        dx, dhr, dhp, dy = mix_backward(x, hr, hp, y, g_TNC.contiguous(), mix_t)
         return dx, dhr.to(hr_dtype), dhp.to(hp_dtype), dy, None
 
 

@@ -137,8 +137,10 @@ FORMS = ["gluon", "gluon_ring", "tma", "plain"]
 def _force_tma(monkeypatch, form) -> None:
     """The projection forward as ``gluon_proj`` ("gluon": warp-specialized, "gluon_ring": one
     CTA barrier a tile; Hopper only, skipped elsewhere), the Triton TMA kernel ("tma") or plain
-    loads ("plain"; False), the backward by TMA for all but plain.  The kernels a form must not
-    fall back to are removed, so a silent fallback fails the test."""
+    loads ("plain"; False), the backward by TMA for all but plain (the site's on per-stream
+    tiles: GROUP tiles, the default where they apply, have no TMA form; "plain" keeps them).
+    The kernels a form must not fall back to are removed, so a silent fallback fails the
+    test."""
     from mhc_model.kernels import gluon_proj, triton_proj, triton_proj_bwd
 
     form = {True: "tma", False: "plain"}.get(form, form)
@@ -148,6 +150,8 @@ def _force_tma(monkeypatch, form) -> None:
     tma = form != "plain"
     for key in ("proj_fwd_tma", "proj_bwd_tma", "proj_bwd_site_tma"):
         monkeypatch.setitem(triton_proj.CONFIG, key, tma)
+    if tma:
+        monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_site_group", False)
     monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_gluon", glu)
     monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_gluon_ws", form == "gluon")
     if tma:
@@ -365,13 +369,26 @@ def test_site_pre_post_tma(monkeypatch, C, conv):
     _check_site(4, C, torch.bfloat16, conv)
 
 
+@pytest.mark.parametrize("conv", CONVS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
+def test_site_pre_post_per_stream_tiles(monkeypatch, dtype, conv):
+    # N 4, C 256 runs GROUP tiles by default (the projection backward forms the mix's dx);
+    # here the per-stream tiles, the mix backward writing its dx (EXTRA)
+    from mhc_model.kernels import triton_proj
+
+    assert triton_proj.site_group_ok(4, 256)
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_site_group", False)
+    _check_site(4, 256, dtype, conv)
+
+
 def _check_site(N, C, dtype, conv):
     """The fused site (coefficients + aggregate, then the mix, stream gradient written once
     by the projection backward) against the three reference functions in fp32 on the same
     inputs upcast.  u and y are independent ends (cotangent of u given, y a leaf), so every
     term of dx (coefficients, aggregate, mix) is checked without a branch's rounding.
-    C = 256 folds the aggregate's dx into the projection backward; C = 1000 is not a multiple
-    of its tile and adds it to the mix's dx first."""
+    C = 256 folds the aggregate's dx into the projection backward (for N 2 and 4 on GROUP
+    tiles, which also form the mix's dx there); C = 1000 is not a multiple of its tile and
+    adds it to the mix's dx first."""
     gen = torch.Generator(device="cuda").manual_seed(17 * N + C)
     ins = _coef_inputs(N, C, dtype, gen)
     y = torch.randn(T, C, generator=gen, device="cuda").to(dtype).requires_grad_()
@@ -406,7 +423,8 @@ def _check_site(N, C, dtype, conv):
         tol = _tol(b.grad, dtype)
         print(f"{name}: err / sum|terms| {err:.2e} (tol {tol:.0e})")
         assert err <= tol, f"{name}: err / sum|terms| {err:.3e} > {tol:.0e}"
-    assert link.dx is None and link.x is None  # the mix's dx was consumed, nothing kept
+    # the mix's dx (or, GROUP, its g and H_res) was consumed, nothing kept
+    assert link.dx is None and link.g is None and link.hr is None and link.x is None
 
 
 def test_site_post_refuses_other_streams():
