@@ -16,8 +16,8 @@ Memory: peak allocated above the weights (activations + gradients) and its floor
 Then mHC off, ours fused and fused + recompute again, interleaved (``interleaved``): time
 ratios that clock drift between rows does not move.
 
-    python bench/overhead.py [--out results.md] [--iters 10] [--stacks swiglu,nemotron]
-                             [--skip 'torch.compile,eager'] [--rounds 5]
+    python bench/overhead.py [--out results.md] [--iters 30] [--stacks swiglu,nemotron]
+                             [--skip 'torch.compile,eager'] [--rounds 5] [--round-steps 10]
 """
 
 from __future__ import annotations
@@ -166,7 +166,8 @@ def rows(base: HybridConfig):
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--iters", type=int, default=10)
+    # 30 steps (about 2 s a row): with 10 the same row read 1.051-1.085x across H200 runs
+    ap.add_argument("--iters", type=int, default=30, help="timed steps a row")
     ap.add_argument("--warmup-s", type=float, default=10.0,
                     help="seconds of GPU load before the first row")
     ap.add_argument("--tokens", type=int, default=8192)
@@ -176,6 +177,8 @@ def main() -> None:
                     "leave out (e.g. 'torch.compile' when its compile time does not fit)")
     ap.add_argument("--rounds", type=int, default=5,
                     help="rounds of the interleaved off / fused / recompute timing (0: none)")
+    ap.add_argument("--round-steps", type=int, default=10,
+                    help="timed steps of each model in a round of the interleaved timing")
     args = ap.parse_args()
     skip = [s for s in args.skip.split(",") if s]
     ids = torch.randint(0, 1024, (1, args.tokens), device="cuda",
@@ -253,11 +256,11 @@ def main() -> None:
             lines.append(f"| {name} | {stack_scan} | {label} | {ms:.1f} | {ms / off_t:.3f} | "
                          f"{peak:.2f} | {peak / off_m:.3f} | {fl} | {fs} |")
         if args.rounds:
-            res, census = interleaved(builds, ids, args.rounds, 5)
+            res, census = interleaved(builds, ids, args.rounds, args.round_steps)
             notes.append(f"- {name}, kept for backward (bench/memcensus.py, by autograd node, "
                          "difference from mHC off): " + memcensus.describe(census, args.tokens))
             notes.append(f"- {name}, interleaved ({len(builds)} models resident, {args.rounds} "
-                         "rounds of 5 steps each, in turn): " + "; ".join(
+                         f"rounds of {args.round_steps} steps each, in turn): " + "; ".join(
                              f"{label} median {_median(v):.1f} ms, ratio to mHC off median "
                              f"{_median(r):.3f} (rounds {min(r):.3f}-{max(r):.3f})"
                              for label, (v, r) in res.items()))
