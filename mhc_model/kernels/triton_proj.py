@@ -284,12 +284,13 @@ def proj_forward(x_TD, w_KD, K, KP, bf16):
     BT, BD, warps, stages, per_sm = CONFIG[tile]
     S, d_per_split = proj_split(T, D, BT, BD, per_sm, x_TD.device)
     part = torch.empty((S, T, KP), dtype=torch.float32, device=x_TD.device)
-    grid = (triton.cdiv(T, BT), S)
     w = split_weight(w_KD, KP) if bf16 else w_KD
-    if glu:
+    if glu:  # ``gluon_proj.launch`` makes its own grid
         gluon_proj.launch(x_TD, w, part, d_per_split, K, KP, BT, BD, stages, warps,
                           ws=CONFIG["proj_fwd_gluon_ws"])
-    elif tma:
+        return part
+    grid = (triton.cdiv(T, BT), S)
+    if tma:
         x_desc = TensorDescriptor.from_tensor(x_TD, [BT, BD])
         w_desc = TensorDescriptor.from_tensor(w.view(2 * KP, D), [KP, BD])
         _proj_fwd_tma_kernel[grid](x_desc, w_desc, part, T, d_per_split, K=K, KP=KP, BT=BT,
