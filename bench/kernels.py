@@ -137,7 +137,8 @@ def _epilogue_time(x, W, b, al) -> float:
 # (64, 16, 4, 3), 108 bytes), then the per-stream tiles whose mix backward writes its dx
 _PBS = ([{"proj_bwd_group": c} for c in
          [(32, 16, 4, 3, True, 4), (64, 16, 4, 3, True, 4), (64, 16, 8, 3, True, 4),
-          (32, 32, 8, 3, True, 4), (32, 16, 4, 4, True, 4), (32, 16, 4, 3, True, 2),
+          (32, 32, 8, 3, True, 4), (16, 64, 8, 3, True, 4), (32, 16, 4, 4, True, 4),
+          (32, 16, 4, 3, True, 2),
           (32, 16, 4, 3, True, 8), (64, 16, 8, 3, True, 8)]]
         + [{"proj_bwd_site_group": False, "proj_bwd_site": c} for c in
            [(64, 64, 4, 3, True, 4), (32, 64, 4, 3, True, 4)]]
