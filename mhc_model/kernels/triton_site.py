@@ -138,10 +138,12 @@ class SitePost(torch.autograd.Function):
         else:
             hr, hp, y = ctx.saved_tensors
             x = link.stream_TD(T, N * C).view(T, N, C)
-        group = ctx.needs_input_grad[0] and site_group_ok(N, C)
-        dx, dhr, dhp, dy = mix_backward(x, hr, hp, y, g, ctx.mix_t, need_dx=not group)
+        need_x = ctx.needs_input_grad[0]
+        group = need_x and site_group_ok(N, C)
+        dx, dhr, dhp, dy = mix_backward(x, hr, hp, y, g, ctx.mix_t,
+                                        need_dx=need_x and not group)
         if group:  # SitePre's backward, which runs next for this site, forms the mix's dx
             link.g, link.hr, link.mix_t = g, hr, ctx.mix_t
-        elif ctx.needs_input_grad[0]:
+        elif need_x:
             link.dx = dx  # added in SitePre's backward
         return None, dhr, dhp, dy, None, None
