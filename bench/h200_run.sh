@@ -3,6 +3,7 @@
 # then bench/kernels.py and bench/overhead.py. Run from the repository root with the Megatron
 # trees at ../mlm/{dev,dsv4} and the wheels (mamba-ssm pure-Python, fla-core) at ../whl.
 # Logs and tables go to $OUT.  STEPS picks a subset: tests,extra,kernels,overhead,repeat.
+# With .tk1 / .tk2 carried (bench/tilekernels_env.sh) the overhead step has TileKernels' row.
 set -u
 OUT=${OUT:-/tmp/mhc_out}
 STEPS=${STEPS:-tests,extra,kernels,overhead}
@@ -43,7 +44,13 @@ if step kernels; then
 fi
 t0=$SECONDS
 if step overhead; then
-  PYTHONPATH=/tmp/site:$ROOT MHC_MEGATRON_SRC=$MLM/dev timeout ${T_OVERHEAD:-200} python3 bench/overhead.py ${OVERHEAD_ARGS:-} \
+  PP=/tmp/site:$ROOT
+  if [ -f .tk1/tksite.tar.xz ]; then  # the TileKernels peer row (bench/tilekernels_env.sh)
+    mkdir -p /tmp/tks && xz -dc .tk1/tksite.tar.xz | tar -x -C /tmp/tks
+    PP=/tmp/site:/tmp/tks:$ROOT/.tk2/tk:$ROOT
+    export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
+  fi
+  PYTHONPATH=$PP MHC_MEGATRON_SRC=$MLM/dev timeout ${T_OVERHEAD:-200} python3 bench/overhead.py ${OVERHEAD_ARGS:-} \
     --out "$OUT/overhead_h200.md" > "$OUT/overhead.log" 2>&1
   done_step $? "$OUT/overhead.log"
 fi
