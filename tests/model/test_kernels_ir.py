@@ -141,13 +141,14 @@ def _bwd_tma(key, agg, extra, stages=None, K=24, KP=32):
                    "dp_desc": _desc(BT, 2 * KP)})
 
 
-def _bwd_plain(key, agg, K=24, KP=32, group=False, N=4):
+def _bwd_plain(key, agg, K=24, KP=32, group=False, N=4, mixg=None):
     BT, BD, warps, stages, dw_t, _ = triton_proj.CONFIG[key]
     bf = "*bf16"
     return _ttgir(triton_proj_bwd._proj_bwd_kernel, warps, stages,
                   {"N": N, "K": K, "KP": KP, "BT": BT, "BD": N * BD if group else BD,
                    "SPLIT_BF16": True, "PRESPLIT": True, "DW_T": dw_t, "AGG": agg,
-                   "EXTRA": False, "GROUP": group, "MIXG": group, "MIX_T": True},
+                   "EXTRA": False, "GROUP": group, "MIXG": group if mixg is None else mixg,
+                   "MIX_T": True},
                   {"x_ptr": bf, "dproj_ptr": bf, "dx_ptr": bf, "du_ptr": bf, "dxe_ptr": bf,
                    "g_ptr": bf})
 
@@ -163,6 +164,8 @@ CASES = {
     "bwd_plain_site": lambda: _bwd_plain("proj_bwd_site", True),
     # GROUP tiles: a C block of every stream, the mix's dx formed from g (MIXG)
     "bwd_plain_group": lambda: _bwd_plain("proj_bwd_group", True, group=True),
+    "bwd_plain_head_group": lambda: _bwd_plain("proj_bwd_group", True, K=4, KP=head_lanes(4),
+                                               group=True, mixg=False),
     "bwd_plain_head": lambda: _bwd_plain("proj_bwd_site", True, K=4, KP=head_lanes(4)),
     "bwd_tma_head": lambda: _bwd_tma("proj_bwd_site", True, False, K=4, KP=head_lanes(4)),
     # N 6 (K 48, KP 64) and N 2 (K 8, KP 16): wider and narrower dots
