@@ -381,7 +381,20 @@ def test_site_pre_post_per_stream_tiles(monkeypatch, dtype, conv):
     _check_site(4, 256, dtype, conv)
 
 
-def _check_site(N, C, dtype, conv):
+@pytest.mark.parametrize("T_", [77, 3001])
+@pytest.mark.parametrize("tile", [(32, 16, 4, 3, True, 4), (64, 16, 4, 3, True, 4),
+                                  (64, 16, 8, 3, True, 4), (32, 32, 8, 3, True, 4),
+                                  (16, 64, 8, 3, True, 4), (32, 16, 4, 4, True, 8)])
+def test_site_group_tiles(monkeypatch, tile, T_):
+    # the GROUP tiles bench/kernels.py sweeps (T 3001: several T splits, a partial last tile)
+    from mhc_model.kernels import triton_proj
+
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_group", tile)
+    assert triton_proj.site_group_ok(4, 256)
+    _check_site(4, 256, torch.bfloat16, "deepseek", T_)
+
+
+def _check_site(N, C, dtype, conv, T_=T):
     """The fused site (coefficients + aggregate, then the mix, stream gradient written once
     by the projection backward) against the three reference functions in fp32 on the same
     inputs upcast.  u and y are independent ends (cotangent of u given, y a leaf), so every
@@ -390,10 +403,10 @@ def _check_site(N, C, dtype, conv):
     tiles, which also form the mix's dx there); C = 1000 is not a multiple of its tile and
     adds it to the mix's dx first."""
     gen = torch.Generator(device="cuda").manual_seed(17 * N + C)
-    ins = _coef_inputs(N, C, dtype, gen)
-    y = torch.randn(T, C, generator=gen, device="cuda").to(dtype).requires_grad_()
-    g_u = torch.randn(T, C, generator=gen, device="cuda").to(dtype)
-    g_out = torch.randn(T, N, C, generator=gen, device="cuda").to(dtype)
+    ins = _coef_inputs(N, C, dtype, gen, T_)
+    y = torch.randn(T_, C, generator=gen, device="cuda").to(dtype).requires_grad_()
+    g_u = torch.randn(T_, C, generator=gen, device="cuda").to(dtype)
+    g_out = torch.randn(T_, N, C, generator=gen, device="cuda").to(dtype)
     assert K.use_triton(*ins)
     u, H_post, H_res, link = K.site_pre(*ins, iters=20, convention=conv)
     assert link is not None  # the fused site ran
