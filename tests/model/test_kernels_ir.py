@@ -187,3 +187,13 @@ def test_no_copy_overwrites_what_a_pending_wgmma_reads(case):
     assert _DOT.search(ttgir), "the loop has no async wgmma: the check would see nothing"
     bad = _hazards(ttgir, stages)
     assert not bad, f"{case}: " + "; ".join(bad)
+
+
+def test_site_group_ok_needs_a_power_of_two_and_whole_blocks(monkeypatch):
+    # GROUP tiles reshape [BT, N, BC] to [BT, N BC] (N a power of two) and never straddle C
+    BC = triton_proj.CONFIG["proj_bwd_group"][1]
+    assert triton_proj.site_group_ok(4, 16 * BC) and triton_proj.site_group_ok(2, BC)
+    assert not triton_proj.site_group_ok(6, 16 * BC)
+    assert not triton_proj.site_group_ok(4, 16 * BC + BC // 2)
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_site_group", False)
+    assert not triton_proj.site_group_ok(4, 16 * BC)
