@@ -95,12 +95,13 @@ def _ops(impl, x, W, b, al, head, H_pre, H_post, H_res, y, conv="deepseek"):
         return impl.aggregate(x_, hpre), impl.mix_post(x_, hr, hp, y_, conv)
 
     return {
-        # bytes as implemented (C-units): fwd coef 4 + aggregate 5 + mix 9; bwd mix 10 +
-        # dH_pre pass 5 + projection backward on GROUP tiles, which forms the mix's dx from g
-        # and folds in the aggregate's, 13 (without GROUP the mix writes its dx, 14 + 5 + 13;
-        # the unfused chain moves 8 + 9 + 14 and autograd's two nC sums 24)
+        # bytes as implemented (C-units): fwd coef 4 + aggregate 5 + mix 9; bwd mix 14 +
+        # dH_pre pass 5 + projection backward with the aggregate and mix dx folded in 13
+        # ("group_mixg" tiles: the mix writes no dx, 10 + 5 + 13; the unfused chain moves
+        # 8 + 9 + 14 and autograd's two nC sums 24)
         "site": (site, [x, W, b, *al, y], 2 * (4 * N + 2),
-                 2 * (6 * N + 4 if triton_proj.site_group_ok(N, C) else 7 * N + 4)),
+                 2 * (6 * N + 4 if triton_proj.site_tiles(N, C) == "group_mixg"
+                      else 7 * N + 4)),
         "coefficients": (coef, [x, W, b, *al], 2 * N, 2 * 2 * N),
         "aggregate": (impl.aggregate, [x, H_pre], 2 * (N + 1), 2 * (2 * N + 1)),
         "mix_post": (lambda a, c, d, e: impl.mix_post(a, c, d, e, conv), [x, H_res, H_post, y],
@@ -133,17 +134,18 @@ def _epilogue_time(x, W, b, al) -> float:
 # bench/results/kernels_sweeps_h200.md; these lists re-check the defaults' neighbours.
 # the site's projection backward (AGG + EXTRA operands): register pressure vs tile size;
 # plain loads, then TMA descriptors for every [T, *] operand
-# GROUP tiles first (BT, C block, warps, stages, DW_T, waves: ptxas 0 spills at these but
-# (64, 16, 4, 3), 108 bytes), then the per-stream tiles whose mix backward writes its dx
-_PBS = ([{"proj_bwd_group": c} for c in
-         [(32, 16, 4, 3, True, 4), (64, 16, 4, 3, True, 4), (64, 16, 8, 3, True, 4),
-          (32, 32, 8, 3, True, 4), (16, 64, 8, 3, True, 4), (32, 16, 4, 4, True, 4),
-          (32, 16, 4, 3, True, 2),
-          (32, 16, 4, 3, True, 8), (64, 16, 8, 3, True, 8)]]
-        + [{"proj_bwd_site_group": False, "proj_bwd_site": c} for c in
-           [(64, 64, 4, 3, True, 4), (32, 64, 4, 3, True, 4)]]
-        + [{"proj_bwd_site_group": False, "proj_bwd_site_tma": True, "proj_bwd_site": c}
-           for c in [(64, 64, 4, 3, True, 4), (64, 64, 4, 3, True, 8)]])
+# per-stream tiles (the shipped mode), TMA descriptors, then GROUP tiles (BT, C block,
+# warps, stages, DW_T, waves) with the mix's dx as EXTRA, then two forming it from g (MIXG:
+# 900-1600 us at the nine tiles of the tenth session's sweep, kernels_sweeps_h200.md run 14)
+_PBS = ([{"proj_bwd_site": c} for c in
+         [(64, 64, 4, 3, True, 4), (32, 64, 4, 3, True, 4)]]
+        + [{"proj_bwd_site_tma": True, "proj_bwd_site": c} for c in
+           [(64, 64, 4, 3, True, 8)]]
+        + [{"proj_bwd_site_tiles": "group", "proj_bwd_group": c} for c in
+           [(32, 16, 4, 3, True, 4), (64, 16, 4, 3, True, 4), (64, 16, 8, 3, True, 4),
+            (32, 32, 8, 3, True, 4), (16, 64, 8, 3, True, 4), (32, 16, 4, 3, True, 8)]]
+        + [{"proj_bwd_site_tiles": "group_mixg", "proj_bwd_group": c} for c in
+           [(64, 16, 4, 3, True, 4), (32, 16, 4, 3, True, 8)]])
 _MIX = [{"mix_bwd": c} for c in [(16384, 4), (8192, 2)]]
 # coefficient forward, split over D: tiles (with the programs per SM that set the split), TMA
 # descriptors and plain loads; the epilogue's (token block, warps). Dropped on the H200
@@ -168,7 +170,9 @@ SWEEP = [
     ("proj_bwd", ("coefficients", 1), triton_proj.CONFIG, _PBC),
     ("proj_bwd_site", ("site", 1), triton_proj.CONFIG, _PBS),
     ("proj_bwd_head", ("learned_head", 1), triton_proj.CONFIG,
-     [{"proj_bwd_site_group": c} for c in (True, False)]),
+     [{"proj_bwd_head_group": c} for c in (True, False)]
+     + [{"proj_bwd_group": c} for c in [(64, 16, 4, 3, True, 4), (32, 16, 4, 3, True, 8),
+                                        (32, 32, 8, 3, True, 4)]]),
     ("mix_bwd", ("mix_post", 1), triton_stream.CONFIG, _MIX),
     ("coef_bwd", ("coefficients", 1), triton_proj.CONFIG,
      [{"coef_bwd": c} for c in [(8, 1, 4), (4, 1, 4), (16, 2, 4)]]

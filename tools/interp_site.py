@@ -1,7 +1,8 @@
 """The fused mHC site (``triton_site``: coefficients + aggregate, the mix, the stream gradient
 written once by the projection backward) against ``mhc_ref`` in fp64, on the CPU through the
 Triton interpreter, fp32 only (bf16 is checked by ``tests/model/test_kernels_gpu.py``), on
-GROUP tiles (the projection backward forms the mix's dx from g) and on per-stream tiles.
+each tile mode of the projection backward (``triton_proj.site_tiles``: per stream, GROUP,
+GROUP forming the mix's dx from g).
 
     PYTHONPATH=/work/triton_cpu:. TRITON_INTERPRET=1 .venv/bin/python tools/interp_site.py
 
@@ -61,9 +62,9 @@ def main() -> None:
     worst = 0.0
     for conv in CONVENTIONS:
         for N, C in ((4, 64), (2, 32), (6, 32)):
-            for group in (True, False):
-                triton_proj.CONFIG["proj_bwd_site_group"] = group
-                tiles = "GROUP" if triton_proj.site_group_ok(N, C) else "per-stream"
+            for mode in ("stream", "group", "group_mixg"):
+                triton_proj.CONFIG["proj_bwd_site_tiles"] = mode
+                tiles = triton_proj.site_tiles(N, C)
                 errs = site_errors(N, C, conv)
                 worst = max(worst, *errs.values())
                 print(f"{conv} N={N} C={C} {tiles} tiles: "

@@ -155,14 +155,15 @@ def _f32(g):
 
 
 def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
-                  dx_extra=None, mix_g=None):
+                  dx_extra=None, mix_g=None, group=False):
     """Launches (3)-(5): gradients of x, W, bias and the alphas from those of the mappings.
     ``saved`` = (x_TD, w_KD, bias, a_pre, a_post, a_res, proj) as the forward keeps them.
     With ``du_TC`` and ``H_pre`` the aggregate's dx (H_pre[j] du) and with ``dx_extra`` [T, D]
     a further gradient of x are added inside the projection backward's single pass;
     ``dx_extra`` (contiguous, x's dtype, owned by the caller) is overwritten with dx.
-    ``mix_g`` = (g [T, D], fp32 H_res, mix_transposed): the mix's dx formed from its output
-    gradient inside the pass, on GROUP tiles (``triton_proj.site_group_ok``)."""
+    ``group``: the pass on GROUP tiles (``triton_proj.group_ok`` must hold); ``mix_g`` = (g
+    [T, D], fp32 H_res, mix_transposed): the mix's dx formed from its output gradient inside
+    the pass (GROUP tiles)."""
     x_TD, w_KD, bias, a_pre, a_post, a_res, proj = saved
     T, N, C, K, KP, bf16, iters, conv, eps = meta
     f = conv.kernel_flags()
@@ -176,7 +177,8 @@ def coef_backward(saved, meta, dH_pre, dH_post, dH_res, du_TC=None, H_pre=None,
               else _f32(dH_res))
     BT, cwarps, prefetch = CONFIG["coef_bwd"]
     G = triton.cdiv(T, BT)
-    agg, extra, group = du_TC is not None, dx_extra is not None, mix_g is not None
+    agg, extra = du_TC is not None, dx_extra is not None
+    group = group or mix_g is not None
     hist = 2 * iters * BT * NP * NP  # fp32 Sinkhorn step inputs of one program
     if hist <= CONFIG["coef_bwd_hist_regs"] * 32 * cwarps:
         prefetch = 0  # they fit in registers: no scratch

@@ -28,7 +28,7 @@ backward (dy [T, C])
      coef = -r^3 / D sum_n dh p scale, per-program partials of d base = sum_t dh and
      d scale = sum_t,n dh p r.
   6. ``triton_proj_bwd.bwd_finish`` the projection backward's single pass over x: dx =
-     dproj @ fn + coef x + pre_j dy (AGG fold; on GROUP tiles where ``site_group_ok``, so dy
+     dproj @ fn + coef x + pre_j dy (AGG fold; on GROUP tiles where ``group_ok``, so dy
      is read once) or + dx_agg (EXTRA, overwritten in place), dfn
      partials; then ``_finalize_kernel``: dfn, d base, d scale in fixed order (deterministic).
 """
@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 from mhc_model.kernels.triton_epi import _rms
-from mhc_model.kernels.triton_proj import _pow2, agg_fold_ok, proj_forward, site_group_ok
+from mhc_model.kernels.triton_proj import CONFIG as CONFIG_P
+from mhc_model.kernels.triton_proj import _pow2, agg_fold_ok, group_ok, proj_forward
 from mhc_model.kernels.triton_proj_bwd import bwd_finish, bwd_work, store_dproj_pair
 from mhc_model.kernels.triton_stream import agg_backward, agg_forward
 
@@ -153,7 +154,7 @@ class LearnedHead(torch.autograd.Function):
         T, N, C = x.shape
         D = N * C
         dy = _contiguous(dy_TC)
-        group = site_group_ok(N, C)  # GROUP tiles: du read once, not once per stream
+        group = CONFIG_P["proj_bwd_head_group"] and group_ok(N, C)  # dy read once
         fold = group or agg_fold_ok(C)
         dx_agg, dpre = agg_backward(x, pre, dy, not fold, True)
         BT, warps = CONFIG["head_bwd"]

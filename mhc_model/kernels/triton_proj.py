@@ -84,10 +84,16 @@ CONFIG = {
     # spill at BT 64, BD 128, 4 warps (255 registers, 110 spills, 1104 us); H200 sweeps
     # 2026-12-01: 628 / 630 us at (64, 64, 4) (214 registers) vs 637 / 640 at (32, 64, 4)
     "proj_bwd_site": (64, 64, 4, 3, True, 4),
-    # the site's projection backward on GROUP tiles (``_proj_bwd_kernel``: a C block of every
-    # stream per program, du read once, the mix's dx formed from g in the kernel so the mix
-    # backward writes none); (BT, C block, warps, stages, DW_T, waves), the tile N C-blocks wide
-    "proj_bwd_site_group": True,
+    # GROUP tiles of ``_proj_bwd_kernel`` (a C block of every stream per program: du / dy read
+    # once, not once per stream); (BT, C block, warps, stages, DW_T, waves), the tile N
+    # C-blocks wide.  The learned head's backward: H200 2026-12-02 (kernels_h200.md, tenth
+    # session) 334.8 vs 389.3 us with per-stream tiles.
+    "proj_bwd_head_group": True,
+    # the site's: "stream" (per-stream tiles, the mix's dx added as EXTRA), "group" (GROUP
+    # tiles, the mix's dx EXTRA at the gathered columns) or "group_mixg" (GROUP tiles forming
+    # the mix's dx from g, so the mix backward writes none: mix backward 167.5 vs 232.3 us but
+    # the projection backward 900-1600 vs 288 us at every tile swept, H200 2026-12-02)
+    "proj_bwd_site_tiles": "stream",
     "proj_bwd_group": (32, 16, 4, 3, True, 4),
     # one-warp programs hide the serial Sinkhorn iterations' latency; H200 2026-12-01 with
     # the D split 2 forward: 4.4-4.6 us at (16, 1) vs 4.9-5.2 at (8, 1), 7.2 at (16, 2)
@@ -301,11 +307,17 @@ def proj_forward(x_TD, w_KD, K, KP, bf16):
     return part
 
 
-def site_group_ok(N: int, C: int) -> bool:
-    """Whether the site's projection backward runs GROUP tiles (``CONFIG``
-    ``"proj_bwd_site_group"``): N a power of two, C a multiple of the tile's C block."""
-    return (CONFIG["proj_bwd_site_group"] and N & (N - 1) == 0
-            and C % CONFIG["proj_bwd_group"][1] == 0)
+def group_ok(N: int, C: int) -> bool:
+    """Whether GROUP tiles of the projection backward fit: N a power of two (the tile's
+    [BT, N, BC] view), C a multiple of the C block."""
+    return N & (N - 1) == 0 and C % CONFIG["proj_bwd_group"][1] == 0
+
+
+def site_tiles(N: int, C: int) -> str:
+    """The site's projection backward tiles (``CONFIG["proj_bwd_site_tiles"]`` where GROUP
+    tiles fit, else "stream")."""
+    mode = CONFIG["proj_bwd_site_tiles"]
+    return mode if mode == "stream" or group_ok(N, C) else "stream"
 
 
 def agg_fold_ok(C: int, site: bool = True) -> bool:

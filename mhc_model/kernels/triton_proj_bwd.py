@@ -125,7 +125,7 @@ def _proj_bwd_kernel(x_ptr, w_ptr, dproj_ptr, coef_ptr, dx_ptr, dw_part_ptr,
     GROUP: program pid_d holds the C block c0 = pid_d BC (BC = BD / N) of every stream, columns
     j C + c0 + cc in the tile, so AGG reads du once (not once per stream) and MIXG can add the
     mix's dx sum_i Hm[i, j] g_i from g itself (``_group_side``): the mix backward then writes
-    no dx (``triton_site``); needs N a power of two and C % BC == 0 (``site_group_ok``)."""
+    no dx (``triton_site``); needs N a power of two and C % BC == 0 (``group_ok``)."""
     pid_d = tl.program_id(0)
     pid_s = tl.program_id(1)
     if GROUP:

@@ -12,13 +12,13 @@ plus up to three nC gradients alive at once.  Here
 
 and SitePre's backward first reduces dH_pre = sum_c x_j du (one read of x and du), then runs
 the coefficient backward with the aggregate's dx (H_pre[j] du) and the mix's dx added inside
-the projection backward's single pass over x (``triton_proj_bwd._proj_bwd_kernel``).  Where
-``triton_proj.site_group_ok`` (N a power of two, C a multiple of the C block) that pass runs
-GROUP tiles (the C block of every stream) and forms the mix's dx sum_i Hm[i, j] g_i itself
-from SitePost's output gradient g (MIXG), so the mix backward writes no dx: 4 of the 32 C-units
-(bf16) the site's backward moved, and no nC transient beside g.  Elsewhere the mix backward
-writes its dx and the pass adds it (EXTRA; when C is not a multiple of the tile the
-aggregate's dx is added to the mix's first).
+the projection backward's single pass over x (``triton_proj_bwd._proj_bwd_kernel``): the mix
+backward writes its dx and the pass adds it (EXTRA; when C is not a multiple of the tile the
+aggregate's dx is added to the mix's first).  ``triton_proj.site_tiles`` picks the pass's
+tiles: per stream, or GROUP (the C block of every stream: du read once); "group_mixg" has the
+pass form the mix's dx sum_i Hm[i, j] g_i itself from SitePost's output gradient g (MIXG), so
+the mix backward writes no dx (4 of the 32 C-units, bf16, the site's backward moves); it
+measured slower on the H200 (``triton_proj.CONFIG``) and is off.
 Order is guaranteed by the graph: SitePre's outputs H_post / H_res feed SitePost, so SitePost's
 backward has run before SitePre's.  Same math as ``mhc_ref`` (coefficients, aggregate,
 mix_post); the sums are fp32 and rounded once, where autograd rounds each partial dx.
@@ -39,7 +39,7 @@ import torch
 
 from mhc_model.conventions import convention
 from mhc_model.kernels.triton_coef import coef_backward, coef_forward
-from mhc_model.kernels.triton_proj import agg_fold_ok, site_group_ok
+from mhc_model.kernels.triton_proj import agg_fold_ok, site_tiles
 from mhc_model.kernels.triton_stream import agg_backward, agg_forward, mix_backward, mix_forward
 
 
@@ -90,19 +90,20 @@ class SitePre(torch.autograd.Function):
             saved.insert(0, link.stream_TD(T, N * C))
         dx_mix, link.dx, link.x = link.dx, None, None
         mix_g = None
-        if link.g is not None:  # GROUP: the projection backward forms the mix's dx
+        if link.g is not None:  # MIXG: the projection backward forms the mix's dx
             mix_g, link.g, link.hr = (link.g.view(T, N * C), link.hr, link.mix_t), None, None
+        group = mix_g is not None or site_tiles(N, C) == "group"
         dH_pre = fold = None
         if du_TC is not None:
             du_TC = du_TC.contiguous()
-            fold = mix_g is not None or agg_fold_ok(C)
+            fold = group or agg_fold_ok(C)
             dx_agg, dH_pre = agg_backward(saved[0].view(T, N, C), H_pre, du_TC, not fold, True)
             if not fold:  # C tiles would straddle streams: add the aggregate's dx to the mix's
                 dx_mix = dx_agg if dx_mix is None else dx_mix.add_(dx_agg)
         dx_extra = None if dx_mix is None else dx_mix.reshape(T, N * C)
         grads = coef_backward(saved, ctx.meta, dH_pre, dH_post, dH_res,
                               du_TC=du_TC if fold else None, H_pre=H_pre if fold else None,
-                              dx_extra=dx_extra, mix_g=mix_g)
+                              dx_extra=dx_extra, mix_g=mix_g, group=group)
         if link.done is not None:
             link.done()
         return (*grads, None, None, None, None)
@@ -139,10 +140,10 @@ class SitePost(torch.autograd.Function):
             hr, hp, y = ctx.saved_tensors
             x = link.stream_TD(T, N * C).view(T, N, C)
         need_x = ctx.needs_input_grad[0]
-        group = need_x and site_group_ok(N, C)
+        mixg = need_x and site_tiles(N, C) == "group_mixg"
         dx, dhr, dhp, dy = mix_backward(x, hr, hp, y, g, ctx.mix_t,
-                                        need_dx=need_x and not group)
-        if group:  # SitePre's backward, which runs next for this site, forms the mix's dx
+                                        need_dx=need_x and not mixg)
+        if mixg:  # SitePre's backward, which runs next for this site, forms the mix's dx
             link.g, link.hr, link.mix_t = g, hr, ctx.mix_t
         elif need_x:
             link.dx = dx  # added in SitePre's backward

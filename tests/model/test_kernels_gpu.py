@@ -151,7 +151,8 @@ def _force_tma(monkeypatch, form) -> None:
     for key in ("proj_fwd_tma", "proj_bwd_tma", "proj_bwd_site_tma"):
         monkeypatch.setitem(triton_proj.CONFIG, key, tma)
     if tma:
-        monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_site_group", False)
+        monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_site_tiles", "stream")
+        monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_head_group", False)
     monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_gluon", glu)
     monkeypatch.setitem(triton_proj.CONFIG, "proj_fwd_gluon_ws", form == "gluon")
     if tma:
@@ -371,13 +372,14 @@ def test_site_pre_post_tma(monkeypatch, C, conv):
 
 @pytest.mark.parametrize("conv", CONVS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=["bf16", "fp32"])
-def test_site_pre_post_per_stream_tiles(monkeypatch, dtype, conv):
-    # N 4, C 256 runs GROUP tiles by default (the projection backward forms the mix's dx);
-    # here the per-stream tiles, the mix backward writing its dx (EXTRA)
+@pytest.mark.parametrize("tiles", ["stream", "group", "group_mixg"])
+def test_site_pre_post_tiles(monkeypatch, tiles, dtype, conv):
+    # the site's projection backward on each tile mode (triton_proj.site_tiles): per stream,
+    # GROUP with the mix's dx as EXTRA, GROUP forming the mix's dx from g
     from mhc_model.kernels import triton_proj
 
-    assert triton_proj.site_group_ok(4, 256)
-    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_site_group", False)
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_site_tiles", tiles)
+    assert triton_proj.site_tiles(4, 256) == tiles
     _check_site(4, 256, dtype, conv)
 
 
@@ -385,12 +387,14 @@ def test_site_pre_post_per_stream_tiles(monkeypatch, dtype, conv):
 @pytest.mark.parametrize("tile", [(32, 16, 4, 3, True, 4), (64, 16, 4, 3, True, 4),
                                   (64, 16, 8, 3, True, 4), (32, 32, 8, 3, True, 4),
                                   (16, 64, 8, 3, True, 4), (32, 16, 4, 4, True, 8)])
-def test_site_group_tiles(monkeypatch, tile, T_):
+@pytest.mark.parametrize("tiles", ["group", "group_mixg"])
+def test_site_group_tiles(monkeypatch, tiles, tile, T_):
     # the GROUP tiles bench/kernels.py sweeps (T 3001: several T splits, a partial last tile)
     from mhc_model.kernels import triton_proj
 
     monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_group", tile)
-    assert triton_proj.site_group_ok(4, 256)
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_site_tiles", tiles)
+    assert triton_proj.site_tiles(4, 256) == tiles
     _check_site(4, 256, torch.bfloat16, "deepseek", T_)
 
 

@@ -141,13 +141,13 @@ def _bwd_tma(key, agg, extra, stages=None, K=24, KP=32):
                    "dp_desc": _desc(BT, 2 * KP)})
 
 
-def _bwd_plain(key, agg, K=24, KP=32, group=False, N=4, mixg=None):
+def _bwd_plain(key, agg, K=24, KP=32, group=False, N=4, mixg=None, extra=False):
     BT, BD, warps, stages, dw_t, _ = triton_proj.CONFIG[key]
     bf = "*bf16"
     return _ttgir(triton_proj_bwd._proj_bwd_kernel, warps, stages,
                   {"N": N, "K": K, "KP": KP, "BT": BT, "BD": N * BD if group else BD,
                    "SPLIT_BF16": True, "PRESPLIT": True, "DW_T": dw_t, "AGG": agg,
-                   "EXTRA": False, "GROUP": group, "MIXG": group if mixg is None else mixg,
+                   "EXTRA": extra, "GROUP": group, "MIXG": group if mixg is None else mixg,
                    "MIX_T": True},
                   {"x_ptr": bf, "dproj_ptr": bf, "dx_ptr": bf, "du_ptr": bf, "dxe_ptr": bf,
                    "g_ptr": bf})
@@ -162,8 +162,10 @@ CASES = {
     "bwd_tma_site": lambda: _bwd_tma("proj_bwd_site", True, True),
     "bwd_plain": lambda: _bwd_plain("proj_bwd", False),
     "bwd_plain_site": lambda: _bwd_plain("proj_bwd_site", True),
-    # GROUP tiles: a C block of every stream, the mix's dx formed from g (MIXG)
+    # GROUP tiles: a C block of every stream, the mix's dx formed from g (MIXG) or EXTRA
     "bwd_plain_group": lambda: _bwd_plain("proj_bwd_group", True, group=True),
+    "bwd_plain_group_extra": lambda: _bwd_plain("proj_bwd_group", True, group=True,
+                                                mixg=False, extra=True),
     "bwd_plain_head_group": lambda: _bwd_plain("proj_bwd_group", True, K=4, KP=head_lanes(4),
                                                group=True, mixg=False),
     "bwd_plain_head": lambda: _bwd_plain("proj_bwd_site", True, K=4, KP=head_lanes(4)),
@@ -189,11 +191,13 @@ def test_no_copy_overwrites_what_a_pending_wgmma_reads(case):
     assert not bad, f"{case}: " + "; ".join(bad)
 
 
-def test_site_group_ok_needs_a_power_of_two_and_whole_blocks(monkeypatch):
+def test_group_tiles_need_a_power_of_two_and_whole_blocks(monkeypatch):
     # GROUP tiles reshape [BT, N, BC] to [BT, N BC] (N a power of two) and never straddle C
     BC = triton_proj.CONFIG["proj_bwd_group"][1]
-    assert triton_proj.site_group_ok(4, 16 * BC) and triton_proj.site_group_ok(2, BC)
-    assert not triton_proj.site_group_ok(6, 16 * BC)
-    assert not triton_proj.site_group_ok(4, 16 * BC + BC // 2)
-    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_site_group", False)
-    assert not triton_proj.site_group_ok(4, 16 * BC)
+    assert triton_proj.group_ok(4, 16 * BC) and triton_proj.group_ok(2, BC)
+    assert not triton_proj.group_ok(6, 16 * BC)
+    assert not triton_proj.group_ok(4, 16 * BC + BC // 2)
+    for mode in ("group", "group_mixg"):
+        monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_site_tiles", mode)
+        assert triton_proj.site_tiles(4, 16 * BC) == mode
+        assert triton_proj.site_tiles(6, 16 * BC) == "stream"
