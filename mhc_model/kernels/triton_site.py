@@ -51,7 +51,7 @@ class SiteLink:
 
     def __init__(self, streams: Callable[[], torch.Tensor] | None = None,
                  done: Callable[[], None] | None = None) -> None:
-        self.dx: torch.Tensor | None = None  # the mix's dx, or (GROUP) its inputs g, hr
+        self.dx: torch.Tensor | None = None  # the mix's dx, or (MIXG) its inputs g, hr
         self.g: torch.Tensor | None = None
         self.hr: torch.Tensor | None = None
         self.mix_t = False
