@@ -132,9 +132,8 @@ def _epilogue_time(x, W, b, al) -> float:
 # proj_bwd = (BT, BD, warps, stages, DW_T, waves).  The full sweeps of 2026-12-01 (wave
 # quantisation over 132 SMs, tiles, TMA, one-launch forms) are in
 # bench/results/kernels_sweeps_h200.md; these lists re-check the defaults' neighbours.
-# the site's projection backward (AGG + EXTRA operands): register pressure vs tile size;
-# plain loads, then TMA descriptors for every [T, *] operand
-# per-stream tiles (the shipped mode), TMA descriptors, then GROUP tiles (BT, C block,
+# the site's projection backward (AGG + EXTRA operands): per-stream tiles (the shipped mode)
+# with plain loads, then TMA descriptors for every [T, *] operand, then GROUP tiles (BT, C block,
 # warps, stages, DW_T, waves) with the mix's dx as EXTRA, then two forming it from g (MIXG:
 # 900-1600 us at the nine tiles of the tenth session's sweep, kernels_sweeps_h200.md run 14)
 _PBS = ([{"proj_bwd_site": c} for c in

@@ -42,7 +42,7 @@ def site_errors(N: int, C: int, conv: str, T: int = 77) -> dict[str, float]:
     assert link is not None, "the fused site did not run"
     out = K.site_post(ins[0], H_res, H_post, y, conv, link)
     got = torch.autograd.grad((u, out), [*ins, y], (g_u, g_out))
-    assert link.dx is None and link.g is None and link.x is None
+    assert link.dx is None and link.mix_g is None and link.x is None
     ref = [t.detach().double().requires_grad_() for t in (*ins, y)]
     Hs = R.coefficients(*ref[:6], iters=20, convention=conv)
     u_ref = R.aggregate(ref[0], Hs[0])

@@ -28,7 +28,7 @@ backward (dy [T, C])
      coef = -r^3 / D sum_n dh p scale, per-program partials of d base = sum_t dh and
      d scale = sum_t,n dh p r.
   6. ``triton_proj_bwd.bwd_finish`` the projection backward's single pass over x: dx =
-     dproj @ fn + coef x + pre_j dy (AGG fold; on GROUP tiles where ``group_ok``, so dy
+     dproj @ fn + coef x + pre_j dy (AGG fold; on GROUP tiles where ``head_group``, so dy
      is read once) or + dx_agg (EXTRA, overwritten in place), dfn
      partials; then ``_finalize_kernel``: dfn, d base, d scale in fixed order (deterministic).
 """
@@ -40,8 +40,7 @@ import triton
 import triton.language as tl
 
 from mhc_model.kernels.triton_epi import _rms
-from mhc_model.kernels.triton_proj import CONFIG as CONFIG_P
-from mhc_model.kernels.triton_proj import _pow2, agg_fold_ok, group_ok, proj_forward
+from mhc_model.kernels.triton_proj import _pow2, agg_fold_ok, head_group, proj_forward
 from mhc_model.kernels.triton_proj_bwd import bwd_finish, bwd_work, store_dproj_pair
 from mhc_model.kernels.triton_stream import agg_backward, agg_forward
 
@@ -154,7 +153,7 @@ class LearnedHead(torch.autograd.Function):
         T, N, C = x.shape
         D = N * C
         dy = _contiguous(dy_TC)
-        group = CONFIG_P["proj_bwd_head_group"] and group_ok(N, C)  # dy read once
+        group = head_group(N, C)  # GROUP tiles: dy read once, not once per stream
         fold = group or agg_fold_ok(C)
         dx_agg, dpre = agg_backward(x, pre, dy, not fold, True)
         BT, warps = CONFIG["head_bwd"]

@@ -313,6 +313,12 @@ def group_ok(N: int, C: int) -> bool:
     return N & (N - 1) == 0 and C % CONFIG["proj_bwd_group"][1] == 0
 
 
+def head_group(N: int, C: int) -> bool:
+    """Whether the learned head's projection backward runs GROUP tiles
+    (``CONFIG["proj_bwd_head_group"]`` where they fit)."""
+    return CONFIG["proj_bwd_head_group"] and group_ok(N, C)
+
+
 def site_tiles(N: int, C: int) -> str:
     """The site's projection backward tiles (``CONFIG["proj_bwd_site_tiles"]`` where GROUP
     tiles fit, else "stream")."""

@@ -47,14 +47,13 @@ class SiteLink:
     """Carries SitePost's gradient of x to SitePre's backward (one per site call).
     ``streams`` / ``done``: block recompute (see the module docstring)."""
 
-    __slots__ = ("dx", "g", "hr", "mix_t", "x", "streams", "done")
+    __slots__ = ("dx", "mix_g", "x", "streams", "done")
 
     def __init__(self, streams: Callable[[], torch.Tensor] | None = None,
                  done: Callable[[], None] | None = None) -> None:
-        self.dx: torch.Tensor | None = None  # the mix's dx, or (MIXG) its inputs g, hr
-        self.g: torch.Tensor | None = None
-        self.hr: torch.Tensor | None = None
-        self.mix_t = False
+        self.dx: torch.Tensor | None = None  # the mix's dx
+        # MIXG instead: (g [T, D], fp32 H_res, mix_transposed), as coef_backward takes it
+        self.mix_g: tuple | None = None
         self.x: torch.Tensor | None = None
         self.streams = streams
         self.done = done
@@ -89,9 +88,7 @@ class SitePre(torch.autograd.Function):
         if link.streams is not None:
             saved.insert(0, link.stream_TD(T, N * C))
         dx_mix, link.dx, link.x = link.dx, None, None
-        mix_g = None
-        if link.g is not None:  # MIXG: the projection backward forms the mix's dx
-            mix_g, link.g, link.hr = (link.g.view(T, N * C), link.hr, link.mix_t), None, None
+        mix_g, link.mix_g = link.mix_g, None  # MIXG: the projection backward forms the mix's dx
         group = mix_g is not None or site_tiles(N, C) == "group"
         dH_pre = fold = None
         if du_TC is not None:
@@ -144,7 +141,7 @@ class SitePost(torch.autograd.Function):
         dx, dhr, dhp, dy = mix_backward(x, hr, hp, y, g, ctx.mix_t,
                                         need_dx=need_x and not mixg)
         if mixg:  # SitePre's backward, which runs next for this site, forms the mix's dx
-            link.g, link.hr, link.mix_t = g, hr, ctx.mix_t
+            link.mix_g = (g.view(T, N * C), hr, ctx.mix_t)
         elif need_x:
             link.dx = dx  # added in SitePre's backward
         return None, dhr, dhp, dy, None, None

@@ -137,8 +137,8 @@ FORMS = ["gluon", "gluon_ring", "tma", "plain"]
 def _force_tma(monkeypatch, form) -> None:
     """The projection forward as ``gluon_proj`` ("gluon": warp-specialized, "gluon_ring": one
     CTA barrier a tile; Hopper only, skipped elsewhere), the Triton TMA kernel ("tma") or plain
-    loads ("plain"; False), the backward by TMA for all but plain (the site's on per-stream
-    tiles: GROUP tiles, the default where they apply, have no TMA form; "plain" keeps them).
+    loads ("plain"; False), the backward by TMA for all but plain (on per-stream tiles: GROUP
+    tiles, the learned head's default, have no TMA form; "plain" keeps the defaults).
     The kernels a form must not fall back to are removed, so a silent fallback fails the
     test."""
     from mhc_model.kernels import gluon_proj, triton_proj, triton_proj_bwd
@@ -403,9 +403,9 @@ def _check_site(N, C, dtype, conv, T_=T):
     by the projection backward) against the three reference functions in fp32 on the same
     inputs upcast.  u and y are independent ends (cotangent of u given, y a leaf), so every
     term of dx (coefficients, aggregate, mix) is checked without a branch's rounding.
-    C = 256 folds the aggregate's dx into the projection backward (for N 2 and 4 on GROUP
-    tiles, which also form the mix's dx there); C = 1000 is not a multiple of its tile and
-    adds it to the mix's dx first."""
+    C = 256 folds the aggregate's dx into the projection backward; C = 1000 is not a multiple
+    of its tile and adds it to the mix's dx first (``test_site_pre_post_tiles`` runs the other
+    tile modes)."""
     gen = torch.Generator(device="cuda").manual_seed(17 * N + C)
     ins = _coef_inputs(N, C, dtype, gen, T_)
     y = torch.randn(T_, C, generator=gen, device="cuda").to(dtype).requires_grad_()
@@ -440,8 +440,8 @@ def _check_site(N, C, dtype, conv, T_=T):
         tol = _tol(b.grad, dtype)
         print(f"{name}: err / sum|terms| {err:.2e} (tol {tol:.0e})")
         assert err <= tol, f"{name}: err / sum|terms| {err:.3e} > {tol:.0e}"
-    # the mix's dx (or, GROUP, its g and H_res) was consumed, nothing kept
-    assert link.dx is None and link.g is None and link.hr is None and link.x is None
+    # the mix's dx (or, MIXG, its g and H_res) was consumed, nothing kept
+    assert link.dx is None and link.mix_g is None and link.x is None
 
 
 def test_site_post_refuses_other_streams():

@@ -201,3 +201,6 @@ def test_group_tiles_need_a_power_of_two_and_whole_blocks(monkeypatch):
         monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_site_tiles", mode)
         assert triton_proj.site_tiles(4, 16 * BC) == mode
         assert triton_proj.site_tiles(6, 16 * BC) == "stream"
+    assert triton_proj.head_group(4, 16 * BC) and not triton_proj.head_group(6, 16 * BC)
+    monkeypatch.setitem(triton_proj.CONFIG, "proj_bwd_head_group", False)
+    assert not triton_proj.head_group(4, 16 * BC)
